@@ -1,0 +1,439 @@
+//! Layered configuration: serde defaults < optional TOML file < `HEIMDEX__SECTION__KEY` environment.
+//!
+//! One [`Settings`] struct serves every binary; each reads the sections it needs. Connection URLs are
+//! [`Secret`]s so that logging the effective configuration (`{settings:?}`) never prints a password.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment prefix; nested keys are separated by `__` (`HEIMDEX__DATABASE__URL`).
+pub const ENV_PREFIX: &str = "HEIMDEX";
+
+/// Errors from loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Value(String),
+}
+
+/// Loads settings from defaults, then `file` (if given; it must exist), then the environment.
+///
+/// # Errors
+/// A file that cannot be read or parsed, or a value of the wrong type.
+pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(file) = file {
+        builder = builder.add_source(config::File::from(file).required(true));
+    }
+    let settings: Settings = builder
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()?
+        .try_deserialize()?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// A string that must never reach a log: `Debug`/`Display` show it with any URL password masked.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The real value, for the one place that needs it (a connect call).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// `scheme://user:password@host/..` → `scheme://user:***@host/..`; anything that is not such a URL is
+/// masked whole.
+pub fn redact_url(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return "***".into();
+    };
+    let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    match tail {
+        Some(tail) => format!("{scheme}://{authority}/{tail}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+/// Every setting of every Heimdex binary.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub media: MediaSettings,
+    pub log: LogSettings,
+    pub worker: WorkerSettings,
+    pub engine: EngineSettings,
+    pub models: ModelSettings,
+    pub vision: VisionSettings,
+    pub index: IndexSettings,
+}
+
+impl Settings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker.concurrency == 0 {
+            return Err(ConfigError::Value("worker.concurrency must be at least 1".into()));
+        }
+        if self.worker.max_attempts == 0 {
+            return Err(ConfigError::Value("worker.max_attempts must be at least 1".into()));
+        }
+        if self.engine.max_batch == 0 {
+            return Err(ConfigError::Value("engine.max_batch must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AmqpSettings {
+    pub url: Secret,
+    /// Names the exchange and prefixes every queue (`heimdex.index`, `heimdex.index.dlq`, ...).
+    /// Tests use a unique prefix so that they can run in parallel on one broker.
+    pub prefix: String,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self { url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"), prefix: "heimdex".into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before calling the database unavailable.
+    pub acquire_timeout_ms: u64,
+    /// Run the migrations when a worker starts (they are idempotent and take an advisory lock).
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/heimdex"),
+            max_connections: 8,
+            acquire_timeout_ms: 3_000,
+            migrate_on_start: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RedisSettings {
+    pub url: Secret,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: Secret::new("redis://127.0.0.1:6379/") }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct MediaSettings {
+    /// Local media URIs must resolve (after symlinks) to a file under this folder.
+    pub root: PathBuf,
+    /// Accept `http://` and `https://` media URIs (ffmpeg reads them directly).
+    pub allow_http: bool,
+}
+
+impl Default for MediaSettings {
+    fn default() -> Self {
+        Self { root: PathBuf::from("/srv/heimdex/media"), allow_http: true }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Pretty, filter: "info,ort=warn,lapin=warn,sqlx=warn".into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct WorkerSettings {
+    /// Stable name in Redis and logs; empty means `<kind>-<hostname>-<pid>`.
+    pub id: String,
+    /// Tasks in flight at once; also the AMQP prefetch.
+    pub concurrency: usize,
+    /// Address of `/healthz`, `/readyz`, `/metrics`; port 0 picks a free one (published in Redis).
+    pub health_addr: String,
+    pub heartbeat_interval_ms: u64,
+    /// Redis key lifetime; a worker that stops heart-beating disappears after this.
+    pub heartbeat_ttl_ms: u64,
+    /// Time for in-flight tasks to finish after SIGTERM before they are requeued.
+    pub shutdown_timeout_ms: u64,
+    /// Deliveries of one task before it is dead-lettered (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff before attempt n+1 is `retry_base_ms * 2^(n-1)`.
+    pub retry_base_ms: u64,
+    /// Upper bound of one task, below RabbitMQ's consumer ack timeout (default 30 min).
+    pub task_timeout_ms: u64,
+    /// Testing hook: `hang_before_ack` parks a task between its commit and its ack, so that a test
+    /// can kill the process there. Empty in production.
+    pub failpoint: String,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            concurrency: 2,
+            health_addr: "0.0.0.0:8080".into(),
+            heartbeat_interval_ms: 2_000,
+            heartbeat_ttl_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
+            max_attempts: 5,
+            retry_base_ms: 2_000,
+            task_timeout_ms: 20 * 60 * 1000,
+            failpoint: String::new(),
+        }
+    }
+}
+
+impl WorkerSettings {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+    pub fn task_timeout(&self) -> Duration {
+        Duration::from_millis(self.task_timeout_ms)
+    }
+}
+
+/// ONNX Runtime sessions and dynamic batching.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct EngineSettings {
+    /// Intra-op threads per session; 0 = the host's available cores.
+    pub intra_threads: usize,
+    /// Largest batch a model thread assembles from waiting requests.
+    pub max_batch: usize,
+    /// How long a model thread waits for more requests once it has one.
+    pub max_wait_ms: u64,
+    /// Bound of each model's request channel (backpressure on tasks).
+    pub queue_capacity: usize,
+    /// Let ORT worker threads spin between runs (faster on dedicated cores).
+    pub allow_spinning: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self { intra_threads: 0, max_batch: 8, max_wait_ms: 5, queue_capacity: 256, allow_spinning: true }
+    }
+}
+
+impl EngineSettings {
+    /// Effective intra-op thread count.
+    pub fn threads(&self) -> usize {
+        if self.intra_threads > 0 {
+            self.intra_threads
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        }
+    }
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ModelSettings {
+    /// Folder holding the model files (the layout of `../shared/models/prepare`).
+    pub dir: PathBuf,
+    /// Fetch missing files from their upstream URLs at start-up.
+    pub download: bool,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        let dir = std::env::var_os("HEIMDEX_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/heimdex/models"))
+                .unwrap_or_else(|| PathBuf::from("/models"))
+        });
+        Self { dir, download: false }
+    }
+}
+
+/// How a text or image encoder turns its output into one vector.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over positions where `attention_mask == 1` (sentence-transformers).
+    Mean,
+    /// The first token (BGE, BERT CLS).
+    Cls,
+    /// A model output that is already one vector per input (e.g. `image_embeds`).
+    Output,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct VisionSettings {
+    /// Frames sampled per second of video.
+    pub frame_rate: f32,
+    /// Mean absolute difference (0–1) between consecutive sampled frames that starts a new scene.
+    pub scene_threshold: f32,
+    /// Name stored with every image embedding (keeps embedding spaces apart).
+    pub embed_model: String,
+    /// Folder under `models.dir` with `vision_model.onnx`, `text_model.onnx`, `tokenizer.json`.
+    pub embed_dir: String,
+    pub embed_image_size: u32,
+    pub embed_mean: [f32; 3],
+    pub embed_std: [f32; 3],
+    pub embed_dim: usize,
+    /// Output of the vision model that holds the image embedding.
+    pub embed_output: String,
+    /// Fixed text length of the text tower (SigLIP pads to 64).
+    pub text_max_len: usize,
+    pub face_model: String,
+    pub face_score_threshold: f32,
+    pub face_nms_iou: f32,
+    /// Largest source frame side accepted (pixels); larger videos are refused.
+    pub max_side: u32,
+}
+
+impl Default for VisionSettings {
+    fn default() -> Self {
+        Self {
+            frame_rate: 1.0,
+            scene_threshold: 0.12,
+            embed_model: "google/siglip-base-patch16-224".into(),
+            embed_dir: "siglip-standin".into(),
+            embed_image_size: 224,
+            embed_mean: [0.5, 0.5, 0.5],
+            embed_std: [0.5, 0.5, 0.5],
+            embed_dim: 768,
+            embed_output: "image_embeds".into(),
+            text_max_len: 64,
+            face_model: "yunet/face_detection_yunet_2023mar.onnx".into(),
+            face_score_threshold: 0.6,
+            face_nms_iou: 0.3,
+            max_side: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct IndexSettings {
+    /// Folder under `models.dir` in the Hugging Face Optimum Whisper layout.
+    pub whisper_dir: String,
+    /// Spoken language code (`en`), or empty to detect it per video.
+    pub language: String,
+    /// Longest chunk handed to Whisper, in seconds (its window is 30 s).
+    pub max_chunk_s: f32,
+    pub max_decode_tokens: usize,
+    /// Silero VAD model file under `models.dir`.
+    pub vad_model: String,
+    pub vad_threshold: f32,
+    /// A video without an audio track gets an empty transcript instead of failing.
+    pub allow_no_audio: bool,
+    /// Name stored with every text embedding.
+    pub embed_model: String,
+    /// Folder under `models.dir` with the text encoder and `tokenizer.json`.
+    pub embed_dir: String,
+    pub embed_file: String,
+    pub embed_dim: usize,
+    pub embed_pooling: Pooling,
+    pub embed_max_len: usize,
+    /// Longest audio accepted, in seconds.
+    pub max_duration_s: f64,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        Self {
+            whisper_dir: "whisper-base".into(),
+            language: String::new(),
+            max_chunk_s: 30.0,
+            max_decode_tokens: 224,
+            vad_model: "silero-vad/silero_vad_16k_op15.onnx".into(),
+            vad_threshold: 0.5,
+            allow_no_audio: false,
+            embed_model: "sentence-transformers/all-MiniLM-L6-v2".into(),
+            embed_dir: "minilm-l6-v2".into(),
+            embed_file: "model.onnx".into(),
+            embed_dim: 384,
+            embed_pooling: Pooling::Mean,
+            embed_max_len: 256,
+            max_duration_s: 4.0 * 3600.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = Secret::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+        assert_eq!(s.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("not a url"), "***");
+    }
+}

@@ -1,0 +1,159 @@
+//! The task message: versioned JSON, one per (video, kind), `message_id` = job id.
+//!
+//! Parsing checks the version before the shape, so that a message from a newer producer is reported
+//! as "unsupported contract version 2", not as a confusing missing-field error.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The contract version this build reads and writes.
+pub const CONTRACT_VERSION: u32 = 1;
+
+/// What a task does; each kind has its own queue and worker binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Speech to text and transcript embeddings (`worker-index`).
+    Index,
+    /// Frames, scenes, image embeddings and faces (`worker-vision`).
+    Vision,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 2] = [TaskKind::Index, TaskKind::Vision];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Index => "index",
+            TaskKind::Vision => "vision",
+        }
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "index" => Ok(TaskKind::Index),
+            "vision" => Ok(TaskKind::Vision),
+            other => Err(format!("unknown task kind {other:?} (expected index or vision)")),
+        }
+    }
+}
+
+/// Per-task options; absent fields take the worker's configured defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskOptions {
+    /// Spoken language code for the index task (`en`); detected when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Frames per second sampled by the vision task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_rate: Option<f32>,
+}
+
+/// The body of a task message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskMessage {
+    pub v: u32,
+    pub job_id: Uuid,
+    pub video_id: Uuid,
+    pub kind: TaskKind,
+    /// A path under the configured media root, or an http(s) URL.
+    pub media_uri: String,
+    #[serde(default)]
+    pub options: TaskOptions,
+    pub enqueued_at: DateTime<Utc>,
+}
+
+/// Why a message body is not a task. Always permanent: redelivery cannot fix it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ContractError {
+    #[error("malformed message: not JSON ({0})")]
+    NotJson(String),
+    #[error("malformed message: no numeric \"v\" (contract version) field")]
+    NoVersion,
+    #[error("unsupported contract version {0} (this worker reads version {CONTRACT_VERSION})")]
+    Version(u64),
+    #[error("malformed message: {0}")]
+    Shape(String),
+}
+
+impl TaskMessage {
+    pub fn new(job_id: Uuid, video_id: Uuid, kind: TaskKind, media_uri: String, options: TaskOptions) -> Self {
+        Self { v: CONTRACT_VERSION, job_id, video_id, kind, media_uri, options, enqueued_at: Utc::now() }
+    }
+
+    /// Parses and validates a message body.
+    ///
+    /// # Errors
+    /// [`ContractError`] for anything but a well-formed version-1 task.
+    pub fn parse(body: &[u8]) -> Result<Self, ContractError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| ContractError::NotJson(e.to_string()))?;
+        match value.get("v").and_then(serde_json::Value::as_u64) {
+            None => return Err(ContractError::NoVersion),
+            Some(v) if v != u64::from(CONTRACT_VERSION) => return Err(ContractError::Version(v)),
+            Some(_) => {}
+        }
+        let msg: TaskMessage = serde_json::from_value(value).map_err(|e| ContractError::Shape(e.to_string()))?;
+        if msg.media_uri.trim().is_empty() {
+            return Err(ContractError::Shape("media_uri is empty".into()));
+        }
+        if let Some(rate) = msg.options.frame_rate {
+            if !(rate > 0.0 && rate <= 60.0) {
+                return Err(ContractError::Shape(format!("options.frame_rate {rate} is outside (0, 60]")));
+            }
+        }
+        Ok(msg)
+    }
+
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a TaskMessage always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TaskMessage {
+        TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Vision, "/m/a.mp4".into(), TaskOptions::default())
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        assert_eq!(TaskMessage::parse(&m.to_body()).unwrap(), m);
+    }
+
+    #[test]
+    fn version_is_checked_first() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["v"] = 2.into();
+        v["extra"] = true.into();
+        let err = TaskMessage::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert_eq!(err, ContractError::Version(2));
+        assert!(err.to_string().contains("unsupported contract version 2"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_named() {
+        assert!(matches!(TaskMessage::parse(b"{not json"), Err(ContractError::NotJson(_))));
+        assert_eq!(TaskMessage::parse(b"{}"), Err(ContractError::NoVersion));
+        let err = TaskMessage::parse(br#"{"v":1,"kind":"audio"}"#).unwrap_err();
+        assert!(matches!(err, ContractError::Shape(_)), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! Heimdex common crate: what the producer, the workers and the tests agree on.
+//!
+//! - [`config`]: layered settings (defaults < TOML file < `HEIMDEX__SECTION__KEY` env), secrets redacted.
+//! - [`contract`]: the versioned JSON task message.
+//! - [`topology`]: exchange, work, retry and dead-letter queue names and their idempotent declaration.
+//! - [`db`]: the connection pool, migrations and job bookkeeping.
+//! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
+//! - [`media`]: ffprobe, shared by the producer's validation and the workers.
+//! - [`telemetry`] and [`shutdown`]: tracing set-up and the one shutdown signal.
+
+pub mod config;
+pub mod contract;
+pub mod db;
+pub mod fleet;
+pub mod media;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::Settings;
+pub use contract::{TaskKind, TaskMessage, TaskOptions};

@@ -1,0 +1,234 @@
+//! A model's owner thread: it owns the session, serves a bounded request channel, and runs whatever
+//! is waiting as one batch, up to `max_batch` requests or `max_wait` after the first one arrived.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::InferenceError;
+use crate::metrics::Metrics;
+
+/// What a model thread does with one batch. Implementations own their `ort::Session`(s).
+pub trait BatchRunner: Send + 'static {
+    type Input: Send + 'static;
+    type Output: Send + 'static;
+
+    /// Runs `inputs` as one batch and returns one output per input, in order.
+    ///
+    /// # Errors
+    /// Any inference failure; every request of the batch receives it.
+    fn run(&mut self, inputs: Vec<Self::Input>) -> Result<Vec<Self::Output>, InferenceError>;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub queue_capacity: usize,
+}
+
+enum Request<R: BatchRunner> {
+    /// One input, batched with whatever else is waiting.
+    One { input: R::Input, reply: oneshot::Sender<Result<R::Output, InferenceError>>, span: tracing::Span },
+    /// Exactly this batch, not merged with others (warm-up of a given batch shape).
+    Exact { inputs: Vec<R::Input>, reply: oneshot::Sender<Result<Vec<R::Output>, InferenceError>> },
+}
+
+/// A cheap, cloneable handle to a model thread. Dropping the last handle stops the thread.
+pub struct ModelHandle<R: BatchRunner> {
+    name: Arc<str>,
+    tx: flume::Sender<Request<R>>,
+    max_batch: usize,
+    /// Count of batches run, by size (index = batch size); the benchmark prints it.
+    histogram: Arc<Vec<AtomicU64>>,
+}
+
+impl<R: BatchRunner> Clone for ModelHandle<R> {
+    fn clone(&self) -> Self {
+        Self { name: self.name.clone(), tx: self.tx.clone(), max_batch: self.max_batch, histogram: self.histogram.clone() }
+    }
+}
+
+impl<R: BatchRunner> ModelHandle<R> {
+    pub(super) fn spawn(name: &str, runner: R, config: BatchConfig, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = flume::bounded(config.queue_capacity);
+        let histogram: Arc<Vec<AtomicU64>> = Arc::new((0..=config.max_batch).map(|_| AtomicU64::new(0)).collect());
+        let name: Arc<str> = Arc::from(name);
+        let thread_name = format!("model-{name}");
+        let (hist, model) = (histogram.clone(), name.clone());
+        std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || serve(&model, runner, rx, config, &hist, &metrics))
+            .expect("spawning a model thread");
+        Self { name, tx, max_batch: config.max_batch, histogram }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Runs one input, batched with concurrent requests from any task.
+    ///
+    /// # Errors
+    /// The model failed, or its thread is gone.
+    pub async fn infer(&self, input: R::Input) -> Result<R::Output, InferenceError> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::One { input, reply, span: tracing::Span::current() };
+        self.tx.send_async(request).await.map_err(|_| self.closed())?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Runs many inputs; they are queued together and so share batches.
+    ///
+    /// # Errors
+    /// The first failure among them.
+    pub async fn infer_all(&self, inputs: Vec<R::Input>) -> Result<Vec<R::Output>, InferenceError> {
+        futures::future::try_join_all(inputs.into_iter().map(|input| self.infer(input))).await
+    }
+
+    /// Runs `inputs` as exactly one batch (warm-up of a production batch shape).
+    ///
+    /// # Errors
+    /// The model failed, or its thread is gone.
+    pub async fn run_exact(&self, inputs: Vec<R::Input>) -> Result<Vec<R::Output>, InferenceError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send_async(Request::Exact { inputs, reply }).await.map_err(|_| self.closed())?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Batches run so far, indexed by batch size.
+    pub fn batch_histogram(&self) -> Vec<u64> {
+        self.histogram.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    fn closed(&self) -> InferenceError {
+        InferenceError::Closed(self.name.to_string())
+    }
+}
+
+fn serve<R: BatchRunner>(
+    model: &str,
+    mut runner: R,
+    rx: flume::Receiver<Request<R>>,
+    config: BatchConfig,
+    histogram: &[AtomicU64],
+    metrics: &Metrics,
+) {
+    let mut pending: Option<Request<R>> = None;
+    loop {
+        let first = match pending.take() {
+            Some(request) => request,
+            None => match rx.recv() {
+                Ok(request) => request,
+                Err(flume::RecvError::Disconnected) => return,
+            },
+        };
+        let (first_input, first_reply, span) = match first {
+            Request::Exact { inputs, reply } => {
+                let n = inputs.len();
+                let started = Instant::now();
+                let result = runner.run(inputs);
+                record(model, n, started.elapsed(), histogram, metrics);
+                let _ = reply.send(result);
+                continue;
+            }
+            Request::One { input, reply, span } => (input, reply, span),
+        };
+        let mut inputs = vec![first_input];
+        let mut replies = vec![first_reply];
+        let deadline = Instant::now() + config.max_wait;
+        while inputs.len() < config.max_batch {
+            match rx.recv_deadline(deadline) {
+                Ok(Request::One { input, reply, .. }) => {
+                    inputs.push(input);
+                    replies.push(reply);
+                }
+                // An exact batch is never merged; it runs next.
+                Ok(exact @ Request::Exact { .. }) => {
+                    pending = Some(exact);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let n = inputs.len();
+        let started = Instant::now();
+        let result = span.in_scope(|| runner.run(inputs));
+        record(model, n, started.elapsed(), histogram, metrics);
+        match result {
+            Ok(outputs) if outputs.len() == n => {
+                for (reply, output) in replies.into_iter().zip(outputs) {
+                    let _ = reply.send(Ok(output));
+                }
+            }
+            Ok(outputs) => {
+                let message = format!("returned {} outputs for a batch of {n}", outputs.len());
+                for reply in replies {
+                    let _ = reply.send(Err(InferenceError::Model { model: model.into(), message: message.clone() }));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(model, batch = n, error = %e, "batch failed");
+                let message = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(InferenceError::Model { model: model.into(), message: message.clone() }));
+                }
+            }
+        }
+    }
+}
+
+fn record(model: &str, n: usize, elapsed: Duration, histogram: &[AtomicU64], metrics: &Metrics) {
+    if let Some(slot) = histogram.get(n) {
+        slot.fetch_add(1, Ordering::Relaxed);
+    }
+    metrics.observe_batch(model, n, elapsed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Doubles its inputs and remembers the batch sizes it saw.
+    struct Doubler(Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl BatchRunner for Doubler {
+        type Input = u32;
+        type Output = u32;
+        fn run(&mut self, inputs: Vec<u32>) -> Result<Vec<u32>, InferenceError> {
+            self.0.lock().unwrap().push(inputs.len());
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(inputs.into_iter().map(|x| x * 2).collect())
+        }
+    }
+
+    fn handle(max_batch: usize, max_wait_ms: u64) -> (ModelHandle<Doubler>, Arc<std::sync::Mutex<Vec<usize>>>) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let config = BatchConfig { max_batch, max_wait: Duration::from_millis(max_wait_ms), queue_capacity: 64 };
+        (ModelHandle::spawn("doubler", Doubler(seen.clone()), config, Arc::new(Metrics::new())), seen)
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_batches_in_order() {
+        let (model, seen) = handle(8, 50);
+        let out = model.infer_all((0..20).collect()).await.unwrap();
+        assert_eq!(out, (0..20).map(|x| x * 2).collect::<Vec<_>>());
+        let sizes = seen.lock().unwrap().clone();
+        assert!(sizes.iter().all(|&n| n <= 8), "{sizes:?}");
+        assert!(sizes.len() < 20, "requests were not batched: {sizes:?}");
+        assert_eq!(model.batch_histogram().iter().enumerate().map(|(n, c)| n as u64 * c).sum::<u64>(), 20);
+    }
+
+    #[tokio::test]
+    async fn exact_batches_are_not_merged() {
+        let (model, seen) = handle(8, 1);
+        assert_eq!(model.run_exact(vec![1, 2, 3]).await.unwrap(), vec![2, 4, 6]);
+        assert_eq!(*seen.lock().unwrap(), vec![3]);
+    }
+}

@@ -1,0 +1,113 @@
+//! The inference engine: one ONNX Runtime session per model per process, each owned by a model thread
+//! that batches requests from every concurrent task.
+//!
+//! - [`batcher`]: the owner thread, its bounded request channel and dynamic batching.
+//! - [`registry`]: model files: resolve, verify sha256 once, download what is missing.
+//!
+//! Why owner threads: `Session::run` takes `&mut self`. A mutex around a session serialises tasks
+//! without batching them, and a session per task multiplies memory; one thread per model that drains
+//! its queue into one batch gives both the memory of one session and the throughput of batching
+//! (RECIPE.md measured an owner thread as the fastest way to drive a session).
+
+pub mod batcher;
+pub mod registry;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use heimdex_shared::config::EngineSettings;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+
+pub use batcher::{BatchRunner, ModelHandle};
+
+use crate::metrics::Metrics;
+
+/// Why inference failed. Model failures are retryable: the input was accepted by every check before
+/// it reached the model, so a failure here is the engine's, not the video's.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error("onnx runtime: {0}")]
+    Ort(String),
+    #[error("model {model}: {message}")]
+    Model { model: String, message: String },
+    #[error("model {0} is not running (its thread stopped)")]
+    Closed(String),
+    #[error("cannot load onnx runtime library: {0}")]
+    Library(String),
+}
+
+impl<T> From<ort::Error<T>> for InferenceError {
+    fn from(e: ort::Error<T>) -> Self {
+        InferenceError::Ort(e.to_string())
+    }
+}
+
+/// Shared engine state: the ONNX Runtime environment, the session options and the metrics sink.
+#[derive(Clone)]
+pub struct Engine {
+    env: ort::environment::Environment,
+    settings: EngineSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    /// Loads the ONNX Runtime library (from `ORT_DYLIB_PATH`, else the system's `libonnxruntime.so`)
+    /// and creates the environment.
+    ///
+    /// # Errors
+    /// The library cannot be found or is older than the API this build needs (1.31).
+    pub fn new(settings: EngineSettings, metrics: Arc<Metrics>) -> Result<Self, InferenceError> {
+        let path = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".into());
+        let env = ort::init_from(&path)
+            .map_err(|e| InferenceError::Library(format!("{path}: {e} (run scripts/setup, or set ORT_DYLIB_PATH)")))?
+            .with_name("heimdex")
+            .build()?;
+        Ok(Self { env, settings, metrics })
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Creates a session for `path` with the configured threads; called once per model at start-up.
+    ///
+    /// # Errors
+    /// The file is not a model ONNX Runtime can load.
+    pub fn session(&self, path: &Path) -> Result<Session, InferenceError> {
+        let session = Session::builder(&self.env)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_intra_threads(self.settings.threads())?
+            .with_intra_op_spinning(self.settings.allow_spinning)?
+            .commit_from_file(path)
+            .map_err(|e| InferenceError::Model { model: path.display().to_string(), message: e.to_string() })?;
+        Ok(session)
+    }
+
+    /// Starts the owner thread of a model with the configured batching.
+    pub fn spawn<R: BatchRunner>(&self, name: &str, runner: R, max_batch: usize) -> ModelHandle<R> {
+        ModelHandle::spawn(
+            name,
+            runner,
+            batcher::BatchConfig {
+                max_batch: max_batch.max(1),
+                max_wait: self.settings.max_wait(),
+                queue_capacity: self.settings.queue_capacity.max(1),
+            },
+            self.metrics.clone(),
+        )
+    }
+}
+
+/// How long warm-up of one model took, for Redis, `/metrics` and the benchmark.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WarmupReport {
+    pub model: String,
+    pub batch_sizes: Vec<usize>,
+    pub duration: Duration,
+}

@@ -1,0 +1,17 @@
+//! Heimdex workers: a runtime shared by every worker binary, the inference engine, media decoding and
+//! the pipelines.
+//!
+//! - [`runtime`]: lifecycle (cold → loading → warming → warm → draining), the consume loop, retries
+//!   and dead-lettering, health endpoints, the Redis heartbeat.
+//! - [`pipeline`]: the trait a task kind implements; the runtime calls it and persists its output.
+//! - [`engine`]: ONNX Runtime sessions behind owner threads with dynamic batching; model files.
+//! - [`media`]: ffmpeg decoding (audio samples, video frames), streamed.
+//! - [`vision`] and [`index`]: the two pipelines.
+
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod pipeline;
+
+pub use error::TaskError;
+pub use pipeline::{Persist, Pipeline, StageTimings, TaskInput};

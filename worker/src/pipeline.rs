@@ -1,0 +1,111 @@
+//! The seam between the runtime and the work: a [`Pipeline`] turns one validated task into results,
+//! and its [`Persist`] output writes them inside the runtime's transaction.
+//!
+//! The runtime owns everything around it (parsing, media checks, job bookkeeping, the transaction, the
+//! ack, retries), so a new task kind is a new `Pipeline` and nothing else.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use heimdex_shared::TaskOptions;
+use heimdex_shared::contract::TaskKind;
+use heimdex_shared::media::Probe;
+use uuid::Uuid;
+
+use crate::engine::WarmupReport;
+use crate::error::TaskError;
+
+/// A model as it is shown in fleet status.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub path: String,
+}
+
+/// One task, after the runtime has validated the message and the media.
+#[derive(Clone, Debug)]
+pub struct TaskInput {
+    pub job_id: Uuid,
+    pub video_id: Uuid,
+    pub kind: TaskKind,
+    /// A local file under the media root, or an http(s) URL; ffmpeg reads either.
+    pub media: String,
+    /// What ffprobe said about the media.
+    pub probe: Probe,
+    pub options: TaskOptions,
+    pub attempt: u32,
+}
+
+impl TaskInput {
+    /// The local path, when the media is a file.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        (!self.media.contains("://")).then(|| PathBuf::from(&self.media))
+    }
+}
+
+/// Wall-clock time of each stage of a task, stored as jsonb on the job.
+#[derive(Debug, Default)]
+pub struct StageTimings(Mutex<Vec<(String, f64)>>);
+
+impl StageTimings {
+    /// Records `stage` as having taken the time since `started`.
+    pub fn record(&self, stage: &str, started: Instant) {
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.0.lock().expect("timings lock").push((stage.to_string(), ms));
+    }
+
+    /// Times a future as `stage`.
+    pub async fn time<T>(&self, stage: &str, fut: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = fut.await;
+        self.record(stage, started);
+        out
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let stages = self.0.lock().expect("timings lock");
+        let mut map = serde_json::Map::new();
+        for (stage, ms) in stages.iter() {
+            let total = map.get(stage).and_then(serde_json::Value::as_f64).unwrap_or(0.0) + ms;
+            map.insert(stage.clone(), serde_json::json!((total * 10.0).round() / 10.0));
+        }
+        serde_json::Value::Object(map)
+    }
+}
+
+/// Results that know how to replace their earlier version in the database.
+pub trait Persist: Send + 'static {
+    /// Deletes this video's earlier results of the same kind and inserts these, on `conn`, which is
+    /// inside the task's transaction (so a redelivered task replaces, never duplicates).
+    fn write(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        video_id: Uuid,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// A short summary for logs and `jobs.summary` (`{"frames": 25, "faces": 2}`).
+    fn summary(&self) -> serde_json::Value;
+}
+
+/// A task kind's work. Loaded once per process (models preloaded), warmed up, then shared by every
+/// concurrent task.
+pub trait Pipeline: Send + Sync + 'static {
+    type Output: Persist;
+
+    fn kind(&self) -> TaskKind;
+
+    /// The models this pipeline holds, for fleet status.
+    fn models(&self) -> Vec<ModelInfo>;
+
+    /// Runs every model at every batch shape production uses, before the worker takes work.
+    fn warm_up(&self) -> impl Future<Output = Result<Vec<WarmupReport>, TaskError>> + Send;
+
+    /// Processes one task.
+    fn process(
+        &self,
+        input: &TaskInput,
+        timings: &StageTimings,
+    ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
+}

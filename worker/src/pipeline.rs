@@ -109,3 +109,11 @@ pub trait Pipeline: Send + Sync + 'static {
         timings: &StageTimings,
     ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
 }
+
+/// What a pipeline's loader gets: the settings, the engine that owns the sessions, and the model
+/// registry that resolves and verifies model files.
+pub struct LoadContext<'a> {
+    pub settings: &'a heimdex_shared::Settings,
+    pub engine: &'a crate::engine::Engine,
+    pub models: &'a crate::engine::registry::ModelRegistry,
+}

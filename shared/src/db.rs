@@ -1,5 +1,83 @@
-//! todo
+//! PostgreSQL: the pool, the migrations, job bookkeeping, and helpers for pgvector.
+
+use std::fmt::Write as _;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::config::DatabaseSettings;
+
+/// The migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
 /// True when an error means the database cannot be reached (as opposed to a bad query).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed)
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed
+    )
+}
+
+/// A lazily connecting pool: creating it never fails on a database that is down.
+///
+/// # Errors
+/// A malformed URL.
+pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(std::time::Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_lazy(settings.url.expose())
+}
+
+/// Runs pending migrations (idempotent; sqlx serialises concurrent runs with an advisory lock).
+///
+/// # Errors
+/// The database is unreachable or a migration fails.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// pgvector's text form of a vector: `[0.1,0.2,...]`; bind it as text and cast with `::vector`.
+pub fn vector_literal(values: &[f32]) -> String {
+    let mut out = String::with_capacity(values.len() * 10 + 2);
+    out.push('[');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{v}");
+    }
+    out.push(']');
+    out
+}
+
+/// Creates, if missing, the partial HNSW cosine index of `table.embedding` for one model, so that a
+/// model of any dimension is indexed by configuration alone.
+///
+/// # Errors
+/// The database is unreachable, or `table` has no `embedding`/`embedding_model` columns.
+pub async fn ensure_vector_index(pool: &PgPool, table: &str, model: &str, dim: usize) -> Result<(), sqlx::Error> {
+    let slug: String = model.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    let name = format!("{table}_hnsw_{slug}_{dim}");
+    let name: String = name.chars().take(63).collect();
+    let model_sql = model.replace('\'', "''");
+    let sql = format!(
+        "CREATE INDEX IF NOT EXISTS \"{name}\" ON {table} USING hnsw ((embedding::vector({dim})) vector_cosine_ops) \
+         WHERE embedding_model = '{model_sql}'"
+    );
+    // Concurrent workers would race on the catalog; one lock per index name serialises them.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&name).execute(&mut *tx).await?;
+    sqlx::query(&sql).execute(&mut *tx).await?;
+    tx.commit().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_literals() {
+        assert_eq!(vector_literal(&[1.0, -0.5, 0.25]), "[1,-0.5,0.25]");
+        assert_eq!(vector_literal(&[]), "[]");
+    }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod contract;
 pub mod db;
 pub mod fleet;
+pub mod jobs;
 pub mod media;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,1 +1,234 @@
-//! todo
+//! RabbitMQ topology, declared idempotently by the producer and by every worker:
+//!
+//! ```text
+//! exchange {p} (direct) --kind--> {p}.{kind}              work queue (DLX → {p}.{kind}.dlq on reject)
+//!                                 {p}.{kind}.retry.{ms}   one per backoff step, x-message-ttl = ms,
+//!                                                         dead-letters back into {p}.{kind}
+//!                                 {p}.{kind}.dlq          dead letters, with the reason in a header
+//! ```
+//!
+//! One retry queue per backoff step (rather than per-message TTLs in one queue) because RabbitMQ only
+//! expires messages at the head of a queue: a 32 s retry would hold back a 2 s one behind it.
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::{AmqpSettings, WorkerSettings};
+use crate::contract::{TaskKind, TaskMessage};
+
+/// Header carrying the delivery attempt (1 for the first delivery).
+pub const ATTEMPT_HEADER: &str = "x-heimdex-attempt";
+/// Header carrying the reason a message was dead-lettered or retried.
+pub const ERROR_HEADER: &str = "x-heimdex-error";
+/// Header naming the worker that dead-lettered a message.
+pub const WORKER_HEADER: &str = "x-heimdex-worker";
+/// Longest backoff step.
+const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
+
+/// Names of the exchange and queues under one prefix.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    pub prefix: String,
+}
+
+impl Topology {
+    pub fn new(settings: &AmqpSettings) -> Self {
+        Self { prefix: settings.prefix.clone() }
+    }
+
+    pub fn exchange(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn queue(&self, kind: TaskKind) -> String {
+        format!("{}.{kind}", self.prefix)
+    }
+
+    pub fn dlq(&self, kind: TaskKind) -> String {
+        format!("{}.{kind}.dlq", self.prefix)
+    }
+
+    pub fn retry_queue(&self, kind: TaskKind, delay_ms: u64) -> String {
+        format!("{}.{kind}.retry.{delay_ms}ms", self.prefix)
+    }
+
+    /// Backoff before the next delivery after `attempt` failed: `base * 2^(attempt-1)`, capped.
+    pub fn backoff_ms(worker: &WorkerSettings, attempt: u32) -> u64 {
+        let shift = attempt.saturating_sub(1).min(20);
+        worker.retry_base_ms.saturating_mul(1 << shift).min(MAX_BACKOFF_MS)
+    }
+
+    /// Declares everything for every kind; safe to call from any number of processes at once.
+    ///
+    /// # Errors
+    /// The broker refuses a declaration (e.g. a queue exists with other arguments).
+    pub async fn declare(&self, channel: &Channel, worker: &WorkerSettings) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel
+            .exchange_declare(
+                self.exchange().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        for kind in TaskKind::ALL {
+            let queue = self.queue(kind);
+            channel.queue_declare(self.dlq(kind).as_str().into(), durable, FieldTable::default()).await?;
+            let mut args = FieldTable::default();
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.dlq(kind).as_str().into()));
+            channel.queue_declare(queue.as_str().into(), durable, args).await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    self.exchange().into(),
+                    kind.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            for attempt in 1..worker.max_attempts {
+                let delay = Self::backoff_ms(worker, attempt);
+                let mut args = FieldTable::default();
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay as i64));
+                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+                args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.as_str().into()));
+                channel.queue_declare(self.retry_queue(kind, delay).as_str().into(), durable, args).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every queue and the exchange (tests clean up with this).
+    ///
+    /// # Errors
+    /// The broker is unreachable.
+    pub async fn delete(&self, channel: &Channel, worker: &WorkerSettings) -> Result<(), lapin::Error> {
+        for kind in TaskKind::ALL {
+            let mut names = vec![self.queue(kind), self.dlq(kind)];
+            names.extend((1..worker.max_attempts).map(|a| self.retry_queue(kind, Self::backoff_ms(worker, a))));
+            for name in names {
+                channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
+            }
+        }
+        channel.exchange_delete(self.exchange().into(), lapin::options::ExchangeDeleteOptions::default()).await
+    }
+}
+
+/// Connects to the broker and opens a channel with publisher confirms on.
+///
+/// # Errors
+/// The broker is unreachable or refuses the credentials.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<(Connection, Channel), lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = Connection::connect(settings.url.expose(), props).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((connection, channel))
+}
+
+/// Properties of a task message: persistent JSON, `message_id` = job id, the attempt header.
+pub fn task_properties(message: &TaskMessage, attempt: u32) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message.job_id.to_string().into())
+        .with_timestamp(message.enqueued_at.timestamp().max(0) as u64)
+        .with_headers(headers)
+}
+
+/// Publishes a task to the exchange and waits for the broker's confirm.
+///
+/// # Errors
+/// The broker is unreachable, or it nacked or returned the message.
+pub async fn publish_task(channel: &Channel, topology: &Topology, message: &TaskMessage) -> Result<(), PublishError> {
+    publish_confirmed(
+        channel,
+        topology.exchange(),
+        message.kind.as_str(),
+        &message.to_body(),
+        task_properties(message, 1),
+    )
+    .await
+}
+
+/// Why a publish did not reach a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker did not accept the message (nack)")]
+    Nacked,
+}
+
+/// Publishes with `mandatory` and waits for the confirm.
+///
+/// # Errors
+/// See [`PublishError`].
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    if confirm.is_ack() && confirm.take_message().is_none() { Ok(()) } else { Err(PublishError::Nacked) }
+}
+
+/// Reads a header as an integer, whatever integer type the publisher used.
+pub fn header_u32(properties: &BasicProperties, name: &str) -> Option<u32> {
+    let headers = properties.headers().as_ref()?;
+    let value = headers.inner().get(&ShortString::from(name))?;
+    let n: i64 = match value {
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+/// Reads a header as text.
+pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(&ShortString::from(name))? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// Copies `properties` with `headers` set on top of the existing ones.
+pub fn with_headers(properties: &BasicProperties, headers: &[(&str, AMQPValue)]) -> BasicProperties {
+    let mut table = properties.headers().clone().unwrap_or_default();
+    for (name, value) in headers {
+        table.insert((*name).into(), value.clone());
+    }
+    properties.clone().with_headers(table)
+}
+
+/// A header value holding text.
+pub fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}

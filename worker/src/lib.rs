@@ -8,10 +8,13 @@
 //! - [`media`]: ffmpeg decoding (audio samples, video frames), streamed.
 //! - [`vision`] and [`index`]: the two pipelines.
 
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod pipeline;
+pub mod probe_pipeline;
+pub mod runtime;
 
 pub use error::TaskError;
 pub use pipeline::{Persist, Pipeline, StageTimings, TaskInput};

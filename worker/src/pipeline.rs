@@ -102,6 +102,13 @@ pub trait Pipeline: Send + Sync + 'static {
     /// Runs every model at every batch shape production uses, before the worker takes work.
     fn warm_up(&self) -> impl Future<Output = Result<Vec<WarmupReport>, TaskError>> + Send;
 
+    /// Creates what the pipeline's results need in the database (e.g. the HNSW index for its
+    /// embedding model and dimension). Called once at start-up.
+    fn prepare_db(&self, pool: &sqlx::PgPool) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        let _ = pool;
+        async { Ok(()) }
+    }
+
     /// Processes one task.
     fn process(
         &self,

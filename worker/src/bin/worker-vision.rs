@@ -1,1 +1,11 @@
-fn main(){}
+//! `worker-vision`: frames, scenes, image embeddings and faces.
+
+use heimdex_shared::contract::TaskKind;
+use heimdex_shared::shutdown::shutdown_signal;
+use heimdex_worker::probe_pipeline::ProbePipeline;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = heimdex_worker::cli::init()?;
+    heimdex_worker::runtime::run(settings, TaskKind::Vision, |_| Ok(ProbePipeline(TaskKind::Vision)), shutdown_signal()).await
+}

@@ -10,6 +10,7 @@
 //! (RECIPE.md measured an owner thread as the fastest way to drive a session).
 
 pub mod batcher;
+pub mod download;
 pub mod registry;
 
 use std::path::Path;

@@ -1,1 +1,206 @@
-//! placeholder
+//! Enqueue videos for Heimdex from any Rust service.
+//!
+//! ```no_run
+//! # async fn demo(settings: heimdex_shared::Settings) -> Result<(), heimdex_producer::ProducerError> {
+//! use heimdex_producer::{EnqueueRequest, Producer};
+//! let producer = Producer::connect(&settings).await?;
+//! let enqueued = producer.enqueue(&EnqueueRequest::all("talks/keynote.mp4")).await?;
+//! println!("video {} jobs {:?}", enqueued.video_id, enqueued.jobs);
+//! # Ok(()) }
+//! ```
+//!
+//! Input is validated before anything is written: the media must resolve under the media root (or be
+//! an allowed http(s) URL), be non-empty, and be readable by ffprobe. Then one transaction upserts the
+//! video and its jobs, and one message per new job is published with publisher confirms. Enqueuing the
+//! same video again is a no-op for jobs that are queued, running or done, unless `force`.
+
+use std::path::Path;
+
+use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
+use heimdex_shared::jobs::{self, status};
+use heimdex_shared::media::{self, MediaError, Probe};
+use heimdex_shared::topology::{self, PublishError, Topology};
+use heimdex_shared::Settings;
+use lapin::{Channel, Connection};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Why an enqueue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    /// The input was refused; nothing was written.
+    #[error(transparent)]
+    Media(#[from] MediaError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("publishing: {0}")]
+    Publish(#[from] PublishError),
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+}
+
+/// What to enqueue.
+#[derive(Debug, Clone)]
+pub struct EnqueueRequest {
+    /// A path (absolute, or relative to the media root) or an http(s) URL.
+    pub uri: String,
+    pub kinds: Vec<TaskKind>,
+    /// Re-run jobs that are queued, running or done.
+    pub force: bool,
+    pub options: TaskOptions,
+}
+
+impl EnqueueRequest {
+    /// Every task kind, default options.
+    pub fn all(uri: impl Into<String>) -> Self {
+        Self { uri: uri.into(), kinds: TaskKind::ALL.to_vec(), force: false, options: TaskOptions::default() }
+    }
+}
+
+/// Media that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidMedia {
+    /// Canonical path or URL, as stored in `videos.uri`.
+    pub uri: String,
+    pub probe: Probe,
+    pub content_hash: Option<String>,
+    pub size_bytes: Option<i64>,
+}
+
+/// One job of an enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnqueuedJob {
+    pub kind: TaskKind,
+    pub job_id: Uuid,
+    /// False when the job already existed (queued, running or done) and nothing was published.
+    pub published: bool,
+    pub status: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub video_id: Uuid,
+    pub uri: String,
+    pub jobs: Vec<EnqueuedJob>,
+}
+
+/// A connection to the database and the broker, with the topology declared.
+pub struct Producer {
+    pool: PgPool,
+    _connection: Connection,
+    channel: Channel,
+    topology: Topology,
+    settings: Settings,
+}
+
+impl Producer {
+    /// Connects and declares the queue topology (idempotent).
+    ///
+    /// # Errors
+    /// The database or the broker is unreachable.
+    pub async fn connect(settings: &Settings) -> Result<Self, ProducerError> {
+        let pool = heimdex_shared::db::pool(&settings.database)?;
+        let (connection, channel) = topology::connect(&settings.amqp, "heimdex-producer").await?;
+        let topology = Topology::new(&settings.amqp);
+        topology.declare(&channel, &settings.worker).await?;
+        Ok(Self { pool, _connection: connection, channel, topology, settings: settings.clone() })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Checks media without writing anything: location, size, ffprobe, content hash.
+    ///
+    /// # Errors
+    /// [`ProducerError::Media`] with a message that names the problem.
+    pub async fn validate(&self, uri: &str) -> Result<ValidMedia, ProducerError> {
+        validate(uri, &self.settings).await
+    }
+
+    /// Validates and enqueues one video.
+    ///
+    /// # Errors
+    /// Refused input (nothing written), or the database/broker failing.
+    pub async fn enqueue(&self, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
+        let media = self.validate(&request.uri).await?;
+        self.enqueue_valid(&media, request).await
+    }
+
+    /// Enqueues media that [`Producer::validate`] accepted.
+    ///
+    /// # Errors
+    /// The database or the broker failing. A job whose message could not be published is marked
+    /// `failed` with the reason, so enqueuing again retries it.
+    pub async fn enqueue_valid(&self, media: &ValidMedia, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
+        let mut tx = self.pool.begin().await?;
+        let video_id =
+            jobs::upsert_video(&mut tx, &media.uri, media.content_hash.as_deref(), media.size_bytes, &media.probe).await?;
+        let mut queued = Vec::new();
+        for &kind in &request.kinds {
+            queued.push((kind, jobs::queue_job(&mut tx, video_id, kind, request.force).await?));
+        }
+        tx.commit().await?;
+        let mut out = Vec::new();
+        for (kind, job) in queued {
+            match job {
+                Some(job_id) => {
+                    let message = TaskMessage::new(job_id, video_id, kind, media.uri.clone(), request.options.clone());
+                    if let Err(e) = topology::publish_task(&self.channel, &self.topology, &message).await {
+                        let reason = format!("could not publish the task: {e}");
+                        let _ = jobs::record_failure(&self.pool, job_id, status::FAILED, &reason, 0, "producer", &serde_json::json!({})).await;
+                        return Err(e.into());
+                    }
+                    out.push(EnqueuedJob { kind, job_id, published: true, status: status::QUEUED.into() });
+                }
+                None => {
+                    let (job_id, st): (Uuid, String) = sqlx::query_as("SELECT id, status FROM jobs WHERE video_id = $1 AND kind = $2")
+                        .bind(video_id)
+                        .bind(kind.as_str())
+                        .fetch_one(&self.pool)
+                        .await?;
+                    out.push(EnqueuedJob { kind, job_id, published: false, status: st });
+                }
+            }
+        }
+        Ok(Enqueued { video_id, uri: media.uri.clone(), jobs: out })
+    }
+}
+
+/// Validation without a broker connection (the CLI validates every input before connecting).
+///
+/// # Errors
+/// [`ProducerError::Media`] naming the problem.
+pub async fn validate(uri: &str, settings: &Settings) -> Result<ValidMedia, ProducerError> {
+    let resolved = media::resolve(uri, &settings.media.root, settings.media.allow_http)?;
+    let probe = media::probe(&resolved).await?;
+    let (content_hash, size_bytes) = if resolved.contains("://") {
+        (None, None)
+    } else {
+        let path = resolved.clone();
+        let (hash, size) = tokio::task::spawn_blocking(move || hash_file(Path::new(&path)))
+            .await
+            .map_err(|e| ProducerError::Read { path: resolved.clone(), source: std::io::Error::other(e) })?
+            .map_err(|source| ProducerError::Read { path: resolved.clone(), source })?;
+        (Some(hash), Some(size))
+    };
+    Ok(ValidMedia { uri: resolved, probe, content_hash, size_bytes })
+}
+
+fn hash_file(path: &Path) -> std::io::Result<(String, i64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    Ok((hex::encode(hasher.finalize()), i64::try_from(size).unwrap_or(i64::MAX)))
+}

@@ -1,0 +1,83 @@
+//! `heimdex dlq list|replay`: what is dead-lettered and why, and putting it back to work.
+//!
+//! Messages are read with `basic.get` and left unacknowledged while we look; closing the channel hands
+//! every one we did not replay back to its queue, so listing never loses a message.
+
+use std::process::ExitCode;
+
+use heimdex_shared::contract::{TaskKind, TaskMessage};
+use heimdex_shared::jobs;
+use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology};
+use heimdex_shared::Settings;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
+use uuid::Uuid;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// List dead letters with their job, attempts and reason.
+    List {
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<TaskKind>,
+    },
+    /// Publish dead letters back to their work queue and mark their jobs queued.
+    Replay {
+        /// Only these jobs (default: every dead letter).
+        jobs: Vec<Uuid>,
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<TaskKind>,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<TaskKind, String> {
+    s.parse()
+}
+
+pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCode> {
+    let (connection, channel) = topology::connect(&settings.amqp, "heimdex-dlq").await?;
+    let topo = Topology::new(&settings.amqp);
+    let (kind_filter, replay) = match &command {
+        Command::List { kind } => (*kind, None),
+        Command::Replay { jobs, kind } => (*kind, Some(jobs.clone())),
+    };
+    let pool = heimdex_shared::db::pool(&settings.database)?;
+    let mut total = 0usize;
+    let mut replayed = 0usize;
+    for kind in TaskKind::ALL.into_iter().filter(|k| kind_filter.is_none_or(|f| f == *k)) {
+        let dlq = topo.dlq(kind);
+        while let Some(message) = channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await? {
+            total += 1;
+            let props = &message.delivery.properties;
+            let job = props.message_id().as_ref().map(|m| m.to_string()).unwrap_or_else(|| "-".into());
+            let reason = topology::header_str(props, ERROR_HEADER).unwrap_or_else(|| "(no reason recorded)".into());
+            let attempts = topology::header_u32(props, ATTEMPT_HEADER).unwrap_or(1);
+            match &replay {
+                None => println!("{kind:<6} job {job}  attempts {attempts}  {reason}"),
+                Some(only) => {
+                    let job_id = Uuid::parse_str(&job).ok();
+                    if !only.is_empty() && !job_id.is_some_and(|j| only.contains(&j)) {
+                        continue;
+                    }
+                    let Ok(task) = TaskMessage::parse(&message.delivery.data) else {
+                        println!("{kind:<6} job {job}  not replayable (not a valid task): {reason}");
+                        continue;
+                    };
+                    let mut properties = topology::task_properties(&task, 1);
+                    properties = topology::with_headers(&properties, &[(ATTEMPT_HEADER, AMQPValue::LongUInt(1))]);
+                    topology::publish_confirmed(&channel, topo.exchange(), kind.as_str(), &message.delivery.data, properties).await?;
+                    jobs::requeue(&pool, task.job_id).await?;
+                    message.delivery.ack(BasicAckOptions::default()).await?;
+                    replayed += 1;
+                    println!("{kind:<6} job {job}  replayed");
+                }
+            }
+        }
+    }
+    // Unacked messages go back to their dead-letter queue.
+    connection.close(200, "done".into()).await?;
+    match replay {
+        None => println!("{total} dead letter(s)"),
+        Some(_) => println!("{replayed} replayed, {} left", total - replayed),
+    }
+    Ok(ExitCode::SUCCESS)
+}

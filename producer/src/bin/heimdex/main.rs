@@ -1,0 +1,73 @@
+//! `heimdex`: enqueue videos, watch the fleet, inspect and replay dead letters, migrate the schema.
+//!
+//! Exit codes: 0 success; 1 a job failed (with `--wait`) or an operation failed; 2 input refused
+//! (nothing was written).
+
+mod dlq;
+mod enqueue;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "heimdex", version, about = "Heimdex video indexing: enqueue, status, dead letters, migrations")]
+struct Cli {
+    /// TOML configuration file; `HEIMDEX__SECTION__KEY` environment variables override it.
+    #[arg(long, global = true, env = "HEIMDEX_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate and enqueue videos (paths under the media root, or http(s) URLs).
+    Enqueue(enqueue::Args),
+    /// Live workers, queue depths, job counts, or one job's stage timings.
+    Status(status::Args),
+    /// Dead-letter queues: list what is there and why, or replay it.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::Command,
+    },
+    /// Apply the database migrations.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match heimdex_shared::config::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("heimdex: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut log = settings.log.clone();
+    log.filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    heimdex_shared::telemetry::init(&log);
+    let result = match cli.command {
+        Command::Enqueue(args) => enqueue::run(&settings, args).await,
+        Command::Status(args) => status::run(&settings, args).await,
+        Command::Dlq { command } => dlq::run(&settings, command).await,
+        Command::Migrate => migrate(&settings).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("heimdex: {}", heimdex_shared::telemetry::chain(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn migrate(settings: &heimdex_shared::Settings) -> anyhow::Result<ExitCode> {
+    let pool = heimdex_shared::db::pool(&settings.database)?;
+    heimdex_shared::db::migrate(&pool).await?;
+    println!("migrations applied to {}", settings.database.url);
+    Ok(ExitCode::SUCCESS)
+}

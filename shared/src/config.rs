@@ -227,8 +227,9 @@ pub struct WorkerSettings {
     pub retry_base_ms: u64,
     /// Upper bound of one task, below RabbitMQ's consumer ack timeout (default 30 min).
     pub task_timeout_ms: u64,
-    /// Testing hook: `hang_before_ack` parks a task between its commit and its ack, so that a test
-    /// can kill the process there. Empty in production.
+    /// Testing hooks, empty in production: `hang_before_ack` parks a task between its commit and its
+    /// ack (so a test can kill the process there); `panic` panics inside every task;
+    /// `hold_warmup:FILE` stays in `warming` until FILE exists.
     pub failpoint: String,
 }
 

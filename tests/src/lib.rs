@@ -1,1 +1,290 @@
-//! placeholder
+//! Harness for the end-to-end tests: every test gets its own database, queue prefix, Redis key space
+//! and media root, spawns the real worker binaries against the real services and models, and waits on
+//! conditions with deadlines (never sleeps).
+//!
+//! The worker binaries are run from the same target directory as the test (`cargo build --bins`
+//! first; `scripts/test` does).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use heimdex_shared::Settings;
+use heimdex_shared::fleet::{Fleet, WorkerState, WorkerStatus};
+use heimdex_shared::jobs::{self, JobRow};
+use heimdex_shared::topology::{self, Topology};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const ADMIN_DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The model bundle (`../shared/models/prepare` output).
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("HEIMDEX_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/heimdex/models"));
+    assert!(dir.join("READY").is_file(), "model bundle missing at {} (run scripts/setup)", dir.display());
+    dir
+}
+
+/// A file of the bundle's media folder.
+pub fn bundle_media(rel: &str) -> PathBuf {
+    models_dir().join("media").join(rel)
+}
+
+/// Where the worker binaries are: beside the test's own `deps/` folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} not built: run `cargo build --bins` first (scripts/test does)", path.display());
+    path
+}
+
+/// Waits until `check` returns `Some`, polling every 50 ms, or panics after `timeout` with `what`.
+#[track_caller]
+pub fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> impl Future<Output = T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let caller = std::panic::Location::caller();
+    let what = what.to_string();
+    async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what} ({caller})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// One test's private world.
+pub struct TestEnv {
+    pub name: String,
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub media: tempfile::TempDir,
+    pub channel: lapin::Channel,
+    _connection: lapin::Connection,
+    pub fleet: Fleet,
+}
+
+impl TestEnv {
+    /// Creates a database, a queue prefix and a media root for one test.
+    pub async fn new() -> Self {
+        let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+        let name = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let admin = PgPool::connect(ADMIN_DB).await.expect("postgres is running (scripts/setup)");
+        sqlx::query(&format!("CREATE DATABASE heimdex_{name}")).execute(&admin).await.expect("create database");
+        admin.close().await;
+        let mut settings = Settings::default();
+        settings.database.url = heimdex_shared::config::Secret::new(format!("postgres://postgres@127.0.0.1:5432/heimdex_{name}"));
+        settings.amqp.prefix = format!("heimdex-{name}");
+        settings.models.dir = models_dir();
+        let media = tempfile::Builder::new().prefix("heimdex-media-").tempdir().expect("tempdir");
+        settings.media.root = media.path().to_path_buf();
+        settings.worker.health_addr = "127.0.0.1:0".into();
+        settings.worker.heartbeat_interval_ms = 500;
+        settings.worker.heartbeat_ttl_ms = 3_000;
+        settings.worker.retry_base_ms = 200;
+        settings.worker.max_attempts = 3;
+        let pool = heimdex_shared::db::pool(&settings.database).expect("pool");
+        heimdex_shared::db::migrate(&pool).await.expect("migrate");
+        let (connection, channel) = topology::connect(&settings.amqp, "heimdex-tests").await.expect("rabbitmq is running");
+        Topology::new(&settings.amqp).declare(&channel, &settings.worker).await.expect("declare");
+        let fleet = Fleet::connect(&settings.redis, &settings.amqp.prefix).await.expect("redis is running");
+        Self { name, settings, pool, media, channel, _connection: connection, fleet }
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.settings.amqp)
+    }
+
+    /// Copies a bundle file into this test's media root under `name`.
+    pub fn add_media(&self, bundle_rel: &str, name: &str) -> PathBuf {
+        let dest = self.media.path().join(name);
+        std::fs::copy(bundle_media(bundle_rel), &dest).expect("copy media");
+        dest
+    }
+
+    /// The environment that gives a worker or the CLI this test's settings.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        vec![
+            ("HEIMDEX__DATABASE__URL".into(), s.database.url.expose().into()),
+            ("HEIMDEX__AMQP__PREFIX".into(), s.amqp.prefix.clone()),
+            ("HEIMDEX__MEDIA__ROOT".into(), s.media.root.display().to_string()),
+            ("HEIMDEX__MODELS__DIR".into(), s.models.dir.display().to_string()),
+            ("HEIMDEX__WORKER__HEALTH_ADDR".into(), s.worker.health_addr.clone()),
+            ("HEIMDEX__WORKER__HEARTBEAT_INTERVAL_MS".into(), s.worker.heartbeat_interval_ms.to_string()),
+            ("HEIMDEX__WORKER__HEARTBEAT_TTL_MS".into(), s.worker.heartbeat_ttl_ms.to_string()),
+            ("HEIMDEX__WORKER__RETRY_BASE_MS".into(), s.worker.retry_base_ms.to_string()),
+            ("HEIMDEX__WORKER__MAX_ATTEMPTS".into(), s.worker.max_attempts.to_string()),
+            ("HEIMDEX__ENGINE__INTRA_THREADS".into(), "1".into()),
+        ]
+    }
+
+    /// Starts `worker-<kind>` with this test's settings plus `extra` variables.
+    pub fn spawn_worker(&self, kind: &str, id: &str, extra: &[(&str, &str)]) -> WorkerProcess {
+        let log = self.media.path().join(format!(".{id}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(binary(&format!("worker-{kind}")));
+        cmd.envs(self.env()).env("HEIMDEX__WORKER__ID", id).env("RUST_LOG", "info").env_remove("RUST_BACKTRACE");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).kill_on_drop(true).spawn().expect("spawn worker");
+        WorkerProcess { id: id.to_string(), child, log }
+    }
+
+    /// Runs the `heimdex` CLI with this test's settings; returns (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(binary("heimdex")).envs(self.env()).args(args).output().await.expect("run heimdex");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub async fn worker_status(&self, id: &str) -> Option<WorkerStatus> {
+        self.fleet.workers().await.ok()?.into_iter().find(|w| w.id == id)
+    }
+
+    /// Waits until the worker reports `state` in Redis.
+    #[track_caller]
+    pub fn wait_state<'a>(&'a self, worker: &'a WorkerProcess, state: WorkerState, timeout: Duration) -> impl Future<Output = WorkerStatus> + 'a {
+        let caller = std::panic::Location::caller();
+        async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                if let Some(s) = self.worker_status(&worker.id).await.filter(|s| s.state == state) {
+                    return s;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out after {timeout:?} waiting for {} to be {} ({caller}); its log:\n{}",
+                    worker.id,
+                    state.as_str(),
+                    worker.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// (ready messages, consumers) of a queue.
+    pub async fn queue(&self, name: &str) -> (u32, u32) {
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let q = self.channel.queue_declare(name.into(), passive, FieldTable::default()).await.expect("queue exists");
+        (q.message_count(), q.consumer_count())
+    }
+
+    pub async fn job(&self, id: Uuid) -> Option<JobRow> {
+        jobs::jobs_by_id(&self.pool, &[id]).await.ok()?.into_iter().next()
+    }
+
+    /// Waits until the job reaches `status`.
+    pub async fn wait_job(&self, id: Uuid, status: &str, timeout: Duration) -> JobRow {
+        wait_for(&format!("job {id} to be {status}"), timeout, || async { self.job(id).await.filter(|j| j.status == status) }).await
+    }
+
+    pub async fn count(&self, sql: &str, video: Uuid) -> i64 {
+        sqlx::query_scalar(sql).bind(video).fetch_one(&self.pool).await.expect("count query")
+    }
+
+    /// Drops the database and the queues.
+    pub async fn cleanup(self) {
+        let _ = self.topology().delete(&self.channel, &self.settings.worker).await;
+        self.pool.close().await;
+        if let Ok(admin) = PgPool::connect(ADMIN_DB).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS heimdex_{} WITH (FORCE)", self.name)).execute(&admin).await;
+        }
+    }
+}
+
+/// A running worker process; killed when dropped.
+pub struct WorkerProcess {
+    pub id: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> i32 {
+        self.child.id().map_or(0, |p| p as i32)
+    }
+
+    /// Sends a signal (SIGKILL, SIGTERM) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// The worker's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        tokio::time::timeout(timeout, self.child.wait()).await.expect("worker did not exit in time").ok()?.code()
+    }
+}
+
+/// An HTTP GET on the worker's health port; returns (status, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect health port");
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// Publishes a raw body as a task of `kind`, as a foreign or broken producer would.
+pub async fn publish_raw(env: &TestEnv, kind: &str, body: &[u8], message_id: Option<Uuid>) {
+    let mut props = lapin::BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+    if let Some(id) = message_id {
+        props = props.with_message_id(id.to_string().into());
+    }
+    topology::publish_confirmed(&env.channel, env.topology().exchange(), kind, body, props).await.expect("publish");
+}
+
+/// Reads every message of a dead-letter queue (and acks them): (message id, reason header).
+pub async fn drain_dlq(env: &TestEnv, queue: &str) -> Vec<(Option<String>, String)> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let mut out = Vec::new();
+    while let Some(m) = env.channel.basic_get(queue.into(), BasicGetOptions::default()).await.expect("basic_get") {
+        let props = &m.delivery.properties;
+        out.push((
+            props.message_id().as_ref().map(|s| s.to_string()),
+            topology::header_str(props, topology::ERROR_HEADER).unwrap_or_default(),
+        ));
+        m.delivery.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    out
+}
+
+/// Asserts the results of a fully processed `sample.mp4` are there exactly once.
+pub async fn assert_results(env: &TestEnv, video: Uuid) {
+    let summary: Vec<(String, Option<serde_json::Value>)> =
+        sqlx::query_as("SELECT kind, summary FROM jobs WHERE video_id = $1 ORDER BY kind").bind(video).fetch_all(&env.pool).await.unwrap();
+    for (kind, s) in summary {
+        let s = s.unwrap_or_default();
+        match kind.as_str() {
+            "vision" => assert_eq!(s["frames"], 25, "{s}"),
+            _ => assert!(s["samples"].as_u64().unwrap_or(0) > 390_000, "{s}"),
+        }
+    }
+}

@@ -119,6 +119,14 @@ where
     lifecycle.set_state(WorkerState::Warming, &metrics);
     let warm_started = Instant::now();
     let reports = pipeline.warm_up().await.map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
+    if let Some(release) = settings.worker.failpoint.strip_prefix("hold_warmup:") {
+        // Testing hook: stay in `warming` until the file exists, so a test can observe a fleet that is
+        // partly warm and a queue that a warming worker does not touch.
+        tracing::warn!(release, "failpoint hold_warmup: waiting for the release file");
+        while !std::path::Path::new(release).exists() && !stop.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let warm = warm_started.elapsed();
     let models = pipeline
         .models()

@@ -5,6 +5,8 @@
 //! The worker binaries are run from the same target directory as the test (`cargo build --bins`
 //! first; `scripts/test` does).
 
+pub mod proxy;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

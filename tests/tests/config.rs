@@ -1,0 +1,27 @@
+//! The example configuration parses, and the environment overrides the file.
+
+use std::path::Path;
+
+#[test]
+fn example_config_loads_and_env_wins() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/heimdex.example.toml");
+    // Run in a child process so the variable never leaks into other tests of this binary.
+    if std::env::var_os("HEIMDEX_CONFIG_CHILD").is_none() {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "example_config_loads_and_env_wins", "--nocapture"])
+            .env("HEIMDEX_CONFIG_CHILD", "1")
+            .env("HEIMDEX__WORKER__CONCURRENCY", "7")
+            .env("HEIMDEX__INDEX__EMBED_POOLING", "cls")
+            .env("HEIMDEX__DATABASE__URL", "postgres://u:secret@db/x")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        return;
+    }
+    let settings = heimdex_shared::config::load(Some(&file)).unwrap();
+    assert_eq!(settings.worker.concurrency, 7);
+    assert_eq!(settings.worker.retry_base_ms, 2000);
+    assert_eq!(settings.index.embed_pooling, heimdex_shared::config::Pooling::Cls);
+    assert_eq!(settings.models.dir, Path::new("/models"));
+    assert!(!format!("{settings:?}").contains("secret"), "secrets are redacted");
+}

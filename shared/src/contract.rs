@@ -112,10 +112,10 @@ impl TaskMessage {
         if msg.media_uri.trim().is_empty() {
             return Err(ContractError::Shape("media_uri is empty".into()));
         }
-        if let Some(rate) = msg.options.frame_rate {
-            if !(rate > 0.0 && rate <= 60.0) {
-                return Err(ContractError::Shape(format!("options.frame_rate {rate} is outside (0, 60]")));
-            }
+        if let Some(rate) = msg.options.frame_rate
+            && !(rate > 0.0 && rate <= 60.0)
+        {
+            return Err(ContractError::Shape(format!("options.frame_rate {rate} is outside (0, 60]")));
         }
         Ok(msg)
     }

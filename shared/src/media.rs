@@ -99,7 +99,7 @@ pub async fn probe(uri: &str) -> Result<Probe, MediaError> {
     for s in raw.streams {
         match s.codec_type.as_deref() {
             // Cover art is a video stream with a single picture; it is not video.
-            Some("video") if !s.disposition.is_some_and(|d| d.attached_pic == 1) && !probe.has_video => {
+            Some("video") if s.disposition.is_none_or(|d| d.attached_pic != 1) && !probe.has_video => {
                 probe.has_video = true;
                 probe.width = s.width;
                 probe.height = s.height;

@@ -129,11 +129,11 @@ pub async fn fetch(url: &str, dest: &Path, expected: Option<&str>) -> Result<Str
     })
     .await
     .map_err(std::io::Error::other)??;
-    if let Some(expected) = expected {
-        if !expected.eq_ignore_ascii_case(&actual) {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(DownloadError::Checksum { expected: expected.to_string(), actual });
-        }
+    if let Some(expected) = expected
+        && !expected.eq_ignore_ascii_case(&actual)
+    {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(DownloadError::Checksum { expected: expected.to_string(), actual });
     }
     tokio::fs::rename(&part, dest).await?;
     Ok(actual)

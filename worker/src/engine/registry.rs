@@ -115,10 +115,12 @@ impl ModelRegistry {
         let mtime_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         let expected = self.expected.get(rel);
         let mut stamps = self.read_stamps();
-        if let Some(stamp) = stamps.get(rel) {
-            if stamp.size == meta.len() && stamp.mtime_ns == mtime_ns && expected.is_none_or(|e| *e == stamp.sha256) {
-                return Ok(());
-            }
+        if let Some(stamp) = stamps.get(rel)
+            && stamp.size == meta.len()
+            && stamp.mtime_ns == mtime_ns
+            && expected.is_none_or(|e| *e == stamp.sha256)
+        {
+            return Ok(());
         }
         let actual = sha256_file(path)?;
         match expected {

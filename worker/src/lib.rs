@@ -10,8 +10,10 @@
 
 pub mod engine;
 pub mod error;
+pub mod media;
 pub mod metrics;
 pub mod pipeline;
+pub mod vision;
 
 pub use error::TaskError;
 pub use pipeline::{Persist, Pipeline, StageTimings, TaskInput};

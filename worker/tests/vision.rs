@@ -2,6 +2,8 @@
 //! `~/.cache/heimdex/models`, built by `../shared/models/prepare`), real ffmpeg and, for persistence, a
 //! real PostgreSQL with pgvector (127.0.0.1:5432, user postgres, trust auth; one database per test).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};

@@ -219,6 +219,7 @@ pub fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -238,7 +239,7 @@ mod tests {
 
     #[test]
     fn siglip_normalisation_maps_to_minus_one_one() {
-        let mut out = vec![0.0; 6];
+        let mut out = [0.0; 6];
         siglip_chw(&[0, 255, 51, 0, 255, 51], [0.5; 3], [0.5; 3], &mut out);
         assert_eq!(out[0], -1.0);
         assert_eq!(out[2], 1.0);

@@ -228,8 +228,8 @@ mod tests {
         let lb = Letterbox::new(1280, 720, 640);
         assert_eq!((lb.width, lb.height), (640, 360));
         assert!((lb.scale - 0.5).abs() < 1e-6);
-        let rgb = vec![200u8, 100, 50].repeat(4 * 2);
-        let mut out = vec![1.0f32; 3 * 8 * 8];
+        let rgb = [200u8, 100, 50].repeat(4 * 2);
+        let mut out = [1.0f32; 3 * 8 * 8];
         let lb = letterbox_bgr(&rgb, 4, 2, 8, &mut out).unwrap();
         assert_eq!((lb.width, lb.height), (8, 4));
         // B plane first, then G, then R; padding rows are zero.

@@ -302,10 +302,25 @@ async fn a_ten_minute_video_streams_with_bounded_memory() {
     let gauge = Arc::new(FrameGauge::default());
     let out = vision.process_with_gauge(&input, &StageTimings::default(), gauge.clone()).await.unwrap();
     assert_eq!(out.frames.len(), 600);
-    let bound = vision.frames_in_flight() + 1;
+    let bound = vision.frames_in_flight();
     assert!(gauge.peak() <= bound, "peak {} frames in memory, bound {bound}", gauge.peak());
     assert!(gauge.peak() >= 2, "frames were processed concurrently");
     assert_eq!(gauge.live(), 0);
+}
+
+#[tokio::test]
+async fn concurrent_tasks_share_one_frame_budget() {
+    let vision = load();
+    let input = task(&media("video/sample.mp4")).await;
+    let timings: Vec<StageTimings> = (0..3).map(|_| StageTimings::default()).collect();
+    let runs = timings.iter().map(|t| vision.process(&input, t));
+    for out in futures::future::join_all(runs).await {
+        assert_eq!(out.unwrap().frames.len(), 25);
+    }
+    let (peak, budget) = (vision.gauge().peak(), vision.frame_budget());
+    assert!(peak <= budget, "peak {peak} frames alive across tasks, budget {budget}");
+    assert!(peak > vision.frames_in_flight(), "tasks ran concurrently (peak {peak})");
+    assert_eq!(vision.gauge().live(), 0);
 }
 
 /// A fresh, migrated database that is dropped by [`TestDb::drop_now`].

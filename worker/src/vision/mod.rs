@@ -6,25 +6,29 @@
 //! - [`scenes`]: cuts from frame differences, mean embedding per scene.
 //! - [`output`]: [`VisionOutput`] and how it replaces earlier rows.
 //!
-//! Frames are streamed: at most [`VisionPipeline::frames_in_flight`] frames of one task are being
-//! resized or inferred at once, plus the one being read, so a task's memory does not grow with the
-//! video's length. Frames of every concurrent task meet in the model threads' queues and share batches.
+//! Frames are streamed: at most [`VisionPipeline::frames_in_flight`] frames of one task are alive at
+//! once (read, being resized or inferred), so a task's memory does not grow with the video's length.
+//! Across all concurrent tasks, frames are further bounded by a shared budget of
+//! [`VisionPipeline::frame_budget`] (a semaphore permit is taken before a frame is read and released
+//! when its results are in), so the worker's memory does not grow with its task concurrency either:
+//! more tasks share the same frames in flight, and their frames still meet in the model threads'
+//! queues and share batches. Resizing runs on tokio's blocking pool, at most one job per core.
 
 pub mod output;
 pub mod preprocess;
 pub mod scenes;
 pub mod siglip;
+pub mod stream;
 pub mod yunet;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use heimdex_shared::config::VisionSettings;
 use heimdex_shared::contract::TaskKind;
 use sqlx::PgPool;
 use tokenizers::Tokenizer;
+use tokio::sync::Semaphore;
 
 pub use output::{FaceRow, FrameRow, VisionOutput};
 pub use scenes::Scene;
@@ -61,18 +65,11 @@ pub struct VisionPipeline {
     window: usize,
     /// Frames alive across every task of this pipeline (see [`FrameGauge`]).
     gauge: Arc<FrameGauge>,
-}
-
-/// What one frame yields once both models have seen it.
-struct Analysed {
-    index: u32,
-    ts: f64,
-    thumbnail: Vec<f32>,
-    embedding: Vec<f32>,
-    faces: Vec<Face>,
-    preprocess: Duration,
-    embed: Duration,
-    detect: Duration,
+    /// Frames in flight across every task (permits); bounds memory whatever the task concurrency.
+    budget: Arc<Semaphore>,
+    budget_size: usize,
+    /// Resize jobs at once (one per core), so the blocking pool never grows past the cores.
+    resizers: Arc<Semaphore>,
 }
 
 impl VisionPipeline {
@@ -116,6 +113,9 @@ impl VisionPipeline {
             metrics: ctx.engine.metrics().clone(),
             window: max_batch,
             gauge: Arc::new(FrameGauge::default()),
+            budget: Arc::new(Semaphore::new(2 * max_batch)),
+            budget_size: 2 * max_batch,
+            resizers: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from))),
             settings,
         })
     }
@@ -199,9 +199,15 @@ impl VisionPipeline {
         &self.faces
     }
 
-    /// Frames of one task resized or inferred at once (the reader holds one more).
+    /// Most frames of one task alive at once.
     pub fn frames_in_flight(&self) -> usize {
         self.window
+    }
+
+    /// Most frames alive at once across every task of this pipeline (twice the batch size: a full
+    /// batch in the model while the next one is resized).
+    pub fn frame_budget(&self) -> usize {
+        self.budget_size
     }
 
     /// Frames alive across every task of this pipeline.
@@ -224,52 +230,25 @@ impl VisionPipeline {
 
         let mut detector = scenes::SceneDetector::new(self.settings.scene_threshold, 1.0 / f64::from(rate));
         let mut out = VisionOutput { model: self.settings.embed_model.clone(), frames: Vec::new(), scenes: Vec::new(), faces: Vec::new() };
-        let mut in_flight = FuturesOrdered::new();
-        let (mut decode, mut pre, mut embed, mut detect) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        let mut exhausted = false;
-        loop {
-            while !exhausted && in_flight.len() < self.window {
-                let started = Instant::now();
-                let next = stream.next().await;
-                decode += started.elapsed();
-                match next? {
-                    Some(frame) => in_flight.push_back(self.analyse(frame)),
-                    None => exhausted = true,
-                }
-            }
-            let Some(done) = in_flight.next().await else { break };
-            let a: Analysed = done?;
+        let (mut pre, mut embed, mut detect) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let worker = stream::FrameWorker {
+            image: self.image.clone(),
+            faces: self.faces.clone(),
+            resizers: self.resizers.clone(),
+            image_size: self.settings.embed_image_size,
+        };
+        let decode = stream::run(&mut stream, &worker, self.window, &self.budget, |a| {
             (pre, embed, detect) = (pre + a.preprocess, embed + a.embed, detect + a.detect);
             let scene = detector.push(a.index, a.ts, a.thumbnail, &a.embedding);
             out.faces.extend(a.faces.iter().map(|f| FaceRow { frame: a.index, ts: a.ts, face: f.mapped(sx, sy, sw as f32, sh as f32) }));
             out.frames.push(FrameRow { index: a.index, ts: a.ts, scene, embedding: a.embedding });
-        }
+        })
+        .await?;
         out.scenes = detector.finish(input.probe.duration_s);
         for (stage, took) in [("decode", decode), ("preprocess", pre), ("embed", embed), ("faces", detect)] {
             timings.record(stage, Instant::now().checked_sub(took).unwrap_or_else(Instant::now));
         }
         Ok(out)
-    }
-
-    /// Resizes a frame off the runtime, then runs both models on it concurrently.
-    async fn analyse(&self, frame: Frame) -> Result<Analysed, TaskError> {
-        let frame = Arc::new(frame);
-        let (index, ts) = (frame.index, frame.ts);
-        let size = self.settings.embed_image_size;
-        let started = Instant::now();
-        let for_resize = frame.clone();
-        let (pixels, thumbnail) = blocking(move || {
-            let f = &for_resize;
-            Ok::<_, preprocess::ResizeError>((
-                preprocess::siglip_pixels(&f.rgb, f.width, f.height, size)?,
-                preprocess::grey_thumbnail(&f.rgb, f.width, f.height)?,
-            ))
-        })
-        .await?
-        .map_err(|e| TaskError::retryable(e.to_string()))?;
-        let preprocess = started.elapsed();
-        let ((embedding, embed), (faces, detect)) = futures::join!(timed(self.image.infer(pixels)), timed(self.faces.infer(frame)));
-        Ok(Analysed { index, ts, thumbnail, embedding: embedding?, faces: faces?, preprocess, embed, detect })
     }
 
     async fn warm(&self, model: &str, batch_sizes: Vec<usize>, run: impl Future<Output = Result<(), InferenceError>>) -> Result<WarmupReport, TaskError> {
@@ -280,13 +259,6 @@ impl VisionPipeline {
         tracing::info!(model, ?batch_sizes, ms = duration.as_secs_f64() * 1000.0, "warmed up");
         Ok(WarmupReport { model: model.into(), batch_sizes, duration })
     }
-}
-
-/// Awaits `fut` and measures how long it took.
-async fn timed<T>(fut: impl Future<Output = T>) -> (T, Duration) {
-    let started = Instant::now();
-    let out = fut.await;
-    (out, started.elapsed())
 }
 
 /// Runs CPU work on tokio's blocking pool.
@@ -315,8 +287,9 @@ impl Pipeline for VisionPipeline {
     async fn warm_up(&self) -> Result<Vec<WarmupReport>, TaskError> {
         let frame = warmup_frame();
         let pixels = self.siglip_pixels(&frame)?;
-        let max = self.image.max_batch();
-        let sizes = if max > 1 { vec![1, max] } else { vec![1] };
+        // Dynamic batching produces every size from 1 to max_batch; ONNX Runtime plans memory per
+        // input shape on first sight, so each size is run once here rather than in the first task.
+        let sizes: Vec<usize> = (1..=self.image.max_batch()).collect();
         let image = self.warm("siglip-vision", sizes.clone(), async {
             for &n in &sizes {
                 self.image.run_exact(vec![pixels.clone(); n]).await?;

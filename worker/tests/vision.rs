@@ -309,6 +309,17 @@ async fn a_ten_minute_video_streams_with_bounded_memory() {
 }
 
 #[tokio::test]
+async fn the_task_frame_rate_overrides_the_configured_one() {
+    let vision = load();
+    let mut input = task(&media("video/sample.mp4")).await;
+    input.options.frame_rate = Some(0.5);
+    let out = vision.process(&input, &StageTimings::default()).await.unwrap();
+    assert_eq!(out.frames.iter().map(|f| f.ts).collect::<Vec<_>>(), (0..13).map(|i| f64::from(i) * 2.0).collect::<Vec<_>>());
+    input.options.frame_rate = Some(0.0);
+    assert!(matches!(vision.process(&input, &StageTimings::default()).await, Err(TaskError::Permanent(m)) if m.contains("invalid frame rate")));
+}
+
+#[tokio::test]
 async fn concurrent_tasks_share_one_frame_budget() {
     let vision = load();
     let input = task(&media("video/sample.mp4")).await;

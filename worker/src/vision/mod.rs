@@ -217,6 +217,10 @@ impl VisionPipeline {
 
     /// [`Pipeline::process`] counting frames on `gauge` instead of the pipeline's own.
     ///
+    /// Stage timings: `decode` is the time spent waiting for ffmpeg; `preprocess`, `embed` and
+    /// `faces` are per-frame latencies summed over frames, which overlap, so they can exceed the
+    /// task's wall time (the runtime records the total).
+    ///
     /// # Errors
     /// [`TaskError::Permanent`] for unusable video (no video stream, size out of range, corrupt or
     /// truncated, no frames); [`TaskError::Retryable`] for model or tool failures.

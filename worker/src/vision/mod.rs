@@ -235,13 +235,7 @@ impl VisionPipeline {
         let mut detector = scenes::SceneDetector::new(self.settings.scene_threshold, 1.0 / f64::from(rate));
         let mut out = VisionOutput { model: self.settings.embed_model.clone(), frames: Vec::new(), scenes: Vec::new(), faces: Vec::new() };
         let (mut pre, mut embed, mut detect) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        let worker = stream::FrameWorker {
-            image: self.image.clone(),
-            faces: self.faces.clone(),
-            resizers: self.resizers.clone(),
-            image_size: self.settings.embed_image_size,
-        };
-        let decode = stream::run(&mut stream, &worker, self.window, &self.budget, |a| {
+        let decode = stream::run(&mut stream, &self.frame_worker(), self.window, &self.budget, |a| {
             (pre, embed, detect) = (pre + a.preprocess, embed + a.embed, detect + a.detect);
             let scene = detector.push(a.index, a.ts, a.thumbnail, &a.embedding);
             out.faces.extend(a.faces.iter().map(|f| FaceRow { frame: a.index, ts: a.ts, face: f.mapped(sx, sy, sw as f32, sh as f32) }));
@@ -253,6 +247,15 @@ impl VisionPipeline {
             timings.record(stage, Instant::now().checked_sub(took).unwrap_or_else(Instant::now));
         }
         Ok(out)
+    }
+
+    fn frame_worker(&self) -> stream::FrameWorker {
+        stream::FrameWorker {
+            image: self.image.clone(),
+            faces: self.faces.clone(),
+            resizers: self.resizers.clone(),
+            image_size: self.settings.embed_image_size,
+        }
     }
 
     async fn warm(&self, model: &str, batch_sizes: Vec<usize>, run: impl Future<Output = Result<(), InferenceError>>) -> Result<WarmupReport, TaskError> {
@@ -303,6 +306,10 @@ impl Pipeline for VisionPipeline {
         let image = image.await?;
         let frame = Arc::new(frame);
         let faces = self.warm("yunet", vec![1], async { self.faces.run_exact(vec![frame]).await.map(drop) }).await?;
+        // The whole per-frame path once (blocking-pool resize, thumbnail, both models through their
+        // queues), so the first task does not pay for first-use costs outside the models either.
+        let permit = self.budget.clone().acquire_owned().await.map_err(|e| TaskError::retryable(e.to_string()))?;
+        self.frame_worker().analyse(warmup_frame(), permit).await?;
         let ids = self.tokenize("a photo of a person").await?;
         let text = self.warm("siglip-text", vec![1], async { self.text.run_exact(vec![ids]).await.map(drop) }).await?;
         Ok(vec![image, faces, text])

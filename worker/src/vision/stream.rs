@@ -48,7 +48,7 @@ pub struct FrameWorker {
 impl FrameWorker {
     /// Resizes a frame on the blocking pool, then runs both models on it concurrently. `_permit` is
     /// the frame's place in the shared budget, released with the frame.
-    async fn analyse(self, frame: Frame, _permit: OwnedSemaphorePermit) -> Result<Analysed, TaskError> {
+    pub(super) async fn analyse(self, frame: Frame, _permit: OwnedSemaphorePermit) -> Result<Analysed, TaskError> {
         let frame = Arc::new(frame);
         let (index, ts, size) = (frame.index, frame.ts, self.image_size);
         let started = Instant::now();

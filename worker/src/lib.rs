@@ -11,10 +11,12 @@
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod media;
 pub mod metrics;
 pub mod pipeline;
 pub mod probe_pipeline;
 pub mod runtime;
+pub mod vision;
 
 pub use error::TaskError;
 pub use pipeline::{Persist, Pipeline, StageTimings, TaskInput};

@@ -1,0 +1,3 @@
+//! Media decoding with ffmpeg, streamed.
+
+pub mod frames;

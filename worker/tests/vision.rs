@@ -1,0 +1,409 @@
+//! The vision pipeline against the real models of the bundle (`$HEIMDEX_MODELS_DIR` or
+//! `~/.cache/heimdex/models`, built by `../shared/models/prepare`), real ffmpeg and, for persistence, a
+//! real PostgreSQL with pgvector (127.0.0.1:5432, user postgres, trust auth; one database per test).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use heimdex_shared::Settings;
+use heimdex_shared::contract::TaskKind;
+use heimdex_worker::engine::Engine;
+use heimdex_worker::engine::registry::ModelRegistry;
+use heimdex_worker::media::frames::{FrameGauge, decode_still};
+use heimdex_worker::metrics::Metrics;
+use heimdex_worker::pipeline::{LoadContext, Persist, Pipeline, StageTimings, TaskInput};
+use heimdex_worker::vision::{VisionOutput, VisionPipeline};
+use heimdex_worker::TaskError;
+use sqlx::{Connection, Executor};
+use uuid::Uuid;
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("HEIMDEX_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/heimdex/models"))
+}
+
+fn media(rel: &str) -> String {
+    models_dir().join("media").join(rel).display().to_string()
+}
+
+fn settings() -> Settings {
+    let mut s = Settings::default();
+    s.models.dir = models_dir();
+    s
+}
+
+fn engine() -> Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::new(settings().engine, Arc::new(Metrics::new())).unwrap()).clone()
+}
+
+fn load() -> VisionPipeline {
+    let settings = settings();
+    let registry = ModelRegistry::new(settings.models.dir.clone());
+    let engine = engine();
+    VisionPipeline::load(&LoadContext { settings: &settings, engine: &engine, models: &registry }).unwrap()
+}
+
+async fn task(path: &str) -> TaskInput {
+    let probe = heimdex_shared::media::probe(path).await.unwrap();
+    TaskInput { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), kind: TaskKind::Vision, media: path.into(), probe, options: Default::default(), attempt: 1 }
+}
+
+#[track_caller]
+fn ffmpeg(args: &[&str]) {
+    let status = Command::new("ffmpeg").args(["-nostdin", "-v", "error", "-y"]).args(args).status().unwrap();
+    assert!(status.success(), "ffmpeg {args:?} failed");
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[track_caller]
+fn assert_unit(v: &[f32], dim: usize) {
+    assert_eq!(v.len(), dim);
+    let norm = cosine(v, v).sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+}
+
+#[tokio::test]
+async fn photo_face_counts_match_the_fixture_and_boxes_lie_inside() {
+    let vision = load();
+    let tsv = std::fs::read_to_string(media("photos/faces.tsv")).unwrap();
+    let mut checked = 0;
+    for line in tsv.lines().skip(1) {
+        let (file, expected) = line.split_once('\t').unwrap();
+        let frame = decode_still(&media(&format!("photos/{file}")), 4096, 640).await.unwrap();
+        let (w, h) = (frame.width as f32, frame.height as f32);
+        let faces = vision.detect_faces(Arc::new(frame)).await.unwrap();
+        assert_eq!(faces.len(), expected.parse::<usize>().unwrap(), "{file}: {faces:?}");
+        for f in &faces {
+            assert!(f.x >= 0.0 && f.y >= 0.0 && f.x + f.w <= w && f.y + f.h <= h && f.w > 10.0 && f.h > 10.0, "{file}: {f:?}");
+            assert!(f.landmarks.chunks(2).all(|p| p[0] >= f.x && p[0] <= f.x + f.w && p[1] >= f.y && p[1] <= f.y + f.h), "{file}: {f:?}");
+            assert!(f.score > 0.6);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}
+
+#[tokio::test]
+async fn sample_video_gives_the_expected_frames_scenes_and_faces() {
+    let vision = load();
+    vision.warm_up().await.unwrap();
+    let sample: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(media("video/sample.json")).unwrap()).unwrap();
+    let input = task(&media("video/sample.mp4")).await;
+    let timings = StageTimings::default();
+    let out = vision.process(&input, &timings).await.unwrap();
+
+    let duration = sample["duration_s"].as_f64().unwrap();
+    assert_eq!(out.frames.len(), duration.ceil() as usize, "one frame per second at 1 fps");
+    let expected = sample["scenes"].as_array().unwrap();
+    assert_eq!(out.scenes.len(), expected.len(), "{:?}", out.scenes.iter().map(|s| (s.start_s, s.end_s)).collect::<Vec<_>>());
+    let dim = Settings::default().vision.embed_dim;
+    for (scene, want) in out.scenes.iter().zip(expected) {
+        // A cut is seen at the first sampled frame after it: within one sampling period.
+        let start = want["start_s"].as_f64().unwrap();
+        assert!(scene.start_s >= start && scene.start_s < start + 1.0, "{scene:?} vs {want}");
+        assert_unit(&scene.embedding, dim);
+        let faces = out.faces.iter().filter(|f| f.frame >= scene.first_frame && f.frame < scene.first_frame + scene.frame_count).count();
+        assert_eq!(faces > 0, want["has_face"].as_bool().unwrap(), "scene {}: {faces} faces", scene.index);
+        if faces > 0 {
+            assert_eq!(faces, scene.frame_count as usize, "one face on every frame of scene {}", scene.index);
+        }
+    }
+    assert_eq!(out.scenes.iter().map(|s| s.frame_count as usize).sum::<usize>(), out.frames.len());
+    assert_eq!(out.scenes.last().unwrap().end_s, duration);
+    for f in &out.frames {
+        assert_unit(&f.embedding, dim);
+    }
+    for f in &out.faces {
+        let b = &f.face;
+        assert!(b.x >= 0.0 && b.y >= 0.0 && b.x + b.w <= 1280.0 && b.y + b.h <= 720.0, "{f:?}");
+    }
+    // Faces are in source pixels: the fixture's faces are larger than the 640-px working frame's.
+    assert!(out.faces.iter().any(|f| f.face.w > 100.0));
+    assert_eq!(out.summary()["frames"], 25);
+    let stages = timings.to_json();
+    assert!(stages.get("decode").is_some() && stages.get("embed").is_some(), "{stages}");
+    assert_eq!(vision.gauge().live(), 0, "every frame was released");
+}
+
+#[tokio::test]
+async fn an_embedding_alone_equals_the_same_frame_inside_a_batch() {
+    let vision = load();
+    let frames = vec![
+        decode_still(&media("photos/astronaut.png"), 4096, 640).await.unwrap(),
+        decode_still(&media("photos/coffee.png"), 4096, 640).await.unwrap(),
+        decode_still(&media("photos/chelsea.png"), 4096, 640).await.unwrap(),
+        decode_still(&media("photos/camera.png"), 4096, 640).await.unwrap(),
+    ];
+    let batch = vision.embed_batch(&frames).await.unwrap();
+    assert_eq!(batch.len(), 4);
+    for (frame, in_batch) in frames.iter().zip(&batch) {
+        let alone = vision.embed_frame(frame).await.unwrap();
+        assert_unit(&alone, 768);
+        assert!(cosine(&alone, in_batch) >= 0.999, "{}", cosine(&alone, in_batch));
+    }
+    assert!(cosine(&batch[0], &batch[1]) < 0.99, "different photos give different embeddings");
+    let text = vision.embed_text("a photo of an astronaut").await.unwrap();
+    assert_unit(&text, 768);
+    assert!(cosine(&text, &vision.embed_text("a cup of coffee").await.unwrap()) < 0.999);
+}
+
+/// Pillow's bicubic (`ImagingResample`, 8-bit): a = −0.5, support 2 scaled by the downscale factor,
+/// coefficients normalised then fixed-point with 22 bits, horizontal pass then vertical, each rounded
+/// and clamped to 8 bits. Written from Pillow's `Resample.c`, independently of the pipeline.
+fn pillow_bicubic(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
+    const BITS: u32 = 22;
+    fn filter(x: f64) -> f64 {
+        let (a, x) = (-0.5, x.abs());
+        if x < 1.0 { ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0 } else if x < 2.0 { (((x - 5.0) * x + 8.0) * x - 4.0) * a } else { 0.0 }
+    }
+    fn coeffs(input: usize, output: usize) -> Vec<(usize, Vec<i64>)> {
+        let scale = input as f64 / output as f64;
+        let filterscale = scale.max(1.0);
+        let support = 2.0 * filterscale;
+        (0..output)
+            .map(|xx| {
+                let center = (xx as f64 + 0.5) * scale;
+                let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+                let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize - xmin;
+                let k: Vec<f64> = (0..xmax).map(|x| filter((x as f64 + xmin as f64 - center + 0.5) / filterscale)).collect();
+                let sum: f64 = k.iter().sum();
+                let fixed = k
+                    .iter()
+                    .map(|v| {
+                        let v = if sum != 0.0 { v / sum } else { *v } * f64::from(1u32 << BITS);
+                        (if v < 0.0 { v - 0.5 } else { v + 0.5 }).trunc() as i64
+                    })
+                    .collect();
+                (xmin, fixed)
+            })
+            .collect()
+    }
+    let clip = |ss: i64| (ss >> BITS).clamp(0, 255) as u8;
+    let (kx, ky) = (coeffs(w, ow), coeffs(h, oh));
+    let mut mid = vec![0u8; ow * h * 3];
+    for y in 0..h {
+        for (xx, (xmin, k)) in kx.iter().enumerate() {
+            for c in 0..3 {
+                let ss = k.iter().enumerate().map(|(i, k)| i64::from(src[(y * w + xmin + i) * 3 + c]) * k).sum::<i64>();
+                mid[(y * ow + xx) * 3 + c] = clip(ss + (1 << (BITS - 1)));
+            }
+        }
+    }
+    let mut out = vec![0u8; ow * oh * 3];
+    for (yy, (ymin, k)) in ky.iter().enumerate() {
+        for x in 0..ow {
+            for c in 0..3 {
+                let ss = k.iter().enumerate().map(|(i, k)| i64::from(mid[((ymin + i) * ow + x) * 3 + c]) * k).sum::<i64>();
+                out[(yy * ow + x) * 3 + c] = clip(ss + (1 << (BITS - 1)));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn siglip_input_matches_the_documented_recipe() {
+    let vision = load();
+    for photo in ["astronaut.png", "chelsea.png"] {
+        let frame = decode_still(&media(&format!("photos/{photo}")), 4096, 640).await.unwrap();
+        let got = vision.siglip_tensor(&frame).unwrap();
+        let (w, h) = (frame.width as usize, frame.height as usize);
+        let resized = pillow_bicubic(&frame.rgb, w, h, 224, 224);
+        // HF SiglipImageProcessor: rescale 1/255, normalise mean 0.5 std 0.5, channels first.
+        let plane = 224 * 224;
+        let mut worst = 0.0f32;
+        for i in 0..plane {
+            for c in 0..3 {
+                let want = (f32::from(resized[i * 3 + c]) / 255.0 - 0.5) / 0.5;
+                worst = worst.max((got[c * plane + i] - want).abs());
+            }
+        }
+        assert!(worst <= 1e-4, "{photo}: max abs difference {worst}");
+        assert_eq!(got.len(), 3 * plane);
+    }
+}
+
+/// Runs the pipeline on `path` with ffprobe's real probe and expects a permanent error containing `needle`.
+async fn expect_permanent(path: &str, needle: &str) {
+    let vision = load();
+    let input = task(path).await;
+    match vision.process(&input, &StageTimings::default()).await {
+        Err(TaskError::Permanent(message)) => assert!(message.contains(needle), "{path}: {message:?} lacks {needle:?}"),
+        Err(other) => panic!("{path}: expected a permanent error, got {other:?}"),
+        Ok(out) => panic!("{path}: expected an error, got {:?}", out.summary()),
+    }
+}
+
+#[tokio::test]
+async fn audio_only_input_is_permanent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audio.m4a");
+    ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac", path.to_str().unwrap()]);
+    expect_permanent(path.to_str().unwrap(), "no video stream").await;
+}
+
+#[tokio::test]
+async fn truncated_video_is_permanent() {
+    expect_permanent(&media("video/truncated.mp4"), "corrupt or truncated").await;
+}
+
+#[tokio::test]
+async fn corrupt_video_is_permanent() {
+    // ffprobe refuses it (the runtime fails such a job before `process`); if a probe had passed,
+    // decoding must still fail permanently.
+    assert!(heimdex_shared::media::probe(&media("video/corrupt.mp4")).await.is_err());
+    let vision = load();
+    let mut input = task(&media("video/sample.mp4")).await;
+    input.media = media("video/corrupt.mp4");
+    let err = vision.process(&input, &StageTimings::default()).await.unwrap_err();
+    assert!(matches!(&err, TaskError::Permanent(m) if m.contains("no frames could be decoded")), "{err:?}");
+}
+
+#[tokio::test]
+async fn video_with_zero_decodable_frames_is_permanent() {
+    // sample.mp4's stream without its slices: ffprobe sees 1280x720 H.264, no picture decodes.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("noslices.mp4");
+    ffmpeg(&["-i", &media("video/sample.mp4"), "-an", "-c:v", "copy", "-bsf:v", "filter_units=remove_types=1|5", path.to_str().unwrap()]);
+    expect_permanent(path.to_str().unwrap(), "no frames could be decoded").await;
+}
+
+#[tokio::test]
+async fn one_pixel_video_is_permanent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.mkv");
+    ffmpeg(&["-f", "lavfi", "-i", "color=c=red:s=2x2:r=1", "-t", "1", "-vf", "scale=1:1", "-c:v", "ffv1", path.to_str().unwrap()]);
+    expect_permanent(path.to_str().unwrap(), "1x1: too small").await;
+}
+
+#[tokio::test]
+async fn eight_k_video_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("8k.mp4");
+    ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=7680x4320:rate=1", "-t", "1", "-c:v", "libx264", "-preset", "ultrafast", path.to_str().unwrap()]);
+    expect_permanent(path.to_str().unwrap(), "7680x4320: larger than the accepted maximum side").await;
+}
+
+#[tokio::test]
+async fn a_ten_minute_video_streams_with_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.mp4");
+    ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=320x240:rate=5", "-t", "600", "-c:v", "libx264", "-preset", "ultrafast", path.to_str().unwrap()]);
+    let vision = load();
+    let input = task(path.to_str().unwrap()).await;
+    let gauge = Arc::new(FrameGauge::default());
+    let out = vision.process_with_gauge(&input, &StageTimings::default(), gauge.clone()).await.unwrap();
+    assert_eq!(out.frames.len(), 600);
+    let bound = vision.frames_in_flight();
+    assert!(gauge.peak() <= bound, "peak {} frames in memory, bound {bound}", gauge.peak());
+    assert!(gauge.peak() >= 2, "frames were processed concurrently");
+    assert_eq!(gauge.live(), 0);
+}
+
+#[tokio::test]
+async fn the_task_frame_rate_overrides_the_configured_one() {
+    let vision = load();
+    let mut input = task(&media("video/sample.mp4")).await;
+    input.options.frame_rate = Some(0.5);
+    let out = vision.process(&input, &StageTimings::default()).await.unwrap();
+    assert_eq!(out.frames.iter().map(|f| f.ts).collect::<Vec<_>>(), (0..13).map(|i| f64::from(i) * 2.0).collect::<Vec<_>>());
+    input.options.frame_rate = Some(0.0);
+    assert!(matches!(vision.process(&input, &StageTimings::default()).await, Err(TaskError::Permanent(m)) if m.contains("invalid frame rate")));
+}
+
+#[tokio::test]
+async fn concurrent_tasks_share_one_frame_budget() {
+    let vision = load();
+    let input = task(&media("video/sample.mp4")).await;
+    let timings: Vec<StageTimings> = (0..3).map(|_| StageTimings::default()).collect();
+    let runs = timings.iter().map(|t| vision.process(&input, t));
+    for out in futures::future::join_all(runs).await {
+        assert_eq!(out.unwrap().frames.len(), 25);
+    }
+    let (peak, budget) = (vision.gauge().peak(), vision.frame_budget());
+    assert!(peak <= budget, "peak {peak} frames alive across tasks, budget {budget}");
+    assert!(peak > vision.frames_in_flight(), "tasks ran concurrently (peak {peak})");
+    assert_eq!(vision.gauge().live(), 0);
+}
+
+/// A fresh, migrated database that is dropped by [`TestDb::drop_now`].
+struct TestDb {
+    name: String,
+    pool: sqlx::PgPool,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let name = format!("heimdex_vision_{}", Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
+        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+        let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}")).await.unwrap();
+        heimdex_shared::db::migrate(&pool).await.unwrap();
+        Self { name, pool }
+    }
+
+    async fn drop_now(self) {
+        self.pool.close().await;
+        let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
+        admin.execute(format!("DROP DATABASE {} WITH (FORCE)", self.name).as_str()).await.unwrap();
+    }
+}
+
+async fn write(pool: &sqlx::PgPool, out: &VisionOutput, video: Uuid) {
+    let mut tx = pool.begin().await.unwrap();
+    out.write(&mut tx, video).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn count(pool: &sqlx::PgPool, table: &str, video: Uuid) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE video_id = $1")).bind(video).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn writing_twice_leaves_one_set_of_rows() {
+    let db = TestDb::create().await;
+    let vision = load();
+    vision.prepare_db(&db.pool).await.unwrap();
+    let input = task(&media("video/sample.mp4")).await;
+    let out = vision.process(&input, &StageTimings::default()).await.unwrap();
+    let video = input.video_id;
+    sqlx::query("INSERT INTO videos (id, uri) VALUES ($1, $2)").bind(video).bind(&input.media).execute(&db.pool).await.unwrap();
+    write(&db.pool, &out, video).await;
+    write(&db.pool, &out, video).await;
+    assert_eq!(count(&db.pool, "frames", video).await, out.frames.len() as i64);
+    assert_eq!(count(&db.pool, "scenes", video).await, out.scenes.len() as i64);
+    assert_eq!(count(&db.pool, "faces", video).await, out.faces.len() as i64);
+    assert!(!out.faces.is_empty());
+    // Vectors round-trip, the model is recorded, and nearest-neighbour search finds a frame itself.
+    let (model, dims): (String, i32) = sqlx::query_as("SELECT embedding_model, vector_dims(embedding) FROM frames WHERE video_id = $1 AND idx = 3")
+        .bind(video)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!((model.as_str(), dims), (Settings::default().vision.embed_model.as_str(), 768));
+    let query = heimdex_shared::db::vector_literal(&out.frames[20].embedding);
+    let nearest: i32 = sqlx::query_scalar("SELECT idx FROM frames WHERE video_id = $1 ORDER BY embedding <=> $2::vector, idx LIMIT 1")
+        .bind(video)
+        .bind(&query)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let scene_of = |i: usize| out.frames[i].scene;
+    assert_eq!(scene_of(nearest as usize), scene_of(20));
+    let landmarks: Vec<f32> = sqlx::query_scalar("SELECT landmarks FROM faces WHERE video_id = $1 ORDER BY frame_idx, face_idx LIMIT 1")
+        .bind(video)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(landmarks, out.faces[0].face.landmarks.to_vec());
+    db.drop_now().await;
+}
+

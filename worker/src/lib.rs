@@ -15,3 +15,5 @@ pub mod pipeline;
 
 pub use error::TaskError;
 pub use pipeline::{Persist, Pipeline, StageTimings, TaskInput};
+pub mod index;
+pub mod media;

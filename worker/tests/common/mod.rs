@@ -29,9 +29,11 @@ pub fn settings() -> Settings {
 
 #[track_caller]
 pub fn load(settings: &Settings) -> IndexPipeline {
-    let engine = Engine::new(settings.engine.clone(), Arc::new(Metrics::new())).expect("onnx runtime");
+    // ONNX Runtime allows one environment per process: tests of one binary share one engine.
+    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+    let engine = ENGINE.get_or_init(|| Engine::new(settings.engine.clone(), Arc::new(Metrics::new())).expect("onnx runtime"));
     let models = ModelRegistry::new(settings.models.dir.clone());
-    IndexPipeline::load(&LoadContext { settings, engine: &engine, models: &models }).expect("loading the index pipeline")
+    IndexPipeline::load(&LoadContext { settings, engine, models: &models }).expect("loading the index pipeline")
 }
 
 /// Lower case, punctuation removed, hyphens split, "mr." spelled out, small numbers as words.

@@ -112,7 +112,7 @@ async fn three_hour_file_streams_in_bounded_memory() {
     assert!((t.segments[0].start_s - 5400.0).abs() < 1.0, "{:?}", t.segments[0]);
     // Over the configured limit: a permanent error, found while streaming.
     let mut s = settings();
-    s.index.max_duration_s = 3600.0;
+    s.index.max_duration_s = 600.0;
     let p = load(&s);
     match p.index(&long, Some("en"), &StageTimings::default()).await {
         Err(TaskError::Permanent(m)) => assert!(m.contains("longer than the limit"), "{m}"),

@@ -43,7 +43,8 @@ pub struct ChunkParams {
     pub threshold: f32,
     /// Longest chunk, seconds (≤ 30 for Whisper).
     pub max_chunk_s: f32,
-    /// Silence that ends a chunk; shorter pauses stay inside one chunk.
+    /// Silence that ends a chunk; shorter pauses stay inside one chunk (fewer, fuller 30 s windows:
+    /// the encoder costs the same for 3 s of speech as for 30 s).
     pub max_gap_s: f32,
     /// Audio kept before the first speech frame and after the last one.
     pub pad_s: f32,
@@ -54,7 +55,7 @@ pub struct ChunkParams {
 impl ChunkParams {
     /// Defaults around a speech threshold (Silero's usual 0.5).
     pub fn new(threshold: f32, max_chunk_s: f32) -> Self {
-        Self { threshold, max_chunk_s: max_chunk_s.clamp(1.0, 30.0), max_gap_s: 1.5, pad_s: 0.2, min_speech_s: 0.25 }
+        Self { threshold, max_chunk_s: max_chunk_s.clamp(1.0, 30.0), max_gap_s: 3.0, pad_s: 0.2, min_speech_s: 0.25 }
     }
 }
 

@@ -41,6 +41,9 @@ pub struct AsrResult {
     /// Language token id used in the prompt.
     pub language: u32,
     pub looped: bool,
+    /// Wall time of the batch this row ran in: encoder (with language detection), and the token loop.
+    pub encode_s: f32,
+    pub decode_s: f32,
 }
 
 /// Owns the three Whisper sessions.
@@ -119,6 +122,7 @@ impl WhisperRunner {
 
     fn transcribe(&mut self, reqs: &[&AsrRequest]) -> Result<Vec<AsrResult>, InferenceError> {
         let b = reqs.len();
+        let started = std::time::Instant::now();
         let hs = self.encode(reqs)?;
         let detected = if reqs.iter().any(|r| r.language.is_none()) { Some(self.detect_language(&hs, b)?) } else { None };
         let sp = self.cfg.special_tokens;
@@ -135,6 +139,8 @@ impl WhisperRunner {
                 p.into_iter().map(i64::from).collect()
             })
             .collect();
+        let encode_s = started.elapsed().as_secs_f32();
+        let started = std::time::Instant::now();
         let max_text = self.cfg.max_decode_tokens.max(1);
         let mut rows: Vec<Row> = reqs.iter().map(|r| Row::new(r.timestamps, r.max_tokens.min(max_text))).collect();
         let (logits, mut past) = self.run_decoder(&hs, ids.concat(), b)?;
@@ -151,10 +157,18 @@ impl WhisperRunner {
             };
             next = rows.iter_mut().zip(&logits).map(|(row, lg)| i64::from(row.step(&self.cfg, lg))).collect();
         }
+        let decode_s = started.elapsed().as_secs_f32();
         Ok(rows
             .into_iter()
             .zip(langs)
-            .map(|(row, language)| AsrResult { tokens: row.tokens, probs: row.probs, language, looped: row.looped })
+            .map(|(row, language)| AsrResult {
+                tokens: row.tokens,
+                probs: row.probs,
+                language,
+                looped: row.looped,
+                encode_s,
+                decode_s,
+            })
             .collect())
     }
 

@@ -87,7 +87,7 @@ impl PcmStream {
             stdout,
             stderr,
             carry: Vec::new(),
-            raw: vec![0; 64 * 1024],
+            raw: vec![0; 256 * 1024],
             samples: 0,
             max_samples,
             limit_s: max_duration_s,

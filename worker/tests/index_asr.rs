@@ -1,5 +1,6 @@
 //! Whisper through the real pipeline: exact tokens against the bundle's fixture, KV cache against no
 //! cache, WER on the speech clips and the sample video, segment timing.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed assertion
 
 mod common;
 

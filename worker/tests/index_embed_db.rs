@@ -1,5 +1,6 @@
 //! Text embeddings against an independent reference (onnxruntime's Python API on the same ONNX file,
 //! un-batched), and persistence into a real PostgreSQL.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed assertion
 
 mod common;
 

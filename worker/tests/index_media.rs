@@ -1,6 +1,7 @@
 //! Bad and unusual audio through the real pipeline: every case ends in a clear outcome (a permanent
 //! error with a readable reason, or an empty transcript), never a panic; and a three-hour file is
 //! chunked in bounded memory.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed assertion
 
 mod common;
 

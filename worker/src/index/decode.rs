@@ -228,6 +228,7 @@ pub fn segments(tokens: &[u32], probs: &[f32], cfg: &WhisperConfig, window_s: f3
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -127,6 +127,7 @@ pub(crate) fn finish(filters: &[f32], power: &[f32]) -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

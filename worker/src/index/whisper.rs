@@ -18,6 +18,9 @@ use super::decode::{Row, WhisperConfig};
 use super::mel::{N_FRAMES, N_MELS};
 use crate::engine::{BatchRunner, InferenceError};
 
+/// Cached key/value tensors by the `past_key_values.*` input name they feed.
+type PastValues = HashMap<String, DynValue>;
+
 /// One window to transcribe.
 #[derive(Clone, Debug)]
 pub struct AsrRequest {
@@ -83,7 +86,7 @@ impl WhisperRunner {
         hs: &DynValue,
         ids: Vec<i64>,
         b: usize,
-    ) -> Result<(Vec<Vec<f32>>, HashMap<String, DynValue>), InferenceError> {
+    ) -> Result<(Vec<Vec<f32>>, PastValues), InferenceError> {
         let t = ids.len() / b;
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
         for name in &self.decoder_inputs {

@@ -174,6 +174,7 @@ pub async fn decode_all(uri: &str, max_duration_s: f64) -> Result<Vec<f32>, Audi
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

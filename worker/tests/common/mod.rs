@@ -1,5 +1,5 @@
 //! Shared helpers of the index tests: the real model bundle, the real pipeline, WER.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -80,14 +80,42 @@ async fn embeddings_match_reference_and_rank_similarity() {
     }
 }
 
-#[tokio::test]
-async fn writing_twice_leaves_one_set_of_rows() {
-    let admin_url = "postgres://postgres@127.0.0.1:5432/postgres";
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A fresh, migrated database of its own (tests run in parallel).
+async fn fresh_db() -> (String, sqlx::PgPool) {
     let name = format!("heimdex_index_test_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(admin_url).await.expect("postgres at 127.0.0.1:5432");
+    let mut admin = PgConnection::connect(ADMIN_URL).await.expect("postgres at 127.0.0.1:5432");
     admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
     let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}")).await.unwrap();
     heimdex_shared::db::migrate(&pool).await.unwrap();
+    (name, pool)
+}
+
+async fn drop_db(name: &str, pool: sqlx::PgPool) {
+    pool.close().await;
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    admin.execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_db_creates_the_models_vector_index() {
+    let (name, pool) = fresh_db().await;
+    let p = load(&settings());
+    p.prepare_db(&pool).await.unwrap();
+    p.prepare_db(&pool).await.unwrap();
+    let defs: Vec<(String,)> = sqlx::query_as("SELECT indexdef FROM pg_indexes WHERE tablename = 'transcript_segments' AND indexdef ILIKE '%hnsw%'")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(defs.len(), 1, "{defs:?}");
+    assert!(defs[0].0.contains("384"), "{defs:?}");
+    drop_db(&name, pool).await;
+}
+
+#[tokio::test]
+async fn writing_twice_leaves_one_set_of_rows() {
+    let (name, pool) = fresh_db().await;
 
     let video = Uuid::new_v4();
     sqlx::query("INSERT INTO videos (id, uri) VALUES ($1, $2)").bind(video).bind("/m/a.mp4").execute(&pool).await.unwrap();
@@ -122,6 +150,5 @@ async fn writing_twice_leaves_one_set_of_rows() {
     assert_eq!(out.summary()["segments"], 3);
     assert_eq!(out.summary()["words"], 13);
 
-    pool.close().await;
-    admin.execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str()).await.unwrap();
+    drop_db(&name, pool).await;
 }

@@ -11,10 +11,10 @@
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod index;
 pub mod media;
 pub mod metrics;
 pub mod pipeline;
-pub mod probe_pipeline;
 pub mod runtime;
 pub mod vision;
 

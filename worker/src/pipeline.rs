@@ -104,10 +104,7 @@ pub trait Pipeline: Send + Sync + 'static {
 
     /// Creates what the pipeline's results need in the database (e.g. the HNSW index for its
     /// embedding model and dimension). Called once at start-up.
-    fn prepare_db(&self, pool: &sqlx::PgPool) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
-        let _ = pool;
-        async { Ok(()) }
-    }
+    fn prepare_db(&self, pool: &sqlx::PgPool) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// Processes one task.
     fn process(

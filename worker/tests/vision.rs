@@ -43,7 +43,7 @@ fn engine() -> Engine {
 
 fn load() -> VisionPipeline {
     let settings = settings();
-    let registry = ModelRegistry::new(settings.models.dir.clone());
+    let registry = ModelRegistry::open(&settings.models).expect("model directory");
     let engine = engine();
     VisionPipeline::load(&LoadContext { settings: &settings, engine: &engine, models: &registry }).unwrap()
 }

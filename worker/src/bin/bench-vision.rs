@@ -71,7 +71,7 @@ fn sample_path(settings: &Settings) -> String {
 async fn load(settings: &Settings) -> Result<(VisionPipeline, Engine, f64, f64)> {
     let started = Instant::now();
     let engine = Engine::new(settings.engine.clone(), Arc::new(Metrics::new()))?;
-    let registry = ModelRegistry::new(settings.models.dir.clone());
+    let registry = ModelRegistry::open(&settings.models).expect("model directory");
     let vision = VisionPipeline::load(&LoadContext { settings, engine: &engine, models: &registry })?;
     let load_ms = ms(started);
     let started = Instant::now();
@@ -221,7 +221,7 @@ where
 }
 
 fn python_inference(python: &Path, settings: &Settings, batch: usize, iters: usize, runs: usize) -> Result<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_python.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_vision.py");
     let mut all = Vec::new();
     for _ in 0..runs {
         let out = Command::new(python)

@@ -2,10 +2,10 @@
 
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::shutdown::shutdown_signal;
-use heimdex_worker::probe_pipeline::ProbePipeline;
+use heimdex_worker::index::IndexPipeline;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = heimdex_worker::cli::init()?;
-    heimdex_worker::runtime::run(settings, TaskKind::Index, |_| Ok(ProbePipeline(TaskKind::Index)), shutdown_signal()).await
+    heimdex_worker::runtime::run(settings, TaskKind::Index, IndexPipeline::load, shutdown_signal()).await
 }

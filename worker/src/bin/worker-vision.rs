@@ -2,10 +2,10 @@
 
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::shutdown::shutdown_signal;
-use heimdex_worker::probe_pipeline::ProbePipeline;
+use heimdex_worker::vision::VisionPipeline;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = heimdex_worker::cli::init()?;
-    heimdex_worker::runtime::run(settings, TaskKind::Vision, |_| Ok(ProbePipeline(TaskKind::Vision)), shutdown_signal()).await
+    heimdex_worker::runtime::run(settings, TaskKind::Vision, VisionPipeline::load, shutdown_signal()).await
 }

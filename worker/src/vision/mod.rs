@@ -120,17 +120,6 @@ impl VisionPipeline {
         })
     }
 
-    /// Creates the HNSW indexes for this model's embeddings (`frames`, `scenes`); call at start-up.
-    ///
-    /// # Errors
-    /// The database is unreachable or not migrated.
-    pub async fn prepare_db(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        for table in ["frames", "scenes"] {
-            heimdex_shared::db::ensure_vector_index(pool, table, &self.settings.embed_model, self.settings.embed_dim).await?;
-        }
-        Ok(())
-    }
-
     /// Embeds a text query with the text tower (for text-to-frame search). Only comparable with image
     /// embeddings when the configured model is a real two-tower model.
     ///
@@ -289,6 +278,14 @@ impl Pipeline for VisionPipeline {
 
     fn models(&self) -> Vec<ModelInfo> {
         self.models.clone()
+    }
+
+    /// The HNSW indexes for this model's embeddings (`frames`, `scenes`).
+    async fn prepare_db(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        for table in ["frames", "scenes"] {
+            heimdex_shared::db::ensure_vector_index(pool, table, &self.settings.embed_model, self.settings.embed_dim).await?;
+        }
+        Ok(())
     }
 
     async fn warm_up(&self) -> Result<Vec<WarmupReport>, TaskError> {

@@ -1,0 +1,287 @@
+//! Greedy decoding rules of Whisper, per row, independent of how logits are computed: token
+//! suppression, the timestamp rules of `openai-whisper` (`ApplyTimestampRules`), the loop guard, and
+//! turning timestamp tokens into segments.
+//!
+//! Kept apart from the ONNX plumbing so that the KV-cache path, the no-cache path and any batch size
+//! share exactly one implementation of "which token comes next".
+
+use serde::Deserialize;
+
+/// The parts of the bundle's `config.json` the decoder needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct WhisperConfig {
+    pub special_tokens: SpecialTokens,
+    pub language_ids: std::collections::BTreeMap<String, u32>,
+    pub suppress_tokens: Vec<u32>,
+    pub begin_suppress_tokens: Vec<u32>,
+    pub max_decode_tokens: usize,
+    pub n_vocab: usize,
+    #[serde(default = "default_step")]
+    pub timestamp_step_s: f32,
+}
+
+fn default_step() -> f32 {
+    0.02
+}
+
+/// Special token ids.
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub struct SpecialTokens {
+    pub eot: u32,
+    pub sot: u32,
+    pub transcribe: u32,
+    pub notimestamps: u32,
+    pub timestamp_begin: u32,
+}
+
+/// Latest first timestamp allowed (Whisper's `max_initial_timestamp`, 1 s), in timestamp steps.
+const MAX_INITIAL_TIMESTAMP: u32 = 50;
+/// Loop guard: a row stops when its text ends with the same n-gram (n ≤ 16) repeated this often...
+const LOOP_REPEATS: usize = 4;
+/// ...covering at least this many tokens (so "no, no, no, no" is not a loop, 20 × "ha" is).
+const LOOP_MIN_TOKENS: usize = 16;
+
+/// Where one row of a batch stands.
+#[derive(Clone, Debug)]
+pub struct Row {
+    timestamps: bool,
+    max_tokens: usize,
+    /// Generated tokens (no prompt, no eot).
+    pub tokens: Vec<u32>,
+    /// Probability of each generated token under the filtered distribution.
+    pub probs: Vec<f32>,
+    pub done: bool,
+    /// Stopped by the loop guard (the repeats were removed).
+    pub looped: bool,
+}
+
+impl Row {
+    pub fn new(timestamps: bool, max_tokens: usize) -> Self {
+        Self { timestamps, max_tokens, tokens: Vec::new(), probs: Vec::new(), done: max_tokens == 0, looped: false }
+    }
+
+    /// Applies the rules to `logits` (one position, full vocabulary), picks the next token, records it
+    /// and returns the token to feed the model next (eot once the row is done).
+    pub fn step(&mut self, cfg: &WhisperConfig, logits: &[f32]) -> u32 {
+        let eot = cfg.special_tokens.eot;
+        if self.done {
+            return eot;
+        }
+        let mut lg = logits.to_vec();
+        let ninf = f32::NEG_INFINITY;
+        for &t in &cfg.suppress_tokens {
+            set(&mut lg, t, ninf);
+        }
+        if self.tokens.is_empty() {
+            for &t in &cfg.begin_suppress_tokens {
+                set(&mut lg, t, ninf);
+            }
+        }
+        if self.timestamps {
+            self.timestamp_rules(cfg, &mut lg);
+        }
+        let logprobs = log_softmax(&lg);
+        if self.timestamps {
+            let tb = (cfg.special_tokens.timestamp_begin as usize).min(lg.len());
+            let ts_mass = log_sum_exp(&logprobs[tb..]);
+            let text_max = logprobs[..tb].iter().copied().fold(ninf, f32::max);
+            if ts_mass > text_max {
+                lg[..tb].fill(ninf);
+            }
+        }
+        let next = argmax(&lg);
+        if next == eot {
+            self.done = true;
+            return eot;
+        }
+        self.tokens.push(next);
+        self.probs.push(logprobs[next as usize].exp());
+        if self.tokens.len() >= self.max_tokens {
+            self.done = true;
+        } else if self.strip_loop(cfg.special_tokens.timestamp_begin) {
+            self.done = true;
+            self.looped = true;
+        }
+        if self.done { eot } else { next }
+    }
+
+    /// `ApplyTimestampRules`: timestamps come in pairs, never decrease, the first token is a timestamp
+    /// no later than 1 s, and `<|notimestamps|>` is never produced.
+    fn timestamp_rules(&self, cfg: &WhisperConfig, lg: &mut [f32]) {
+        let sp = cfg.special_tokens;
+        let tb = (sp.timestamp_begin as usize).min(lg.len());
+        let ninf = f32::NEG_INFINITY;
+        set(lg, sp.notimestamps, ninf);
+        let seq = &self.tokens;
+        let is_ts = |t: u32| t >= sp.timestamp_begin;
+        let last_ts = seq.last().is_some_and(|&t| is_ts(t));
+        let penultimate_ts = seq.len() < 2 || is_ts(seq[seq.len() - 2]);
+        if last_ts {
+            if penultimate_ts {
+                lg[tb..].fill(ninf);
+            } else {
+                lg[..sp.eot as usize].fill(ninf);
+            }
+        }
+        if let Some(&last) = seq.iter().rev().find(|&&t| is_ts(t)) {
+            let floor = if last_ts && !penultimate_ts { last } else { last + 1 };
+            let floor = (floor as usize).min(lg.len());
+            lg[tb..floor].fill(ninf);
+        }
+        if seq.is_empty() {
+            lg[..tb].fill(ninf);
+            let last_allowed = tb + MAX_INITIAL_TIMESTAMP as usize;
+            if last_allowed + 1 < lg.len() {
+                lg[last_allowed + 1..].fill(ninf);
+            }
+        }
+    }
+
+    /// Detects a text loop at the end of the row; removes all but one occurrence when found.
+    fn strip_loop(&mut self, timestamp_begin: u32) -> bool {
+        let text: Vec<usize> =
+            self.tokens.iter().enumerate().filter(|(_, t)| **t < timestamp_begin).map(|(i, _)| i).collect();
+        for n in 1..=16usize {
+            let reps = LOOP_REPEATS.max(LOOP_MIN_TOKENS.div_ceil(n));
+            if text.len() < n * reps {
+                break;
+            }
+            let tail = &text[text.len() - n * reps..];
+            let gram: Vec<u32> = tail[..n].iter().map(|&i| self.tokens[i]).collect();
+            if tail.chunks_exact(n).all(|c| c.iter().zip(&gram).all(|(&i, &g)| self.tokens[i] == g)) {
+                let keep = tail[n];
+                self.tokens.truncate(keep);
+                self.probs.truncate(keep);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn set(lg: &mut [f32], token: u32, value: f32) {
+    if let Some(v) = lg.get_mut(token as usize) {
+        *v = value;
+    }
+}
+
+/// Index of the largest value (the first on ties, like numpy).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_sum_exp(values: &[f32]) -> f32 {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    max + values.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+fn log_softmax(values: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(values);
+    values.iter().map(|v| v - lse).collect()
+}
+
+/// A span of text with times relative to its window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawSegment {
+    pub start_s: f32,
+    pub end_s: f32,
+    /// Text tokens (no timestamps).
+    pub tokens: Vec<u32>,
+    /// Mean probability of those tokens.
+    pub confidence: f32,
+}
+
+/// Splits a timestamped token sequence into segments: `<|t0|> text <|t1|>` gives [t0, t1]; text after
+/// the last timestamp ends at `window_s` (the audio in the window).
+pub fn segments(tokens: &[u32], probs: &[f32], cfg: &WhisperConfig, window_s: f32) -> Vec<RawSegment> {
+    let tb = cfg.special_tokens.timestamp_begin;
+    let time = |t: u32| ((t - tb) as f32 * cfg.timestamp_step_s).min(window_s);
+    let mut out = Vec::new();
+    let (mut start, mut text, mut p) = (0f32, Vec::new(), Vec::new());
+    let mut close = |start: f32, end: f32, text: &mut Vec<u32>, p: &mut Vec<f32>| {
+        if !text.is_empty() {
+            let confidence = p.iter().sum::<f32>() / p.len().max(1) as f32;
+            out.push(RawSegment { start_s: start.min(end), end_s: end, tokens: std::mem::take(text), confidence });
+            p.clear();
+        }
+    };
+    for (&t, &prob) in tokens.iter().zip(probs) {
+        if t >= tb {
+            close(start, time(t), &mut text, &mut p);
+            start = time(t);
+        } else if t < cfg.special_tokens.eot {
+            text.push(t);
+            p.push(prob);
+        }
+    }
+    close(start, window_s.max(start), &mut text, &mut p);
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> WhisperConfig {
+        let path = heimdex_shared::config::ModelSettings::default().dir.join("whisper-base/config.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn logits_favouring(cfg: &WhisperConfig, token: u32) -> Vec<f32> {
+        let mut lg = vec![0f32; cfg.n_vocab];
+        lg[token as usize] = 20.0;
+        lg
+    }
+
+    #[test]
+    fn first_token_is_an_early_timestamp_and_timestamps_pair_up() {
+        let c = cfg();
+        let tb = c.special_tokens.timestamp_begin;
+        let mut row = Row::new(true, 100);
+        // The model wants text first; the rules force a timestamp within the first second.
+        assert!(row.step(&c, &logits_favouring(&c, 400)) >= tb);
+        assert!(row.tokens[0] <= tb + 50);
+        assert_eq!(row.step(&c, &logits_favouring(&c, 400)), 400);
+        // A timestamp below the last one is forbidden.
+        let t = row.step(&c, &logits_favouring(&c, tb));
+        assert!(t > row.tokens[0], "timestamps must not decrease");
+    }
+
+    #[test]
+    fn loops_are_cut_and_stop_the_row() {
+        let c = cfg();
+        let mut row = Row::new(false, 224);
+        for _ in 0..40 {
+            if row.done {
+                break;
+            }
+            row.step(&c, &logits_favouring(&c, 2221));
+        }
+        assert!(row.done && row.looped);
+        assert_eq!(row.tokens, vec![2221]);
+    }
+
+    #[test]
+    fn timestamp_tokens_become_segments() {
+        let c = cfg();
+        let tb = c.special_tokens.timestamp_begin;
+        let toks = [tb, 400, 401, tb + 100, tb + 100, 402, tb + 150, tb + 160, 403];
+        let probs = [1.0, 0.8, 0.6, 1.0, 1.0, 0.5, 1.0, 1.0, 0.9];
+        let segs = segments(&toks, &probs, &c, 4.0);
+        assert_eq!(segs.len(), 3);
+        assert_eq!((segs[0].start_s, segs[0].end_s, segs[0].tokens.clone()), (0.0, 2.0, vec![400, 401]));
+        assert!((segs[0].confidence - 0.7).abs() < 1e-6);
+        assert_eq!((segs[1].start_s, segs[1].end_s), (2.0, 3.0));
+        assert!((segs[2].start_s - 3.2).abs() < 1e-5 && segs[2].end_s == 4.0, "{:?}", segs[2]);
+    }
+}

@@ -1,0 +1,247 @@
+//! The index pipeline (`worker-index`): audio → Silero VAD speech chunks (≤ 30 s, cut at silences) →
+//! Whisper log-mel → encoder batched over chunks → greedy KV-cache decoding with timestamps and
+//! language detection → segments with absolute times → text embeddings → one transaction.
+//!
+//! Every model is loaded once per process behind its own owner thread (see `engine`); the chunks of a
+//! video and the chunks of concurrent videos share batches on the same sessions.
+//!
+//! - [`chunker`] and [`vad`]: streaming speech detection and chunking in bounded memory.
+//! - [`mel`]: Whisper's exact front end. [`whisper`] and [`decode`]: the model thread and the greedy rules.
+//! - [`asr`]: the orchestration of one audio stream. [`embed`]: the text encoder. [`persist`]: the output.
+
+pub mod asr;
+pub mod chunker;
+pub mod decode;
+pub mod embed;
+pub mod mel;
+pub mod persist;
+pub mod vad;
+pub mod whisper;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use heimdex_shared::config::IndexSettings;
+use heimdex_shared::contract::TaskKind;
+use sqlx::PgPool;
+
+pub use asr::{Transcriber, Transcript};
+pub use persist::{IndexOutput, Segment};
+
+use crate::engine::{InferenceError, WarmupReport};
+use crate::error::TaskError;
+use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
+use chunker::ChunkParams;
+use embed::{EmbedRunner, TextEmbedder};
+use vad::{FRAME, VadRequest, VadRunner, VadState};
+use whisper::{AsrRequest, WhisperRunner};
+
+/// Largest Whisper batch (chunks encoded and decoded together). Beyond 4 rows a 2–8 core CPU gains
+/// little per row, while warm-up (every batch size) and the cross-attention cache (37 MB a row) grow.
+pub const MAX_ASR_BATCH: usize = 4;
+
+/// The loaded index pipeline, shared by every task of the process.
+pub struct IndexPipeline {
+    settings: IndexSettings,
+    transcriber: Transcriber,
+    embedder: TextEmbedder,
+    models: Vec<ModelInfo>,
+    vad_batch: usize,
+}
+
+impl IndexPipeline {
+    /// Loads and verifies every model of the pipeline and starts their owner threads.
+    ///
+    /// # Errors
+    /// A model file is missing or corrupt, or ONNX Runtime cannot load it.
+    pub fn load(ctx: &LoadContext<'_>) -> anyhow::Result<Self> {
+        let s = ctx.settings.index.clone();
+        let max_batch = ctx.settings.engine.max_batch.max(1);
+        let wfile = |f: &str| ctx.models.file(&format!("{}/{f}", s.whisper_dir)).with_context(|| format!("whisper {f}"));
+        let mut models = Vec::new();
+        let mut session = |rel: String, path: std::path::PathBuf| -> anyhow::Result<ort::session::Session> {
+            models.push(ModelInfo { name: rel.clone(), path: path.display().to_string() });
+            ctx.engine.session(&path).with_context(|| format!("loading {rel}"))
+        };
+        let cfg: decode::WhisperConfig = serde_json::from_slice(&std::fs::read(wfile("config.json")?)?).context("whisper config.json")?;
+        let text = tokenizers::Tokenizer::from_file(wfile("tokenizer.json")?)
+            .map_err(|e| anyhow::anyhow!("whisper tokenizer.json: {e}"))?;
+        let mel = mel::LogMel::load(&wfile("mel_filters.f32")?)?;
+        let encoder = session(format!("{}/encoder_model.onnx", s.whisper_dir), wfile("encoder_model.onnx")?)?;
+        let decoder = session(format!("{}/decoder_model.onnx", s.whisper_dir), wfile("decoder_model.onnx")?)?;
+        let with_past = session(format!("{}/decoder_with_past_model.onnx", s.whisper_dir), wfile("decoder_with_past_model.onnx")?)?;
+        let vad_session = session(s.vad_model.clone(), ctx.models.file(&s.vad_model)?)?;
+        let embed_rel = format!("{}/{}", s.embed_dir, s.embed_file);
+        let embed_session = session(embed_rel.clone(), ctx.models.file(&embed_rel)?)?;
+        let embed_tok = ctx.models.file(&format!("{}/tokenizer.json", s.embed_dir))?;
+
+        let asr_batch = max_batch.min(MAX_ASR_BATCH);
+        let cfg = Arc::new(cfg);
+        let asr = ctx.engine.spawn("whisper", WhisperRunner::new((*cfg).clone(), encoder, decoder, with_past), asr_batch);
+        let vad = ctx.engine.spawn("silero-vad", VadRunner::new(vad_session), max_batch);
+        let runner = EmbedRunner::new(embed_session, s.embed_pooling, s.embed_dim)?;
+        let embedder = TextEmbedder::new(&embed_tok, s.embed_max_len, ctx.engine.spawn("text-embed", runner, max_batch))?;
+        let transcriber = Transcriber {
+            cfg,
+            text: Arc::new(text),
+            mel,
+            vad,
+            asr,
+            params: ChunkParams::new(s.vad_threshold, s.max_chunk_s),
+            max_tokens: s.max_decode_tokens,
+            max_duration_s: s.max_duration_s,
+        };
+        Ok(Self { settings: s, transcriber, embedder, models, vad_batch: max_batch })
+    }
+
+    pub fn transcriber(&self) -> &Transcriber {
+        &self.transcriber
+    }
+
+    pub fn embedder(&self) -> &TextEmbedder {
+        &self.embedder
+    }
+
+    /// Transcribes and embeds one media URI (the body of [`Pipeline::process`]).
+    ///
+    /// # Errors
+    /// Permanent for bad audio, retryable for inference failures.
+    pub async fn index(&self, uri: &str, language: Option<&str>, timings: &StageTimings) -> Result<(IndexOutput, Transcript), TaskError> {
+        let t = &self.transcriber;
+        let lang = language.filter(|l| !l.is_empty()).map(|l| t.language_token(l)).transpose()?;
+        let transcript = timings.time("asr", t.transcribe(uri, lang, t.asr.max_batch())).await?;
+        let mut segments = transcript.segments.clone();
+        let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
+        let vectors = timings.time("embed", self.embedder.embed(texts)).await?;
+        for (seg, v) in segments.iter_mut().zip(vectors) {
+            seg.embedding = v;
+        }
+        // The video's language: the one detected on the most speech.
+        let mut by_lang: Vec<(u32, f64)> = Vec::new();
+        for &(l, d) in &transcript.languages {
+            match by_lang.iter_mut().find(|(x, _)| *x == l) {
+                Some((_, total)) => *total += d,
+                None => by_lang.push((l, d)),
+            }
+        }
+        let language = lang
+            .or_else(|| by_lang.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| x.0))
+            .map(|l| t.language_code(l))
+            .unwrap_or_default();
+        let output = IndexOutput {
+            segments,
+            language,
+            audio_s: transcript.stats.audio_s,
+            embedding_model: self.settings.embed_model.clone(),
+        };
+        Ok((output, transcript))
+    }
+
+    async fn warm_asr(&self) -> Result<WarmupReport, InferenceError> {
+        let started = Instant::now();
+        let t = &self.transcriber;
+        let mel = t.mel.compute(&synthetic_audio(10.0));
+        let sizes: Vec<usize> = (1..=t.asr.max_batch()).collect();
+        for &n in &sizes {
+            let req = AsrRequest { mel: mel.clone(), language: None, timestamps: true, kv_cache: true, max_tokens: 4 };
+            t.asr.run_exact(vec![req; n]).await?;
+        }
+        Ok(WarmupReport { model: "whisper".into(), batch_sizes: sizes, duration: started.elapsed() })
+    }
+
+    async fn warm_vad(&self) -> Result<WarmupReport, InferenceError> {
+        let started = Instant::now();
+        let audio = synthetic_audio(64.0 * FRAME as f32 / 16_000.0);
+        let audio = audio[..audio.len() / FRAME * FRAME].to_vec();
+        let sizes = vec![1, self.vad_batch];
+        for &n in &sizes {
+            let reqs = (0..n).map(|_| VadRequest { samples: audio.clone(), state: VadState::default() }).collect();
+            self.transcriber.vad.run_exact(reqs).await?;
+        }
+        Ok(WarmupReport { model: "silero-vad".into(), batch_sizes: sizes, duration: started.elapsed() })
+    }
+
+    async fn warm_embed(&self) -> Result<WarmupReport, InferenceError> {
+        let started = Instant::now();
+        let sizes = vec![1, self.embedder.handle().max_batch()];
+        let sentence = "and mister john dashwood had then leisure to consider how much there might be prudently in his power";
+        for &n in &sizes {
+            let enc = self.embedder.encode(vec![sentence.to_string(); n]).await?;
+            self.embedder.handle().run_exact(enc).await?;
+        }
+        Ok(WarmupReport { model: "text-embed".into(), batch_sizes: sizes, duration: started.elapsed() })
+    }
+}
+
+/// Deterministic speech-like audio for warm-up: harmonics with a moving pitch plus noise.
+fn synthetic_audio(seconds: f32) -> Vec<f32> {
+    let n = (seconds * 16_000.0) as usize;
+    (0..n)
+        .map(|i| {
+            let t = i as f32 / 16_000.0;
+            let f0 = 140.0 + 40.0 * (2.0 * std::f32::consts::PI * 0.7 * t).sin();
+            let noise = (((i as u64).wrapping_mul(2_654_435_761) % 1000) as f32 / 1000.0 - 0.5) * 0.01;
+            (1..=4).map(|h| 0.1 / h as f32 * (2.0 * std::f32::consts::PI * f0 * h as f32 * t).sin()).sum::<f32>() + noise
+        })
+        .collect()
+}
+
+impl Pipeline for IndexPipeline {
+    type Output = IndexOutput;
+
+    fn kind(&self) -> TaskKind {
+        TaskKind::Index
+    }
+
+    fn models(&self) -> Vec<ModelInfo> {
+        self.models.clone()
+    }
+
+    /// The HNSW index for this pipeline's embedding model and dimension (idempotent).
+    async fn prepare_db(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        heimdex_shared::db::ensure_vector_index(pool, "transcript_segments", &self.settings.embed_model, self.settings.embed_dim)
+            .await
+    }
+
+    async fn warm_up(&self) -> Result<Vec<WarmupReport>, TaskError> {
+        Ok(vec![self.warm_vad().await?, self.warm_asr().await?, self.warm_embed().await?])
+    }
+
+    async fn process(&self, input: &TaskInput, timings: &StageTimings) -> Result<IndexOutput, TaskError> {
+        let empty = || IndexOutput {
+            segments: Vec::new(),
+            language: String::new(),
+            audio_s: 0.0,
+            embedding_model: self.settings.embed_model.clone(),
+        };
+        if !input.probe.has_audio {
+            if self.settings.allow_no_audio {
+                return Ok(empty());
+            }
+            return Err(TaskError::permanent(format!(
+                "{} has no audio track (set index.allow_no_audio to index such videos with an empty transcript)",
+                input.media
+            )));
+        }
+        if let Some(d) = input.probe.duration_s.filter(|&d| d > self.settings.max_duration_s) {
+            return Err(TaskError::permanent(format!(
+                "{} is {d:.0} s long, over the limit of {:.0} s (index.max_duration_s)",
+                input.media, self.settings.max_duration_s
+            )));
+        }
+        let language = input.options.language.as_deref().or(Some(self.settings.language.as_str()));
+        let (output, _) = match self.index(&input.media, language, timings).await {
+            Err(TaskError::Permanent(m)) if m.contains("has no audio track") && self.settings.allow_no_audio => return Ok(empty()),
+            other => other?,
+        };
+        // ffmpeg exits 0 on a file cut short; the container still claims the full length.
+        if let Some(d) = input.probe.duration_s.filter(|&d| output.audio_s < 0.9 * d - 2.0) {
+            return Err(TaskError::permanent(format!(
+                "{}: audio ends at {:.1} s but the container says {d:.1} s (truncated or corrupt file)",
+                input.media, output.audio_s
+            )));
+        }
+        Ok(output)
+    }
+}

@@ -1,0 +1,93 @@
+//! The index task's output and how it replaces earlier results: one DELETE and one bulk
+//! `INSERT ... SELECT FROM UNNEST(...)` inside the runtime's transaction, so a redelivered task leaves
+//! exactly one set of rows.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::pipeline::Persist;
+
+/// One transcript segment with absolute times and its text embedding.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Segment {
+    pub start_s: f64,
+    pub end_s: f64,
+    pub text: String,
+    /// Mean probability of the segment's tokens.
+    pub confidence: f32,
+    /// Unit-length text embedding (empty until embedded).
+    pub embedding: Vec<f32>,
+}
+
+/// Everything the index task produced for one video.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IndexOutput {
+    pub segments: Vec<Segment>,
+    /// ISO code of the spoken language (`en`), or empty when there was no speech to tell.
+    pub language: String,
+    /// Decoded audio length, seconds (0 without an audio track).
+    pub audio_s: f64,
+    /// Name of the model that produced the embeddings (keeps embedding spaces apart).
+    pub embedding_model: String,
+}
+
+impl IndexOutput {
+    /// Words in the transcript.
+    pub fn words(&self) -> usize {
+        self.segments.iter().map(|s| s.text.split_whitespace().count()).sum()
+    }
+
+    /// The transcript as one string.
+    pub fn text(&self) -> String {
+        self.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ")
+    }
+}
+
+impl Persist for IndexOutput {
+    async fn write(&self, conn: &mut PgConnection, video_id: Uuid) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM transcript_segments WHERE video_id = $1").bind(video_id).execute(&mut *conn).await?;
+        if self.segments.is_empty() {
+            return Ok(());
+        }
+        let n = self.segments.len();
+        let idx: Vec<i32> = (0..n).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+        let starts: Vec<f64> = self.segments.iter().map(|s| s.start_s).collect();
+        let ends: Vec<f64> = self.segments.iter().map(|s| s.end_s).collect();
+        let texts: Vec<String> = self.segments.iter().map(|s| s.text.clone()).collect();
+        let conf: Vec<f32> = self.segments.iter().map(|s| s.confidence).collect();
+        let vectors: Vec<Option<String>> = self
+            .segments
+            .iter()
+            .map(|s| (!s.embedding.is_empty()).then(|| heimdex_shared::db::vector_literal(&s.embedding)))
+            .collect();
+        let language = (!self.language.is_empty()).then_some(self.language.as_str());
+        sqlx::query(
+            "INSERT INTO transcript_segments \
+               (video_id, idx, start_s, end_s, text, language, confidence, embedding, embedding_model) \
+             SELECT $1, u.idx, u.start_s, u.end_s, u.text, $2, u.confidence, u.embedding::vector, $3 \
+             FROM UNNEST($4::int4[], $5::float8[], $6::float8[], $7::text[], $8::float4[], $9::text[]) \
+               AS u(idx, start_s, end_s, text, confidence, embedding)",
+        )
+        .bind(video_id)
+        .bind(language)
+        .bind(&self.embedding_model)
+        .bind(idx)
+        .bind(starts)
+        .bind(ends)
+        .bind(texts)
+        .bind(conf)
+        .bind(vectors)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "segments": self.segments.len(),
+            "language": self.language,
+            "words": self.words(),
+            "audio_s": (self.audio_s * 100.0).round() / 100.0,
+        })
+    }
+}

@@ -1,0 +1,84 @@
+//! Whisper through the real pipeline: exact tokens against the bundle's fixture, KV cache against no
+//! cache, WER on the speech clips and the sample video, segment timing.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed assertion
+
+mod common;
+
+use common::*;
+use heimdex_worker::media::audio::decode_all;
+use heimdex_worker::pipeline::StageTimings;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_tokens_match_fixture_and_kv_cache_matches_no_cache() {
+    let p = load(&settings());
+    let t = p.transcriber();
+    let fixture = json("speech/whisper_base_greedy.json");
+    let prompt: Vec<u64> = fixture["prompt"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let sp = &t.cfg.special_tokens;
+    assert_eq!(prompt, vec![u64::from(sp.sot), u64::from(t.language_token("en").unwrap()), u64::from(sp.transcribe), u64::from(sp.notimestamps)]);
+    let clips = fixture["clips"].as_object().unwrap();
+    assert_eq!(clips.len(), 8);
+    let en = t.language_token("en").unwrap();
+    let mut audio = Vec::new();
+    for (name, want) in clips {
+        let pcm = decode_all(&media(&format!("speech/{name}")), 60.0).await.unwrap();
+        let ids: Vec<u32> = want["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        // One window at a time (batch 1), KV cache: the exact tokens of the fixture.
+        let got = t.decode_window(pcm.clone(), Some(en), false, true).await.unwrap();
+        assert_eq!(got.tokens, ids, "{name}");
+        assert_eq!(t.decode_text(&got.tokens), want["text"].as_str().unwrap(), "{name}");
+        audio.push((name.clone(), pcm, ids));
+    }
+    // All clips at once: batched KV-cache decoding and batched no-cache decoding give the same tokens.
+    let batched = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false, true)))
+        .await
+        .unwrap();
+    let nocache = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false, false)))
+        .await
+        .unwrap();
+    for (((name, _, ids), b), n) in audio.iter().zip(&batched).zip(&nocache) {
+        assert_eq!(&b.tokens, ids, "{name}: batched KV cache");
+        assert_eq!(&n.tokens, ids, "{name}: no KV cache");
+    }
+    assert!(t.asr.batch_histogram().iter().skip(2).any(|&c| c > 0), "chunks were never batched: {:?}", t.asr.batch_histogram());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_clips_and_sample_video_transcribe_within_wer_bounds() {
+    let p = load(&settings());
+    let (mut errors, mut words) = (0, 0);
+    for (file, reference) in transcripts() {
+        let (out, _) = p.index(&media(&format!("speech/{file}")), None, &StageTimings::default()).await.unwrap();
+        assert_eq!(out.language, "en", "{file}: detected language");
+        let (e, n) = word_errors(&reference, &out.text());
+        eprintln!("{file}: {e}/{n} | {}", out.text());
+        errors += e;
+        words += n;
+    }
+    let wer = errors as f64 / words as f64;
+    assert!(wer <= 0.05, "WER over the speech clips {wer:.3} > 5 %");
+
+    let sample = json("video/sample.json");
+    let timings = StageTimings::default();
+    let (out, transcript) = p.index(&media("video/sample.mp4"), None, &timings).await.unwrap();
+    let (e, n) = word_errors(sample["transcript"].as_str().unwrap(), &out.text());
+    assert!((e as f64 / n as f64) <= 0.10, "sample.mp4 WER {e}/{n}: {}", out.text());
+    assert!((out.audio_s - 25.0).abs() < 0.1, "{}", out.audio_s);
+    assert_eq!(out.language, "en");
+    let segs = &out.segments;
+    assert!(segs.len() >= 2, "{segs:?}");
+    for pair in segs.windows(2) {
+        assert!(pair[1].start_s >= pair[0].start_s && pair[1].start_s >= pair[0].end_s - 0.01, "{pair:?}");
+    }
+    for s in segs {
+        assert!(s.start_s >= 0.0 && s.end_s <= out.audio_s + 0.01 && s.end_s >= s.start_s, "{s:?}");
+        assert!(s.confidence > 0.0 && s.confidence <= 1.0);
+        assert_eq!(s.embedding.len(), 384);
+    }
+    let speech_start = sample["speech_segments"][0]["start_s"].as_f64().unwrap();
+    assert!((segs[0].start_s - speech_start).abs() <= 1.0, "first segment at {} s", segs[0].start_s);
+    assert!(segs.last().unwrap().end_s >= sample["speech_end_s"].as_f64().unwrap() - 2.0);
+    assert!(transcript.stats.chunks >= 1 && transcript.peak_buffer <= 31 * 16_000, "{:?}", transcript.stats);
+    let stages = timings.to_json();
+    assert!(stages["asr"].as_f64().unwrap() > 0.0 && stages["embed"].as_f64().is_some(), "{stages}");
+}

@@ -1,0 +1,122 @@
+//! Bad and unusual audio through the real pipeline: every case ends in a clear outcome (a permanent
+//! error with a readable reason, or an empty transcript), never a panic; and a three-hour file is
+//! chunked in bounded memory.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed assertion
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use heimdex_shared::TaskKind;
+use heimdex_shared::contract::TaskOptions;
+use heimdex_worker::TaskError;
+use heimdex_worker::index::IndexPipeline;
+use heimdex_worker::pipeline::{Pipeline, StageTimings, TaskInput};
+use uuid::Uuid;
+
+#[track_caller]
+fn ffmpeg(args: &[&str]) {
+    let out = Command::new("ffmpeg").args(["-nostdin", "-v", "error", "-y"]).args(args).output().expect("ffmpeg");
+    assert!(out.status.success(), "ffmpeg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+async fn task(p: &IndexPipeline, uri: &str) -> Result<heimdex_worker::index::IndexOutput, TaskError> {
+    let probe = heimdex_shared::media::probe(uri).await.expect("ffprobe");
+    let input = TaskInput {
+        job_id: Uuid::new_v4(),
+        video_id: Uuid::new_v4(),
+        kind: TaskKind::Index,
+        media: uri.to_string(),
+        probe,
+        options: TaskOptions::default(),
+        attempt: 1,
+    };
+    p.process(&input, &StageTimings::default()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_audio_gives_clear_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |f: &str| dir.path().join(f).display().to_string();
+    let p = load(&settings());
+
+    // No audio track: a permanent error that says so.
+    match task(&p, &media("video/silent.mp4")).await {
+        Err(TaskError::Permanent(m)) => assert!(m.contains("has no audio track"), "{m}"),
+        other => panic!("silent.mp4: {other:?}"),
+    }
+    // Silence only: an empty transcript.
+    ffmpeg(&["-f", "lavfi", "-i", "anullsrc=r=44100:cl=stereo", "-t", "6", &path("silence.wav")]);
+    let out = task(&p, &path("silence.wav")).await.unwrap();
+    assert!(out.segments.is_empty(), "{:?}", out.segments);
+    assert!((out.audio_s - 6.0).abs() < 0.05);
+    // Quiet noise: no speech either.
+    ffmpeg(&["-f", "lavfi", "-i", "anoisesrc=r=16000:a=0.002:seed=7", "-t", "5", &path("noise.wav")]);
+    assert!(task(&p, &path("noise.wav")).await.unwrap().segments.is_empty());
+    // 0.1 s of speech: too short to hold a word; no panic, no segment.
+    ffmpeg(&["-i", &media("speech/goforward.wav"), "-ss", "0.6", "-t", "0.1", &path("short.wav")]);
+    let out = task(&p, &path("short.wav")).await.unwrap();
+    assert!(out.audio_s < 0.11 && out.segments.len() <= 1, "{out:?}");
+    // Corrupt stream: ffprobe already refuses it (the runtime's check); the pipeline itself names ffmpeg's reason.
+    assert!(heimdex_shared::media::probe(&media("video/corrupt.mp4")).await.is_err());
+    match p.index(&media("video/corrupt.mp4"), None, &StageTimings::default()).await {
+        Err(TaskError::Permanent(m)) => assert!(m.contains("moov atom not found") || m.contains("Invalid data"), "{m}"),
+        other => panic!("corrupt.mp4: {:?}", other.map(|o| o.0)),
+    }
+    // A file cut in half: ffmpeg exits 0 with half the audio; the container's length gives it away.
+    match task(&p, &media("video/truncated.mp4")).await {
+        Err(TaskError::Permanent(m)) => assert!(m.contains("truncated"), "{m}"),
+        other => panic!("truncated.mp4: {other:?}"),
+    }
+    // A WAV whose data was cut mid-sample: ffmpeg (-xerror) reports the corrupt packet.
+    let wav = std::fs::read(bundle().join("media/speech/goforward.wav")).unwrap();
+    std::fs::write(path("cut.wav"), &wav[..wav.len() / 2 + 1]).unwrap();
+    match p.index(&path("cut.wav"), Some("en"), &StageTimings::default()).await {
+        Err(TaskError::Permanent(m)) => assert!(m.contains("cannot decode the audio") && m.contains("corrupt"), "{m}"),
+        other => panic!("cut.wav: {:?}", other.map(|o| o.0)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_audio_is_an_empty_transcript_when_allowed() {
+    let mut s = settings();
+    s.index.allow_no_audio = true;
+    let p = load(&s);
+    let out = task(&p, &media("video/silent.mp4")).await.unwrap();
+    assert!(out.segments.is_empty() && out.audio_s == 0.0);
+    assert_eq!(heimdex_worker::pipeline::Persist::summary(&out)["segments"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hour_file_streams_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("long.flac").display().to_string();
+    // 90 min of silence, 3 s of speech, 90 min of silence.
+    ffmpeg(&[
+        "-f", "lavfi", "-t", "5400", "-i", "anullsrc=r=16000:cl=mono",
+        "-i", &media("speech/goforward.wav"),
+        "-f", "lavfi", "-t", "5400", "-i", "anullsrc=r=16000:cl=mono",
+        "-filter_complex", "[0][1][2]concat=n=3:v=0:a=1", "-c:a", "flac", &long,
+    ]);
+    let mut s = settings();
+    s.index.language = "en".into();
+    let p = load(&s);
+    let en = p.transcriber().language_token("en").ok();
+    let t = p.transcriber().transcribe(&long, en, 4).await.unwrap();
+    assert!((t.stats.audio_s - 10_802.8).abs() < 1.0, "{:?}", t.stats);
+    // The chunker never held more than one chunk (30 s) plus its pre-roll, of 3 hours.
+    assert!(t.peak_buffer <= 31 * 16_000, "peak buffer {} samples", t.peak_buffer);
+    assert_eq!(t.stats.chunks, 1);
+    let text: Vec<_> = t.segments.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(word_errors("go forward ten meters", &text.join(" ")).0, 0, "{text:?}");
+    assert!((t.segments[0].start_s - 5400.0).abs() < 1.0, "{:?}", t.segments[0]);
+    // Over the configured limit: a permanent error, found while streaming.
+    let mut s = settings();
+    s.index.max_duration_s = 600.0;
+    let p = load(&s);
+    match p.index(&long, Some("en"), &StageTimings::default()).await {
+        Err(TaskError::Permanent(m)) => assert!(m.contains("longer than the limit"), "{m}"),
+        other => panic!("{:?}", other.map(|o| o.0)),
+    }
+}

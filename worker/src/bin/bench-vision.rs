@@ -278,15 +278,20 @@ async fn main() -> Result<()> {
     let histogram = vision.image_model().batch_histogram();
     let batch = settings.engine.max_batch;
     let iters = 30;
-    let rust: Vec<Value> = {
-        let mut v = Vec::new();
-        for _ in 0..runs {
-            v.push(rust_inference(&vision, &engine, &settings, batch, iters).await?);
+    // Rust and Python alternate run by run, so that both see the same machine load.
+    let (mut rust, mut py_runs) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        rust.push(rust_inference(&vision, &engine, &settings, batch, iters).await?);
+        py_runs.push(python_inference(&args.python, &settings, batch, iters, 1)?);
+    }
+    let python = {
+        let mut m = serde_json::Map::new();
+        for key in ["yunet_b1".to_string(), "siglip_b1".to_string(), format!("siglip_b{batch}")] {
+            m.insert(key.clone(), json!(median(py_runs.iter().filter_map(|v| v[&key].as_f64()).collect())));
         }
-        v
+        m.insert("onnxruntime".into(), py_runs[0]["onnxruntime"].clone());
+        Value::Object(m)
     };
-    let python = python_inference(&args.python, &settings, batch, iters, runs)?;
-
     let lat = |k: &str| field_median(&latency, k);
     let (r1, r8) = (field_median(&rss1, "peak_rss_mib"), field_median(&rss8, "peak_rss_mib"));
     let mut inference = serde_json::Map::new();

@@ -82,7 +82,7 @@ impl Engine {
     /// The file is not a model ONNX Runtime can load.
     pub fn session(&self, path: &Path) -> Result<Session, InferenceError> {
         let session = Session::builder(&self.env)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_optimization_level(GraphOptimizationLevel::All)?
             .with_intra_threads(self.settings.threads())?
             .with_intra_op_spinning(self.settings.allow_spinning)?
             .commit_from_file(path)

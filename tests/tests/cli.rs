@@ -61,11 +61,13 @@ async fn enqueue_wait_reports_outcomes_and_dlq_replay_reprocesses() {
     assert_eq!(code, 0);
     assert!(out.contains("already succeeded"), "{out}");
 
+    // The job row is written before the message moves to the DLQ.
+    let dlq = env.topology().dlq(TaskKind::Index);
+    wait_for("the dead letter", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let (code, out, _) = env.cli(&["dlq", "list"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("index") && out.contains("no audio") && out.contains("1 dead letter"), "{out}");
     // Listing does not consume.
-    let dlq = env.topology().dlq(TaskKind::Index);
     wait_for("the listed letter back in its queue", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
 
     // Replay: the job is queued again and fails again, for the same reason, back in the DLQ.

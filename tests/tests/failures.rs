@@ -213,7 +213,9 @@ async fn a_panicking_task_is_retried_with_backoff_then_dead_lettered() {
     let row = env.wait_job(job, "dead", TASK).await;
     assert_eq!(row.attempts, 3, "max_attempts deliveries");
     assert!(row.last_error.as_deref().unwrap_or("").contains("panicked"), "{row:?}");
-    let letters = drain_dlq(&env, &env.topology().dlq(TaskKind::Vision)).await;
+    let dlq = env.topology().dlq(TaskKind::Vision);
+    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    let letters = drain_dlq(&env, &dlq).await;
     assert_eq!(letters.len(), 1);
     assert!(letters[0].1.contains("gave up after 3 attempts"), "{letters:?}");
     assert_eq!(env.worker_status("buggy").await.unwrap().state, WorkerState::Warm, "the worker survives the panic");

@@ -38,15 +38,25 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// pgvector's text form of a vector: `[0.1,0.2,...]`; bind it as text and cast with `::vector`.
 pub fn vector_literal(values: &[f32]) -> String {
+    float_list(values, '[', ']')
+}
+
+/// PostgreSQL's text form of a `real[]`: `{0.1,0.2,...}`; bind it as text and cast with `::real[]`
+/// (inside UNNEST of a `text[]`, where arrays of arrays cannot be bound directly).
+pub fn array_literal(values: &[f32]) -> String {
+    float_list(values, '{', '}')
+}
+
+fn float_list(values: &[f32], open: char, close: char) -> String {
     let mut out = String::with_capacity(values.len() * 10 + 2);
-    out.push('[');
+    out.push(open);
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         let _ = write!(out, "{v}");
     }
-    out.push(']');
+    out.push(close);
     out
 }
 
@@ -79,5 +89,6 @@ mod tests {
     fn vector_literals() {
         assert_eq!(vector_literal(&[1.0, -0.5, 0.25]), "[1,-0.5,0.25]");
         assert_eq!(vector_literal(&[]), "[]");
+        assert_eq!(array_literal(&[1.0, 2.5]), "{1,2.5}");
     }
 }

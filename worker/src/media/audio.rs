@@ -7,7 +7,7 @@
 
 use std::process::Stdio;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdout, Command};
 
 use crate::error::TaskError;
@@ -15,8 +15,6 @@ use crate::error::TaskError;
 /// Whisper's and Silero's sample rate.
 pub const SAMPLE_RATE: u32 = 16_000;
 
-/// Most stderr bytes kept from ffmpeg (its last lines carry the reason of a failure).
-const STDERR_KEEP: usize = 8 * 1024;
 
 /// Why audio could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +49,7 @@ pub struct PcmStream {
     uri: String,
     child: Child,
     stdout: ChildStdout,
-    stderr: tokio::task::JoinHandle<String>,
+    stderr: tokio::task::JoinHandle<std::collections::VecDeque<String>>,
     /// Bytes of a sample split across two reads.
     carry: Vec<u8>,
     raw: Vec<u8>,
@@ -79,7 +77,7 @@ impl PcmStream {
             .map_err(|e| AudioError::Tool(e.to_string()))?;
         let stdout = child.stdout.take().ok_or_else(|| AudioError::Tool("no stdout pipe".into()))?;
         let stderr = child.stderr.take().ok_or_else(|| AudioError::Tool("no stderr pipe".into()))?;
-        let stderr = tokio::spawn(read_tail(stderr));
+        let stderr = tokio::spawn(super::stderr_tail(stderr));
         let max_samples = (max_duration_s.max(0.0) * f64::from(SAMPLE_RATE)).ceil() as u64;
         Ok(Self {
             uri: uri.to_string(),
@@ -133,33 +131,12 @@ impl PcmStream {
         if status.success() {
             return Ok(());
         }
-        if stderr.contains("matches no streams") {
+        if stderr.iter().any(|l| l.contains("matches no streams")) {
             return Err(AudioError::NoAudio { uri: self.uri.clone() });
         }
-        let reason = stderr
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .map_or_else(|| format!("ffmpeg exited with {status}"), str::to_string);
+        let reason = stderr.back().cloned().unwrap_or_else(|| format!("ffmpeg exited with {status}"));
         Err(AudioError::Corrupt { uri: self.uri.clone(), reason })
     }
-}
-
-/// Reads a pipe to its end, keeping only the last [`STDERR_KEEP`] bytes.
-async fn read_tail(mut pipe: impl AsyncRead + Unpin) -> String {
-    let mut kept = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = pipe.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        kept.extend_from_slice(&buf[..n]);
-        if kept.len() > STDERR_KEEP {
-            kept.drain(..kept.len() - STDERR_KEEP);
-        }
-    }
-    String::from_utf8_lossy(&kept).into_owned()
 }
 
 /// Decodes a whole (short) file into memory: for tests, warm-up and the benchmark, never for tasks.

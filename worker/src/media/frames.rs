@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use heimdex_shared::media::Probe;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdout};
 use tokio::task::JoinHandle;
 
@@ -34,8 +34,6 @@ pub const DEFAULT_WORK_SIDE: u32 = 640;
 pub const MIN_SIDE: u32 = 16;
 /// Highest accepted sampling rate (frames per second).
 pub const MAX_RATE: f32 = 60.0;
-/// How many lines of ffmpeg's stderr are kept for error messages.
-const STDERR_LINES: usize = 8;
 
 /// Why frames could not be read. Every variant but [`FrameError::Tool`] is about the input, so the
 /// vision pipeline turns them into permanent task errors.
@@ -193,7 +191,7 @@ impl FrameStream {
             .spawn()
             .map_err(|e| FrameError::Tool(e.to_string()))?;
         let stdout = child.stdout.take().ok_or_else(|| FrameError::Tool("no stdout pipe".into()))?;
-        let stderr = child.stderr.take().map(|err| tokio::spawn(tail_lines(err)));
+        let stderr = child.stderr.take().map(|err| tokio::spawn(super::stderr_tail(err)));
         Ok(Self {
             child,
             stdout,
@@ -271,23 +269,6 @@ impl FrameStream {
     fn corrupt(&self, reason: String) -> FrameError {
         FrameError::Corrupt { frames: self.next_index, reason }
     }
-}
-
-/// Keeps the last [`STDERR_LINES`] lines of a child's stderr (bounded, whatever ffmpeg prints).
-async fn tail_lines(stderr: tokio::process::ChildStderr) -> VecDeque<String> {
-    let mut lines = BufReader::new(stderr).lines();
-    let mut tail = VecDeque::with_capacity(STDERR_LINES);
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line = line.trim().to_string();
-        if line.is_empty() {
-            continue;
-        }
-        if tail.len() == STDERR_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-    tail
 }
 
 /// Decodes the first frame of a still image (or video) at working size, e.g. a photo for tests.

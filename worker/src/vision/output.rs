@@ -5,7 +5,6 @@
 //! sqlx); landmarks travel as `real[]` text literals, because UNNEST of a two-dimensional array would
 //! flatten it.
 
-use std::fmt::Write as _;
 
 use heimdex_shared::db::vector_literal;
 use uuid::Uuid;
@@ -39,18 +38,6 @@ pub struct VisionOutput {
     pub frames: Vec<FrameRow>,
     pub scenes: Vec<Scene>,
     pub faces: Vec<FaceRow>,
-}
-
-fn landmarks_literal(l: &[f32; 10]) -> String {
-    let mut out = String::from("{");
-    for (i, v) in l.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{v}");
-    }
-    out.push('}');
-    out
 }
 
 fn to_i32(v: u32) -> i32 {
@@ -110,7 +97,7 @@ impl Persist for VisionOutput {
         let frame: Vec<i32> = self.faces.iter().map(|f| to_i32(f.frame)).collect();
         let ts: Vec<f64> = self.faces.iter().map(|f| f.ts).collect();
         let col = |g: fn(&Face) -> f32| -> Vec<f32> { self.faces.iter().map(|f| g(&f.face)).collect() };
-        let landmarks: Vec<String> = self.faces.iter().map(|f| landmarks_literal(&f.face.landmarks)).collect();
+        let landmarks: Vec<String> = self.faces.iter().map(|f| heimdex_shared::db::array_literal(&f.face.landmarks)).collect();
         sqlx::query(
             "INSERT INTO faces (video_id, frame_idx, face_idx, ts_s, x, y, w, h, landmarks, score) \
              SELECT $1, u.frame, u.face, u.ts, u.x, u.y, u.w, u.h, u.l::real[], u.score \
@@ -134,16 +121,5 @@ impl Persist for VisionOutput {
 
     fn summary(&self) -> serde_json::Value {
         serde_json::json!({ "frames": self.frames.len(), "scenes": self.scenes.len(), "faces": self.faces.len() })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn landmark_literals_are_postgres_arrays() {
-        let l = [1.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0];
-        assert_eq!(landmarks_literal(&l), "{1,2.5,3,4,5,6,7,8,9,10}");
     }
 }

@@ -8,6 +8,7 @@
 //! - [`media`]: ffmpeg decoding (audio samples, video frames), streamed.
 //! - [`vision`] and [`index`]: the two pipelines.
 
+pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod error;

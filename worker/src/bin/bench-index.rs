@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use heimdex_worker::bench::{median, ms, peak_rss_mib};
 use heimdex_shared::Settings;
 use heimdex_worker::engine::Engine;
 use heimdex_worker::engine::registry::ModelRegistry;
@@ -57,25 +58,8 @@ impl Drop for TempDir {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        n => v[n / 2],
-    }
-}
 
-fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
-}
 
-fn vm_hwm_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 fn load(settings: &Settings, engine: &Engine) -> Result<IndexPipeline> {
     let models = ModelRegistry::open(&settings.models).expect("model directory");
@@ -117,7 +101,7 @@ fn long_audio(dir: &Path, speech: &Path, seconds: f64) -> Result<PathBuf> {
 async fn rss_child(concurrency: usize, settings: &Settings, engine: &Engine, sample: &str) -> Result<Value> {
     let p = load(settings, engine)?;
     p.warm_up().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let after_warm = vm_hwm_mb();
+    let after_warm = peak_rss_mib();
     for _ in 0..3 {
         let timings: Vec<StageTimings> = (0..concurrency).map(|_| StageTimings::default()).collect();
         let tasks = timings.iter().map(|t| p.index(sample, None, t));
@@ -125,7 +109,7 @@ async fn rss_child(concurrency: usize, settings: &Settings, engine: &Engine, sam
             r.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    Ok(json!({"concurrency": concurrency, "vm_hwm_mb": vm_hwm_mb(), "vm_hwm_after_warmup_mb": after_warm}))
+    Ok(json!({"concurrency": concurrency, "vm_hwm_mb": peak_rss_mib(), "vm_hwm_after_warmup_mb": after_warm}))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 """Side-by-side reference for bench-index: the same ONNX files through onnxruntime's Python API with the
-same intra-op threads, spinning setting and batch, timing only `session.run` (median of N runs).
+same intra-op threads, spinning setting, batch and inputs, timing only `session.run` (median of N runs
+after one warm-up run). The Rust side is `bench-index --ort-child SPEC.json`.
 
-usage: ort_python.py SPEC.json   (written by bench-index; prints one JSON object)
+usage: ort_index.py SPEC.json   (written by bench-index; prints one JSON object)
 """
 import json
 import sys

@@ -1,8 +1,9 @@
 //! Benchmark of the index pipeline on the real models and media (`cargo run -p heimdex-worker --bin
-//! bench-index -- --out bench-results/index.json`): cold start, first task against steady state,
-//! real-time factors, parallel against sequential chunks, KV cache, embedding throughput, peak RSS at
-//! two concurrencies (each in a fresh child process), and the same encoder/embedding runs through
-//! onnxruntime's Python API side by side. Prints a table and writes JSON.
+//! bench-index -- --out bench-results/index.json`): cold start and first task against steady state
+//! (medians over fresh processes), real-time factors, parallel against sequential chunks, KV cache,
+//! embedding throughput, peak RSS at two concurrencies (each in a fresh process), and the encoder and
+//! embedding model through Rust and onnxruntime's Python API side by side (fresh processes, alternating
+//! rounds). Prints a table and writes JSON.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,7 +20,7 @@ use heimdex_worker::index::IndexPipeline;
 use heimdex_worker::media::audio::decode_all;
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::{LoadContext, Pipeline, StageTimings};
-use ort::value::Tensor;
+use ort::value::TensorRef;
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -33,6 +34,21 @@ struct Args {
     /// Repetitions behind each median.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Fresh processes behind the cold-start and first-task figures.
+    #[arg(long, default_value_t = 3)]
+    processes: usize,
+    /// Rounds of the Rust/Python ORT comparison, alternating which side runs first.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Python interpreter with onnxruntime, for the side-by-side comparison.
+    #[arg(long, env = "HEIMDEX_PYTHON", default_value = ".deps/venv/bin/python")]
+    python: PathBuf,
+    /// Internal: time the Rust side of the ORT comparison in this fresh process and print JSON.
+    #[arg(long, hide = true)]
+    ort_child: Option<PathBuf>,
+    /// Internal: time cold start, the first task and the next ten in this fresh process; print JSON.
+    #[arg(long, hide = true)]
+    cold_child: bool,
     /// Internal: measure peak RSS with this many concurrent tasks and print it.
     #[arg(long, hide = true)]
     rss_child: Option<usize>,
@@ -112,6 +128,29 @@ async fn rss_child(concurrency: usize, settings: &Settings, engine: &Engine, sam
     Ok(json!({"concurrency": concurrency, "vm_hwm_mb": peak_rss_mib(), "vm_hwm_after_warmup_mb": after_warm}))
 }
 
+/// One fresh process: load and warm the pipeline, then the first task and the median of the next ten
+/// on the sample video.
+async fn cold_child(settings: &Settings, engine: &Engine, sample: &str) -> Result<Value> {
+    let t = Instant::now();
+    let p = load(settings, engine)?;
+    let load_ms = ms(t);
+    let t = Instant::now();
+    let reports = p.warm_up().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let warmup_ms = ms(t);
+    let mut task_ms = Vec::new();
+    let mut audio_s = 0.0;
+    for _ in 0..11 {
+        let t = Instant::now();
+        let (out, _) = p.index(sample, None, &StageTimings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        task_ms.push(ms(t));
+        audio_s = out.audio_s;
+    }
+    let steady = median(task_ms[1..].to_vec());
+    Ok(json!({"load_ms": load_ms, "warmup_ms": warmup_ms, "first_ms": task_ms[0], "steady_median_ms": steady,
+        "ratio": task_ms[0] / steady, "audio_s": audio_s,
+        "warmup": reports.iter().map(|r| json!({"model": r.model, "batches": r.batch_sizes, "ms": r.duration.as_secs_f64() * 1000.0})).collect::<Vec<_>>()}))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -119,36 +158,37 @@ async fn main() -> Result<()> {
     let bundle = settings.models.dir.clone();
     let sample = bundle.join("media/video/sample.mp4").display().to_string();
     let engine = Engine::new(settings.engine.clone(), Arc::new(Metrics::new()))?;
+    if let Some(spec) = &args.ort_child {
+        println!("{}", ort_child(&engine, &serde_json::from_slice(&std::fs::read(spec)?)?)?);
+        return Ok(());
+    }
+    if args.cold_child {
+        println!("{}", cold_child(&settings, &engine, &sample).await?);
+        return Ok(());
+    }
     if let Some(n) = args.rss_child {
         println!("{}", rss_child(n, &settings, &engine, &sample).await?);
         return Ok(());
     }
     let mut results = serde_json::Map::new();
     let threads = settings.engine.threads();
-    results.insert("machine".into(), json!({"cores": std::thread::available_parallelism().map_or(1, usize::from), "intra_threads": threads, "max_batch": settings.engine.max_batch}));
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    results.insert("machine".into(), json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch}));
 
-    // Cold start to warm.
-    let t = Instant::now();
-    let p = load(&settings, &engine)?;
-    let load_ms = ms(t);
-    let t = Instant::now();
-    let reports = p.warm_up().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let warm_ms = ms(t);
-    results.insert("cold_start".into(), json!({"load_ms": load_ms, "warmup_ms": warm_ms, "total_ms": load_ms + warm_ms,
-        "warmup": reports.iter().map(|r| json!({"model": r.model, "batches": r.batch_sizes, "ms": r.duration.as_secs_f64() * 1000.0})).collect::<Vec<_>>()}));
-
-    // First task against the median of the next ten, and the real-time factor on the sample video.
-    let mut task_ms = Vec::new();
-    let mut audio_s = 0.0;
-    for _ in 0..11 {
-        let t = Instant::now();
-        let (out, _) = p.index(&sample, None, &StageTimings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        task_ms.push(ms(t));
-        audio_s = out.audio_s;
-    }
-    let steady = median(task_ms[1..].to_vec());
-    results.insert("first_task".into(), json!({"first_ms": task_ms[0], "steady_median_ms": steady, "ratio": task_ms[0] / steady, "target_ratio": 1.15}));
+    // Cold start, first task and steady state: each sample a fresh process, so that a one-off stall
+    // on this noisy host does not decide the first-task ratio.
+    let exe = std::env::current_exe()?;
+    let cold: Vec<Value> = (0..args.processes.max(1)).map(|_| child_json(Command::new(&exe).arg("--cold-child"))).collect::<Result<_>>()?;
+    let pick = |k: &str| median(cold.iter().filter_map(|c| c[k].as_f64()).collect());
+    let steady = pick("steady_median_ms");
+    let audio_s = pick("audio_s");
+    results.insert("cold_start".into(), json!({"load_ms": pick("load_ms"), "warmup_ms": pick("warmup_ms"),
+        "total_ms": pick("load_ms") + pick("warmup_ms"), "warmup": cold[0]["warmup"], "processes": cold.len()}));
+    results.insert("first_task".into(), json!({"first_ms": pick("first_ms"), "steady_median_ms": steady, "ratio": pick("ratio"),
+        "target_ratio": 1.15, "processes": cold.len(), "runs": cold}));
     results.insert("rtf_sample".into(), json!({"audio_s": audio_s, "median_ms": steady, "rtf": steady / 1000.0 / audio_s}));
+    let p = load(&settings, &engine)?;
+    p.warm_up().await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // Long audio: real-time factor, then parallel (batched) against sequential chunks.
     let dir = TempDir::new()?;
@@ -163,15 +203,19 @@ async fn main() -> Result<()> {
     let n = chunks.len().min(2 * tr.asr.max_batch());
     let chunks = chunks[..n].to_vec();
     let en = tr.language_token("en").ok();
-    let t = Instant::now();
-    tr.transcribe_chunks(chunks.clone(), en, false).await?;
-    let seq_ms = ms(t);
-    let t = Instant::now();
-    tr.transcribe_chunks(chunks, en, true).await?;
-    let par_ms = ms(t);
-    let speedup = seq_ms / par_ms;
+    let (mut seq, mut par) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs.clamp(1, 3) {
+        let t = Instant::now();
+        tr.transcribe_chunks(chunks.clone(), en, false).await?;
+        seq.push(ms(t));
+        let t = Instant::now();
+        tr.transcribe_chunks(chunks.clone(), en, true).await?;
+        par.push(ms(t));
+    }
+    let speedup = median(seq.iter().zip(&par).map(|(s, p)| s / p).collect());
+    let (seq_ms, par_ms) = (median(seq), median(par));
     results.insert("parallel_chunks".into(), json!({"chunks": n, "sequential_ms": seq_ms, "parallel_ms": par_ms, "speedup": speedup,
-        "efficiency_vs_batch": speedup / tr.asr.max_batch().min(n) as f64, "asr_batch_histogram": tr.asr.batch_histogram()}));
+        "cores": cores, "parallel_efficiency": speedup / cores as f64, "runs": args.runs.clamp(1, 3), "asr_batch_histogram": tr.asr.batch_histogram()}));
 
     // Decoder tokens/s with and without the KV cache (one clip, one window, batch 1; the token loop
     // only, timed by the model thread, so the encoder is not counted).
@@ -193,6 +237,7 @@ async fn main() -> Result<()> {
     // Embeddings/s at batch 1 and 32 through the engine.
     let sentence = "he might even have been made amiable himself had he married a more amiable woman";
     let mut emb = serde_json::Map::new();
+    let embed_ids = p.embedder().encode(vec![sentence.to_string()]).await?.remove(0).ids;
     for b in [1usize, 32] {
         let enc = p.embedder().encode(vec![sentence.to_string(); b]).await?;
         let mut times = Vec::new();
@@ -207,33 +252,12 @@ async fn main() -> Result<()> {
     results.insert("embeddings".into(), Value::Object(emb));
     drop(p);
 
-    // Rust against Python ORT on the same files, threads and batches (direct session runs).
-    // Two alternating rounds, so that load from other processes hits both sides alike.
-    let mut rounds = Vec::new();
-    for _ in 0..2 {
-        rounds.push(rust_vs_python(&settings, &engine, &sample, dir.path(), args.runs).await?);
-    }
-    let mut summary = serde_json::Map::new();
-    for side in ["rust_ms", "python_ms"] {
-        let mut m = serde_json::Map::new();
-        for k in ["encoder_b1_ms", "encoder_b4_ms", "embed_b1_ms", "embed_b32_ms"] {
-            m.insert(k.into(), json!(median(rounds.iter().filter_map(|r| r[side][k].as_f64()).collect())));
-        }
-        summary.insert(side.into(), Value::Object(m));
-    }
-    summary.insert("rounds".into(), Value::Array(rounds));
-    results.insert("rust_vs_python".into(), Value::Object(summary));
+    results.insert("rust_vs_python".into(), rust_vs_python(&settings, &args, &sample, embed_ids, dir.path()).await?);
 
     // Peak RSS, each concurrency in a fresh process.
-    let exe = std::env::current_exe()?;
     let mut rss = Vec::new();
     for c in [1usize, 4] {
-        let out = Command::new(&exe).args(["--rss-child", &c.to_string()]).output()?;
-        if !out.status.success() {
-            bail!("rss child: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let line = String::from_utf8_lossy(&out.stdout);
-        rss.push(serde_json::from_str::<Value>(line.lines().last().unwrap_or("{}"))?);
+        rss.push(child_json(Command::new(&exe).args(["--rss-child", &c.to_string()]))?);
     }
     let ratio = rss[1]["vm_hwm_mb"].as_f64().unwrap_or(0.0) / rss[0]["vm_hwm_mb"].as_f64().unwrap_or(1.0);
     results.insert("peak_rss".into(), json!({"runs": rss, "ratio_c4_c1": ratio, "target_ratio": 1.15}));
@@ -248,78 +272,137 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn rust_vs_python(settings: &Settings, engine: &Engine, sample: &str, dir: &Path, runs: usize) -> Result<Value> {
+/// Rust against Python ORT on the same files, threads, batches and inputs. Each side runs in a fresh
+/// process that holds only the session it times (so the pipeline benchmarked above, its threads and
+/// its heap do not weigh on one side), in rounds of alternating order so that load from other
+/// processes hits both alike. Quoted: each side's median over rounds and the median per-round ratio.
+async fn rust_vs_python(settings: &Settings, args: &Args, sample: &str, embed_ids: Vec<i64>, dir: &Path) -> Result<Value> {
     let s = &settings.index;
     let wdir = settings.models.dir.join(&s.whisper_dir);
-    let embed_path = settings.models.dir.join(&s.embed_dir).join(&s.embed_file);
     let mel = heimdex_worker::index::mel::LogMel::load(&wdir.join("mel_filters.f32"))?;
-    let audio = decode_all(sample, 60.0).await?;
-    let features = mel.compute(&audio);
+    let features = mel.compute(&decode_all(sample, 60.0).await?);
     let mel_file = dir.join("mel.f32");
     std::fs::write(&mel_file, features.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
-    let tok = tokenizers::Tokenizer::from_file(settings.models.dir.join(&s.embed_dir).join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ids: Vec<i64> = tok
-        .encode("he might even have been made amiable himself had he married a more amiable woman", true)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .get_ids()
-        .iter()
-        .map(|&i| i64::from(i))
-        .collect();
-    let (enc_batches, emb_batches) = ([1usize, 4], [1usize, 32]);
-    let mut rust = serde_json::Map::new();
+    let spec = OrtSpec {
+        threads: settings.engine.threads(),
+        spinning: settings.engine.allow_spinning,
+        runs: args.runs,
+        encoder: wdir.join("encoder_model.onnx"),
+        embed: settings.models.dir.join(&s.embed_dir).join(&s.embed_file),
+        mel_file,
+        encoder_batches: vec![1, 4],
+        embed_batches: vec![1, 32],
+        embed_ids,
+    };
+    let spec_file = dir.join("spec.json");
+    std::fs::write(&spec_file, serde_json::to_string(&spec)?)?;
+    let mut rust_cmd = Command::new(std::env::current_exe()?);
+    rust_cmd.arg("--ort-child").arg(&spec_file);
+    let mut python_cmd = Command::new(&args.python);
+    python_cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_index.py")).arg(&spec_file);
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let (rust, python) = if round % 2 == 0 {
+            (child_json(&mut rust_cmd)?, child_json(&mut python_cmd)?)
+        } else {
+            let python = child_json(&mut python_cmd)?;
+            (child_json(&mut rust_cmd)?, python)
+        };
+        rounds.push(json!({"rust_ms": rust, "python_ms": python}));
+    }
+    let mut summary = serde_json::Map::new();
+    for key in spec.keys() {
+        let side = |name: &str| median(rounds.iter().filter_map(|r| r[name][&key].as_f64()).collect());
+        let ratio = median(rounds.iter().filter_map(|r| Some(r["rust_ms"][&key].as_f64()? / r["python_ms"][&key].as_f64()?)).collect());
+        let row = json!({"rust_ms": side("rust_ms"), "python_ms": side("python_ms"), "rust_over_python": ratio});
+        summary.insert(key, row);
+    }
+    let onnxruntime = rounds.first().map_or(Value::Null, |r| r["python_ms"]["onnxruntime"].clone());
+    Ok(json!({"models": summary, "threads": spec.threads, "runs": spec.runs, "rounds": rounds, "python_onnxruntime": onnxruntime}))
+}
+
+/// What both sides of the ORT comparison time; written as JSON for `benches/ort_index.py`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OrtSpec {
+    threads: usize,
+    spinning: bool,
+    runs: usize,
+    encoder: PathBuf,
+    embed: PathBuf,
+    mel_file: PathBuf,
+    encoder_batches: Vec<usize>,
+    embed_batches: Vec<usize>,
+    embed_ids: Vec<i64>,
+}
+
+impl OrtSpec {
+    fn keys(&self) -> Vec<String> {
+        let enc = self.encoder_batches.iter().map(|b| format!("encoder_b{b}_ms"));
+        enc.chain(self.embed_batches.iter().map(|b| format!("embed_b{b}_ms"))).collect()
+    }
+}
+
+/// The Rust side of one round: median `session.run` time per model and batch, after one warm-up run,
+/// with inputs borrowed as tensors (as onnxruntime-Python wraps numpy arrays without copying).
+fn ort_child(engine: &Engine, spec: &OrtSpec) -> Result<Value> {
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         f()?;
         let mut t = Vec::new();
-        for _ in 0..runs {
-            let s = Instant::now();
+        for _ in 0..spec.runs {
+            let start = Instant::now();
             f()?;
-            t.push(ms(s));
+            t.push(ms(start));
         }
         Ok(median(t))
     };
-    let mut enc = engine.session(&wdir.join("encoder_model.onnx"))?;
-    for b in enc_batches {
-        let feats: Vec<f32> = features.repeat(b);
+    let mut out = serde_json::Map::new();
+    let mel: Vec<f32> = std::fs::read(&spec.mel_file)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let mut enc = engine.session(&spec.encoder)?;
+    for &b in &spec.encoder_batches {
+        let feats = mel.repeat(b);
         let m = timed(&mut || {
-            enc.run(ort::inputs!["input_features" => Tensor::from_array(([b, 80, 3000], feats.clone()))?])?;
+            enc.run(ort::inputs!["input_features" => TensorRef::from_array_view(([b, 80, 3000], feats.as_slice()))?])?;
             Ok(())
         })?;
-        rust.insert(format!("encoder_b{b}_ms"), json!(m));
+        out.insert(format!("encoder_b{b}_ms"), json!(m));
     }
     drop(enc);
-    let mut emb = engine.session(&embed_path)?;
+    let mut emb = engine.session(&spec.embed)?;
     let names: Vec<String> = emb.inputs().iter().map(|i| i.name().to_string()).collect();
-    for b in emb_batches {
-        let x: Vec<i64> = ids.repeat(b);
-        let len = ids.len();
-        let m = timed(&mut || {
-            let mut feed: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::new();
-            for n in &names {
+    let len = spec.embed_ids.len();
+    for &b in &spec.embed_batches {
+        let feeds: Vec<(String, Vec<i64>)> = names
+            .iter()
+            .map(|n| {
                 let data = match n.as_str() {
-                    "input_ids" => x.clone(),
+                    "input_ids" => spec.embed_ids.repeat(b),
                     "attention_mask" => vec![1; b * len],
                     _ => vec![0; b * len],
                 };
-                feed.push((n.clone(), Tensor::from_array(([b, len], data))?.into()));
+                (n.clone(), data)
+            })
+            .collect();
+        let m = timed(&mut || {
+            let mut inputs: Vec<(&str, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(feeds.len());
+            for (n, data) in &feeds {
+                inputs.push((n, TensorRef::from_array_view(([b, len], data.as_slice()))?.into()));
             }
-            emb.run(feed)?;
+            emb.run(inputs)?;
             Ok(())
         })?;
-        rust.insert(format!("embed_b{b}_ms"), json!(m));
+        out.insert(format!("embed_b{b}_ms"), json!(m));
     }
-    let spec = json!({"threads": settings.engine.threads(), "spinning": settings.engine.allow_spinning, "runs": runs,
-        "encoder": wdir.join("encoder_model.onnx"), "embed": embed_path, "mel_file": mel_file,
-        "encoder_batches": enc_batches, "embed_batches": emb_batches, "embed_ids": ids});
-    let spec_file = dir.join("spec.json");
-    std::fs::write(&spec_file, spec.to_string())?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join("../.deps/venv/bin/python");
-    let out = Command::new(&python).arg(root.join("benches/ort_index.py")).arg(&spec_file).output().with_context(|| format!("{}", python.display()))?;
+    Ok(Value::Object(out))
+}
+
+/// Runs a child process of this benchmark (or the Python reference) and parses the JSON object on the
+/// last line of its output.
+fn child_json(cmd: &mut Command) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("python ORT reference failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let py: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(json!({"rust_ms": rust, "python_ms": py, "threads": settings.engine.threads(), "runs": runs}))
+    Ok(serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("{}"))?)
 }
 
 fn print_table(r: &Value) {
@@ -337,6 +420,7 @@ fn print_table(r: &Value) {
         ("chunks: sequential ms", &r["parallel_chunks"]["sequential_ms"]),
         ("chunks: parallel ms", &r["parallel_chunks"]["parallel_ms"]),
         ("chunks: speed-up", &r["parallel_chunks"]["speedup"]),
+        ("chunks: parallel efficiency (speed-up / cores)", &r["parallel_chunks"]["parallel_efficiency"]),
         ("decoder tokens/s KV cache", &r["decoder"][0]["tokens_per_s"]),
         ("decoder tokens/s no cache", &r["decoder"][1]["tokens_per_s"]),
         ("embeddings/s batch 1", &r["embeddings"]["batch_1"]["per_s"]),
@@ -348,11 +432,10 @@ fn print_table(r: &Value) {
     for (name, v) in rows {
         println!("{name:<46} {:>14}", f(v));
     }
-    for k in ["encoder_b1_ms", "encoder_b4_ms", "embed_b1_ms", "embed_b32_ms"] {
-        println!(
-            "{:<46} {:>14}",
-            format!("{k}: rust / python"),
-            format!("{} / {}", f(&r["rust_vs_python"]["rust_ms"][k]), f(&r["rust_vs_python"]["python_ms"][k]))
-        );
+    println!("\n{:<18} {:>10} {:>10} {:>8}   (session.run, fresh processes, median of rounds)", "ORT model/batch", "rust ms", "python ms", "rust/py");
+    if let Some(models) = r["rust_vs_python"]["models"].as_object() {
+        for (k, v) in models {
+            println!("{:<18} {:>10} {:>10} {:>8}", k.trim_end_matches("_ms"), f(&v["rust_ms"]), f(&v["python_ms"]), f(&v["rust_over_python"]));
+        }
     }
 }

@@ -10,9 +10,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
-use heimdex_worker::bench::{median, ms, peak_rss_mib};
+use heimdex_worker::bench::{child_json, field_median, median, ms, peak_rss_mib};
 use heimdex_shared::Settings;
 use heimdex_worker::engine::Engine;
 use heimdex_worker::engine::registry::ModelRegistry;
@@ -179,7 +179,7 @@ async fn main() -> Result<()> {
     // on this noisy host does not decide the first-task ratio.
     let exe = std::env::current_exe()?;
     let cold: Vec<Value> = (0..args.processes.max(1)).map(|_| child_json(Command::new(&exe).arg("--cold-child"))).collect::<Result<_>>()?;
-    let pick = |k: &str| median(cold.iter().filter_map(|c| c[k].as_f64()).collect());
+    let pick = |k: &str| field_median(&cold, k);
     let steady = pick("steady_median_ms");
     let audio_s = pick("audio_s");
     results.insert("cold_start".into(), json!({"load_ms": pick("load_ms"), "warmup_ms": pick("warmup_ms"),
@@ -204,7 +204,8 @@ async fn main() -> Result<()> {
     let chunks = chunks[..n].to_vec();
     let en = tr.language_token("en").ok();
     let (mut seq, mut par) = (Vec::new(), Vec::new());
-    for _ in 0..args.runs.clamp(1, 3) {
+    let pairs = args.runs.clamp(1, 3);
+    for _ in 0..pairs {
         let t = Instant::now();
         tr.transcribe_chunks(chunks.clone(), en, false).await?;
         seq.push(ms(t));
@@ -215,7 +216,7 @@ async fn main() -> Result<()> {
     let speedup = median(seq.iter().zip(&par).map(|(s, p)| s / p).collect());
     let (seq_ms, par_ms) = (median(seq), median(par));
     results.insert("parallel_chunks".into(), json!({"chunks": n, "sequential_ms": seq_ms, "parallel_ms": par_ms, "speedup": speedup,
-        "cores": cores, "parallel_efficiency": speedup / cores as f64, "runs": args.runs.clamp(1, 3), "asr_batch_histogram": tr.asr.batch_histogram()}));
+        "cores": cores, "parallel_efficiency": speedup / cores as f64, "runs": pairs, "asr_batch_histogram": tr.asr.batch_histogram()}));
 
     // Decoder tokens/s with and without the KV cache (one clip, one window, batch 1; the token loop
     // only, timed by the model thread, so the encoder is not counted).
@@ -393,16 +394,6 @@ fn ort_child(engine: &Engine, spec: &OrtSpec) -> Result<Value> {
         out.insert(format!("embed_b{b}_ms"), json!(m));
     }
     Ok(Value::Object(out))
-}
-
-/// Runs a child process of this benchmark (or the Python reference) and parses the JSON object on the
-/// last line of its output.
-fn child_json(cmd: &mut Command) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("{}"))?)
 }
 
 fn print_table(r: &Value) {

@@ -12,9 +12,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
-use heimdex_worker::bench::{median, ms, peak_rss_mib};
+use heimdex_worker::bench::{child_json, field_median, median, ms, peak_rss_mib};
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_worker::engine::Engine;
@@ -122,18 +122,7 @@ async fn child(mode: &str, concurrency: usize, settings: &Settings) -> Result<Va
 }
 
 fn spawn_child(mode: &str, concurrency: usize) -> Result<Value> {
-    let exe = std::env::current_exe()?;
-    let out = Command::new(exe).args(["--child", mode, "--concurrency", &concurrency.to_string()]).output()?;
-    if !out.status.success() {
-        bail!("child {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().context("child printed nothing")?;
-    Ok(serde_json::from_str(last)?)
-}
-
-fn field_median(values: &[Value], key: &str) -> f64 {
-    median(values.iter().filter_map(|v| v[key].as_f64()).collect())
+    child_json(Command::new(std::env::current_exe()?).args(["--child", mode, "--concurrency", &concurrency.to_string()]))
 }
 
 /// Per-batch latency of the raw sessions and of the production path (owner thread + preprocessing in
@@ -208,18 +197,14 @@ fn python_inference(python: &Path, settings: &Settings, batch: usize, iters: usi
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_vision.py");
     let mut all = Vec::new();
     for _ in 0..runs {
-        let out = Command::new(python)
-            .arg(&script)
-            .args(["--yunet", &settings.models.dir.join(&settings.vision.face_model).display().to_string()])
-            .args(["--siglip", &settings.models.dir.join(&settings.vision.embed_dir).join("vision_model.onnx").display().to_string()])
-            .args(["--threads", &settings.engine.threads().to_string(), "--spin", if settings.engine.allow_spinning { "1" } else { "0" }])
-            .args(["--batch", &batch.to_string(), "--iters", &iters.to_string()])
-            .output()
-            .with_context(|| format!("running {}", python.display()))?;
-        if !out.status.success() {
-            bail!("python benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        all.push(serde_json::from_slice::<Value>(&out.stdout)?);
+        all.push(child_json(
+            Command::new(python)
+                .arg(&script)
+                .args(["--yunet", &settings.models.dir.join(&settings.vision.face_model).display().to_string()])
+                .args(["--siglip", &settings.models.dir.join(&settings.vision.embed_dir).join("vision_model.onnx").display().to_string()])
+                .args(["--threads", &settings.engine.threads().to_string(), "--spin", if settings.engine.allow_spinning { "1" } else { "0" }])
+                .args(["--batch", &batch.to_string(), "--iters", &iters.to_string()]),
+        )?);
     }
     let keys = ["yunet_b1".to_string(), "siglip_b1".to_string(), format!("siglip_b{batch}")];
     let mut res = serde_json::Map::new();

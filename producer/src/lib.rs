@@ -11,13 +11,17 @@
 //!
 //! Input is validated before anything is written: the media must resolve under the media root (or be
 //! an allowed http(s) URL), be non-empty, and be readable by ffprobe. Then one transaction upserts the
-//! video and its jobs, and one message per new job is published with publisher confirms. Enqueuing the
-//! same video again is a no-op for jobs that are queued, running or done, unless `force`.
+//! video, its jobs and their messages (the outbox), and each message is published with publisher
+//! confirms and removed from the outbox. If the publish fails, or this process dies first, the message
+//! stays in the outbox and the workers publish it: a job is never `queued` without a message.
+//! Enqueuing the same video again is a no-op for jobs that are running or done, unless `force`; a job
+//! still `queued` is published again (harmless: a second copy is recognised as a duplicate).
 
 use std::path::Path;
 
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
-use heimdex_shared::jobs::{self, status};
+use heimdex_shared::jobs::{self, JobStatus};
+use heimdex_shared::outbox::{self, OutboxError};
 use heimdex_shared::media::{self, MediaError, Probe};
 use heimdex_shared::topology::{self, PublishError, Topology};
 use heimdex_shared::Settings;
@@ -38,6 +42,9 @@ pub enum ProducerError {
     Broker(#[from] lapin::Error),
     #[error("publishing: {0}")]
     Publish(#[from] PublishError),
+    /// The jobs are stored and `queued`; their messages wait in the outbox for a worker to relay them.
+    #[error("{0} (the job is stored and its message is published from the outbox once the broker takes it)")]
+    Outbox(#[from] OutboxError),
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
 }
@@ -75,9 +82,9 @@ pub struct ValidMedia {
 pub struct EnqueuedJob {
     pub kind: TaskKind,
     pub job_id: Uuid,
-    /// False when the job already existed (queued, running or done) and nothing was published.
+    /// False when the job already existed (running or done) and nothing was published.
     pub published: bool,
-    pub status: String,
+    pub status: JobStatus,
 }
 
 #[derive(Debug, Clone)]
@@ -141,31 +148,34 @@ impl Producer {
     /// Enqueues media that [`Producer::validate`] accepted.
     ///
     /// # Errors
-    /// The database or the broker failing. A job whose message could not be published is marked
-    /// `failed` with the reason, so enqueuing again retries it.
+    /// The database or the broker failing. When the broker fails after the commit
+    /// ([`ProducerError::Outbox`]), the jobs stay `queued` and the workers publish their messages.
     pub async fn enqueue_valid(&self, media: &ValidMedia, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
         let mut tx = self.pool.begin().await?;
         let video_id =
             jobs::upsert_video(&mut tx, &media.uri, media.content_hash.as_deref(), media.size_bytes, &media.probe).await?;
         let mut queued = Vec::new();
         for &kind in &request.kinds {
-            queued.push((kind, jobs::queue_job(&mut tx, video_id, kind, request.force).await?));
+            let message = match jobs::queue_job(&mut tx, video_id, kind, request.force).await? {
+                Some(job_id) => {
+                    let message = TaskMessage::new(job_id, video_id, kind, media.uri.clone(), request.options.clone());
+                    outbox::store(&mut tx, job_id, &message).await?;
+                    Some(message)
+                }
+                None => None,
+            };
+            queued.push((kind, message));
         }
         tx.commit().await?;
         let mut out = Vec::new();
-        for (kind, job) in queued {
-            match job {
-                Some(job_id) => {
-                    let message = TaskMessage::new(job_id, video_id, kind, media.uri.clone(), request.options.clone());
-                    if let Err(e) = topology::publish_task(&self.channel, &self.topology, &message).await {
-                        let reason = format!("could not publish the task: {e}");
-                        let _ = jobs::record_failure(&self.pool, job_id, status::FAILED, &reason, 0, "producer", &serde_json::json!({})).await;
-                        return Err(e.into());
-                    }
-                    out.push(EnqueuedJob { kind, job_id, published: true, status: status::QUEUED.into() });
+        for (kind, message) in queued {
+            match message {
+                Some(message) => {
+                    outbox::publish(&self.pool, &self.channel, &self.topology, message.job_id, &message).await?;
+                    out.push(EnqueuedJob { kind, job_id: message.job_id, published: true, status: JobStatus::Queued });
                 }
                 None => {
-                    let (job_id, st): (Uuid, String) = sqlx::query_as("SELECT id, status FROM jobs WHERE video_id = $1 AND kind = $2")
+                    let (job_id, st): (Uuid, JobStatus) = sqlx::query_as("SELECT id, status FROM jobs WHERE video_id = $1 AND kind = $2")
                         .bind(video_id)
                         .bind(kind.as_str())
                         .fetch_one(&self.pool)

@@ -227,9 +227,14 @@ pub struct WorkerSettings {
     pub retry_base_ms: u64,
     /// Upper bound of one task, below RabbitMQ's consumer ack timeout (default 30 min).
     pub task_timeout_ms: u64,
+    /// How often the worker publishes task messages that a producer stored in the outbox but did not
+    /// publish (a crash or a broker failure after its commit), and how old they must be.
+    pub outbox_relay_ms: u64,
     /// Testing hooks, empty in production: `hang_before_ack` parks a task between its commit and its
     /// ack (so a test can kill the process there); `panic` panics inside every task;
-    /// `hold_warmup:FILE` stays in `warming` until FILE exists.
+    /// `hold_warmup:FILE` stays in `warming` until FILE exists; `model_panic:MODEL` makes that
+    /// model's owner thread panic on its first task batch; `crash_on:TEXT` aborts the process when a
+    /// task's media URI contains TEXT (a video that kills its worker).
     pub failpoint: String,
 }
 
@@ -245,6 +250,7 @@ impl Default for WorkerSettings {
             max_attempts: 5,
             retry_base_ms: 2_000,
             task_timeout_ms: 20 * 60 * 1000,
+            outbox_relay_ms: 15_000,
             failpoint: String::new(),
         }
     }

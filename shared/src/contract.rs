@@ -10,8 +10,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::error::{Disposition, cap};
+
 /// The contract version this build reads and writes.
 pub const CONTRACT_VERSION: u32 = 1;
+
+/// Largest task message body accepted (bytes), checked before parsing. A task is a few hundred bytes;
+/// without a bound an 80 MB body took a worker from 110 MB to 1.5 GB while serde built its tree.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// What a task does; each kind has its own queue and worker binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,6 +87,8 @@ pub struct TaskMessage {
 /// Why a message body is not a task. Always permanent: redelivery cannot fix it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ContractError {
+    #[error("message body is {0} bytes, over the contract's limit of {MAX_MESSAGE_BYTES} bytes")]
+    TooLarge(usize),
     #[error("malformed message: not JSON ({0})")]
     NotJson(String),
     #[error("malformed message: no numeric \"v\" (contract version) field")]
@@ -89,6 +97,13 @@ pub enum ContractError {
     Version(u64),
     #[error("malformed message: {0}")]
     Shape(String),
+}
+
+impl ContractError {
+    /// Always permanent: redelivering the same body cannot fix it.
+    pub fn disposition(&self) -> Disposition {
+        Disposition::Permanent
+    }
 }
 
 impl TaskMessage {
@@ -101,14 +116,18 @@ impl TaskMessage {
     /// # Errors
     /// [`ContractError`] for anything but a well-formed version-1 task.
     pub fn parse(body: &[u8]) -> Result<Self, ContractError> {
+        if body.len() > MAX_MESSAGE_BYTES {
+            return Err(ContractError::TooLarge(body.len()));
+        }
+        // Error texts are capped: serde repeats offending input (an unknown field's name) verbatim.
         let value: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| ContractError::NotJson(e.to_string()))?;
+            serde_json::from_slice(body).map_err(|e| ContractError::NotJson(cap(&e.to_string())))?;
         match value.get("v").and_then(serde_json::Value::as_u64) {
             None => return Err(ContractError::NoVersion),
             Some(v) if v != u64::from(CONTRACT_VERSION) => return Err(ContractError::Version(v)),
             Some(_) => {}
         }
-        let msg: TaskMessage = serde_json::from_value(value).map_err(|e| ContractError::Shape(e.to_string()))?;
+        let msg: TaskMessage = serde_json::from_value(value).map_err(|e| ContractError::Shape(cap(&e.to_string())))?;
         if msg.media_uri.trim().is_empty() {
             return Err(ContractError::Shape("media_uri is empty".into()));
         }
@@ -155,5 +174,16 @@ mod tests {
         assert_eq!(TaskMessage::parse(b"{}"), Err(ContractError::NoVersion));
         let err = TaskMessage::parse(br#"{"v":1,"kind":"audio"}"#).unwrap_err();
         assert!(matches!(err, ContractError::Shape(_)), "{err}");
+    }
+
+    #[test]
+    fn oversized_bodies_and_huge_field_names_give_bounded_errors() {
+        let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert_eq!(TaskMessage::parse(&big), Err(ContractError::TooLarge(MAX_MESSAGE_BYTES + 1)));
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["x".repeat(60_000)] = 1.into();
+        let err = TaskMessage::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err().to_string();
+        assert!(err.len() <= crate::error::MAX_REASON_BYTES + 40, "{} bytes", err.len());
+        assert!(err.contains("unknown field"), "{err}");
     }
 }

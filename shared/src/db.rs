@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::config::DatabaseSettings;
+use crate::error::{Dependency, Disposition};
 
 /// The migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -15,6 +16,11 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
         e,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed
     )
+}
+
+/// A database error's disposition: unreachable means pause (no attempt spent), anything else retry.
+pub fn disposition(e: &sqlx::Error) -> Disposition {
+    if is_unavailable(e) { Disposition::Unavailable(Dependency::Database) } else { Disposition::Retryable }
 }
 
 /// A lazily connecting pool: creating it never fails on a database that is down.

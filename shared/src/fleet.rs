@@ -22,16 +22,19 @@ pub enum WorkerState {
     Paused,
     /// Shutting down: not consuming, finishing in-flight tasks.
     Draining,
+    /// A model failed; not consuming, exiting so that a restart loads it afresh.
+    Failed,
 }
 
 impl WorkerState {
-    pub const ALL: [WorkerState; 6] = [
+    pub const ALL: [WorkerState; 7] = [
         WorkerState::Cold,
         WorkerState::Loading,
         WorkerState::Warming,
         WorkerState::Warm,
         WorkerState::Paused,
         WorkerState::Draining,
+        WorkerState::Failed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +45,7 @@ impl WorkerState {
             WorkerState::Warm => "warm",
             WorkerState::Paused => "paused",
             WorkerState::Draining => "draining",
+            WorkerState::Failed => "failed",
         }
     }
 }

@@ -1,28 +1,62 @@
 //! Job bookkeeping: one row per (video, kind), moved through
 //! `queued → running → succeeded | retrying → … | failed | dead`.
 //!
+//! Every run of a job is fenced: [`start_run`] writes a fresh `run_token`, counts the attempt before
+//! any work (so a crash cannot skip it) and every later write of that run requires the token. A forced
+//! re-run or a redelivery takes the token over, and the older run's writes are refused, so a stale run
+//! can neither overwrite newer results nor turn a success back into a failure.
+//!
 //! The producer creates rows; the worker upserts them from the message too, so a message published
 //! by another service (without our producer) still gets a job row and a readable outcome.
 
-use serde::Serialize;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::contract::{TaskKind, TaskMessage};
 use crate::media::Probe;
 
-/// Terminal and intermediate job states, as stored.
-pub mod status {
-    pub const QUEUED: &str = "queued";
-    pub const RUNNING: &str = "running";
-    pub const RETRYING: &str = "retrying";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    pub const DEAD: &str = "dead";
+/// A job's state, as stored in `jobs.status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Waiting for a worker (a message is in the queue or in the outbox).
+    Queued,
+    /// A run holds the job (`run_token`).
+    Running,
+    /// A run failed and the message waits in a retry queue.
+    Retrying,
+    Succeeded,
+    /// Permanent failure: the input cannot be processed.
+    Failed,
+    /// Out of attempts.
+    Dead,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Retrying => "retrying",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Dead => "dead",
+        }
+    }
 
     /// States after which nothing more happens without a new enqueue.
-    pub fn is_terminal(s: &str) -> bool {
-        matches!(s, SUCCEEDED | FAILED | DEAD)
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Dead)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -59,19 +93,23 @@ pub async fn upsert_video(
     .await
 }
 
-/// Creates the job of (video, kind), or re-queues it when `force` or when it ended badly. Returns the
-/// job id when a message must be published, `None` when the job already exists and is queued,
-/// running or done (enqueuing twice does not duplicate work).
+/// Creates the job of (video, kind), or queues it again when `force`, when it ended badly, or when
+/// it is still `queued` (its message may have been lost between the commit and the publish; a
+/// duplicate is harmless, see [`start_run`]). Returns the job id when a message must be published,
+/// `None` when the job is running or done (enqueuing twice does not duplicate work).
+///
+/// A forced re-queue clears `run_token`, so a run still in progress is superseded: its writes are
+/// refused from then on.
 ///
 /// # Errors
 /// Database errors.
 pub async fn queue_job(conn: &mut PgConnection, video_id: Uuid, kind: TaskKind, force: bool) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "INSERT INTO jobs (id, video_id, kind, status) VALUES ($1, $2, $3, 'queued')
-         ON CONFLICT (video_id, kind) DO UPDATE SET status = 'queued', attempts = 0, last_error = NULL,
-             worker_id = NULL, queued_at = now(), started_at = NULL, finished_at = NULL, stage_timings = '{}'::jsonb,
-             summary = NULL
-         WHERE $4 OR jobs.status IN ('failed', 'dead')
+         ON CONFLICT (video_id, kind) DO UPDATE SET status = 'queued', attempts = 0, deaths = 0, last_error = NULL,
+             worker_id = NULL, run_token = NULL, queued_at = now(), started_at = NULL, finished_at = NULL,
+             stage_timings = '{}'::jsonb, summary = NULL
+         WHERE $4 OR jobs.status IN ('queued', 'failed', 'dead')
          RETURNING id",
     )
     .bind(Uuid::new_v4())
@@ -82,70 +120,165 @@ pub async fn queue_job(conn: &mut PgConnection, video_id: Uuid, kind: TaskKind, 
     .await
 }
 
-/// What the worker learns when it starts an attempt.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Start {
-    /// Go ahead.
-    Run,
-    /// The job already succeeded (a redelivery after the commit): ack and skip.
-    AlreadyDone,
+/// A run of a job: the token that fences its writes, and its attempt number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// The job as Heimdex holds it (a foreign message may carry other ids).
+    pub job_id: Uuid,
+    /// The video as Heimdex holds it for the message's URI; results are written under this id.
+    pub video_id: Uuid,
+    pub token: Uuid,
+    /// 1 for the first run; counted in the database before any work.
+    pub attempt: u32,
 }
 
-/// Marks a job running for this attempt, creating the video and job rows if the message came from
-/// elsewhere.
+/// What the worker learns when it asks to start a run.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Go ahead, fenced by this run.
+    Run(Run),
+    /// The job already succeeded (a redelivery after the commit): ack and skip.
+    AlreadyDone,
+    /// Another copy of the message is being processed right now (a first delivery, not a broker
+    /// redelivery, found the job running): ack this copy; the live run's own message covers the job.
+    Duplicate,
+    /// The job has had `max_attempts` runs: it is now `dead` with `reason`.
+    Exhausted { job_id: Uuid, attempts: u32, reason: String },
+}
+
+/// Starts a run: creates the video and job rows if the message came from elsewhere (a message whose
+/// `video_id` differs from the one Heimdex holds for its URI runs under the held one), counts the
+/// attempt, writes a fresh run token. A broker redelivery of a job that is still `running` means the
+/// run before died without recording an outcome (a crash, an OOM kill): that is counted in `deaths`,
+/// and after `max_attempts` runs the job is `dead` ("the worker died N times ...").
 ///
 /// # Errors
 /// Database errors (a connection error means the database is down).
-pub async fn start_attempt(pool: &PgPool, msg: &TaskMessage, worker_id: &str, attempt: u32) -> Result<Start, sqlx::Error> {
+pub async fn start_run(
+    pool: &PgPool,
+    msg: &TaskMessage,
+    worker_id: &str,
+    redelivered: bool,
+    max_attempts: u32,
+) -> Result<Start, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(msg.video_id)
-        .bind(&msg.media_uri)
-        .execute(&mut *tx)
-        .await?;
-    let previous: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
-        .bind(msg.video_id)
-        .bind(msg.kind.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-    if previous.as_deref() == Some(status::SUCCEEDED) {
-        tx.commit().await?;
-        return Ok(Start::AlreadyDone);
-    }
+    let video_id: Uuid = sqlx::query_scalar(
+        "INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT (uri) DO UPDATE SET uri = EXCLUDED.uri RETURNING id",
+    )
+    .bind(msg.video_id)
+    .bind(&msg.media_uri)
+    .fetch_one(&mut *tx)
+    .await?;
+    // The message's job id is used only when Heimdex holds no job for (video, kind) yet.
     sqlx::query(
-        "INSERT INTO jobs (id, video_id, kind, status, attempts, worker_id, started_at)
-         VALUES ($1, $2, $3, 'running', $4, $5, now())
-         ON CONFLICT (video_id, kind) DO UPDATE SET status = 'running', attempts = EXCLUDED.attempts,
-             worker_id = EXCLUDED.worker_id, started_at = now(), finished_at = NULL",
+        "INSERT INTO jobs (id, video_id, kind, status) VALUES ($1, $2, $3, 'queued') ON CONFLICT DO NOTHING",
     )
     .bind(msg.job_id)
-    .bind(msg.video_id)
+    .bind(video_id)
     .bind(msg.kind.as_str())
-    .bind(attempt as i32)
+    .execute(&mut *tx)
+    .await?;
+    let (job_id, status, attempts, deaths): (Uuid, JobStatus, i32, i32) =
+        sqlx::query_as("SELECT id, status, attempts, deaths FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
+            .bind(video_id)
+            .bind(msg.kind.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+    let (mut attempts, mut deaths) = (u32::try_from(attempts).unwrap_or(0), u32::try_from(deaths).unwrap_or(0));
+    match status {
+        JobStatus::Succeeded => {
+            tx.commit().await?;
+            return Ok(Start::AlreadyDone);
+        }
+        JobStatus::Running if !redelivered => {
+            tx.commit().await?;
+            return Ok(Start::Duplicate);
+        }
+        JobStatus::Running => deaths += 1,
+        // A message for a job that ended badly comes from a publisher that re-ran it without our
+        // producer (which resets the row itself): a new series of attempts.
+        JobStatus::Failed | JobStatus::Dead => (attempts, deaths) = (0, 0),
+        JobStatus::Queued | JobStatus::Retrying => {}
+    }
+    if attempts >= max_attempts {
+        let reason = if status == JobStatus::Running {
+            format!("the worker died {deaths} times while processing this task (gave up after {attempts} attempts)")
+        } else {
+            format!("gave up after {attempts} attempts")
+        };
+        sqlx::query(
+            "UPDATE jobs SET status = 'dead', deaths = $2, last_error = $3, run_token = NULL, finished_at = now() WHERE id = $1",
+        )
+        .bind(job_id)
+        .bind(deaths as i32)
+        .bind(&reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        return Ok(Start::Exhausted { job_id, attempts, reason });
+    }
+    let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1 };
+    sqlx::query(
+        "UPDATE jobs SET status = 'running', attempts = $2, deaths = $3, run_token = $4, worker_id = $5,
+             started_at = now(), finished_at = NULL
+         WHERE id = $1",
+    )
+    .bind(job_id)
+    .bind(run.attempt as i32)
+    .bind(deaths as i32)
+    .bind(run.token)
     .bind(worker_id)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Start::Run)
+    Ok(Start::Run(run))
 }
 
-/// Records success inside the results transaction, so the job says `succeeded` exactly when the
-/// results are there.
+/// Locks the job for the results transaction if `run` still holds it; false means the run was
+/// superseded (a forced re-run, or a redelivery elsewhere) and must write nothing.
+///
+/// # Errors
+/// Database errors.
+pub async fn lock_run(conn: &mut PgConnection, run: &Run) -> Result<bool, sqlx::Error> {
+    let held: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 AND run_token = $2 FOR UPDATE")
+        .bind(run.job_id)
+        .bind(run.token)
+        .fetch_optional(conn)
+        .await?;
+    Ok(held.is_some())
+}
+
+/// Whether `run` still holds its job (polled while a task runs, so a superseded run stops early).
+///
+/// # Errors
+/// Database errors.
+pub async fn holds(pool: &PgPool, run: &Run) -> Result<bool, sqlx::Error> {
+    let held: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 AND run_token = $2")
+        .bind(run.job_id)
+        .bind(run.token)
+        .fetch_optional(pool)
+        .await?;
+    Ok(held.is_some())
+}
+
+/// Records success inside the results transaction (after [`lock_run`]), so the job says `succeeded`
+/// exactly when the results are there.
 ///
 /// # Errors
 /// Database errors.
 pub async fn finish_success(
     conn: &mut PgConnection,
-    msg: &TaskMessage,
+    run: &Run,
     timings: &serde_json::Value,
     summary: &serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE jobs SET status = 'succeeded', finished_at = now(), last_error = NULL, stage_timings = $3, summary = $4
-         WHERE video_id = $1 AND kind = $2",
+        "UPDATE jobs SET status = 'succeeded', finished_at = now(), last_error = NULL, run_token = NULL,
+             stage_timings = $3, summary = $4
+         WHERE id = $1 AND run_token = $2",
     )
-    .bind(msg.video_id)
-    .bind(msg.kind.as_str())
+    .bind(run.job_id)
+    .bind(run.token)
     .bind(timings)
     .bind(summary)
     .execute(conn)
@@ -174,46 +307,82 @@ pub async fn update_probe(conn: &mut PgConnection, video_id: Uuid, probe: &Probe
     Ok(())
 }
 
-/// Records a failed attempt: `retrying`, `failed` (permanent) or `dead` (out of attempts). Works on a
-/// job id alone, for messages too broken to name their video.
+/// Records the end of a failed run: `retrying`, `failed` (permanent) or `dead` (out of attempts).
+/// Returns false when the run no longer holds the job (nothing written).
 ///
 /// # Errors
 /// Database errors.
 pub async fn record_failure(
     pool: &PgPool,
-    job_id: Uuid,
-    new_status: &str,
+    run: &Run,
+    status: JobStatus,
     error: &str,
-    attempt: u32,
     worker_id: &str,
     timings: &serde_json::Value,
 ) -> Result<bool, sqlx::Error> {
-    let finished = status::is_terminal(new_status);
     let done = sqlx::query(
-        "UPDATE jobs SET status = $2, last_error = $3, attempts = GREATEST(attempts, $4), worker_id = $5,
-             stage_timings = $6, finished_at = CASE WHEN $7 THEN now() ELSE NULL END
-         WHERE id = $1",
+        "UPDATE jobs SET status = $3, last_error = $4, worker_id = $5, stage_timings = $6, run_token = NULL,
+             finished_at = CASE WHEN $7 THEN now() ELSE NULL END
+         WHERE id = $1 AND run_token = $2",
     )
-    .bind(job_id)
-    .bind(new_status)
+    .bind(run.job_id)
+    .bind(run.token)
+    .bind(status)
     .bind(error)
-    .bind(attempt as i32)
     .bind(worker_id)
     .bind(timings)
-    .bind(finished)
+    .bind(status.is_terminal())
     .execute(pool)
     .await?;
     Ok(done.rows_affected() > 0)
 }
 
-/// Puts jobs back to `queued` (DLQ replay).
+/// Records a message that was refused before any run (not a task, too large, wrong kind) on the job
+/// its `message_id` names, if that job is waiting: a job that is running or done is left alone.
+///
+/// # Errors
+/// Database errors.
+pub async fn refuse_message(pool: &PgPool, job_id: Uuid, error: &str, worker_id: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = 'failed', last_error = $2, worker_id = $3, finished_at = now()
+         WHERE id = $1 AND status IN ('queued', 'retrying')",
+    )
+    .bind(job_id)
+    .bind(error)
+    .bind(worker_id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Gives a run's attempt back: the run could not finish because a dependency of the worker (the
+/// database, a model) failed, which says nothing about the task. The job is `queued` again.
+///
+/// # Errors
+/// Database errors.
+pub async fn release_run(pool: &PgPool, run: &Run) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = 'queued', attempts = GREATEST(attempts - 1, 0), run_token = NULL, worker_id = NULL,
+             started_at = NULL
+         WHERE id = $1 AND run_token = $2",
+    )
+    .bind(run.job_id)
+    .bind(run.token)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Puts a job back to `queued` with fresh attempts (DLQ replay), superseding any run. Call it
+/// before publishing the message again, so a fast outcome of the new run cannot be overwritten.
 ///
 /// # Errors
 /// Database errors.
 pub async fn requeue(pool: &PgPool, job_id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE jobs SET status = 'queued', attempts = 0, last_error = NULL, queued_at = now(), started_at = NULL,
-             finished_at = NULL WHERE id = $1",
+        "UPDATE jobs SET status = 'queued', attempts = 0, deaths = 0, last_error = NULL, run_token = NULL,
+             queued_at = now(), started_at = NULL, finished_at = NULL
+         WHERE id = $1",
     )
     .bind(job_id)
     .execute(pool)
@@ -228,8 +397,10 @@ pub struct JobRow {
     pub video_id: Uuid,
     pub uri: String,
     pub kind: String,
-    pub status: String,
+    pub status: JobStatus,
     pub attempts: i32,
+    /// Runs that ended without recording an outcome (the worker died).
+    pub deaths: i32,
     pub last_error: Option<String>,
     pub worker_id: Option<String>,
     pub queued_at: chrono::DateTime<chrono::Utc>,
@@ -239,7 +410,7 @@ pub struct JobRow {
     pub summary: Option<serde_json::Value>,
 }
 
-const JOB_COLUMNS: &str = "j.id, j.video_id, v.uri, j.kind, j.status, j.attempts, j.last_error, j.worker_id, \
+const JOB_COLUMNS: &str = "j.id, j.video_id, v.uri, j.kind, j.status, j.attempts, j.deaths, j.last_error, j.worker_id, \
      j.queued_at, j.started_at, j.finished_at, j.stage_timings, j.summary";
 
 /// Jobs by id.
@@ -272,7 +443,7 @@ pub async fn recent_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>, sqlx:
 ///
 /// # Errors
 /// Database errors.
-pub async fn counts(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+pub async fn counts(pool: &PgPool) -> Result<Vec<(String, JobStatus, i64)>, sqlx::Error> {
     sqlx::query_as("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status")
         .fetch_all(pool)
         .await

@@ -3,7 +3,9 @@
 //! - [`config`]: layered settings (defaults < TOML file < `HEIMDEX__SECTION__KEY` env), secrets redacted.
 //! - [`contract`]: the versioned JSON task message.
 //! - [`topology`]: exchange, work, retry and dead-letter queue names and their idempotent declaration.
-//! - [`db`]: the connection pool, migrations and job bookkeeping.
+//! - [`db`]: the connection pool, migrations and job bookkeeping; [`outbox`]: task messages stored with
+//!   their jobs, so that no job is ever `queued` without a message.
+//! - [`error`]: dispositions (permanent, retryable, unavailable) and the cap on error texts.
 //! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
 //! - [`media`]: ffprobe, shared by the producer's validation and the workers.
 //! - [`telemetry`] and [`shutdown`]: tracing set-up and the one shutdown signal.
@@ -11,9 +13,11 @@
 pub mod config;
 pub mod contract;
 pub mod db;
+pub mod error;
 pub mod fleet;
 pub mod jobs;
 pub mod media;
+pub mod outbox;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -25,6 +25,16 @@ pub enum MediaError {
     Tool(String),
 }
 
+impl MediaError {
+    /// Only a missing ffprobe is the worker's fault (retryable); the rest is about the media.
+    pub fn disposition(&self) -> crate::error::Disposition {
+        match self {
+            MediaError::Tool(_) => crate::error::Disposition::Retryable,
+            _ => crate::error::Disposition::Permanent,
+        }
+    }
+}
+
 /// Resolves a media URI against the media root: local paths must exist, be non-empty and lie under
 /// `root` after resolving `..` and symlinks; http(s) URLs pass through when allowed.
 ///

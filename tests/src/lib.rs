@@ -196,7 +196,7 @@ impl TestEnv {
 
     /// Waits until the job reaches `status`.
     pub async fn wait_job(&self, id: Uuid, status: &str, timeout: Duration) -> JobRow {
-        wait_for(&format!("job {id} to be {status}"), timeout, || async { self.job(id).await.filter(|j| j.status == status) }).await
+        wait_for(&format!("job {id} to be {status}"), timeout, || async { self.job(id).await.filter(|j| j.status.as_str() == status) }).await
     }
 
     pub async fn count(&self, sql: &str, video: Uuid) -> i64 {
@@ -320,4 +320,36 @@ pub async fn assert_results(env: &TestEnv, video: Uuid) {
             assert_eq!(summary["segments"].as_u64(), Some(texts.len() as u64), "{summary}");
         }
     }
+}
+
+/// The bundle's short speech clips: (file, reference transcript), without the 25 s compilation.
+pub fn speech_clips() -> Vec<(String, String)> {
+    let tsv = std::fs::read_to_string(models_dir().join("media/speech/transcripts.tsv")).expect("transcripts.tsv");
+    tsv.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(f, _)| !f.starts_with("librivox"))
+        .map(|(f, t)| (f.to_string(), t.to_string()))
+        .collect()
+}
+
+/// The share of the reference's words that occur in the hypothesis (case and punctuation ignored).
+pub fn words_found(reference: &str, hypothesis: &str) -> f64 {
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    };
+    let (reference, hypothesis) = (words(reference), words(hypothesis));
+    let found = reference.iter().filter(|w| hypothesis.contains(w)).count();
+    found as f64 / reference.len().max(1) as f64
+}
+
+/// How many jobs of this test's database are in one of `states`.
+pub async fn count_jobs_in(env: &TestEnv, states: &[jobs::JobStatus]) -> usize {
+    let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = ANY($1)")
+        .bind(&states)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count jobs");
+    n as usize
 }

@@ -40,7 +40,7 @@ async fn sigkill_after_commit_before_ack_redelivers_without_duplicates() {
     env.wait_state(&second, WorkerState::Warm, WARM).await;
     wait_for("the redelivered message to be acked", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
     let row = env.job(job).await.unwrap();
-    assert_eq!(row.status, "succeeded");
+    assert_eq!(row.status.as_str(), "succeeded");
     heimdex_tests::assert_results(&env, video).await;
     drop(second);
     env.cleanup().await;
@@ -179,7 +179,7 @@ async fn sigterm_finishes_the_task_in_flight() {
     env.wait_job(job, "running", TASK).await;
     worker.signal("TERM");
     assert_eq!(worker.wait_exit(TASK).await, Some(0), "{}", worker.log());
-    assert_eq!(env.job(job).await.unwrap().status, "succeeded", "{}", worker.log());
+    assert_eq!(env.job(job).await.unwrap().status.as_str(), "succeeded", "{}", worker.log());
     heimdex_tests::assert_results(&env, video).await;
     assert_eq!(env.queue(&env.topology().queue(TaskKind::Vision)).await.0, 0);
     assert!(env.worker_status("graceful").await.is_none(), "a stopped worker leaves the fleet");

@@ -34,7 +34,7 @@ async fn enqueued_video_is_processed_by_both_workers() {
     }
     // Enqueuing again does not duplicate work; --force does.
     let again = producer.enqueue(&EnqueueRequest::all("sample.mp4")).await.unwrap();
-    assert!(again.jobs.iter().all(|j| !j.published && j.status == "succeeded"), "{again:?}");
+    assert!(again.jobs.iter().all(|j| !j.published && j.status == heimdex_shared::jobs::JobStatus::Succeeded), "{again:?}");
     let mut forced = EnqueueRequest::all("sample.mp4");
     forced.force = true;
     forced.kinds = vec![TaskKind::Vision];
@@ -109,7 +109,7 @@ async fn a_worker_takes_no_message_before_it_is_warm() {
     let queue = env.topology().queue(TaskKind::Vision);
     // The message waits in the queue, with nobody consuming, while the worker warms.
     assert_eq!(env.queue(&queue).await, (1, 0));
-    assert_eq!(env.job(job).await.unwrap().status, "queued");
+    assert_eq!(env.job(job).await.unwrap().status.as_str(), "queued");
     assert_eq!(env.worker_status("early").await.unwrap().state, WorkerState::Warming);
 
     std::fs::write(&release, b"go").unwrap();

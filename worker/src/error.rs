@@ -1,62 +1,102 @@
-//! The worker's task error: its variant decides what happens to the message.
+//! The worker's task error. Each boundary keeps its own error (and so its source); the variant's
+//! [`Disposition`] decides what happens to the message:
 //!
-//! | variant | job | message |
+//! | disposition | job | message |
 //! |---|---|---|
 //! | `Permanent` | `failed`, reason stored | dead-letter queue at once |
 //! | `Retryable` | `retrying`, then `dead` after `max_attempts` | retry queue with backoff, then DLQ |
-//! | `Unavailable` | untouched | requeued without counting an attempt; the worker pauses consuming |
+//! | `Unavailable` | the run's attempt is given back | requeued; the worker pauses (database) or exits for a restart (model) |
+
+use std::time::Duration;
 
 use heimdex_shared::contract::ContractError;
+use heimdex_shared::error::{Dependency, Disposition};
+use heimdex_shared::media::MediaError;
 
 use crate::engine::InferenceError;
+use crate::media::audio::AudioError;
+use crate::media::frames::FrameError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
-    /// Redelivery cannot help: bad input, unsupported or corrupt media.
+    /// The body is not a version-1 task.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
+    /// The media URI or ffprobe refused the input.
+    #[error(transparent)]
+    Media(#[from] MediaError),
+    /// ffmpeg could not give the audio.
+    #[error(transparent)]
+    Audio(#[from] AudioError),
+    /// ffmpeg could not give the frames.
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A pipeline rule refused the input (too long, unknown language, a frame it cannot use).
     #[error("{0}")]
     Permanent(String),
-    /// Might work next time: a timeout, a model failure, a transient database error, a panic.
+    /// A failure of the worker's own machinery (a blocking thread, a semaphore) that may pass.
     #[error("{0}")]
     Retryable(String),
-    /// A dependency (the database) is down; the worker stops consuming until it is back.
-    #[error("dependency unavailable: {0}")]
-    Unavailable(String),
+    #[error("timed out after {0:?} (worker.task_timeout_ms)")]
+    Timeout(Duration),
+    #[error("task panicked: {0}")]
+    Panicked(String),
 }
 
 impl TaskError {
     pub fn permanent(message: impl Into<String>) -> Self {
         TaskError::Permanent(message.into())
     }
+
     pub fn retryable(message: impl Into<String>) -> Self {
         TaskError::Retryable(message.into())
     }
-    pub fn outcome(&self) -> &'static str {
+
+    /// What to do about it (see the module table).
+    pub fn disposition(&self) -> Disposition {
         match self {
-            TaskError::Permanent(_) => "failed",
-            TaskError::Retryable(_) => "retried",
-            TaskError::Unavailable(_) => "requeued",
+            TaskError::Contract(e) => e.disposition(),
+            TaskError::Media(e) => e.disposition(),
+            TaskError::Audio(e) => e.disposition(),
+            TaskError::Frames(e) => e.disposition(),
+            TaskError::Inference(e) => e.disposition(),
+            TaskError::Database(e) => heimdex_shared::db::disposition(e),
+            TaskError::Permanent(_) => Disposition::Permanent,
+            TaskError::Retryable(_) | TaskError::Timeout(_) | TaskError::Panicked(_) => Disposition::Retryable,
         }
     }
 }
 
-impl From<ContractError> for TaskError {
-    fn from(e: ContractError) -> Self {
-        TaskError::Permanent(e.to_string())
+impl InferenceError {
+    /// A dead model thread makes the whole worker unable to work; any other model failure is retried.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            InferenceError::Closed(_) | InferenceError::Panicked { .. } => Disposition::Unavailable(Dependency::Model),
+            _ => Disposition::Retryable,
+        }
     }
 }
 
-impl From<InferenceError> for TaskError {
-    fn from(e: InferenceError) -> Self {
-        TaskError::Retryable(e.to_string())
+impl AudioError {
+    /// Only a missing ffmpeg is the worker's fault; the rest is about the media.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            AudioError::Tool(_) => Disposition::Retryable,
+            _ => Disposition::Permanent,
+        }
     }
 }
 
-impl From<sqlx::Error> for TaskError {
-    fn from(e: sqlx::Error) -> Self {
-        if heimdex_shared::db::is_unavailable(&e) {
-            TaskError::Unavailable(e.to_string())
-        } else {
-            TaskError::Retryable(format!("database: {e}"))
+impl FrameError {
+    /// Only a missing ffmpeg is the worker's fault; the rest is about the media.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            FrameError::Tool(_) => Disposition::Retryable,
+            _ => Disposition::Permanent,
         }
     }
 }

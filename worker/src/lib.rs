@@ -21,3 +21,12 @@ pub mod vision;
 
 pub use error::TaskError;
 pub use pipeline::{Persist, Pipeline, StageTimings, TaskInput};
+
+/// The text of a caught panic's payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

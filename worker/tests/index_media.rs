@@ -42,10 +42,8 @@ async fn bad_audio_gives_clear_outcomes() {
     let p = load(&settings());
 
     // No audio track: a permanent error that says so.
-    match task(&p, &media("video/silent.mp4")).await {
-        Err(TaskError::Permanent(m)) => assert!(m.contains("has no audio track"), "{m}"),
-        other => panic!("silent.mp4: {other:?}"),
-    }
+    let m = permanent(task(&p, &media("video/silent.mp4")).await);
+    assert!(m.contains("has no audio track"), "{m}");
     // Silence only: an empty transcript.
     ffmpeg(&["-f", "lavfi", "-i", "anullsrc=r=44100:cl=stereo", "-t", "6", &path("silence.wav")]);
     let out = task(&p, &path("silence.wav")).await.unwrap();
@@ -60,22 +58,16 @@ async fn bad_audio_gives_clear_outcomes() {
     assert!(out.audio_s < 0.11 && out.segments.len() <= 1, "{out:?}");
     // Corrupt stream: ffprobe already refuses it (the runtime's check); the pipeline itself names ffmpeg's reason.
     assert!(heimdex_shared::media::probe(&media("video/corrupt.mp4")).await.is_err());
-    match p.index(&media("video/corrupt.mp4"), None, &StageTimings::default()).await {
-        Err(TaskError::Permanent(m)) => assert!(m.contains("moov atom not found") || m.contains("Invalid data"), "{m}"),
-        other => panic!("corrupt.mp4: {:?}", other.map(|o| o.0)),
-    }
+    let m = permanent(p.index(&media("video/corrupt.mp4"), None, &StageTimings::default()).await);
+    assert!(m.contains("moov atom not found") || m.contains("Invalid data"), "{m}");
     // A file cut in half: ffmpeg exits 0 with half the audio; the container's length gives it away.
-    match task(&p, &media("video/truncated.mp4")).await {
-        Err(TaskError::Permanent(m)) => assert!(m.contains("truncated"), "{m}"),
-        other => panic!("truncated.mp4: {other:?}"),
-    }
+    let m = permanent(task(&p, &media("video/truncated.mp4")).await);
+    assert!(m.contains("truncated"), "{m}");
     // A WAV whose data was cut mid-sample: ffmpeg (-xerror) reports the corrupt packet.
     let wav = std::fs::read(bundle().join("media/speech/goforward.wav")).unwrap();
     std::fs::write(path("cut.wav"), &wav[..wav.len() / 2 + 1]).unwrap();
-    match p.index(&path("cut.wav"), Some("en"), &StageTimings::default()).await {
-        Err(TaskError::Permanent(m)) => assert!(m.contains("cannot decode the audio") && m.contains("corrupt"), "{m}"),
-        other => panic!("cut.wav: {:?}", other.map(|o| o.0)),
-    }
+    let m = permanent(p.index(&path("cut.wav"), Some("en"), &StageTimings::default()).await);
+    assert!(m.contains("cannot decode the audio") && m.contains("corrupt"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,8 +107,16 @@ async fn three_hour_file_streams_in_bounded_memory() {
     let mut s = settings();
     s.index.max_duration_s = 600.0;
     let p = load(&s);
-    match p.index(&long, Some("en"), &StageTimings::default()).await {
-        Err(TaskError::Permanent(m)) => assert!(m.contains("longer than the limit"), "{m}"),
-        other => panic!("{:?}", other.map(|o| o.0)),
+    let m = permanent(p.index(&long, Some("en"), &StageTimings::default()).await);
+    assert!(m.contains("longer than the limit"), "{m}");
+}
+
+/// The message of a permanent error; anything else fails the test.
+#[track_caller]
+fn permanent<T>(result: Result<T, TaskError>) -> String {
+    match result {
+        Err(e) if e.disposition() == heimdex_shared::error::Disposition::Permanent => e.to_string(),
+        Err(e) => panic!("expected a permanent error, got {e:?}"),
+        Ok(_) => panic!("expected a permanent error, got a result"),
     }
 }

@@ -10,13 +10,13 @@ use std::sync::{Arc, OnceLock};
 
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
+use heimdex_shared::error::Disposition;
 use heimdex_worker::engine::Engine;
 use heimdex_worker::engine::registry::ModelRegistry;
 use heimdex_worker::media::frames::{FrameGauge, decode_still};
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::{LoadContext, Persist, Pipeline, StageTimings, TaskInput};
 use heimdex_worker::vision::{VisionOutput, VisionPipeline};
-use heimdex_worker::TaskError;
 use sqlx::{Connection, Executor};
 use uuid::Uuid;
 
@@ -236,7 +236,10 @@ async fn expect_permanent(path: &str, needle: &str) {
     let vision = load();
     let input = task(path).await;
     match vision.process(&input, &StageTimings::default()).await {
-        Err(TaskError::Permanent(message)) => assert!(message.contains(needle), "{path}: {message:?} lacks {needle:?}"),
+        Err(e) if e.disposition() == Disposition::Permanent => {
+            let message = e.to_string();
+            assert!(message.contains(needle), "{path}: {message:?} lacks {needle:?}");
+        }
         Err(other) => panic!("{path}: expected a permanent error, got {other:?}"),
         Ok(out) => panic!("{path}: expected an error, got {:?}", out.summary()),
     }
@@ -264,7 +267,8 @@ async fn corrupt_video_is_permanent() {
     let mut input = task(&media("video/sample.mp4")).await;
     input.media = media("video/corrupt.mp4");
     let err = vision.process(&input, &StageTimings::default()).await.unwrap_err();
-    assert!(matches!(&err, TaskError::Permanent(m) if m.contains("no frames could be decoded")), "{err:?}");
+    assert_eq!(err.disposition(), Disposition::Permanent, "{err:?}");
+    assert!(err.to_string().contains("no frames could be decoded"), "{err:?}");
 }
 
 #[tokio::test]
@@ -316,7 +320,9 @@ async fn the_task_frame_rate_overrides_the_configured_one() {
     let out = vision.process(&input, &StageTimings::default()).await.unwrap();
     assert_eq!(out.frames.iter().map(|f| f.ts).collect::<Vec<_>>(), (0..13).map(|i| f64::from(i) * 2.0).collect::<Vec<_>>());
     input.options.frame_rate = Some(0.0);
-    assert!(matches!(vision.process(&input, &StageTimings::default()).await, Err(TaskError::Permanent(m)) if m.contains("invalid frame rate")));
+    let err = vision.process(&input, &StageTimings::default()).await.unwrap_err();
+    assert_eq!(err.disposition(), Disposition::Permanent, "{err:?}");
+    assert!(err.to_string().contains("invalid frame rate"), "{err:?}");
 }
 
 #[tokio::test]

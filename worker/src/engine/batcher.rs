@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+/// The model-panic testing hook shared with [`super::Engine`].
+pub(super) type Failpoint = Arc<std::sync::Mutex<Option<String>>>;
+
 use super::InferenceError;
 use crate::metrics::Metrics;
 
@@ -52,7 +55,7 @@ impl<R: BatchRunner> Clone for ModelHandle<R> {
 }
 
 impl<R: BatchRunner> ModelHandle<R> {
-    pub(super) fn spawn(name: &str, runner: R, config: BatchConfig, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn spawn(name: &str, runner: R, config: BatchConfig, metrics: Arc<Metrics>, panic_next: Failpoint) -> Self {
         let (tx, rx) = flume::bounded(config.queue_capacity);
         let histogram: Arc<Vec<AtomicU64>> = Arc::new((0..=config.max_batch).map(|_| AtomicU64::new(0)).collect());
         let name: Arc<str> = Arc::from(name);
@@ -60,7 +63,7 @@ impl<R: BatchRunner> ModelHandle<R> {
         let (hist, model) = (histogram.clone(), name.clone());
         std::thread::Builder::new()
             .name(thread_name)
-            .spawn(move || serve(&model, runner, rx, config, &hist, &metrics))
+            .spawn(move || serve(&model, runner, rx, config, &hist, &metrics, &panic_next))
             .expect("spawning a model thread");
         Self { name, tx, max_batch: config.max_batch, histogram }
     }
@@ -112,6 +115,10 @@ impl<R: BatchRunner> ModelHandle<R> {
     }
 }
 
+/// Serves requests until every handle is dropped, or until the runner panics: a panic is contained
+/// here (the batch's requests get [`InferenceError::Panicked`]) and the thread stops, because a
+/// session that panicked mid-run cannot be trusted; later requests get [`InferenceError::Closed`] and
+/// the runtime takes the worker out of service for a restart.
 fn serve<R: BatchRunner>(
     model: &str,
     mut runner: R,
@@ -119,6 +126,7 @@ fn serve<R: BatchRunner>(
     config: BatchConfig,
     histogram: &[AtomicU64],
     metrics: &Metrics,
+    panic_next: &Failpoint,
 ) {
     let mut pending: Option<Request<R>> = None;
     loop {
@@ -133,9 +141,13 @@ fn serve<R: BatchRunner>(
             Request::Exact { inputs, reply } => {
                 let n = inputs.len();
                 let started = Instant::now();
-                let result = runner.run(inputs);
+                let result = run_contained(model, &mut runner, inputs, || false);
                 record(model, n, started.elapsed(), histogram, metrics);
+                let stop = matches!(result, Err(InferenceError::Panicked { .. }));
                 let _ = reply.send(result);
+                if stop {
+                    return;
+                }
                 continue;
             }
             Request::One { input, reply, span } => (input, reply, span),
@@ -159,29 +171,49 @@ fn serve<R: BatchRunner>(
         }
         let n = inputs.len();
         let started = Instant::now();
-        let result = span.in_scope(|| runner.run(inputs));
+        let armed = || {
+            let mut armed = panic_next.lock().expect("failpoint lock");
+            armed.take_if(|m| m == model).is_some()
+        };
+        let result = span.in_scope(|| run_contained(model, &mut runner, inputs, armed));
         record(model, n, started.elapsed(), histogram, metrics);
-        match result {
+        let failure = match result {
             Ok(outputs) if outputs.len() == n => {
                 for (reply, output) in replies.into_iter().zip(outputs) {
                     let _ = reply.send(Ok(output));
                 }
+                continue;
             }
-            Ok(outputs) => {
-                let message = format!("returned {} outputs for a batch of {n}", outputs.len());
-                for reply in replies {
-                    let _ = reply.send(Err(InferenceError::Model { model: model.into(), message: message.clone() }));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(model, batch = n, error = %e, "batch failed");
-                let message = e.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(InferenceError::Model { model: model.into(), message: message.clone() }));
-                }
-            }
+            Ok(outputs) => InferenceError::Model { model: model.into(), message: format!("returned {} outputs for a batch of {n}", outputs.len()) },
+            Err(e) => e,
+        };
+        tracing::warn!(model, batch = n, error = %failure, "batch failed");
+        let stop = matches!(failure, InferenceError::Panicked { .. });
+        for reply in replies {
+            let _ = reply.send(Err(match &failure {
+                InferenceError::Panicked { model, message } => InferenceError::Panicked { model: model.clone(), message: message.clone() },
+                other => InferenceError::Model { model: model.into(), message: other.to_string() },
+            }));
+        }
+        if stop {
+            tracing::error!(model, "model thread stopped after a panic");
+            return;
         }
     }
+}
+
+/// Runs one batch, turning a panic of the runner into [`InferenceError::Panicked`].
+fn run_contained<R: BatchRunner>(
+    model: &str,
+    runner: &mut R,
+    inputs: Vec<R::Input>,
+    failpoint: impl FnOnce() -> bool,
+) -> Result<Vec<R::Output>, InferenceError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(!failpoint(), "failpoint model_panic: simulated bug in the {model} runner");
+        runner.run(inputs)
+    }))
+    .unwrap_or_else(|panic| Err(InferenceError::Panicked { model: model.into(), message: crate::panic_message(&*panic) }))
 }
 
 fn record(model: &str, n: usize, elapsed: Duration, histogram: &[AtomicU64], metrics: &Metrics) {
@@ -211,7 +243,7 @@ mod tests {
     fn handle(max_batch: usize, max_wait_ms: u64) -> (ModelHandle<Doubler>, Arc<std::sync::Mutex<Vec<usize>>>) {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let config = BatchConfig { max_batch, max_wait: Duration::from_millis(max_wait_ms), queue_capacity: 64 };
-        (ModelHandle::spawn("doubler", Doubler(seen.clone()), config, Arc::new(Metrics::new())), seen)
+        (ModelHandle::spawn("doubler", Doubler(seen.clone()), config, Arc::new(Metrics::new()), Failpoint::default()), seen)
     }
 
     #[tokio::test]
@@ -223,6 +255,29 @@ mod tests {
         assert!(sizes.iter().all(|&n| n <= 8), "{sizes:?}");
         assert!(sizes.len() < 20, "requests were not batched: {sizes:?}");
         assert_eq!(model.batch_histogram().iter().enumerate().map(|(n, c)| n as u64 * c).sum::<u64>(), 20);
+    }
+
+    /// Panics on an input of 13, as a runner with a bug would.
+    struct Fragile;
+
+    impl BatchRunner for Fragile {
+        type Input = u32;
+        type Output = u32;
+        fn run(&mut self, inputs: Vec<u32>) -> Result<Vec<u32>, InferenceError> {
+            assert!(!inputs.contains(&13), "unlucky input");
+            Ok(inputs)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_runner_is_contained_and_its_thread_reports_closed_afterwards() {
+        let config = BatchConfig { max_batch: 4, max_wait: Duration::from_millis(1), queue_capacity: 8 };
+        let model = ModelHandle::spawn("fragile", Fragile, config, Arc::new(Metrics::new()), Failpoint::default());
+        assert_eq!(model.infer(1).await.unwrap(), 1);
+        let err = model.infer(13).await.unwrap_err();
+        assert!(matches!(&err, InferenceError::Panicked { message, .. } if message.contains("unlucky input")), "{err:?}");
+        let err = model.infer(2).await.unwrap_err();
+        assert!(matches!(err, InferenceError::Closed(_)), "{err:?}");
     }
 
     #[tokio::test]

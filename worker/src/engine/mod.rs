@@ -35,6 +35,9 @@ pub enum InferenceError {
     Model { model: String, message: String },
     #[error("model {0} is not running (its thread stopped)")]
     Closed(String),
+    /// The model thread panicked; it has stopped, and the worker must restart to get the model back.
+    #[error("model {model} panicked: {message}")]
+    Panicked { model: String, message: String },
     #[error("cannot load onnx runtime library: {0}")]
     Library(String),
 }
@@ -51,6 +54,9 @@ pub struct Engine {
     env: ort::environment::Environment,
     settings: EngineSettings,
     metrics: Arc<Metrics>,
+    /// Testing hook (`worker.failpoint = model_panic:NAME`), armed by the runtime once warm: the
+    /// next task batch of model NAME panics inside its owner thread.
+    panic_next: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Engine {
@@ -65,7 +71,7 @@ impl Engine {
             .map_err(|e| InferenceError::Library(format!("{path}: {e} (run scripts/setup, or set ORT_DYLIB_PATH)")))?
             .with_name("heimdex")
             .build()?;
-        Ok(Self { env, settings, metrics })
+        Ok(Self { env, settings, metrics, panic_next: Arc::default() })
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -101,7 +107,14 @@ impl Engine {
                 queue_capacity: self.settings.queue_capacity.max(1),
             },
             self.metrics.clone(),
+            self.panic_next.clone(),
         )
+    }
+
+    /// Testing hook: the next batch of task requests (not an exact warm-up batch) of `model` panics
+    /// in its owner thread, as a bug in a runner would.
+    pub fn arm_model_panic(&self, model: &str) {
+        *self.panic_next.lock().expect("failpoint lock") = Some(model.to_string());
     }
 }
 

@@ -31,6 +31,7 @@ pub use persist::{IndexOutput, Segment};
 
 use crate::engine::{InferenceError, WarmupReport};
 use crate::error::TaskError;
+use crate::media::audio::AudioError;
 use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
 use chunker::ChunkParams;
 use embed::{EmbedRunner, TextEmbedder};
@@ -232,7 +233,7 @@ impl Pipeline for IndexPipeline {
         }
         let language = input.options.language.as_deref().or(Some(self.settings.language.as_str()));
         let (output, _) = match self.index(&input.media, language, timings).await {
-            Err(TaskError::Permanent(m)) if m.contains("has no audio track") && self.settings.allow_no_audio => return Ok(empty()),
+            Err(TaskError::Audio(AudioError::NoAudio { .. })) if self.settings.allow_no_audio => return Ok(empty()),
             other => other?,
         };
         // ffmpeg exits 0 on a file cut short; the container still claims the full length.

@@ -10,7 +10,6 @@ use std::process::Stdio;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::error::TaskError;
 
 /// Whisper's and Silero's sample rate.
 pub const SAMPLE_RATE: u32 = 16_000;
@@ -31,16 +30,6 @@ pub enum AudioError {
     /// ffmpeg itself could not be run, or its pipe failed.
     #[error("cannot run ffmpeg: {0} (install ffmpeg)")]
     Tool(String),
-}
-
-impl From<AudioError> for TaskError {
-    fn from(e: AudioError) -> Self {
-        match e {
-            // Retrying cannot install ffmpeg, but it is the worker's fault, not the video's.
-            AudioError::Tool(_) => TaskError::Retryable(e.to_string()),
-            _ => TaskError::Permanent(e.to_string()),
-        }
-    }
 }
 
 /// Decoded samples as they stream out of ffmpeg.
@@ -154,6 +143,7 @@ pub async fn decode_all(uri: &str, max_duration_s: f64) -> Result<Vec<f32>, Audi
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::error::TaskError;
 
     fn media(rel: &str) -> String {
         heimdex_shared::config::ModelSettings::default().dir.join("media").join(rel).display().to_string()
@@ -173,7 +163,7 @@ mod tests {
         assert!(matches!(e, AudioError::NoAudio { .. }), "{e}");
         let e = decode_all(&media("video/corrupt.mp4"), 60.0).await.unwrap_err();
         assert!(e.to_string().contains("Invalid data") || e.to_string().contains("moov"), "{e}");
-        assert!(matches!(TaskError::from(e), TaskError::Permanent(_)));
+        assert_eq!(TaskError::from(e).disposition(), heimdex_shared::error::Disposition::Permanent);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The consume loop: take a permit, take a delivery, spawn its task. Pauses (basic.cancel) while the
-//! database is down and resumes by itself; on shutdown stops consuming, drains in-flight tasks within
-//! the timeout, and hands back what it did not start.
+//! database is down and resumes by itself; stops for good when a model thread died (the process
+//! exits so that it restarts with fresh models, and nothing is dead-lettered for it); on shutdown
+//! stops consuming, drains in-flight tasks within the timeout, and hands back what it did not start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,8 @@ use crate::pipeline::Pipeline;
 pub enum Stop {
     /// Shutdown was requested; `abandoned` tasks did not finish within the timeout.
     Shutdown { abandoned: usize },
+    /// A model thread died; the worker cannot work until the process restarts.
+    ModelFailed { reason: String },
 }
 
 /// Consumes until `shutdown`.
@@ -35,6 +38,7 @@ pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, channel: Channel, shutdown
     let tracker = TaskTracker::new();
     let queue = worker.topology.queue(worker.pipeline.kind());
     let tag = format!("{}-{}", worker.lifecycle.id, uuid::Uuid::new_v4().simple());
+    let mut model_failure = None;
     'consuming: loop {
         let mut consumer =
             channel.basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
@@ -57,7 +61,15 @@ pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, channel: Channel, shutdown
                     Some(Err(e)) => return Err(e.into()),
                     None => anyhow::bail!("the broker cancelled the consumer of {queue} (queue deleted?)"),
                 },
-                () = worker.db_down.notified() => {
+                () = worker.alarms.model_down.notified() => {
+                    let reason = worker.alarms.model_failure.lock().expect("alarms lock").clone().unwrap_or_default();
+                    tracing::error!(reason, "a model failed: no more tasks here; exiting for a restart");
+                    worker.lifecycle.set_state(WorkerState::Failed, &worker.metrics);
+                    cancel(&channel, &tag, consumer).await?;
+                    model_failure = Some(reason);
+                    break 'consuming;
+                }
+                () = worker.alarms.db_down.notified() => {
                     tracing::warn!("database unavailable: pausing consumption");
                     worker.lifecycle.set_state(WorkerState::Paused, &worker.metrics);
                     cancel(&channel, &tag, consumer).await?;
@@ -71,7 +83,9 @@ pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, channel: Channel, shutdown
             }
         }
     }
-    worker.lifecycle.set_state(WorkerState::Draining, &worker.metrics);
+    if model_failure.is_none() {
+        worker.lifecycle.set_state(WorkerState::Draining, &worker.metrics);
+    }
     // After a pause the consumer is already cancelled; cancelling an unknown tag is a no-op.
     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     tracker.close();
@@ -83,7 +97,10 @@ pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, channel: Channel, shutdown
         tracing::warn!(tasks = n, ?timeout, "shutdown timeout: unfinished tasks are requeued by the broker");
         n
     };
-    Ok(Stop::Shutdown { abandoned })
+    Ok(match model_failure {
+        Some(reason) => Stop::ModelFailed { reason },
+        None => Stop::Shutdown { abandoned },
+    })
 }
 
 /// Cancels the consumer and gives back deliveries it had buffered but not started.
@@ -95,11 +112,18 @@ async fn cancel(channel: &Channel, tag: &str, mut consumer: Consumer) -> Result<
     Ok(())
 }
 
-/// Probes the database with growing pauses until it answers (true) or shutdown (false).
+/// Probes the database with growing pauses until it answers (true) or shutdown (false); then gives
+/// back the attempts of runs that the outage cut short, before consuming resumes.
 async fn wait_for_database<P: Pipeline>(worker: &Worker<P>, shutdown: &CancellationToken) -> bool {
     let mut delay = Duration::from_millis(250);
     loop {
         if sqlx::query("SELECT 1").execute(&worker.pool).await.is_ok() {
+            let runs = std::mem::take(&mut *worker.alarms.unreleased.lock().expect("alarms lock"));
+            for run in runs {
+                if let Err(e) = heimdex_shared::jobs::release_run(&worker.pool, &run).await {
+                    tracing::warn!(error = %e, job = %run.job_id, "could not give the attempt back");
+                }
+            }
             return true;
         }
         tokio::select! {

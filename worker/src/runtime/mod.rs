@@ -9,6 +9,7 @@ pub mod consume;
 pub mod health;
 pub mod heartbeat;
 pub mod lifecycle;
+pub mod publisher;
 pub mod task;
 
 use std::future::Future;
@@ -28,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{LoadContext, Pipeline};
 
 pub use lifecycle::Lifecycle;
+pub use publisher::Publisher;
 pub use task::{Outcome, Worker};
 
 /// Runs a worker until `shutdown` resolves.
@@ -91,21 +93,22 @@ where
     let (connection, consume_channel) = topology::connect(&settings.amqp, &id)
         .await
         .with_context(|| format!("connecting to rabbitmq at {}", settings.amqp.url))?;
-    let publisher = connection.create_channel().await?;
-    publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+    let connection = Arc::new(connection);
+    let publisher = Publisher::open(connection.clone()).await?;
     let topology = Topology::new(&settings.amqp);
     topology.declare(&consume_channel, &settings.worker).await.context("declaring the queue topology")?;
 
     // Loading: every model of this pipeline, once, verified.
     lifecycle.set_state(WorkerState::Loading, &metrics);
     let load_started = Instant::now();
-    let pipeline = {
+    let (pipeline, engine) = {
         let settings = settings.clone();
         let metrics = metrics.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<P> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(P, Engine)> {
             let engine = Engine::new(settings.engine.clone(), metrics)?;
             let models = ModelRegistry::open(&settings.models)?;
-            load(&LoadContext { settings: &settings, engine: &engine, models: &models })
+            let pipeline = load(&LoadContext { settings: &settings, engine: &engine, models: &models })?;
+            Ok((pipeline, engine))
         })
         .await
         .context("the model loader panicked")??
@@ -141,6 +144,10 @@ where
     }
     lifecycle.set_models(models, Some(warm.as_secs_f64() * 1000.0));
     tracing::info!(warmup = ?warm, "warm");
+    if let Some(model) = settings.worker.failpoint.strip_prefix("model_panic:") {
+        tracing::warn!(model, "failpoint model_panic: the next task batch of this model panics");
+        engine.arm_model_panic(model);
+    }
 
     let worker = Arc::new(Worker {
         pipeline,
@@ -150,8 +157,9 @@ where
         settings: settings.clone(),
         lifecycle: lifecycle.clone(),
         metrics,
-        db_down: Arc::new(tokio::sync::Notify::new()),
+        alarms: task::Alarms::default(),
     });
+    tokio::spawn(relay_outbox(worker.clone(), background.clone()));
     let result = if stop.is_cancelled() {
         Ok(consume::Stop::Shutdown { abandoned: 0 })
     } else {
@@ -161,7 +169,32 @@ where
     let _ = connection.close(200, "worker stopping".into()).await;
     background.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), heartbeat).await;
-    let stop = result.context("consuming")?;
-    tracing::info!(?stop, "worker stopped");
+    match result.context("consuming")? {
+        consume::Stop::ModelFailed { reason } => {
+            anyhow::bail!("{reason}: the worker stopped taking tasks and exits so that a restart reloads its models")
+        }
+        stop => tracing::info!(?stop, "worker stopped"),
+    }
     Ok(())
+}
+
+/// Publishes task messages that their producer stored but could not publish (see
+/// `heimdex_shared::outbox`), every `worker.outbox_relay_ms`, for every task kind.
+async fn relay_outbox<P: Pipeline>(worker: Arc<Worker<P>>, stop: CancellationToken) {
+    let every = Duration::from_millis(worker.settings.worker.outbox_relay_ms.max(100));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        let relayed = match worker.publisher.channel().await {
+            Ok(channel) => heimdex_shared::outbox::relay(&worker.pool, &channel, &worker.topology, every).await,
+            Err(e) => Err(heimdex_shared::topology::PublishError::Broker(e).into()),
+        };
+        match relayed {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(messages = n, "relayed task messages from the outbox"),
+            Err(e) => tracing::warn!(error = %e, "outbox relay failed; trying again later"),
+        }
+    }
 }

@@ -1,30 +1,39 @@
-//! One delivery, start to finish: parse → mark running → check media → probe → pipeline → one
-//! transaction (results + job `succeeded`) → ack. Failures are routed by [`TaskError`]: permanent to
-//! the dead-letter queue, retryable to the retry queue (then the DLQ), unavailable back to the queue.
+//! One delivery, start to finish: parse (bounded) → start a fenced run (attempt counted first) →
+//! check media → probe → pipeline → one transaction (results + job `succeeded`, only while the run
+//! still holds the job) → ack. Failures are routed by their [`Disposition`]: permanent to the
+//! dead-letter queue, retryable to the retry queue (then the DLQ), unavailable back to the queue with
+//! the attempt given back.
 //!
 //! [`Worker::process_one`] is public so tests can drive a worker one delivery at a time.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::FutureExt;
+use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskMessage;
-use heimdex_shared::jobs::{self, Start, status};
+use heimdex_shared::error::{Dependency, Disposition, cap};
+use heimdex_shared::jobs::{self, JobStatus, Run, Start};
 use heimdex_shared::media;
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology, WORKER_HEADER};
-use heimdex_shared::Settings;
-use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use sqlx::PgPool;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::lifecycle::Lifecycle;
+use super::publisher::Publisher;
 use crate::error::TaskError;
 use crate::metrics::Metrics;
 use crate::pipeline::{Persist, Pipeline, StageTimings, TaskInput};
+
+/// How often a running task checks that its run still holds the job, so a superseded run stops.
+const FENCE_POLL: Duration = Duration::from_secs(2);
+/// Longest pause before handing a message back when its retry copy could not be published.
+const REQUEUE_PAUSE_MAX: Duration = Duration::from_secs(5);
 
 /// What became of a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +42,17 @@ pub enum Outcome {
     Succeeded,
     /// The job had already succeeded (redelivery after a commit): acked without work.
     AlreadyDone,
+    /// Another copy of the message is running the job now: this copy is acked without work.
+    Duplicate,
+    /// A newer run took the job over (a forced re-run, a redelivery): nothing written, acked.
+    Superseded,
     /// Permanent failure: job `failed`, message in the DLQ.
     Failed(String),
     /// Retryable failure: job `retrying`, message in a retry queue.
     Retried(String),
     /// Out of attempts: job `dead`, message in the DLQ.
     Dead(String),
-    /// A dependency is down: message back on the queue, attempt not counted.
+    /// A dependency is down: message back on the queue, attempt given back.
     Requeued(String),
 }
 
@@ -48,6 +61,8 @@ impl Outcome {
         match self {
             Outcome::Succeeded => "succeeded",
             Outcome::AlreadyDone => "already_done",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Superseded => "superseded",
             Outcome::Failed(_) => "failed",
             Outcome::Retried(_) => "retried",
             Outcome::Dead(_) => "dead",
@@ -56,44 +71,57 @@ impl Outcome {
     }
 }
 
+/// What the consume loop must know about the worker's dependencies.
+#[derive(Default)]
+pub struct Alarms {
+    /// Told when the database looks down, so the consume loop pauses.
+    pub db_down: tokio::sync::Notify,
+    /// Told when a model thread died, so the consume loop stops and the process exits for a restart.
+    pub model_down: tokio::sync::Notify,
+    /// Why the model died (for the exit message).
+    pub model_failure: Mutex<Option<String>>,
+    /// Runs whose attempt could not be given back while the database was down; given back before
+    /// consuming resumes.
+    pub unreleased: Mutex<Vec<Run>>,
+}
+
 /// Everything a task needs, shared by all tasks of the process.
 pub struct Worker<P: Pipeline> {
     pub pipeline: Arc<P>,
     pub pool: PgPool,
     /// Publishes retries and dead letters (confirms on); separate from the consuming channel so that
     /// broker flow control on publishes never stalls deliveries.
-    pub publisher: Channel,
+    pub publisher: Publisher,
     pub topology: Topology,
     pub settings: Arc<Settings>,
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
-    /// Told when the database looks down, so the consume loop pauses.
-    pub db_down: Arc<tokio::sync::Notify>,
+    pub alarms: Alarms,
 }
 
 impl<P: Pipeline> Worker<P> {
     /// Handles one delivery completely, including its ack, and reports what happened.
     pub async fn process_one(&self, delivery: Delivery) -> Outcome {
-        let attempt = topology::header_u32(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1).max(1);
         let job_hint = delivery.properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok());
-        let timings = StageTimings::default();
-        let message = match TaskMessage::parse(&delivery.data) {
-            Ok(m) if m.kind != self.pipeline.kind() => Err(TaskError::permanent(format!(
-                "task kind {} delivered to a {} worker (check the queue bindings)",
-                m.kind,
-                self.pipeline.kind()
-            ))),
-            Ok(m) => Ok(m),
-            Err(e) => Err(TaskError::from(e)),
-        };
+        let message = TaskMessage::parse(&delivery.data).map_err(TaskError::from).and_then(|m| {
+            if m.kind == self.pipeline.kind() {
+                Ok(m)
+            } else {
+                Err(TaskError::permanent(format!(
+                    "task kind {} delivered to a {} worker (check the queue bindings)",
+                    m.kind,
+                    self.pipeline.kind()
+                )))
+            }
+        });
         let (outcome, job) = match message {
-            Err(error) => (self.fail(&delivery, job_hint, attempt, error, &timings).await, job_hint),
+            Err(error) => (self.refuse(&delivery, job_hint, &error).await, job_hint),
             Ok(msg) => {
-                let span = tracing::info_span!("task", job_id = %msg.job_id, video_id = %msg.video_id, kind = %msg.kind, attempt);
+                let span = tracing::info_span!("task", job_id = %msg.job_id, video_id = %msg.video_id, kind = %msg.kind, attempt = tracing::field::Empty);
                 let job = msg.job_id.to_string();
                 self.lifecycle.task_started(&job);
                 self.metrics.in_flight().inc();
-                let outcome = self.run_task(&delivery, &msg, attempt, &timings).instrument(span).await;
+                let outcome = self.run_task(&delivery, &msg).instrument(span).await;
                 self.metrics.in_flight().dec();
                 self.lifecycle.task_finished(&job);
                 (outcome, Some(msg.job_id))
@@ -101,129 +129,223 @@ impl<P: Pipeline> Worker<P> {
         };
         self.metrics.task_finished(self.pipeline.kind().as_str(), outcome.label());
         match &outcome {
-            Outcome::Succeeded | Outcome::AlreadyDone => tracing::info!(job = ?job, outcome = outcome.label(), "task done"),
+            Outcome::Succeeded | Outcome::AlreadyDone | Outcome::Duplicate | Outcome::Superseded => {
+                tracing::info!(job = ?job, outcome = outcome.label(), "task done");
+            }
             other => tracing::warn!(job = ?job, outcome = other.label(), reason = ?other, "task did not succeed"),
         }
         outcome
     }
 
-    async fn run_task(&self, delivery: &Delivery, msg: &TaskMessage, attempt: u32, timings: &StageTimings) -> Outcome {
-        let started = std::time::Instant::now();
-        let work = AssertUnwindSafe(self.execute(msg, attempt, timings)).catch_unwind();
-        let result = match tokio::time::timeout(self.settings.worker.task_timeout(), work).await {
-            Err(_) => Err(TaskError::retryable(format!(
-                "timed out after {:?} (worker.task_timeout_ms)",
-                self.settings.worker.task_timeout()
-            ))),
-            Ok(Err(panic)) => Err(TaskError::retryable(format!("task panicked: {}", panic_message(&*panic)))),
-            Ok(Ok(result)) => result,
+    async fn run_task(&self, delivery: &Delivery, msg: &TaskMessage) -> Outcome {
+        let worker = &self.settings.worker;
+        let run = match jobs::start_run(&self.pool, msg, &self.lifecycle.id, delivery.redelivered, worker.max_attempts).await {
+            Ok(Start::Run(run)) => run,
+            Ok(Start::AlreadyDone) => {
+                ack(delivery).await;
+                return Outcome::AlreadyDone;
+            }
+            Ok(Start::Duplicate) => {
+                ack(delivery).await;
+                return Outcome::Duplicate;
+            }
+            Ok(Start::Exhausted { attempts, reason, .. }) => {
+                self.route(delivery, &self.topology.dlq(msg.kind), &reason, attempts, None).await;
+                return Outcome::Dead(reason);
+            }
+            Err(e) => {
+                // No run started, so the attempt travels in the header only.
+                let attempt = topology::header_u32(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1);
+                return self.fail(delivery, None, attempt, TaskError::from(e), &StageTimings::default()).await;
+            }
         };
-        self.metrics.observe_stage("total", started.elapsed().as_secs_f64());
+        tracing::Span::current().record("attempt", run.attempt);
+        if let Some(needle) = worker.failpoint.strip_prefix("crash_on:")
+            && msg.media_uri.contains(needle)
+        {
+            // Testing hook: a video that kills its worker, as an OOM kill or a segfault in a decoder would.
+            tracing::error!(media = %msg.media_uri, "failpoint crash_on: aborting the process");
+            std::process::abort();
+        }
+        let timings = StageTimings::default();
+        let work = AssertUnwindSafe(self.execute(msg, &run, &timings)).catch_unwind();
+        let timeout = worker.task_timeout();
+        let result = tokio::select! {
+            result = tokio::time::timeout(timeout, work) => match result {
+                Err(_) => Err(TaskError::Timeout(timeout)),
+                Ok(Err(panic)) => Err(TaskError::Panicked(crate::panic_message(&*panic))),
+                Ok(Ok(result)) => result,
+            },
+            () = self.superseded(&run) => Ok(false),
+        };
         match result {
-            Ok(start) => {
-                if self.settings.worker.failpoint == "hang_before_ack" {
+            Ok(true) => {
+                if worker.failpoint == "hang_before_ack" {
                     tracing::warn!("failpoint hang_before_ack: parking after the commit, before the ack");
                     std::future::pending::<()>().await;
                 }
                 ack(delivery).await;
-                if start == Start::AlreadyDone { Outcome::AlreadyDone } else { Outcome::Succeeded }
+                Outcome::Succeeded
             }
-            Err(error) => self.fail(delivery, Some(msg.job_id), attempt, error, timings).await,
+            Ok(false) => {
+                tracing::warn!("a newer run took this job over; this run stops without writing");
+                ack(delivery).await;
+                Outcome::Superseded
+            }
+            Err(error) => self.fail(delivery, Some(run), run.attempt, error, &timings).await,
         }
     }
 
-    /// Everything up to and including the commit. Returns before the ack.
-    async fn execute(&self, msg: &TaskMessage, attempt: u32, timings: &StageTimings) -> Result<Start, TaskError> {
-        let worker_id = &self.lifecycle.id;
-        if jobs::start_attempt(&self.pool, msg, worker_id, attempt).await? == Start::AlreadyDone {
-            return Ok(Start::AlreadyDone);
-        }
+    /// Everything up to and including the commit; false when the run no longer holds the job.
+    async fn execute(&self, msg: &TaskMessage, run: &Run, timings: &StageTimings) -> Result<bool, TaskError> {
         if self.settings.worker.failpoint == "panic" {
             panic!("failpoint panic: simulated bug in a task");
         }
         let media_settings = &self.settings.media;
-        let uri = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)
-            .map_err(|e| TaskError::permanent(e.to_string()))?;
-        let probe = timings.time("probe", media::probe(&uri)).await.map_err(|e| TaskError::permanent(e.to_string()))?;
+        let uri = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)?;
+        let probe = timings.time("probe", media::probe(&uri)).await?;
         let input = TaskInput {
-            job_id: msg.job_id,
-            video_id: msg.video_id,
+            job_id: run.job_id,
+            video_id: run.video_id,
             kind: msg.kind,
             media: uri,
             probe,
             options: msg.options.clone(),
-            attempt,
+            attempt: run.attempt,
         };
         let output = self.pipeline.process(&input, timings).await?;
         let persist_started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
-        output.write(&mut tx, msg.video_id).await?;
-        jobs::update_probe(&mut tx, msg.video_id, &input.probe).await?;
+        if !jobs::lock_run(&mut tx, run).await? {
+            return Ok(false);
+        }
+        output.write(&mut tx, run.video_id).await?;
+        jobs::update_probe(&mut tx, run.video_id, &input.probe).await?;
         timings.record("persist", persist_started);
-        jobs::finish_success(&mut tx, msg, &timings.to_json(), &output.summary()).await?;
+        jobs::finish_success(&mut tx, run, &timings.to_json(), &output.summary()).await?;
         tx.commit().await?;
         for (stage, ms) in timings.to_json().as_object().into_iter().flatten() {
             self.metrics.observe_stage(stage, ms.as_f64().unwrap_or(0.0) / 1000.0);
         }
-        Ok(Start::Run)
+        Ok(true)
     }
 
-    /// Routes a failure: DLQ, retry queue, or back to the queue.
-    async fn fail(&self, delivery: &Delivery, job: Option<Uuid>, attempt: u32, error: TaskError, timings: &StageTimings) -> Outcome {
-        let reason = error.to_string();
-        let kind = self.pipeline.kind();
+    /// Resolves once the run no longer holds its job (checked every [`FENCE_POLL`]).
+    async fn superseded(&self, run: &Run) {
+        loop {
+            tokio::time::sleep(FENCE_POLL).await;
+            if let Ok(false) = jobs::holds(&self.pool, run).await {
+                return;
+            }
+        }
+    }
+
+    /// A message that is not a task for this worker: recorded on the job its `message_id` names (if
+    /// that job is waiting) and dead-lettered.
+    async fn refuse(&self, delivery: &Delivery, job: Option<Uuid>, error: &TaskError) -> Outcome {
+        let reason = cap(&error.to_string());
+        if let Some(job) = job
+            && let Err(e) = jobs::refuse_message(&self.pool, job, &reason, &self.lifecycle.id).await
+        {
+            tracing::warn!(error = %e, "could not record the refusal on the job");
+        }
+        let attempt = topology::header_u32(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1);
+        self.route(delivery, &self.topology.dlq(self.pipeline.kind()), &reason, attempt, None).await;
+        Outcome::Failed(reason)
+    }
+
+    /// Routes a failure by disposition: DLQ, retry queue, or back to the queue. `run` is the run it
+    /// ended, if one had started (then the outcome is recorded on the job, fenced by the run).
+    async fn fail(&self, delivery: &Delivery, run: Option<Run>, attempt: u32, error: TaskError, timings: &StageTimings) -> Outcome {
+        let reason = cap(&error.to_string());
         let max = self.settings.worker.max_attempts;
-        let (new_status, outcome) = match error {
-            TaskError::Unavailable(_) => {
-                self.db_down.notify_one();
-                nack_requeue(delivery).await;
+        let (status, outcome) = match error.disposition() {
+            Disposition::Unavailable(dependency) => {
+                if let Some(run) = run {
+                    self.release(run).await;
+                }
+                match dependency {
+                    Dependency::Database => self.alarms.db_down.notify_one(),
+                    Dependency::Model => {
+                        self.alarms.model_failure.lock().expect("alarms lock").get_or_insert_with(|| reason.clone());
+                        self.alarms.model_down.notify_one();
+                    }
+                }
+                nack(delivery, true).await;
                 return Outcome::Requeued(reason);
             }
-            TaskError::Permanent(_) => (status::FAILED, Outcome::Failed(reason.clone())),
-            TaskError::Retryable(_) if attempt >= max => {
-                (status::DEAD, Outcome::Dead(format!("gave up after {attempt} attempts: {reason}")))
+            Disposition::Permanent => (JobStatus::Failed, Outcome::Failed(reason)),
+            Disposition::Retryable if attempt >= max => {
+                (JobStatus::Dead, Outcome::Dead(cap(&format!("gave up after {attempt} attempts: {reason}"))))
             }
-            TaskError::Retryable(_) => (status::RETRYING, Outcome::Retried(reason.clone())),
+            Disposition::Retryable => (JobStatus::Retrying, Outcome::Retried(reason)),
         };
-        let stored_reason = match &outcome {
-            Outcome::Dead(r) => r.clone(),
-            _ => reason.clone(),
+        let (Outcome::Failed(stored) | Outcome::Dead(stored) | Outcome::Retried(stored)) = &outcome else {
+            unreachable!("only failures are routed here")
         };
-        if let Some(job) = job {
-            let recorded = jobs::record_failure(&self.pool, job, new_status, &stored_reason, attempt, &self.lifecycle.id, &timings.to_json()).await;
-            if let Err(e) = recorded {
-                if heimdex_shared::db::is_unavailable(&e) {
-                    // The outcome could not be recorded: keep the message and pause.
-                    self.db_down.notify_one();
-                    nack_requeue(delivery).await;
-                    return Outcome::Requeued(format!("{reason} (and the database is unavailable: {e})"));
+        if let Some(run) = run {
+            match jobs::record_failure(&self.pool, &run, status, stored, &self.lifecycle.id, &timings.to_json()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    ack(delivery).await;
+                    return Outcome::Superseded;
                 }
-                tracing::warn!(error = %e, "could not record the failure on the job");
+                Err(e) => {
+                    // The outcome could not be recorded: keep the message, give the attempt back, pause.
+                    if heimdex_shared::db::is_unavailable(&e) {
+                        self.alarms.unreleased.lock().expect("alarms lock").push(run);
+                        self.alarms.db_down.notify_one();
+                    }
+                    nack(delivery, true).await;
+                    return Outcome::Requeued(cap(&format!("{stored} (and recording it failed: {e})")));
+                }
             }
         }
-        let headers = [
-            (ERROR_HEADER, topology::text(&stored_reason)),
-            (WORKER_HEADER, topology::text(&self.lifecycle.id)),
-        ];
-        let (queue, properties) = if new_status == status::RETRYING {
+        if status == JobStatus::Retrying {
             let delay = Topology::backoff_ms(&self.settings.worker, attempt);
-            let mut headers = headers.to_vec();
-            headers.push((ATTEMPT_HEADER, AMQPValue::LongUInt(attempt + 1)));
-            (self.topology.retry_queue(kind, delay), topology::with_headers(&delivery.properties, &headers))
+            let queue = self.topology.retry_queue(self.pipeline.kind(), delay);
+            self.route(delivery, &queue, stored, attempt + 1, Some(Duration::from_millis(delay))).await;
         } else {
-            let mut headers = headers.to_vec();
-            headers.push((ATTEMPT_HEADER, AMQPValue::LongUInt(attempt)));
-            (self.topology.dlq(kind), topology::with_headers(&delivery.properties, &headers))
-        };
-        match topology::publish_confirmed(&self.publisher, "", &queue, &delivery.data, properties).await {
-            Ok(()) => ack(delivery).await,
-            Err(e) => {
-                // Not safely elsewhere yet: leave it on the work queue rather than lose it.
-                tracing::error!(error = %e, queue, "could not move the message; requeueing it");
-                nack_requeue(delivery).await;
-            }
+            self.route(delivery, &self.topology.dlq(self.pipeline.kind()), stored, attempt, None).await;
         }
         outcome
+    }
+
+    /// Gives a run's attempt back (its failure was the worker's dependency's, not the task's).
+    async fn release(&self, run: Run) {
+        if let Err(e) = jobs::release_run(&self.pool, &run).await {
+            tracing::warn!(error = %e, "could not give the attempt back yet; will when the database answers");
+            self.alarms.unreleased.lock().expect("alarms lock").push(run);
+        }
+    }
+
+    /// Publishes a copy to `queue` (with the reason, the worker and the attempt in headers) and acks
+    /// the original. If the copy cannot be published the worker neither crashes nor loops: a dead
+    /// letter is rejected into the work queue's dead-letter exchange (which leads to the same DLQ;
+    /// the reason is on the job), a retry goes back to the work queue after a pause (the next run's
+    /// attempt is counted at its start, so this ends at `max_attempts`).
+    async fn route(&self, delivery: &Delivery, queue: &str, reason: &str, attempt: u32, retry_after: Option<Duration>) {
+        let headers = [
+            (ERROR_HEADER, topology::text(reason)),
+            (WORKER_HEADER, topology::text(&self.lifecycle.id)),
+            (ATTEMPT_HEADER, AMQPValue::LongUInt(attempt)),
+        ];
+        let properties = topology::with_headers(&delivery.properties, &headers);
+        match self.publisher.publish(queue, &delivery.data, properties).await {
+            Ok(()) => ack(delivery).await,
+            Err(e) => match retry_after {
+                None => {
+                    tracing::error!(error = %e, queue, "could not publish the dead letter; rejecting it into the dead-letter exchange");
+                    reject(delivery).await;
+                }
+                Some(delay) => {
+                    let pause = delay.min(REQUEUE_PAUSE_MAX);
+                    tracing::error!(error = %e, queue, ?pause, "could not publish the retry; handing the message back after a pause");
+                    tokio::time::sleep(pause).await;
+                    nack(delivery, true).await;
+                }
+            },
+        }
     }
 }
 
@@ -233,16 +355,14 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-async fn nack_requeue(delivery: &Delivery) {
-    if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await {
+async fn nack(delivery: &Delivery, requeue: bool) {
+    if let Err(e) = delivery.nack(BasicNackOptions { requeue, ..BasicNackOptions::default() }).await {
         tracing::warn!(error = %e, "nack failed; the broker will redeliver");
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
+async fn reject(delivery: &Delivery) {
+    if let Err(e) = delivery.reject(BasicRejectOptions { requeue: false }).await {
+        tracing::warn!(error = %e, "reject failed; the broker will redeliver");
+    }
 }

@@ -36,20 +36,11 @@ pub use yunet::Face;
 
 use crate::engine::{InferenceError, ModelHandle, WarmupReport};
 use crate::error::TaskError;
-use crate::media::frames::{DEFAULT_WORK_SIDE, Frame, FrameError, FrameGauge, FrameOptions, FrameStream};
+use crate::media::frames::{DEFAULT_WORK_SIDE, Frame, FrameGauge, FrameOptions, FrameStream};
 use crate::metrics::Metrics;
 use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
 use siglip::{ImageRunner, TextRunner};
 use yunet::YunetRunner;
-
-impl From<FrameError> for TaskError {
-    fn from(e: FrameError) -> Self {
-        match e {
-            FrameError::Tool(_) => TaskError::Retryable(e.to_string()),
-            _ => TaskError::Permanent(e.to_string()),
-        }
-    }
-}
 
 /// Models and settings shared by every vision task of the process.
 pub struct VisionPipeline {

@@ -1,7 +1,8 @@
 //! `heimdex dlq list|replay`: what is dead-lettered and why, and putting it back to work.
 //!
 //! Messages are read with `basic.get` and left unacknowledged while we look; closing the channel hands
-//! every one we did not replay back to its queue, so listing never loses a message.
+//! every one we did not replay back to its queue, so listing never loses a message. Only the letters
+//! present when the command starts are read.
 
 use std::process::ExitCode;
 
@@ -9,8 +10,8 @@ use heimdex_shared::contract::{TaskKind, TaskMessage};
 use heimdex_shared::jobs;
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology};
 use heimdex_shared::Settings;
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use uuid::Uuid;
 
 #[derive(clap::Subcommand)]
@@ -45,7 +46,12 @@ pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCo
     let mut replayed = 0usize;
     for kind in TaskKind::ALL.into_iter().filter(|k| kind_filter.is_none_or(|f| f == *k)) {
         let dlq = topo.dlq(kind);
-        while let Some(message) = channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await? {
+        // Only the letters there now: a replayed task that fails again within milliseconds lands
+        // back in this queue while we read it, and must not be read (and replayed) a second time.
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let present = channel.queue_declare(dlq.as_str().into(), passive, FieldTable::default()).await?.message_count();
+        for _ in 0..present {
+            let Some(message) = channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await? else { break };
             total += 1;
             let props = &message.delivery.properties;
             let job = props.message_id().as_ref().map(|m| m.to_string()).unwrap_or_else(|| "-".into());
@@ -62,10 +68,12 @@ pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCo
                         println!("{kind:<6} job {job}  not replayable (not a valid task): {reason}");
                         continue;
                     };
+                    // Reset first: a run of the replayed message may end before this command goes on,
+                    // and its outcome must not be overwritten back to `queued`.
+                    jobs::requeue(&pool, task.job_id).await?;
                     let mut properties = topology::task_properties(&task, 1);
                     properties = topology::with_headers(&properties, &[(ATTEMPT_HEADER, AMQPValue::LongUInt(1))]);
                     topology::publish_confirmed(&channel, topo.exchange(), kind.as_str(), &message.delivery.data, properties).await?;
-                    jobs::requeue(&pool, task.job_id).await?;
                     message.delivery.ack(BasicAckOptions::default()).await?;
                     replayed += 1;
                     println!("{kind:<6} job {job}  replayed");

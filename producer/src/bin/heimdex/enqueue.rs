@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use heimdex_producer::{EnqueueRequest, Producer};
 use heimdex_shared::contract::{TaskKind, TaskOptions};
-use heimdex_shared::jobs::{self, JobRow, status};
+use heimdex_shared::jobs::{self, JobRow, JobStatus};
 use heimdex_shared::Settings;
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
@@ -80,7 +80,7 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     }
     let rows = wait(producer.pool(), &job_ids, Duration::from_secs(args.timeout)).await?;
     print_results(producer.pool(), &rows).await?;
-    let ok = rows.iter().all(|r| r.status == status::SUCCEEDED);
+    let ok = rows.iter().all(|r| r.status == JobStatus::Succeeded);
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
@@ -93,9 +93,9 @@ async fn wait(pool: &sqlx::PgPool, ids: &[Uuid], timeout: Duration) -> anyhow::R
     loop {
         tick.tick().await;
         let rows = jobs::jobs_by_id(pool, ids).await?;
-        let done = rows.iter().filter(|r| status::is_terminal(&r.status)).count();
+        let done = rows.iter().filter(|r| r.status.is_terminal()).count();
         bar.set_position(done as u64);
-        let running: Vec<String> = rows.iter().filter(|r| !status::is_terminal(&r.status)).map(|r| format!("{} {}", r.kind, r.status)).collect();
+        let running: Vec<String> = rows.iter().filter(|r| !r.status.is_terminal()).map(|r| format!("{} {}", r.kind, r.status)).collect();
         bar.set_message(running.join(", "));
         if done == ids.len() {
             bar.finish_and_clear();
@@ -118,7 +118,7 @@ async fn print_results(pool: &sqlx::PgPool, rows: &[JobRow]) -> anyhow::Result<(
         if let Some(err) = &row.last_error {
             println!("    reason: {err}");
         }
-        if row.status != status::SUCCEEDED {
+        if row.status != JobStatus::Succeeded {
             continue;
         }
         if row.kind == "index" {

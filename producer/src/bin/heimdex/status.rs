@@ -33,7 +33,13 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&row)?);
         } else {
             println!("job {} ({} of {})", row.id, row.kind, row.uri);
-            println!("  status {}  attempts {}  worker {}", row.status, row.attempts, row.worker_id.as_deref().unwrap_or("-"));
+            println!(
+                "  status {}  attempts {}  worker deaths {}  worker {}",
+                row.status,
+                row.attempts,
+                row.deaths,
+                row.worker_id.as_deref().unwrap_or("-")
+            );
             if let Some(e) = &row.last_error {
                 println!("  error  {e}");
             }

@@ -145,6 +145,10 @@ pub struct DatabaseSettings {
     pub acquire_timeout_ms: u64,
     /// Run the migrations when a worker starts (they are idempotent and take an advisory lock).
     pub migrate_on_start: bool,
+    /// Longest a statement may run (PostgreSQL `statement_timeout`).
+    pub statement_timeout_ms: u64,
+    /// Longest a statement may wait for a lock (PostgreSQL `lock_timeout`).
+    pub lock_timeout_ms: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -154,6 +158,8 @@ impl Default for DatabaseSettings {
             max_connections: 8,
             acquire_timeout_ms: 3_000,
             migrate_on_start: true,
+            statement_timeout_ms: 60_000,
+            lock_timeout_ms: 10_000,
         }
     }
 }
@@ -175,13 +181,14 @@ impl Default for RedisSettings {
 pub struct MediaSettings {
     /// Local media URIs must resolve (after symlinks) to a file under this folder.
     pub root: PathBuf,
-    /// Accept `http://` and `https://` media URIs (ffmpeg reads them directly).
+    /// Accept `http://` and `https://` media URIs (ffmpeg reads them directly). Off by default: a
+    /// worker that fetches whatever URL a message names can be pointed at internal services.
     pub allow_http: bool,
 }
 
 impl Default for MediaSettings {
     fn default() -> Self {
-        Self { root: PathBuf::from("/srv/heimdex/media"), allow_http: true }
+        Self { root: PathBuf::from("/srv/heimdex/media"), allow_http: false }
     }
 }
 

@@ -10,12 +10,15 @@ use crate::error::{Dependency, Disposition};
 /// The migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// True when an error means the database cannot be reached (as opposed to a bad query).
+/// True when an error means the database cannot be reached (as opposed to a bad query): no
+/// connection, or a server shutting down or starting (`57P01` admin shutdown, `57P02` crash
+/// shutdown, `57P03` cannot connect now), which a PostgreSQL restart sends to every session.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed
-    )
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| matches!(c.as_ref(), "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
 }
 
 /// A database error's disposition: unreachable means pause (no attempt spent), anything else retry.
@@ -23,15 +26,22 @@ pub fn disposition(e: &sqlx::Error) -> Disposition {
     if is_unavailable(e) { Disposition::Unavailable(Dependency::Database) } else { Disposition::Retryable }
 }
 
-/// A lazily connecting pool: creating it never fails on a database that is down.
+/// A lazily connecting pool: creating it never fails on a database that is down. Every connection
+/// has a statement and a lock timeout, so a database that stops answering or a lock held elsewhere
+/// fails a query in bounded time instead of hanging a task until the task timeout.
 ///
 /// # Errors
 /// A malformed URL.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
+    let options: sqlx::postgres::PgConnectOptions = settings.url.expose().parse()?;
+    let options = options.options([
+        ("statement_timeout", format!("{}ms", settings.statement_timeout_ms)),
+        ("lock_timeout", format!("{}ms", settings.lock_timeout_ms)),
+    ]);
+    Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(std::time::Duration::from_millis(settings.acquire_timeout_ms))
-        .connect_lazy(settings.url.expose())
+        .connect_lazy_with(options))
 }
 
 /// Runs pending migrations (idempotent; sqlx serialises concurrent runs with an advisory lock).

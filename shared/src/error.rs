@@ -24,6 +24,8 @@ pub enum Dependency {
     Database,
     /// A model thread died: no task can run here until the process restarts.
     Model,
+    /// RabbitMQ does not answer: reconnect with backoff.
+    Broker,
 }
 
 impl fmt::Display for Disposition {
@@ -33,6 +35,7 @@ impl fmt::Display for Disposition {
             Disposition::Retryable => "retryable",
             Disposition::Unavailable(Dependency::Database) => "unavailable (database)",
             Disposition::Unavailable(Dependency::Model) => "unavailable (model)",
+            Disposition::Unavailable(Dependency::Broker) => "unavailable (broker)",
         })
     }
 }

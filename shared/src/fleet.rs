@@ -24,10 +24,12 @@ pub enum WorkerState {
     Draining,
     /// A model failed; not consuming, exiting so that a restart loads it afresh.
     Failed,
+    /// The broker connection was lost; models stay warm while the worker reconnects.
+    Disconnected,
 }
 
 impl WorkerState {
-    pub const ALL: [WorkerState; 7] = [
+    pub const ALL: [WorkerState; 8] = [
         WorkerState::Cold,
         WorkerState::Loading,
         WorkerState::Warming,
@@ -35,6 +37,7 @@ impl WorkerState {
         WorkerState::Paused,
         WorkerState::Draining,
         WorkerState::Failed,
+        WorkerState::Disconnected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +49,7 @@ impl WorkerState {
             WorkerState::Paused => "paused",
             WorkerState::Draining => "draining",
             WorkerState::Failed => "failed",
+            WorkerState::Disconnected => "disconnected",
         }
     }
 }
@@ -86,12 +90,19 @@ pub struct Fleet {
     prefix: String,
 }
 
+/// How long a first connection to Redis may take; fleet state is optional, so nobody waits longer.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Fleet {
+    /// Connects (at most [`CONNECT_TIMEOUT`]); the connection then reconnects by itself.
+    ///
     /// # Errors
     /// Redis is unreachable.
     pub async fn connect(settings: &RedisSettings, prefix: &str) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(settings.url.expose())?;
-        let redis = ConnectionManager::new(client).await?;
+        let redis = tokio::time::timeout(CONNECT_TIMEOUT, ConnectionManager::new(client))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connecting to redis timed out")))??;
         Ok(Self { redis, prefix: prefix.to_string() })
     }
 

@@ -25,6 +25,18 @@ pub enum MediaError {
     Tool(String),
 }
 
+/// Containers ffmpeg may open (`-format_whitelist`): the audio and video files Heimdex indexes, and
+/// no playlist or concat format, whose entries could name files outside the media root or hosts
+/// nobody allowed.
+pub const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,asf,wav,w64,aiff,caf,mp3,ogg,flac,aac";
+
+/// The arguments that fence an ffmpeg or ffprobe input: only the protocols its URI needs (`file`
+/// for local media) and only [`FORMATS`]. Put them before `-i`.
+pub fn input_fence(uri: &str) -> [&'static str; 4] {
+    let protocols = if uri.contains("://") && !uri.starts_with("file:") { "http,https,tcp,tls" } else { "file" };
+    ["-protocol_whitelist", protocols, "-format_whitelist", FORMATS]
+}
+
 impl MediaError {
     /// Only a missing ffprobe is the worker's fault (retryable); the rest is about the media.
     pub fn disposition(&self) -> crate::error::Disposition {
@@ -88,7 +100,9 @@ pub struct Probe {
 /// not media; [`MediaError::Tool`] when ffprobe itself is missing.
 pub async fn probe(uri: &str) -> Result<Probe, MediaError> {
     let output = tokio::process::Command::new("ffprobe")
-        .args(["-v", "error", "-print_format", "json", "-show_format", "-show_streams", "--", uri])
+        .args(["-v", "error"])
+        .args(input_fence(uri))
+        .args(["-print_format", "json", "-show_format", "-show_streams", "--", uri])
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()

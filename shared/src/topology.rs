@@ -18,6 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::config::{AmqpSettings, WorkerSettings};
+use crate::error::{Dependency, Disposition};
 use crate::contract::{TaskKind, TaskMessage};
 
 /// Header carrying the delivery attempt (1 for the first delivery).
@@ -159,16 +160,32 @@ pub async fn publish_task(channel: &Channel, topology: &Topology, message: &Task
     .await
 }
 
+/// How long a publish may wait for the broker's confirm.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why a publish did not reach a queue.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
-    #[error("the broker did not accept the message (nack)")]
+    #[error("the broker did not accept the message (nack, or no queue for its routing key)")]
     Nacked,
+    #[error("the broker did not confirm the message within {CONFIRM_TIMEOUT:?}")]
+    Timeout,
 }
 
-/// Publishes with `mandatory` and waits for the confirm.
+impl PublishError {
+    /// A refused message is retryable (a queue may be declared again); a broker that does not
+    /// answer is unavailable.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            PublishError::Nacked => Disposition::Retryable,
+            PublishError::Broker(_) | PublishError::Timeout => Disposition::Unavailable(Dependency::Broker),
+        }
+    }
+}
+
+/// Publishes with `mandatory` and waits for the confirm, at most [`CONFIRM_TIMEOUT`].
 ///
 /// # Errors
 /// See [`PublishError`].
@@ -179,16 +196,19 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), PublishError> {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-            body,
-            properties,
-        )
-        .await?
-        .await?;
+    let publish = async {
+        channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                body,
+                properties,
+            )
+            .await?
+            .await
+    };
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish).await.map_err(|_| PublishError::Timeout)??;
     if confirm.is_ack() && confirm.take_message().is_none() { Ok(()) } else { Err(PublishError::Nacked) }
 }
 

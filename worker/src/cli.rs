@@ -24,3 +24,14 @@ pub fn init() -> anyhow::Result<Settings> {
     heimdex_shared::telemetry::init(&settings.log);
     Ok(settings)
 }
+
+/// Ends the process with the worker's result (exit code 0 or 1, the error and its causes on stderr).
+///
+/// Why not return from `main`: dropping the tokio runtime waits for blocking tasks, and a model load
+/// interrupted by SIGTERM may still be running on one; the worker must stop promptly in any state.
+pub fn exit(result: anyhow::Result<()>) -> ! {
+    if let Err(e) = &result {
+        eprintln!("Error: {e:?}");
+    }
+    std::process::exit(i32::from(result.is_err()))
+}

@@ -5,7 +5,10 @@ use heimdex_shared::shutdown::shutdown_signal;
 use heimdex_worker::index::IndexPipeline;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let settings = heimdex_worker::cli::init()?;
-    heimdex_worker::runtime::run(settings, TaskKind::Index, IndexPipeline::load, shutdown_signal()).await
+async fn main() {
+    let result = async {
+        let settings = heimdex_worker::cli::init()?;
+        heimdex_worker::runtime::run(settings, TaskKind::Index, IndexPipeline::load, shutdown_signal()).await
+    };
+    heimdex_worker::cli::exit(result.await)
 }

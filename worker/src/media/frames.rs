@@ -182,7 +182,9 @@ impl FrameStream {
         filter.push_str(&format!("scale={w}:{h}:flags=area"));
         let input = if media.contains("://") { media.to_string() } else { format!("file:{media}") };
         let mut child = tokio::process::Command::new("ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate", "-i", &input])
+            .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate"])
+            .args(heimdex_shared::media::input_fence(&input))
+            .args(["-i", &input])
             .args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,7 +1,16 @@
-//! The consume loop: take a permit, take a delivery, spawn its task. Pauses (basic.cancel) while the
-//! database is down and resumes by itself; stops for good when a model thread died (the process
-//! exits so that it restarts with fresh models, and nothing is dead-lettered for it); on shutdown
-//! stops consuming, drains in-flight tasks within the timeout, and hands back what it did not start.
+//! The consume loop: take a permit, take a delivery, spawn its task.
+//!
+//! - Database down: pause (basic.cancel), probe, resume.
+//! - Broker connection lost: the worker stays warm in memory, says `disconnected`, reconnects with
+//!   backoff and consumes again; tasks in flight run on, their commits stand, and a redelivery of a
+//!   committed task is acked as already done.
+//! - A model thread died: stop for good (the process exits so that it restarts with fresh models,
+//!   and nothing is dead-lettered for it).
+//! - Shutdown: stop consuming, drain in-flight tasks within the timeout, hand back what is left.
+//!
+//! The permits outlive consumers and connections, so tasks still running from before a pause or a
+//! reconnect count against the concurrency; the prefetch is the channel's (`global`), so deliveries a
+//! cancelled consumer left unacked count against the resumed one's prefetch too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,67 +36,39 @@ pub enum Stop {
     ModelFailed { reason: String },
 }
 
-/// Consumes until `shutdown`.
+/// How one consumer ended.
+enum Ended {
+    Shutdown,
+    ModelFailed(String),
+    /// The channel or connection broke: consume again on a new one.
+    Disconnected,
+}
+
+/// Consumes until `shutdown` (or a model failure).
 ///
 /// # Errors
-/// The broker connection failed (the process should exit and be restarted).
-pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, channel: Channel, shutdown: CancellationToken) -> anyhow::Result<Stop> {
+/// Never for broker trouble (that is reconnected); only for a consumer the broker cancelled for good.
+pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, shutdown: CancellationToken) -> anyhow::Result<Stop> {
     let concurrency = worker.settings.worker.concurrency;
-    channel.basic_qos(u16::try_from(concurrency).unwrap_or(u16::MAX), BasicQosOptions::default()).await?;
     let permits = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
-    let queue = worker.topology.queue(worker.pipeline.kind());
-    let tag = format!("{}-{}", worker.lifecycle.id, uuid::Uuid::new_v4().simple());
-    let mut model_failure = None;
-    'consuming: loop {
-        let mut consumer =
-            channel.basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
-        worker.lifecycle.set_state(WorkerState::Warm, &worker.metrics);
-        loop {
-            // Backpressure: a permit first, then a delivery (mini-redis `Listener::run`).
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                () = shutdown.cancelled() => break 'consuming,
-            };
-            tokio::select! {
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        let worker = worker.clone();
-                        tracker.spawn(async move {
-                            worker.process_one(delivery).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => anyhow::bail!("the broker cancelled the consumer of {queue} (queue deleted?)"),
-                },
-                () = worker.alarms.model_down.notified() => {
-                    let reason = worker.alarms.model_failure.lock().expect("alarms lock").clone().unwrap_or_default();
-                    tracing::error!(reason, "a model failed: no more tasks here; exiting for a restart");
-                    worker.lifecycle.set_state(WorkerState::Failed, &worker.metrics);
-                    cancel(&channel, &tag, consumer).await?;
-                    model_failure = Some(reason);
-                    break 'consuming;
-                }
-                () = worker.alarms.db_down.notified() => {
-                    tracing::warn!("database unavailable: pausing consumption");
-                    worker.lifecycle.set_state(WorkerState::Paused, &worker.metrics);
-                    cancel(&channel, &tag, consumer).await?;
-                    if !wait_for_database(&worker, &shutdown).await {
-                        break 'consuming;
-                    }
-                    tracing::info!("database is back: resuming consumption");
-                    continue 'consuming;
-                }
-                () = shutdown.cancelled() => break 'consuming,
+    let ended = loop {
+        let Some(channel) = worker.broker.consume_channel(&shutdown).await else { break Ended::Shutdown };
+        match consume(&worker, &channel, &permits, &tracker, &shutdown).await {
+            Ended::Disconnected => {
+                tracing::warn!("lost the broker: reconnecting (models stay warm)");
+                worker.lifecycle.set_state(WorkerState::Disconnected, &worker.metrics);
             }
+            other => break other,
         }
-    }
-    if model_failure.is_none() {
-        worker.lifecycle.set_state(WorkerState::Draining, &worker.metrics);
-    }
-    // After a pause the consumer is already cancelled; cancelling an unknown tag is a no-op.
-    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    };
+    let model_failure = match ended {
+        Ended::ModelFailed(reason) => Some(reason),
+        _ => {
+            worker.lifecycle.set_state(WorkerState::Draining, &worker.metrics);
+            None
+        }
+    };
     tracker.close();
     let timeout = worker.settings.worker.shutdown_timeout();
     let abandoned = if tokio::time::timeout(timeout, tracker.wait()).await.is_ok() {
@@ -103,13 +84,99 @@ pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, channel: Channel, shutdown
     })
 }
 
-/// Cancels the consumer and gives back deliveries it had buffered but not started.
-async fn cancel(channel: &Channel, tag: &str, mut consumer: Consumer) -> Result<(), lapin::Error> {
-    channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await?;
+/// Consumes on one channel until shutdown, a model failure or a broken channel; pauses and resumes
+/// on it while the database is down.
+async fn consume<P: Pipeline>(
+    worker: &Arc<Worker<P>>,
+    channel: &Channel,
+    permits: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let queue = worker.topology().queue(worker.pipeline.kind());
+    let tag = format!("{}-{}", worker.lifecycle.id, uuid::Uuid::new_v4().simple());
+    let prefetch = u16::try_from(worker.settings.worker.concurrency).unwrap_or(u16::MAX);
+    if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global: true }).await {
+        tracing::warn!(error = %e, "cannot set the prefetch");
+        return Ended::Disconnected;
+    }
+    loop {
+        let consumer =
+            channel.basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default());
+        let mut consumer = match consumer.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot consume");
+                return Ended::Disconnected;
+            }
+        };
+        worker.lifecycle.set_state(WorkerState::Warm, &worker.metrics);
+        loop {
+            // Backpressure: a permit first, then a delivery (mini-redis `Listener::run`).
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                () = shutdown.cancelled() => {
+                    stop_consuming(channel, &tag, consumer).await;
+                    return Ended::Shutdown;
+                }
+            };
+            tokio::select! {
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => {
+                        let worker = worker.clone();
+                        tracker.spawn(async move {
+                            worker.process_one(delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the consumer failed");
+                        return Ended::Disconnected;
+                    }
+                    None => {
+                        tracing::warn!(queue, "the broker cancelled the consumer");
+                        return Ended::Disconnected;
+                    }
+                },
+                () = worker.alarms.model_down.notified() => {
+                    let reason = worker.alarms.model_failure.lock().expect("alarms lock").clone().unwrap_or_default();
+                    tracing::error!(reason, "a model failed: no more tasks here; exiting for a restart");
+                    worker.lifecycle.set_state(WorkerState::Failed, &worker.metrics);
+                    stop_consuming(channel, &tag, consumer).await;
+                    return Ended::ModelFailed(reason);
+                }
+                () = worker.alarms.db_down.notified() => {
+                    tracing::warn!("database unavailable: pausing consumption");
+                    worker.lifecycle.set_state(WorkerState::Paused, &worker.metrics);
+                    if !stop_consuming(channel, &tag, consumer).await {
+                        return Ended::Disconnected;
+                    }
+                    if !wait_for_database(worker, shutdown).await {
+                        return Ended::Shutdown;
+                    }
+                    tracing::info!("database is back: resuming consumption");
+                    break;
+                }
+                () = shutdown.cancelled() => {
+                    stop_consuming(channel, &tag, consumer).await;
+                    return Ended::Shutdown;
+                }
+            }
+        }
+    }
+}
+
+/// Cancels the consumer and gives back deliveries it had buffered but not started; false if the
+/// channel broke (then the broker requeues them itself).
+async fn stop_consuming(channel: &Channel, tag: &str, mut consumer: Consumer) -> bool {
+    if let Err(e) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
+        tracing::warn!(error = %e, "cannot cancel the consumer");
+        return false;
+    }
     while let Some(Ok(delivery)) = consumer.next().await {
         let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
     }
-    Ok(())
+    true
 }
 
 /// Probes the database with growing pauses until it answers (true) or shutdown (false); then gives

@@ -3,13 +3,15 @@
 //! [`run`] takes a worker from cold to warm and serves until shutdown:
 //! cold (health server, Redis heartbeat, database, broker, topology) → loading (the pipeline's models,
 //! verified) → warming (every model at every production batch shape) → warm (`basic_consume`) →
-//! draining (SIGTERM). Only a warm worker consumes, so no task ever pays for a model load.
+//! draining (SIGTERM). Only a warm worker consumes, so no task ever pays for a model load. A lost
+//! broker connection makes it `disconnected` (models kept warm) until it has reconnected; SIGTERM stops
+//! it in any state.
 
 pub mod consume;
 pub mod health;
 pub mod heartbeat;
 pub mod lifecycle;
-pub mod publisher;
+pub mod broker;
 pub mod task;
 
 use std::future::Future;
@@ -19,8 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
-use heimdex_shared::fleet::{Fleet, ModelStatus, WorkerState};
-use heimdex_shared::topology::{self, Topology};
+use heimdex_shared::fleet::{ModelStatus, WorkerState};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
@@ -29,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{LoadContext, Pipeline};
 
 pub use lifecycle::Lifecycle;
-pub use publisher::Publisher;
+pub use broker::Broker;
 pub use task::{Outcome, Worker};
 
 /// Runs a worker until `shutdown` resolves.
@@ -38,7 +39,7 @@ pub use task::{Outcome, Worker};
 ///
 /// # Errors
 /// Start-up failures (a missing or corrupt model, an unreachable broker, a bad health address) and a
-/// lost broker connection; the message says what to fix.
+/// failed model; the message says what to fix.
 pub async fn run<P, L>(
     settings: Settings,
     kind: TaskKind,
@@ -73,11 +74,9 @@ where
     lifecycle.set_health_addr(addr.to_string());
     tracing::info!(worker = %id, health = %addr, settings = ?settings, "worker starting");
 
-    let fleet = Fleet::connect(&settings.redis, &settings.amqp.prefix)
-        .await
-        .with_context(|| format!("connecting to redis at {}", settings.redis.url))?;
     let heartbeat = tokio::spawn(heartbeat::run(
-        fleet,
+        settings.redis.clone(),
+        settings.amqp.prefix.clone(),
         lifecycle.clone(),
         settings.worker.heartbeat_interval(),
         settings.worker.heartbeat_ttl_ms,
@@ -90,16 +89,63 @@ where
             .await
             .with_context(|| format!("migrating the database at {}", settings.database.url))?;
     }
-    let (connection, consume_channel) = topology::connect(&settings.amqp, &id)
+    let broker = Broker::connect(&settings.amqp, &settings.worker, &id)
         .await
         .with_context(|| format!("connecting to rabbitmq at {}", settings.amqp.url))?;
-    let connection = Arc::new(connection);
-    let publisher = Publisher::open(connection.clone()).await?;
-    let topology = Topology::new(&settings.amqp);
-    topology.declare(&consume_channel, &settings.worker).await.context("declaring the queue topology")?;
 
-    // Loading: every model of this pipeline, once, verified.
-    lifecycle.set_state(WorkerState::Loading, &metrics);
+    // Loading and warming; a shutdown signal stops the worker here too (no model is needed to stop).
+    let ready = tokio::select! {
+        ready = load_and_warm(&settings, &lifecycle, &metrics, &pool, kind, load) => Some(ready?),
+        () = stop.cancelled() => None,
+    };
+    let result = match ready {
+        None => {
+            tracing::info!(state = lifecycle.state().as_str(), "stopping before the worker was warm");
+            Ok(consume::Stop::Shutdown { abandoned: 0 })
+        }
+        Some(pipeline) => {
+            let worker = Arc::new(Worker {
+                pipeline,
+                pool,
+                broker,
+                settings: settings.clone(),
+                lifecycle: lifecycle.clone(),
+                metrics,
+                alarms: task::Alarms::default(),
+            });
+            tokio::spawn(relay_outbox(worker.clone(), background.clone()));
+            let result = consume::run(worker.clone(), stop).await;
+            // Closing the connection returns every unacked delivery to its queue.
+            worker.broker.close().await;
+            result
+        }
+    };
+    background.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), heartbeat).await;
+    match result.context("consuming")? {
+        consume::Stop::ModelFailed { reason } => {
+            anyhow::bail!("{reason}: the worker stopped taking tasks and exits so that a restart reloads its models")
+        }
+        stop => tracing::info!(?stop, "worker stopped"),
+    }
+    Ok(())
+}
+
+/// Loading (every model of the pipeline, once, verified) and warming (production batch shapes,
+/// timed, before the first task).
+async fn load_and_warm<P, L>(
+    settings: &Arc<Settings>,
+    lifecycle: &Lifecycle,
+    metrics: &Arc<Metrics>,
+    pool: &sqlx::PgPool,
+    kind: TaskKind,
+    load: L,
+) -> anyhow::Result<Arc<P>>
+where
+    P: Pipeline,
+    L: FnOnce(&LoadContext<'_>) -> anyhow::Result<P> + Send + 'static,
+{
+    lifecycle.set_state(WorkerState::Loading, metrics);
     let load_started = Instant::now();
     let (pipeline, engine) = {
         let settings = settings.clone();
@@ -115,18 +161,17 @@ where
     };
     anyhow::ensure!(pipeline.kind() == kind, "a {} pipeline cannot serve {kind} tasks", pipeline.kind());
     let pipeline = Arc::new(pipeline);
-    pipeline.prepare_db(&pool).await.context("creating the vector indexes")?;
+    pipeline.prepare_db(pool).await.context("creating the vector indexes")?;
     tracing::info!(elapsed = ?load_started.elapsed(), "models loaded");
 
-    // Warming: production batch shapes, timed, before the first task.
-    lifecycle.set_state(WorkerState::Warming, &metrics);
+    lifecycle.set_state(WorkerState::Warming, metrics);
     let warm_started = Instant::now();
     let reports = pipeline.warm_up().await.map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
     if let Some(release) = settings.worker.failpoint.strip_prefix("hold_warmup:") {
         // Testing hook: stay in `warming` until the file exists, so a test can observe a fleet that is
-        // partly warm and a queue that a warming worker does not touch.
+        // partly warm, a queue that a warming worker does not touch, and a stop during warm-up.
         tracing::warn!(release, "failpoint hold_warmup: waiting for the release file");
-        while !std::path::Path::new(release).exists() && !stop.is_cancelled() {
+        while !std::path::Path::new(release).exists() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -148,34 +193,7 @@ where
         tracing::warn!(model, "failpoint model_panic: the next task batch of this model panics");
         engine.arm_model_panic(model);
     }
-
-    let worker = Arc::new(Worker {
-        pipeline,
-        pool,
-        publisher,
-        topology,
-        settings: settings.clone(),
-        lifecycle: lifecycle.clone(),
-        metrics,
-        alarms: task::Alarms::default(),
-    });
-    tokio::spawn(relay_outbox(worker.clone(), background.clone()));
-    let result = if stop.is_cancelled() {
-        Ok(consume::Stop::Shutdown { abandoned: 0 })
-    } else {
-        consume::run(worker, consume_channel, stop).await
-    };
-    // Closing the connection returns every unacked delivery to its queue.
-    let _ = connection.close(200, "worker stopping".into()).await;
-    background.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), heartbeat).await;
-    match result.context("consuming")? {
-        consume::Stop::ModelFailed { reason } => {
-            anyhow::bail!("{reason}: the worker stopped taking tasks and exits so that a restart reloads its models")
-        }
-        stop => tracing::info!(?stop, "worker stopped"),
-    }
-    Ok(())
+    Ok(pipeline)
 }
 
 /// Publishes task messages that their producer stored but could not publish (see
@@ -187,8 +205,8 @@ async fn relay_outbox<P: Pipeline>(worker: Arc<Worker<P>>, stop: CancellationTok
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        let relayed = match worker.publisher.channel().await {
-            Ok(channel) => heimdex_shared::outbox::relay(&worker.pool, &channel, &worker.topology, every).await,
+        let relayed = match worker.broker.publish_channel().await {
+            Ok(channel) => heimdex_shared::outbox::relay(&worker.pool, &channel, worker.topology(), every).await,
             Err(e) => Err(heimdex_shared::topology::PublishError::Broker(e).into()),
         };
         match relayed {

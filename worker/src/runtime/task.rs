@@ -25,7 +25,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::lifecycle::Lifecycle;
-use super::publisher::Publisher;
+use super::broker::Broker;
 use crate::error::TaskError;
 use crate::metrics::Metrics;
 use crate::pipeline::{Persist, Pipeline, StageTimings, TaskInput};
@@ -89,10 +89,9 @@ pub struct Alarms {
 pub struct Worker<P: Pipeline> {
     pub pipeline: Arc<P>,
     pub pool: PgPool,
-    /// Publishes retries and dead letters (confirms on); separate from the consuming channel so that
-    /// broker flow control on publishes never stalls deliveries.
-    pub publisher: Publisher,
-    pub topology: Topology,
+    /// The broker link: consuming channels, and the confirming channel that publishes retries and
+    /// dead letters (separate, so that flow control on publishes never stalls deliveries).
+    pub broker: Broker,
     pub settings: Arc<Settings>,
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
@@ -100,6 +99,10 @@ pub struct Worker<P: Pipeline> {
 }
 
 impl<P: Pipeline> Worker<P> {
+    pub fn topology(&self) -> &Topology {
+        self.broker.topology()
+    }
+
     /// Handles one delivery completely, including its ack, and reports what happened.
     pub async fn process_one(&self, delivery: Delivery) -> Outcome {
         let job_hint = delivery.properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok());
@@ -150,7 +153,7 @@ impl<P: Pipeline> Worker<P> {
                 return Outcome::Duplicate;
             }
             Ok(Start::Exhausted { attempts, reason, .. }) => {
-                self.route(delivery, &self.topology.dlq(msg.kind), &reason, attempts, None).await;
+                self.route(delivery, &self.topology().dlq(msg.kind), &reason, attempts, None).await;
                 return Outcome::Dead(reason);
             }
             Err(e) => {
@@ -250,7 +253,7 @@ impl<P: Pipeline> Worker<P> {
             tracing::warn!(error = %e, "could not record the refusal on the job");
         }
         let attempt = topology::header_u32(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1);
-        self.route(delivery, &self.topology.dlq(self.pipeline.kind()), &reason, attempt, None).await;
+        self.route(delivery, &self.topology().dlq(self.pipeline.kind()), &reason, attempt, None).await;
         Outcome::Failed(reason)
     }
 
@@ -265,6 +268,8 @@ impl<P: Pipeline> Worker<P> {
                     self.release(run).await;
                 }
                 match dependency {
+                    // The consume loop notices a broken channel by itself and reconnects.
+                    Dependency::Broker => {}
                     Dependency::Database => self.alarms.db_down.notify_one(),
                     Dependency::Model => {
                         self.alarms.model_failure.lock().expect("alarms lock").get_or_insert_with(|| reason.clone());
@@ -303,10 +308,10 @@ impl<P: Pipeline> Worker<P> {
         }
         if status == JobStatus::Retrying {
             let delay = Topology::backoff_ms(&self.settings.worker, attempt);
-            let queue = self.topology.retry_queue(self.pipeline.kind(), delay);
+            let queue = self.topology().retry_queue(self.pipeline.kind(), delay);
             self.route(delivery, &queue, stored, attempt + 1, Some(Duration::from_millis(delay))).await;
         } else {
-            self.route(delivery, &self.topology.dlq(self.pipeline.kind()), stored, attempt, None).await;
+            self.route(delivery, &self.topology().dlq(self.pipeline.kind()), stored, attempt, None).await;
         }
         outcome
     }
@@ -331,7 +336,7 @@ impl<P: Pipeline> Worker<P> {
             (ATTEMPT_HEADER, AMQPValue::LongUInt(attempt)),
         ];
         let properties = topology::with_headers(&delivery.properties, &headers);
-        match self.publisher.publish(queue, &delivery.data, properties).await {
+        match self.broker.publish(queue, &delivery.data, properties).await {
             Ok(()) => ack(delivery).await,
             Err(e) => match retry_after {
                 None => {

@@ -51,10 +51,16 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let fleet = Fleet::connect(&settings.redis, &settings.amqp.prefix).await?;
-    let workers = fleet.workers().await?;
+    // Live worker state is in Redis, which is optional: without it, queues and jobs still show.
+    let workers = match Fleet::connect(&settings.redis, &settings.amqp.prefix).await {
+        Ok(fleet) => fleet.workers().await,
+        Err(e) => Err(e),
+    }
+    .map_err(|e| format!("live worker state is unavailable (redis at {}: {e})", settings.redis.url));
     let (_conn, channel) = topology::connect(&settings.amqp, "heimdex-status").await?;
     let topo = Topology::new(&settings.amqp);
+    // Declaring is idempotent and makes a fresh broker show empty queues, not errors.
+    topo.declare(&channel, &settings.worker).await?;
     let mut queues = Vec::new();
     for kind in TaskKind::ALL {
         for name in [topo.queue(kind), topo.dlq(kind)] {
@@ -68,7 +74,8 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     let counts = jobs::counts(&pool).await?;
     if args.json {
         let json = serde_json::json!({
-            "workers": workers,
+            "workers": workers.as_ref().ok(),
+            "workers_error": workers.as_ref().err(),
             "queues": queues.iter().map(|(n, q)| serde_json::json!({"name": n, "messages": q.map(|q| q.0), "consumers": q.map(|q| q.1)})).collect::<Vec<_>>(),
             "jobs": counts.iter().map(|(k, s, n)| serde_json::json!({"kind": k, "status": s, "count": n})).collect::<Vec<_>>(),
         });
@@ -77,11 +84,20 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     }
 
     println!("WORKERS");
-    for kind in TaskKind::ALL {
-        let of_kind: Vec<_> = workers.iter().filter(|w| w.kind == kind.as_str()).collect();
-        let warm = of_kind.iter().filter(|w| w.state == WorkerState::Warm).count();
-        println!("  {kind}: warm {warm}/{}", of_kind.len());
-    }
+    let workers = match workers {
+        Ok(workers) => {
+            for kind in TaskKind::ALL {
+                let of_kind: Vec<_> = workers.iter().filter(|w| w.kind == kind.as_str()).collect();
+                let warm = of_kind.iter().filter(|w| w.state == WorkerState::Warm).count();
+                println!("  {kind}: warm {warm}/{}", of_kind.len());
+            }
+            workers
+        }
+        Err(e) => {
+            println!("  {e}");
+            Vec::new()
+        }
+    };
     for w in &workers {
         let models: Vec<String> = w
             .models

@@ -1,0 +1,192 @@
+//! Outages and untrusted input: a broker blip, Redis down, signals while loading or draining, a
+//! playlist that points outside the media root, a PostgreSQL restart, a database that stops answering.
+//! Outages go through a TCP proxy the test controls, so that other tests are not disturbed.
+
+use std::time::Duration;
+
+use heimdex_producer::{EnqueueRequest, Producer};
+use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
+use heimdex_shared::error::Disposition;
+use heimdex_shared::fleet::WorkerState;
+use heimdex_tests::proxy::TcpProxy;
+use heimdex_tests::{TestEnv, http_get, publish_raw, wait_for};
+use uuid::Uuid;
+
+const WARM: Duration = Duration::from_secs(180);
+const TASK: Duration = Duration::from_secs(240);
+
+async fn enqueue(env: &TestEnv, name: &str, kind: TaskKind) -> (Uuid, Uuid) {
+    let producer = Producer::connect(&env.settings).await.unwrap();
+    let mut req = EnqueueRequest::all(name);
+    req.kinds = vec![kind];
+    let e = producer.enqueue(&req).await.unwrap();
+    (e.video_id, e.jobs[0].job_id)
+}
+
+/// A 100 s video (sample.mp4 four times), so that a vision task runs for several seconds.
+fn long_video(env: &TestEnv, name: &str) {
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-stream_loop", "3", "-i"])
+        .arg(heimdex_tests::bundle_media("video/sample.mp4"))
+        .args(["-c", "copy"])
+        .arg(env.media.path().join(name))
+        .status()
+        .expect("ffmpeg");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
+    let env = TestEnv::new().await;
+    long_video(&env, "long.mp4");
+    env.add_media("video/silent.mp4", "after.mp4");
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let via_proxy = env.settings.amqp.url.expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
+    let worker = env.spawn_worker("vision", "blip", &[("HEIMDEX__AMQP__URL", &via_proxy)]);
+    let status = env.wait_state(&worker, WorkerState::Warm, WARM).await;
+    let (video, job) = enqueue(&env, "long.mp4", TaskKind::Vision).await;
+    env.wait_job(job, "running", TASK).await;
+
+    proxy.cut();
+    env.wait_state(&worker, WorkerState::Disconnected, TASK).await;
+    assert_eq!(http_get(&status.health_addr, "/readyz").await, (503, "disconnected\n".to_string()));
+    proxy.restore();
+    env.wait_state(&worker, WorkerState::Warm, TASK).await;
+
+    // The task in flight during the outage: committed, then acked as already done (or redone).
+    let row = env.wait_job(job, "succeeded", TASK).await;
+    let frames = env.count("SELECT count(*) FROM frames WHERE video_id = $1", video).await;
+    assert_eq!(row.summary.unwrap()["frames"].as_i64(), Some(frames), "one set of results");
+    // A job enqueued after the outage runs on the same, still warm, worker.
+    let (_, after) = enqueue(&env, "after.mp4", TaskKind::Vision).await;
+    env.wait_job(after, "succeeded", TASK).await;
+    let queue = env.topology().queue(TaskKind::Vision);
+    wait_for("every message acked", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
+    let log = worker.log();
+    assert_eq!(log.matches("models loaded").count(), 1, "the models were loaded once: {log}");
+    assert!(log.contains("lost the broker: reconnecting"), "{log}");
+    drop(worker);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_redis_workers_work_status_shows_queues_and_jobs_and_state_returns_with_redis() {
+    let env = TestEnv::new().await;
+    env.add_media("video/silent.mp4", "a.mp4");
+    let proxy = TcpProxy::start("127.0.0.1:6379").await;
+    proxy.cut();
+    let redis = format!("redis://{}/", proxy.addr);
+    // A fixed health port, since without Redis nobody can look it up.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let health = format!("127.0.0.1:{port}");
+    let worker = env.spawn_worker("vision", "no-redis", &[("HEIMDEX__REDIS__URL", &redis), ("HEIMDEX__WORKER__HEALTH_ADDR", &health)]);
+    wait_for("the worker to be ready without redis", WARM, || async {
+        let up = tokio::net::TcpStream::connect(&health).await.is_ok();
+        (up && http_get(&health, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    let (_, job) = enqueue(&env, "a.mp4", TaskKind::Vision).await;
+    env.wait_job(job, "succeeded", TASK).await;
+
+    let out = tokio::process::Command::new(heimdex_tests::binary("heimdex"))
+        .envs(env.env())
+        .env("HEIMDEX__REDIS__URL", &redis)
+        .arg("status")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("live worker state is unavailable"), "{stdout}");
+    assert!(stdout.contains(&env.topology().queue(TaskKind::Vision)) && stdout.contains("succeeded"), "{stdout}");
+
+    proxy.restore();
+    let status = env.wait_state(&worker, WorkerState::Warm, TASK).await;
+    assert_eq!(status.tasks_done, 1, "{status:?}");
+    assert!(worker.log().contains("redis is back"), "{}", worker.log());
+    drop(worker);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_a_worker_that_is_still_warming_up() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker("index", "early", &[]);
+    env.wait_state(&worker, WorkerState::Warming, WARM).await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(60)).await, Some(0), "{}", worker.log());
+    let log = worker.log();
+    assert!(log.contains("stopping before the worker was warm"), "{log}");
+    assert!(!log.contains("runtime: warm "), "it stopped instead of finishing its warm-up: {log}");
+    assert!(env.worker_status("early").await.is_none(), "it left the fleet");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_forces_the_exit_and_the_task_is_redone_elsewhere() {
+    let env = TestEnv::new().await;
+    long_video(&env, "long.mp4");
+    let mut worker = env.spawn_worker("vision", "stuck", &[("HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS", "600000")]);
+    env.wait_state(&worker, WorkerState::Warm, WARM).await;
+    let (_, job) = enqueue(&env, "long.mp4", TaskKind::Vision).await;
+    env.wait_job(job, "running", TASK).await;
+    worker.signal("TERM");
+    env.wait_state(&worker, WorkerState::Draining, TASK).await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await, Some(130), "{}", worker.log());
+    assert_ne!(env.job(job).await.unwrap().status.as_str(), "succeeded", "the drain was cut short");
+    let next = env.spawn_worker("vision", "next", &[]);
+    env.wait_job(job, "succeeded", TASK).await;
+    drop(next);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_playlist_cannot_reach_outside_the_media_root() {
+    let env = TestEnv::new().await;
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.wav");
+    std::fs::copy(heimdex_tests::bundle_media("speech/goforward.wav"), &secret).unwrap();
+    let playlist = format!("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:3,\nfile:{}\n#EXT-X-ENDLIST\n", secret.display());
+    std::fs::write(env.media.path().join("p.m3u8"), playlist).unwrap();
+    // The producer refuses it.
+    let (code, _, err) = env.cli(&["enqueue", "p.m3u8", "--kind", "index"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not on whitelist") || err.contains("ffprobe cannot read"), "{err}");
+    // A message from another service is refused by the worker, and nothing outside is transcribed.
+    let worker = env.spawn_worker("index", "fenced", &[]);
+    env.wait_state(&worker, WorkerState::Warm, WARM).await;
+    let (video, job) = (Uuid::new_v4(), Uuid::new_v4());
+    publish_raw(&env, "index", &TaskMessage::new(job, video, TaskKind::Index, "p.m3u8".into(), TaskOptions::default()).to_body(), Some(job)).await;
+    let row = env.wait_job(job, "failed", TASK).await;
+    assert!(row.last_error.as_deref().unwrap_or("").contains("ffprobe cannot read"), "{row:?}");
+    let segments: i64 = sqlx::query_scalar("SELECT count(*) FROM transcript_segments").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(segments, 0);
+    drop(worker);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_restart_and_a_stalled_query_are_told_apart() {
+    let env = TestEnv::new().await;
+    // A server shutting down sends 57P01 to every session: that is "unavailable" (pause, no attempt
+    // spent), not a failed task.
+    let mut conn = env.pool.acquire().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap();
+    let admin = sqlx::PgPool::connect(heimdex_tests::ADMIN_DB).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&admin).await.unwrap();
+    let err = sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap_err();
+    assert!(heimdex_shared::db::is_unavailable(&err), "{err:?}");
+    drop(conn);
+    // A query that hangs is cut by the statement timeout and is retryable.
+    let mut settings = env.settings.database.clone();
+    settings.statement_timeout_ms = 200;
+    let pool = heimdex_shared::db::pool(&settings).unwrap();
+    let started = std::time::Instant::now();
+    let err = sqlx::query("SELECT pg_sleep(30)").execute(&pool).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(heimdex_shared::db::disposition(&err), Disposition::Retryable, "{err:?}");
+    pool.close().await;
+    admin.close().await;
+    env.cleanup().await;
+}

@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use heimdex_shared::Settings;
+use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::{Fleet, WorkerState, WorkerStatus};
 use heimdex_shared::jobs::{self, JobRow};
 use heimdex_shared::topology::{self, Topology};
@@ -352,4 +353,75 @@ pub async fn count_jobs_in(env: &TestEnv, states: &[jobs::JobStatus]) -> usize {
         .await
         .expect("count jobs");
     n as usize
+}
+
+/// A job of a mixed load and what its results must hold.
+#[derive(Debug, Clone)]
+pub struct LoadJob {
+    pub kind: TaskKind,
+    pub video: Uuid,
+    pub job: Uuid,
+    /// The clip's reference transcript (index jobs).
+    pub reference: Option<String>,
+}
+
+/// Copies short media into the test's media root and enqueues `vision` vision jobs (the 4 s
+/// silent.mp4) and `index` index jobs (the bundle's short speech clips), interleaved.
+pub async fn enqueue_load(env: &TestEnv, vision: usize, index: usize) -> Vec<LoadJob> {
+    let producer = heimdex_producer::Producer::connect(&env.settings).await.expect("producer");
+    let clips = speech_clips();
+    let mut load = Vec::new();
+    for i in 0..vision.max(index) {
+        let add = |kind: TaskKind, name: String, reference: Option<String>| {
+            let producer = &producer;
+            async move {
+                let mut req = heimdex_producer::EnqueueRequest::all(name);
+                req.kinds = vec![kind];
+                let e = producer.enqueue(&req).await.expect("enqueue");
+                LoadJob { kind, video: e.video_id, job: e.jobs[0].job_id, reference }
+            }
+        };
+        if i < vision {
+            env.add_media("video/silent.mp4", &format!("v{i:02}.mp4"));
+            load.push(add(TaskKind::Vision, format!("v{i:02}.mp4"), None).await);
+        }
+        if i < index {
+            let (file, reference) = &clips[i % clips.len()];
+            env.add_media(&format!("speech/{file}"), &format!("a{i:02}.wav"));
+            load.push(add(TaskKind::Index, format!("a{i:02}.wav"), Some(reference.clone())).await);
+        }
+    }
+    load
+}
+
+/// Asserts that every job of `load` succeeded with exactly one result set (rows = the summary's
+/// count) and, for index jobs, a transcript of its clip; returns the deaths counted on them.
+pub async fn assert_load_succeeded(env: &TestEnv, load: &[LoadJob]) -> i32 {
+    let mut deaths = 0;
+    for (i, l) in load.iter().enumerate() {
+        let row = env.job(l.job).await.expect("job row");
+        assert_eq!(row.status, jobs::JobStatus::Succeeded, "{} job {i}: {row:?}", l.kind);
+        deaths += row.deaths;
+        let summary = row.summary.clone().expect("summary");
+        match &l.reference {
+            None => {
+                let frames = env.count("SELECT count(*) FROM frames WHERE video_id = $1", l.video).await;
+                assert!(frames > 0 && summary["frames"].as_i64() == Some(frames), "vision {i}: {frames} rows, {summary}");
+            }
+            Some(reference) => {
+                let texts: Vec<String> = sqlx::query_scalar("SELECT text FROM transcript_segments WHERE video_id = $1 ORDER BY idx")
+                    .bind(l.video)
+                    .fetch_all(&env.pool)
+                    .await
+                    .expect("segments");
+                assert_eq!(summary["segments"].as_u64(), Some(texts.len() as u64), "index {i}: {summary}");
+                // Digits ("10" for "ten") make up the rest; word accuracy is the index tests' business.
+                let found = words_found(reference, &texts.join(" "));
+                assert!(found >= 0.6, "index {i}: {:.0} % of the reference's words: {texts:?}", found * 100.0);
+            }
+        }
+    }
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind IN ('index', 'vision')").fetch_one(&env.pool).await.expect("count");
+    assert!(jobs as usize >= load.len(), "no job lost");
+    deaths
 }

@@ -190,3 +190,58 @@ async fn a_postgres_restart_and_a_stalled_query_are_told_apart() {
     admin.close().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
+    let mut env = TestEnv::new().await;
+    // A broker cut hands tasks in flight to a redelivery, which counts as a death of their run.
+    env.settings.worker.max_attempts = 6;
+    let (broker, database, redis) =
+        (TcpProxy::start("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await, TcpProxy::start("127.0.0.1:6379").await);
+    let amqp_url = env.settings.amqp.url.expose().replace("127.0.0.1:5672", &broker.addr.to_string());
+    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
+    let redis_url = format!("redis://{}/", redis.addr);
+    let via = [
+        ("HEIMDEX__AMQP__URL", amqp_url.as_str()),
+        ("HEIMDEX__DATABASE__URL", db_url.as_str()),
+        ("HEIMDEX__DATABASE__ACQUIRE_TIMEOUT_MS", "500"),
+        ("HEIMDEX__REDIS__URL", redis_url.as_str()),
+    ];
+    let mut workers = vec![env.spawn_worker("vision", "v1", &via), env.spawn_worker("vision", "v2", &via), env.spawn_worker("index", "i1", &via)];
+    for w in &workers {
+        env.wait_state(w, WorkerState::Warm, WARM).await;
+    }
+    let load = heimdex_tests::enqueue_load(&env, 40, 20).await;
+    let started = std::time::Instant::now();
+    let done = || heimdex_tests::count_jobs_in(&env, &[heimdex_shared::jobs::JobStatus::Succeeded]);
+    let mut faults = Vec::new();
+    for (i, (name, proxy)) in [("broker", &broker), ("database", &database), ("redis", &redis), ("broker", &broker)].into_iter().enumerate() {
+        // Each fault starts once a sixth more of the jobs are done.
+        let target = (i + 1) * load.len() / 6;
+        wait_for(&format!("{target} jobs done before the {name} fault"), TASK, || async { (done().await >= target).then_some(()) }).await;
+        proxy.cut();
+        if name == "broker" {
+            for w in &workers {
+                env.wait_state(w, WorkerState::Disconnected, TASK).await;
+            }
+        } else {
+            // The outage lasts 2 s (its length, not a wait for anything).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        proxy.restore();
+        faults.push(name);
+    }
+    wait_for("every job done", Duration::from_secs(600), || async { (done().await == load.len()).then_some(()) }).await;
+    let deaths = heimdex_tests::assert_load_succeeded(&env, &load).await;
+    for w in &mut workers {
+        assert!(w.child.try_wait().unwrap().is_none(), "{} exited: {}", w.id, w.log());
+        assert_eq!(w.log().matches("models loaded").count(), 1, "{} loaded its models again", w.id);
+    }
+    assert_eq!(env.queue(&env.topology().dlq(TaskKind::Vision)).await.0 + env.queue(&env.topology().dlq(TaskKind::Index)).await.0, 0);
+    eprintln!(
+        "outage test: {} jobs through 3 workers in {:.0} s; faults {faults:?}; {deaths} deaths of runs; 0 lost, 0 duplicated, 1 model load per worker",
+        load.len(),
+        started.elapsed().as_secs_f64()
+    );
+    env.cleanup().await;
+}

@@ -23,6 +23,7 @@ use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::jobs::{self, JobStatus};
 use heimdex_shared::outbox::{self, OutboxError};
 use heimdex_shared::media::{self, MediaError, Probe};
+use heimdex_shared::remote;
 use heimdex_shared::topology::{self, PublishError, Topology};
 use heimdex_shared::Settings;
 use lapin::{Channel, Connection};
@@ -194,18 +195,16 @@ impl Producer {
 /// [`ProducerError::Media`] naming the problem.
 pub async fn validate(uri: &str, settings: &Settings) -> Result<ValidMedia, ProducerError> {
     let resolved = media::resolve(uri, &settings.media.root, settings.media.allow_http)?;
-    let probe = media::probe(&resolved).await?;
-    let (content_hash, size_bytes) = if resolved.contains("://") {
-        (None, None)
-    } else {
-        let path = resolved.clone();
-        let (hash, size) = tokio::task::spawn_blocking(move || hash_file(Path::new(&path)))
-            .await
-            .map_err(|e| ProducerError::Read { path: resolved.clone(), source: std::io::Error::other(e) })?
-            .map_err(|source| ProducerError::Read { path: resolved.clone(), source })?;
-        (Some(hash), Some(size))
-    };
-    Ok(ValidMedia { uri: resolved, probe, content_hash, size_bytes })
+    // Remote media is checked as the worker will see it: downloaded under the same rules.
+    let download = if remote::is_remote(&resolved) { Some(remote::fetch(&resolved, &settings.media).await?) } else { None };
+    let local = download.as_ref().map_or_else(|| resolved.clone(), |p| p.display().to_string());
+    let probe = media::probe(&local).await?;
+    let path = local.clone();
+    let (hash, size) = tokio::task::spawn_blocking(move || hash_file(Path::new(&path)))
+        .await
+        .map_err(|e| ProducerError::Read { path: local.clone(), source: std::io::Error::other(e) })?
+        .map_err(|source| ProducerError::Read { path: local.clone(), source })?;
+    Ok(ValidMedia { uri: resolved, probe, content_hash: Some(hash), size_bytes: Some(size) })
 }
 
 fn hash_file(path: &Path) -> std::io::Result<(String, i64)> {

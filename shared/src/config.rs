@@ -35,7 +35,9 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("media.allow_hosts"),
         )
         .build()?
         .try_deserialize()?;
@@ -181,14 +183,27 @@ impl Default for RedisSettings {
 pub struct MediaSettings {
     /// Local media URIs must resolve (after symlinks) to a file under this folder.
     pub root: PathBuf,
-    /// Accept `http://` and `https://` media URIs (ffmpeg reads them directly). Off by default: a
-    /// worker that fetches whatever URL a message names can be pointed at internal services.
+    /// Accept `http://` and `https://` media URIs (downloaded to a temporary file first). Off by
+    /// default: a worker that fetches whatever URL a message names can be pointed at internal services.
     pub allow_http: bool,
+    /// Hosts that remote media may come from; empty = any public host. A listed host may also
+    /// resolve to a loopback, private or link-local address, which is refused otherwise.
+    pub allow_hosts: Vec<String>,
+    /// Largest remote file accepted (bytes).
+    pub max_remote_bytes: u64,
+    /// Connect timeout, and longest silence while reading, for remote media.
+    pub remote_timeout_ms: u64,
 }
 
 impl Default for MediaSettings {
     fn default() -> Self {
-        Self { root: PathBuf::from("/srv/heimdex/media"), allow_http: false }
+        Self {
+            root: PathBuf::from("/srv/heimdex/media"),
+            allow_http: false,
+            allow_hosts: Vec::new(),
+            max_remote_bytes: 8 << 30,
+            remote_timeout_ms: 30_000,
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //!   their jobs, so that no job is ever `queued` without a message.
 //! - [`error`]: dispositions (permanent, retryable, unavailable) and the cap on error texts.
 //! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
-//! - [`media`]: ffprobe, shared by the producer's validation and the workers.
+//! - [`media`]: ffprobe, shared by the producer's validation and the workers; [`remote`]: http(s)
+//!   media downloaded under an allowlist, address checks, timeouts and a size cap.
 //! - [`telemetry`] and [`shutdown`]: tracing set-up and the one shutdown signal.
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod fleet;
 pub mod jobs;
 pub mod media;
 pub mod outbox;
+pub mod remote;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -17,6 +17,12 @@ pub enum MediaError {
     Empty(String),
     #[error("http(s) media URIs are disabled (media.allow_http = false): {0}")]
     HttpDisabled(String),
+    #[error("remote media {uri} refused: {reason}")]
+    RemoteRefused { uri: String, reason: String },
+    #[error("remote media {uri} is larger than media.max_remote_bytes ({limit} bytes)")]
+    RemoteTooLarge { uri: String, limit: u64 },
+    #[error("remote media {uri} unavailable: {reason}")]
+    RemoteUnavailable { uri: String, reason: String },
     #[error("unsupported media URI scheme: {0}")]
     Scheme(String),
     #[error("ffprobe cannot read {uri}: {reason}")]
@@ -30,25 +36,24 @@ pub enum MediaError {
 /// nobody allowed.
 pub const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,asf,wav,w64,aiff,caf,mp3,ogg,flac,aac";
 
-/// The arguments that fence an ffmpeg or ffprobe input: only the protocols its URI needs (`file`
-/// for local media) and only [`FORMATS`]. Put them before `-i`.
-pub fn input_fence(uri: &str) -> [&'static str; 4] {
-    let protocols = if uri.contains("://") && !uri.starts_with("file:") { "http,https,tcp,tls" } else { "file" };
-    ["-protocol_whitelist", protocols, "-format_whitelist", FORMATS]
-}
+/// The arguments that fence every ffmpeg and ffprobe input, put before `-i`: local files only
+/// (remote media is downloaded first, see [`crate::remote`]) and only [`FORMATS`].
+pub const INPUT_FENCE: [&str; 4] = ["-protocol_whitelist", "file", "-format_whitelist", FORMATS];
 
 impl MediaError {
-    /// Only a missing ffprobe is the worker's fault (retryable); the rest is about the media.
+    /// A missing ffprobe or a remote server that does not answer may pass (retryable); the rest is
+    /// about the media.
     pub fn disposition(&self) -> crate::error::Disposition {
         match self {
-            MediaError::Tool(_) => crate::error::Disposition::Retryable,
+            MediaError::Tool(_) | MediaError::RemoteUnavailable { .. } => crate::error::Disposition::Retryable,
             _ => crate::error::Disposition::Permanent,
         }
     }
 }
 
 /// Resolves a media URI against the media root: local paths must exist, be non-empty and lie under
-/// `root` after resolving `..` and symlinks; http(s) URLs pass through when allowed.
+/// `root` after resolving `..` and symlinks; http(s) URLs pass through when allowed (then
+/// [`crate::remote::fetch`] downloads them under its rules).
 ///
 /// # Errors
 /// [`MediaError`] naming the problem.
@@ -56,9 +61,9 @@ pub fn resolve(uri: &str, root: &Path, allow_http: bool) -> Result<String, Media
     if let Some((scheme, _)) = uri.split_once("://") {
         return match scheme {
             "http" | "https" if allow_http => Ok(uri.to_string()),
-            "http" | "https" => Err(MediaError::HttpDisabled(uri.into())),
+            "http" | "https" => Err(MediaError::HttpDisabled(crate::remote::redact(uri))),
             "file" => resolve(&uri["file://".len()..], root, allow_http),
-            _ => Err(MediaError::Scheme(uri.into())),
+            _ => Err(MediaError::Scheme(scheme.to_string())),
         };
     }
     let path = Path::new(uri);
@@ -101,7 +106,7 @@ pub struct Probe {
 pub async fn probe(uri: &str) -> Result<Probe, MediaError> {
     let output = tokio::process::Command::new("ffprobe")
         .args(["-v", "error"])
-        .args(input_fence(uri))
+        .args(INPUT_FENCE)
         .args(["-print_format", "json", "-show_format", "-show_streams", "--", uri])
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -150,7 +150,17 @@ impl TestEnv {
 
     /// Runs the `heimdex` CLI with this test's settings; returns (exit code, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(binary("heimdex")).envs(self.env()).args(args).output().await.expect("run heimdex");
+        self.cli_with(&[], args).await
+    }
+
+    /// Runs the `heimdex` CLI with this test's settings plus `extra` variables.
+    pub async fn cli_with(&self, extra: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+        let mut cmd = Command::new(binary("heimdex"));
+        cmd.envs(self.env());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let out = cmd.args(args).output().await.expect("run heimdex");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),

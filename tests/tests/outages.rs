@@ -88,15 +88,8 @@ async fn without_redis_workers_work_status_shows_queues_and_jobs_and_state_retur
     let (_, job) = enqueue(&env, "a.mp4", TaskKind::Vision).await;
     env.wait_job(job, "succeeded", TASK).await;
 
-    let out = tokio::process::Command::new(heimdex_tests::binary("heimdex"))
-        .envs(env.env())
-        .env("HEIMDEX__REDIS__URL", &redis)
-        .arg("status")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (code, stdout, stderr) = env.cli_with(&[("HEIMDEX__REDIS__URL", &redis)], &["status"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("live worker state is unavailable"), "{stdout}");
     assert!(stdout.contains(&env.topology().queue(TaskKind::Vision)) && stdout.contains("succeeded"), "{stdout}");
 

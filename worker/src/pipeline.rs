@@ -5,7 +5,6 @@
 //! ack, retries), so a new task kind is a new `Pipeline` and nothing else.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -30,19 +29,12 @@ pub struct TaskInput {
     pub job_id: Uuid,
     pub video_id: Uuid,
     pub kind: TaskKind,
-    /// A local file under the media root, or an http(s) URL; ffmpeg reads either.
+    /// A local file: under the media root, or remote media downloaded to a temporary file.
     pub media: String,
     /// What ffprobe said about the media.
     pub probe: Probe,
     pub options: TaskOptions,
     pub attempt: u32,
-}
-
-impl TaskInput {
-    /// The local path, when the media is a file.
-    pub fn local_path(&self) -> Option<PathBuf> {
-        (!self.media.contains("://")).then(|| PathBuf::from(&self.media))
-    }
 }
 
 /// Wall-clock time of each stage of a task, stored as jsonb on the job.

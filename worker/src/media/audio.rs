@@ -57,7 +57,7 @@ impl PcmStream {
     pub fn open(uri: &str, max_duration_s: f64) -> Result<Self, AudioError> {
         let mut child = Command::new("ffmpeg")
             .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror"])
-            .args(heimdex_shared::media::input_fence(uri))
+            .args(heimdex_shared::media::INPUT_FENCE)
             .args(["-i", uri])
             .args(["-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", "16000", "-f", "f32le", "-"])
             .stdin(Stdio::null())

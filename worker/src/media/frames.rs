@@ -180,10 +180,10 @@ impl FrameStream {
         }
         // `area` averages every source pixel into the smaller frame (no aliasing on downscale).
         filter.push_str(&format!("scale={w}:{h}:flags=area"));
-        let input = if media.contains("://") { media.to_string() } else { format!("file:{media}") };
+        let input = format!("file:{media}");
         let mut child = tokio::process::Command::new("ffmpeg")
             .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate"])
-            .args(heimdex_shared::media::input_fence(&input))
+            .args(heimdex_shared::media::INPUT_FENCE)
             .args(["-i", &input])
             .args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
             .stdin(Stdio::null())

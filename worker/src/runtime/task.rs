@@ -15,7 +15,7 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskMessage;
 use heimdex_shared::error::{Dependency, Disposition, cap};
 use heimdex_shared::jobs::{self, JobStatus, Run, Start};
-use heimdex_shared::media;
+use heimdex_shared::{media, remote};
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology, WORKER_HEADER};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -205,7 +205,15 @@ impl<P: Pipeline> Worker<P> {
             panic!("failpoint panic: simulated bug in a task");
         }
         let media_settings = &self.settings.media;
-        let uri = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)?;
+        let mut uri = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)?;
+        // Remote media is downloaded first and read as a local file; the download goes with the task.
+        let _download = if remote::is_remote(&uri) {
+            let path = timings.time("fetch", remote::fetch(&uri, media_settings)).await?;
+            uri = path.display().to_string();
+            Some(path)
+        } else {
+            None
+        };
         let probe = timings.time("probe", media::probe(&uri)).await?;
         let input = TaskInput {
             job_id: run.job_id,

@@ -8,6 +8,7 @@ use heimdex_producer::{EnqueueRequest, Producer};
 use heimdex_shared::contract::{TaskKind, TaskOptions};
 use heimdex_shared::jobs::{self, JobRow, JobStatus};
 use heimdex_shared::Settings;
+use heimdex_shared::remote;
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
 
@@ -49,7 +50,7 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
         match heimdex_producer::validate(input, settings).await {
             Ok(media) => valid.push(media),
             Err(e) => {
-                eprintln!("refused {input}: {e}");
+                eprintln!("refused {}: {e}", remote::redact(input));
                 refused = true;
             }
         }
@@ -71,7 +72,7 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
         let enqueued = producer.enqueue_valid(media, &request).await?;
         for job in &enqueued.jobs {
             let what = if job.published { "enqueued".to_string() } else { format!("already {}", job.status) };
-            println!("{} {:<6} job {} {what}", enqueued.uri, job.kind, job.job_id);
+            println!("{} {:<6} job {} {what}", remote::redact(&enqueued.uri), job.kind, job.job_id);
             job_ids.push(job.job_id);
         }
     }
@@ -114,7 +115,7 @@ async fn print_results(pool: &sqlx::PgPool, rows: &[JobRow]) -> anyhow::Result<(
             (Some(s), Some(f)) => format!("{:.1}s", (f - s).num_milliseconds() as f64 / 1000.0),
             _ => "-".into(),
         };
-        println!("{} {:<6} {:<9} {secs:>7}  {}", row.uri, row.kind, row.status, row.summary.as_ref().map(ToString::to_string).unwrap_or_default());
+        println!("{} {:<6} {:<9} {secs:>7}  {}", remote::redact(&row.uri), row.kind, row.status, row.summary.as_ref().map(ToString::to_string).unwrap_or_default());
         if let Some(err) = &row.last_error {
             println!("    reason: {err}");
         }

@@ -32,7 +32,7 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&row)?);
         } else {
-            println!("job {} ({} of {})", row.id, row.kind, row.uri);
+            println!("job {} ({} of {})", row.id, row.kind, heimdex_shared::remote::redact(&row.uri));
             println!(
                 "  status {}  attempts {}  worker deaths {}  worker {}",
                 row.status,

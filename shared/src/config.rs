@@ -130,11 +130,19 @@ pub struct AmqpSettings {
     /// Names the exchange and prefixes every queue (`heimdex.index`, `heimdex.index.dlq`, ...).
     /// Tests use a unique prefix so that they can run in parallel on one broker.
     pub prefix: String,
+    /// The broker's `consumer_timeout` (RabbitMQ's default: 30 min): a delivery unacked for longer
+    /// makes the broker close the channel. Task time bounds stay a minute below it; raise both
+    /// together for very long media on slow hosts.
+    pub consumer_timeout_ms: u64,
 }
 
 impl Default for AmqpSettings {
     fn default() -> Self {
-        Self { url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"), prefix: "heimdex".into() }
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            prefix: "heimdex".into(),
+            consumer_timeout_ms: 30 * 60 * 1000,
+        }
     }
 }
 
@@ -247,8 +255,12 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     /// Backoff before attempt n+1 is `retry_base_ms * 2^(n-1)`.
     pub retry_base_ms: u64,
-    /// Upper bound of one task, below RabbitMQ's consumer ack timeout (default 30 min).
+    /// Time bound of a task before its media is probed; the bound then grows with the media's
+    /// duration by `task_ms_per_media_second`, up to a minute below `amqp.consumer_timeout_ms`.
     pub task_timeout_ms: u64,
+    /// Extra time a task gets per second of media (the index pipeline runs at about 0.1 s per
+    /// second on 2 cores; 1 s leaves room for slower hosts and busy fleets).
+    pub task_ms_per_media_second: u64,
     /// How often the worker publishes task messages that a producer stored in the outbox but did not
     /// publish (a crash or a broker failure after its commit), and how old they must be.
     pub outbox_relay_ms: u64,
@@ -271,7 +283,8 @@ impl Default for WorkerSettings {
             shutdown_timeout_ms: 30_000,
             max_attempts: 5,
             retry_base_ms: 2_000,
-            task_timeout_ms: 20 * 60 * 1000,
+            task_timeout_ms: 5 * 60 * 1000,
+            task_ms_per_media_second: 1000,
             outbox_relay_ms: 15_000,
             failpoint: String::new(),
         }
@@ -285,8 +298,12 @@ impl WorkerSettings {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
-    pub fn task_timeout(&self) -> Duration {
-        Duration::from_millis(self.task_timeout_ms)
+    /// The time bound of a task on `duration_s` of media (unknown until probed), below the broker's
+    /// consumer timeout so that the broker never takes a task away from a worker that is still on it.
+    pub fn task_timeout(&self, duration_s: Option<f64>, consumer_timeout_ms: u64) -> Duration {
+        let per_media = duration_s.map_or(0, |d| (d.max(0.0) * self.task_ms_per_media_second as f64) as u64);
+        let cap = consumer_timeout_ms.saturating_sub(60_000).max(self.task_timeout_ms);
+        Duration::from_millis(self.task_timeout_ms.saturating_add(per_media).min(cap))
     }
 }
 
@@ -460,6 +477,10 @@ mod tests {
     #[test]
     fn secrets_are_redacted() {
         let s = Secret::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+        let worker = WorkerSettings::default();
+        assert_eq!(worker.task_timeout(None, 30 * 60_000), Duration::from_secs(300));
+        assert_eq!(worker.task_timeout(Some(600.0), 30 * 60_000), Duration::from_secs(900), "10 min of media: 5 + 10 min");
+        assert_eq!(worker.task_timeout(Some(3.0 * 3600.0), 30 * 60_000), Duration::from_secs(29 * 60), "capped below the broker");
         assert_eq!(s.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");

@@ -130,6 +130,8 @@ pub struct Run {
     pub token: Uuid,
     /// 1 for the first run; counted in the database before any work.
     pub attempt: u32,
+    /// Earlier runs of this job that died with their worker (the worker runs such a job alone).
+    pub deaths: u32,
 }
 
 /// What the worker learns when it asks to start a run.
@@ -217,7 +219,7 @@ pub async fn start_run(
         tx.commit().await?;
         return Ok(Start::Exhausted { job_id, attempts, reason });
     }
-    let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1 };
+    let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1, deaths };
     sqlx::query(
         "UPDATE jobs SET status = 'running', attempts = $2, deaths = $3, run_token = $4, worker_id = $5,
              started_at = now(), finished_at = NULL

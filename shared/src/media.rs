@@ -31,10 +31,11 @@ pub enum MediaError {
     Tool(String),
 }
 
-/// Containers ffmpeg may open (`-format_whitelist`): the audio and video files Heimdex indexes, and
-/// no playlist or concat format, whose entries could name files outside the media root or hosts
-/// nobody allowed.
-pub const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,asf,wav,w64,aiff,caf,mp3,ogg,flac,aac";
+/// Containers ffmpeg may open (`-format_whitelist`): the audio and video files Heimdex indexes and
+/// still images (`image2` reads only files named like the input, beside it), and no playlist or
+/// concat format, whose entries could name files outside the media root or hosts nobody allowed.
+pub const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,asf,wav,w64,aiff,caf,mp3,ogg,flac,aac,\
+                           image2,png_pipe,jpeg_pipe,webp_pipe,bmp_pipe";
 
 /// The arguments that fence every ffmpeg and ffprobe input, put before `-i`: local files only
 /// (remote media is downloaded first, see [`crate::remote`]) and only [`FORMATS`].

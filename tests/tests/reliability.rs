@@ -322,3 +322,25 @@ async fn a_retry_that_cannot_be_published_neither_crashes_nor_loops() {
     drop(worker);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_time_bound_follows_the_media_duration() {
+    let env = TestEnv::new().await;
+    long_video(&env, "long.mp4");
+    // A base bound of 1 s: a 100 s video gets 1 s + 100 × 0.5 s, and takes a few seconds. The old
+    // fixed bound timed such a task out on every attempt, then dead-lettered it.
+    let worker = env.spawn_worker(
+        "vision",
+        "patient",
+        &[("HEIMDEX__WORKER__TASK_TIMEOUT_MS", "1000"), ("HEIMDEX__WORKER__TASK_MS_PER_MEDIA_SECOND", "500")],
+    );
+    env.wait_state(&worker, WorkerState::Warm, WARM).await;
+    let (video, job) = enqueue_vision(&env, "long.mp4", false).await.unwrap();
+    let row = env.wait_job(job, "succeeded", TASK).await;
+    assert_eq!(row.attempts, 1, "{row:?}");
+    let total: f64 = row.stage_timings.as_object().unwrap().values().filter_map(serde_json::Value::as_f64).sum();
+    assert!(total > 1000.0, "the task outlived the base bound ({total} ms of stages)");
+    assert!(frames(&env, video).await >= 100);
+    drop(worker);
+    env.cleanup().await;
+}

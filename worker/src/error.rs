@@ -41,7 +41,7 @@ pub enum TaskError {
     /// A failure of the worker's own machinery (a blocking thread, a semaphore) that may pass.
     #[error("{0}")]
     Retryable(String),
-    #[error("timed out after {0:?} (worker.task_timeout_ms)")]
+    #[error("timed out after {0:?} (worker.task_timeout_ms + worker.task_ms_per_media_second per second of media)")]
     Timeout(Duration),
     #[error("task panicked: {0}")]
     Panicked(String),

@@ -115,10 +115,11 @@ impl<R: BatchRunner> ModelHandle<R> {
     }
 }
 
-/// Serves requests until every handle is dropped, or until the runner panics: a panic is contained
-/// here (the batch's requests get [`InferenceError::Panicked`]) and the thread stops, because a
-/// session that panicked mid-run cannot be trusted; later requests get [`InferenceError::Closed`] and
-/// the runtime takes the worker out of service for a restart.
+/// Serves requests until every handle is dropped. A panic of the runner is contained here: the
+/// batch's requests get [`InferenceError::Panicked`], and since a session that panicked mid-run
+/// cannot be trusted, the runner is dropped and every later request gets [`InferenceError::Closed`]
+/// at once (the runtime takes the worker out of service for a restart). The thread keeps answering
+/// rather than exiting, so that no request queued meanwhile waits for a reply forever.
 fn serve<R: BatchRunner>(
     model: &str,
     mut runner: R,
@@ -146,7 +147,7 @@ fn serve<R: BatchRunner>(
                 let stop = matches!(result, Err(InferenceError::Panicked { .. }));
                 let _ = reply.send(result);
                 if stop {
-                    return;
+                    return refuse_all(model, runner, &rx);
                 }
                 continue;
             }
@@ -196,8 +197,20 @@ fn serve<R: BatchRunner>(
             }));
         }
         if stop {
-            tracing::error!(model, "model thread stopped after a panic");
-            return;
+            tracing::error!(model, "model stopped after a panic: every later request is refused");
+            return refuse_all(model, runner, &rx);
+        }
+    }
+}
+
+/// Drops the runner and answers every request with [`InferenceError::Closed`] until every handle is gone.
+fn refuse_all<R: BatchRunner>(model: &str, runner: R, rx: &flume::Receiver<Request<R>>) {
+    drop(runner);
+    let closed = || InferenceError::Closed(model.to_string());
+    while let Ok(request) = rx.recv() {
+        match request {
+            Request::One { reply, .. } => drop(reply.send(Err(closed()))),
+            Request::Exact { reply, .. } => drop(reply.send(Err(closed()))),
         }
     }
 }

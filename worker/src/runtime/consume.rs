@@ -49,17 +49,18 @@ enum Ended {
 /// # Errors
 /// Never for broker trouble (that is reconnected); only for a consumer the broker cancelled for good.
 pub async fn run<P: Pipeline>(worker: Arc<Worker<P>>, shutdown: CancellationToken) -> anyhow::Result<Stop> {
-    let concurrency = worker.settings.worker.concurrency;
-    let permits = Arc::new(Semaphore::new(concurrency));
+    let permits = Arc::new(Semaphore::new(worker.settings.worker.concurrency));
     let tracker = TaskTracker::new();
-    let ended = loop {
-        let Some(channel) = worker.broker.consume_channel(&shutdown).await else { break Ended::Shutdown };
+    // The last channel stays open until the drain is over: dropping it would close it, and the
+    // broker would requeue the deliveries of tasks that are still finishing.
+    let (ended, _channel) = loop {
+        let Some(channel) = worker.broker.consume_channel(&shutdown).await else { break (Ended::Shutdown, None) };
         match consume(&worker, &channel, &permits, &tracker, &shutdown).await {
             Ended::Disconnected => {
                 tracing::warn!("lost the broker: reconnecting (models stay warm)");
                 worker.lifecycle.set_state(WorkerState::Disconnected, &worker.metrics);
             }
-            other => break other,
+            other => break (other, Some(channel)),
         }
     };
     let model_failure = match ended {

@@ -112,6 +112,7 @@ where
                 lifecycle: lifecycle.clone(),
                 metrics,
                 alarms: task::Alarms::default(),
+                isolation: Arc::default(),
             });
             tokio::spawn(relay_outbox(worker.clone(), background.clone()));
             let result = consume::run(worker.clone(), stop).await;

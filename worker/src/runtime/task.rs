@@ -21,6 +21,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use sqlx::PgPool;
+use tokio::sync::RwLock;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -96,6 +97,9 @@ pub struct Worker<P: Pipeline> {
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
     pub alarms: Alarms,
+    /// Every task holds it shared; a task whose previous run died with its worker holds it alone
+    /// (see [`Worker::run_task`]).
+    pub isolation: Arc<RwLock<()>>,
 }
 
 impl<P: Pipeline> Worker<P> {
@@ -140,8 +144,13 @@ impl<P: Pipeline> Worker<P> {
         outcome
     }
 
+    /// Starts a run and carries it out. A run that follows a death of the worker may be what killed
+    /// it, so it runs alone: it waits until the tasks in flight are done and no other task starts
+    /// meanwhile, so that the next time it takes no other task down with it. (The lock is fair: new
+    /// tasks queue behind a waiting exclusive one; two of those take turns.)
     async fn run_task(&self, delivery: &Delivery, msg: &TaskMessage) -> Outcome {
         let worker = &self.settings.worker;
+        let shared = self.isolation.clone().read_owned().await;
         let run = match jobs::start_run(&self.pool, msg, &self.lifecycle.id, delivery.redelivered, worker.max_attempts).await {
             Ok(Start::Run(run)) => run,
             Ok(Start::AlreadyDone) => {
@@ -163,6 +172,15 @@ impl<P: Pipeline> Worker<P> {
             }
         };
         tracing::Span::current().record("attempt", run.attempt);
+        // Held until the task ends.
+        let (_shared, _alone) = if run.deaths > 0 {
+            drop(shared);
+            let alone = self.isolation.clone().write_owned().await;
+            tracing::info!("the run before this one died: running it alone");
+            (None, Some(alone))
+        } else {
+            (Some(shared), None)
+        };
         if let Some(needle) = worker.failpoint.strip_prefix("crash_on:")
             && msg.media_uri.contains(needle)
         {
@@ -171,15 +189,24 @@ impl<P: Pipeline> Worker<P> {
             std::process::abort();
         }
         let timings = StageTimings::default();
-        let work = AssertUnwindSafe(self.execute(msg, &run, &timings)).catch_unwind();
-        let timeout = worker.task_timeout();
-        let result = tokio::select! {
-            result = tokio::time::timeout(timeout, work) => match result {
-                Err(_) => Err(TaskError::Timeout(timeout)),
-                Ok(Err(panic)) => Err(TaskError::Panicked(crate::panic_message(&*panic))),
-                Ok(Ok(result)) => result,
-            },
-            () = self.superseded(&run) => Ok(false),
+        // The time bound starts at the base and follows the media's duration once it is probed.
+        let started = tokio::time::Instant::now();
+        let (bound_tx, mut bound) = tokio::sync::watch::channel(worker.task_timeout(None, self.settings.amqp.consumer_timeout_ms));
+        let work = AssertUnwindSafe(self.execute(msg, &run, &timings, &bound_tx)).catch_unwind();
+        tokio::pin!(work);
+        let superseded = self.superseded(&run);
+        tokio::pin!(superseded);
+        let result = loop {
+            let limit = *bound.borrow_and_update();
+            tokio::select! {
+                result = &mut work => break match result {
+                    Err(panic) => Err(TaskError::Panicked(crate::panic_message(&*panic))),
+                    Ok(result) => result,
+                },
+                () = tokio::time::sleep_until(started + limit) => break Err(TaskError::Timeout(limit)),
+                Ok(()) = bound.changed() => {}
+                () = &mut superseded => break Ok(false),
+            }
         };
         match result {
             Ok(true) => {
@@ -200,7 +227,7 @@ impl<P: Pipeline> Worker<P> {
     }
 
     /// Everything up to and including the commit; false when the run no longer holds the job.
-    async fn execute(&self, msg: &TaskMessage, run: &Run, timings: &StageTimings) -> Result<bool, TaskError> {
+    async fn execute(&self, msg: &TaskMessage, run: &Run, timings: &StageTimings, bound: &tokio::sync::watch::Sender<Duration>) -> Result<bool, TaskError> {
         if self.settings.worker.failpoint == "panic" {
             panic!("failpoint panic: simulated bug in a task");
         }
@@ -215,6 +242,7 @@ impl<P: Pipeline> Worker<P> {
             None
         };
         let probe = timings.time("probe", media::probe(&uri)).await?;
+        let _ = bound.send(self.settings.worker.task_timeout(probe.duration_s, self.settings.amqp.consumer_timeout_ms));
         let input = TaskInput {
             job_id: run.job_id,
             video_id: run.video_id,

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use heimdex_worker::media::audio::decode_all;
-use heimdex_worker::pipeline::StageTimings;
+use heimdex_worker::pipeline::{Pipeline, StageTimings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_tokens_match_fixture_and_kv_cache_matches_no_cache() {
@@ -81,4 +81,22 @@ async fn speech_clips_and_sample_video_transcribe_within_wer_bounds() {
     assert!(transcript.stats.chunks >= 1 && transcript.peak_buffer <= 31 * 16_000, "{:?}", transcript.stats);
     let stages = timings.to_json();
     assert!(stages["asr"].as_f64().unwrap() > 0.0 && stages["embed"].as_f64().is_some(), "{stages}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_model_has_one_name_and_a_timed_warm_up() {
+    let p = load(&settings());
+    let reports = p.warm_up().await.unwrap();
+    let mut models: Vec<String> = p.models().into_iter().map(|m| m.name).collect();
+    let mut warmed: Vec<String> = reports.iter().map(|r| r.model.clone()).collect();
+    models.sort();
+    warmed.sort();
+    assert_eq!(models, warmed, "models() and the warm-up reports name different models");
+    assert_eq!(models.len(), 3, "{models:?}");
+    for r in &reports {
+        assert!(!r.duration.is_zero(), "{} warmed up in no time", r.model);
+    }
+    for m in p.models() {
+        assert!(std::path::Path::new(&m.path).exists(), "{}: {}", m.name, m.path);
+    }
 }

@@ -413,3 +413,17 @@ async fn writing_twice_leaves_one_set_of_rows() {
     db.drop_now().await;
 }
 
+
+#[tokio::test]
+async fn every_model_has_one_name_and_a_timed_warm_up() {
+    let vision = load();
+    let reports = vision.warm_up().await.unwrap();
+    let mut models: Vec<String> = vision.models().into_iter().map(|m| m.name).collect();
+    let mut warmed: Vec<String> = reports.iter().map(|r| r.model.clone()).collect();
+    models.sort();
+    warmed.sort();
+    assert_eq!(models, warmed, "models() and the warm-up reports name different models");
+    for r in &reports {
+        assert!(!r.duration.is_zero(), "{} warmed up in no time", r.model);
+    }
+}

@@ -1,6 +1,7 @@
 //! From audio to timed text: stream speech chunks out of the VAD chunker, compute each chunk's
 //! log-mel off the runtime, and send the chunks to the one shared Whisper thread concurrently (it
-//! batches them, with chunks of other tasks), a bounded number in flight.
+//! batches them, with chunks of other tasks), a bounded number in flight. When a window's output
+//! stops before the chunk's speech does, the rest of the chunk is decoded from where it stopped.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -11,14 +12,22 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use super::chunker::{ChunkParams, SpeechChunk, StreamStats, stream_chunks};
-use super::decode::{WhisperConfig, segments};
+use super::decode::{WhisperConfig, covered, segments};
 use super::mel::LogMel;
 use super::persist::Segment;
 use super::vad::VadRunner;
 use super::whisper::{AsrRequest, AsrResult, WhisperRunner};
 use crate::engine::{InferenceError, ModelHandle};
 use crate::error::TaskError;
-use crate::media::audio::PcmStream;
+use crate::media::audio::{PcmStream, SAMPLE_RATE};
+
+/// Most decoding passes over one chunk. Each pass resumes at least one finished segment later, and a
+/// 30 s chunk rarely needs a second; this only bounds a model that keeps stopping early.
+const MAX_PASSES: usize = 6;
+/// Speech the VAD heard after a window's last closing timestamp that makes the window incomplete.
+/// A closing timestamp can sit a little before the end of the speech it closes (at most 0.48 s over
+/// the 28 chunks of the 10-minute recording); a sentence left out leaves seconds.
+pub const UNHEARD_SPEECH_S: f64 = 1.0;
 
 /// The models and tables a transcription needs; cheap to clone.
 #[derive(Clone)]
@@ -91,25 +100,59 @@ impl Transcriber {
 
     /// Transcribes one speech chunk into segments with absolute times.
     ///
+    /// One window's output does not always cover the chunk: Whisper may end it with a segment left
+    /// open (its timestamp grammar for "continue from here in the next window"), or close a segment
+    /// and stop although more speech follows (it does so on repeated speech, and after the loop guard
+    /// cuts a row). Whatever follows the point where the final output ends would be lost, so while
+    /// the VAD heard speech after that point (any, after an open segment; more than
+    /// [`UNHEARD_SPEECH_S`] after a closed one, which timestamp rounding does not explain) the rest of
+    /// the chunk is decoded as a new window starting there, as `openai-whisper` seeks. The first
+    /// pass's language is kept.
+    ///
     /// # Errors
     /// Inference failed.
     pub async fn chunk(&self, chunk: SpeechChunk, language: Option<u32>) -> Result<(Vec<Segment>, u32, f64), InferenceError> {
         let (offset, dur) = (chunk.offset_s, chunk.duration_s());
-        let res = self.decode_window(chunk.samples, language, true, true).await?;
-        let segs = segments(&res.tokens, &res.probs, &self.cfg, dur as f32)
+        let rate = f64::from(SAMPLE_RATE);
+        let mut out = Vec::new();
+        let mut language = language;
+        let mut start = 0usize;
+        for pass in 1..=MAX_PASSES {
+            let from_s = start as f64 / rate;
+            let window = chunk.samples[start..].to_vec();
+            let window_s = window.len() as f64 / rate;
+            let res = self.decode_window(window, language, true, true).await?;
+            language = Some(res.language);
+            let resume = covered(&res.tokens, &self.cfg).filter(|c| {
+                let unheard = chunk.speech_after(from_s + f64::from(c.until_s));
+                let need = if c.unfinished { f64::from(self.params.min_speech_s) } else { UNHEARD_SPEECH_S };
+                pass < MAX_PASSES && unheard >= need
+            });
+            let keep = resume.map_or(res.tokens.len(), |c| c.keep);
+            out.extend(self.timed(&res.tokens[..keep], &res.probs[..keep], offset + from_s, window_s));
+            match resume {
+                Some(c) => start = (start + (f64::from(c.until_s) * rate).round() as usize).min(chunk.samples.len()),
+                None => break,
+            }
+        }
+        Ok((out, language.unwrap_or_default(), dur))
+    }
+
+    /// Segments of one window's tokens, with absolute times (`offset_s`: where the window starts).
+    fn timed(&self, tokens: &[u32], probs: &[f32], offset_s: f64, window_s: f64) -> Vec<Segment> {
+        segments(tokens, probs, &self.cfg, window_s as f32)
             .into_iter()
             .filter_map(|s| {
                 let text = self.decode_text(&s.tokens);
                 (!text.is_empty()).then(|| Segment {
-                    start_s: offset + f64::from(s.start_s),
-                    end_s: offset + f64::from(s.end_s),
+                    start_s: offset_s + f64::from(s.start_s),
+                    end_s: offset_s + f64::from(s.end_s),
                     text,
                     confidence: s.confidence,
                     embedding: Vec::new(),
                 })
             })
-            .collect();
-        Ok((segs, res.language, dur))
+            .collect()
     }
 
     /// Streams `uri` through ffmpeg and the chunker and transcribes the chunks as they come, at most

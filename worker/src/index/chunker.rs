@@ -28,11 +28,19 @@ pub struct SpeechChunk {
     pub offset_s: f64,
     /// 16 kHz mono samples, at most `max_chunk_s` long.
     pub samples: Vec<f32>,
+    /// Where the VAD heard speech: (start, end) seconds from the chunk's start, in order. Tells the
+    /// decoder whether speech remains after the point where a window's output stopped (see `asr`).
+    pub speech: Vec<(f64, f64)>,
 }
 
 impl SpeechChunk {
     pub fn duration_s(&self) -> f64 {
         self.samples.len() as f64 / f64::from(SAMPLE_RATE)
+    }
+
+    /// Seconds of speech after `t` (seconds from the chunk's start).
+    pub fn speech_after(&self, t: f64) -> f64 {
+        self.speech.iter().map(|&(a, b)| (b - a.max(t)).max(0.0)).sum()
     }
 }
 
@@ -148,6 +156,11 @@ impl Chunker {
         let mut out = self.emit(end_frame)?;
         let start = (out.offset_s * f64::from(SAMPLE_RATE)) as u64;
         out.samples.truncate(samples_total.saturating_sub(start) as usize);
+        let end = out.duration_s();
+        out.speech.retain(|s| s.0 < end);
+        if let Some(last) = out.speech.last_mut() {
+            last.1 = last.1.min(end);
+        }
         (!out.samples.is_empty()).then_some(out)
     }
 
@@ -172,14 +185,24 @@ impl Chunker {
     /// Emits frames `[buf_frame, end)` as a chunk (unless it holds too little speech) and drops them.
     fn emit(&mut self, end: usize) -> Option<SpeechChunk> {
         let n = end.saturating_sub(self.buf_frame).min(self.probs.len());
-        let speech = self.probs[..n].iter().filter(|&&p| p >= self.params.threshold).count();
+        // Runs of speech frames, [first, end).
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in (0..n).filter(|&i| self.probs[i] >= self.params.threshold) {
+            match runs.last_mut() {
+                Some(run) if run.1 == i => run.1 = i + 1,
+                _ => runs.push((i, i + 1)),
+            }
+        }
+        let speech: usize = runs.iter().map(|(a, b)| b - a).sum();
+        let seconds = |f: usize| (f * FRAME) as f64 / f64::from(SAMPLE_RATE);
+        let spans = runs.into_iter().map(|(a, b)| (seconds(a), seconds(b))).collect();
         let samples: Vec<f32> = self.buf.drain(..n * FRAME).collect();
         self.probs.drain(..n);
         let offset_s = (self.buf_frame * FRAME) as f64 / f64::from(SAMPLE_RATE);
         self.buf_frame += n;
         (speech >= self.min_speech_frames).then(|| {
             self.next_index += 1;
-            SpeechChunk { index: self.next_index - 1, offset_s, samples }
+            SpeechChunk { index: self.next_index - 1, offset_s, samples, speech: spans }
         })
     }
 
@@ -254,4 +277,37 @@ pub async fn stream_chunks(
         let _ = tx.send(chunk).await;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_knows_where_its_speech_is() {
+        let params = ChunkParams::new(0.5, 30.0);
+        let mut chunker = Chunker::new(params, Arc::default());
+        let frame = vec![0.1f32; FRAME];
+        // 20 frames of silence, 30 of speech, 10 of pause, 20 of speech, then silence until the gap ends it.
+        let probs = [(20, 0.0), (30, 0.9), (10, 0.1), (20, 0.9), (200, 0.0)];
+        let mut chunks = Vec::new();
+        for (n, p) in probs {
+            for _ in 0..n {
+                chunks.extend(chunker.push(&frame, p));
+            }
+        }
+        assert_eq!(chunks.len(), 1);
+        let c = &chunks[0];
+        // The chunk starts one pre-roll (7 frames) before the first speech frame.
+        let f = FRAME as f64 / f64::from(SAMPLE_RATE);
+        assert!((c.offset_s - 13.0 * f).abs() < 1e-9, "{}", c.offset_s);
+        let want = [(7.0 * f, 37.0 * f), (47.0 * f, 67.0 * f)];
+        assert_eq!(c.speech.len(), 2, "{:?}", c.speech);
+        for (got, want) in c.speech.iter().zip(want) {
+            assert!((got.0 - want.0).abs() < 1e-9 && (got.1 - want.1).abs() < 1e-9, "{:?}", c.speech);
+        }
+        assert!((c.speech_after(0.0) - 50.0 * f).abs() < 1e-9);
+        assert!((c.speech_after(57.0 * f) - 10.0 * f).abs() < 1e-9);
+        assert_eq!(c.speech_after(c.duration_s()), 0.0);
+    }
 }

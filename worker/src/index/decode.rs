@@ -189,6 +189,42 @@ fn log_softmax(values: &[f32]) -> Vec<f32> {
     values.iter().map(|v| v - lse).collect()
 }
 
+/// How far the output of a timestamped window covers its audio.
+///
+/// The last timestamp says where the transcribed audio ends. Whisper's timestamp grammar also marks
+/// the last segment as unfinished when the output ends with a segment still open (`<|a|><|b|>` then
+/// eot) or runs out of tokens inside one (text after the last timestamp pair, no closing timestamp):
+/// in `openai-whisper`'s `transcribe` that means "the rest starts at `a`: seek there and decode a new
+/// window", so only the tokens up to and including `<|a|>` are final.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Covered {
+    /// Tokens that are final (the rest is an unfinished segment).
+    pub keep: usize,
+    /// Where the final tokens end: the last closing timestamp, seconds from the window's start (> 0).
+    pub until_s: f32,
+    /// The output ended in an unfinished segment (dropped from `keep`).
+    pub unfinished: bool,
+}
+
+/// Where the final part of a timestamped window's output ends, when it ends with a closing timestamp
+/// (complete) or with an unfinished segment that follows a finished one; `None` for an output that is
+/// one open segment or empty, which cannot be resumed anywhere but at its start.
+pub fn covered(tokens: &[u32], cfg: &WhisperConfig) -> Option<Covered> {
+    let tb = cfg.special_tokens.timestamp_begin;
+    let is_ts = |t: &u32| *t >= tb;
+    let at = |t: u32| (t - tb) as f32 * cfg.timestamp_step_s;
+    let n = tokens.len();
+    // A lone closing timestamp at the end: every segment is finished.
+    if n >= 2 && is_ts(&tokens[n - 1]) && !is_ts(&tokens[n - 2]) {
+        return Some(Covered { keep: n, until_s: at(tokens[n - 1]), unfinished: false });
+    }
+    // The last pair of consecutive timestamps: `<|a|>` closes a segment, `<|b|>` opens the next one,
+    // which is unfinished (nothing after it closes it, or the first branch would have returned).
+    let open = tokens.windows(2).rposition(|w| is_ts(&w[0]) && is_ts(&w[1]))? + 1;
+    let a = at(tokens[open - 1]);
+    (a > 0.0).then_some(Covered { keep: open, until_s: a, unfinished: true })
+}
+
 /// A span of text with times relative to its window.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawSegment {
@@ -269,6 +305,24 @@ mod tests {
         }
         assert!(row.done && row.looped);
         assert_eq!(row.tokens, vec![2221]);
+    }
+
+    #[test]
+    fn coverage_ends_at_the_last_closing_timestamp_and_drops_an_open_segment() {
+        let c = cfg();
+        let tb = c.special_tokens.timestamp_begin;
+        let cov = |keep, until_s, unfinished| Some(Covered { keep, until_s, unfinished });
+        // Complete: a lone closing timestamp at the end.
+        assert_eq!(covered(&[tb, 400, tb + 100, tb + 100, 402, tb + 150], &c), cov(6, 3.0, false));
+        assert_eq!(covered(&[tb + 10, 400, tb + 100], &c), cov(3, 2.0, false));
+        // A segment opened and nothing in it: final through <|a|>.
+        assert_eq!(covered(&[tb, 400, 401, tb + 100, tb + 100, 402, tb + 150, tb + 160], &c), cov(7, 3.0, true));
+        // Text after the last pair and no closing timestamp (eot or out of tokens): the same.
+        assert_eq!(covered(&[tb, 400, tb + 100, tb + 100, 402, 403], &c), cov(3, 2.0, true));
+        // One open segment, or nothing: no point to resume from.
+        assert_eq!(covered(&[tb, 400, 401], &c), None);
+        assert_eq!(covered(&[tb], &c), None);
+        assert_eq!(covered(&[], &c), None);
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl EmbedRunner {
             .find(|n| **n == "last_hidden_state")
             .or_else(|| names.first())
             .map(|n| (*n).to_string())
-            .ok_or_else(|| InferenceError::Model { model: "text encoder".into(), message: "no outputs".into() })?;
+            .ok_or_else(|| InferenceError::Model { model: super::TEXT_EMBED.into(), message: "no outputs".into() })?;
         Ok(Self { session, inputs, output, pooling, dim })
     }
 }
@@ -66,14 +66,14 @@ impl BatchRunner for EmbedRunner {
                 "attention_mask" => mask.clone(),
                 "token_type_ids" => vec![0i64; b * s],
                 other => {
-                    return Err(InferenceError::Model { model: "text encoder".into(), message: format!("unknown input {other}") });
+                    return Err(InferenceError::Model { model: super::TEXT_EMBED.into(), message: format!("unknown input {other}") });
                 }
             };
             feed.push((name.clone(), Tensor::from_array(([b, s], data))?.into()));
         }
         let out = self.session.run(feed)?;
         let (shape, data) = out[self.output.as_str()].try_extract_tensor::<f32>()?;
-        let bad = |m: String| InferenceError::Model { model: "text encoder".into(), message: m };
+        let bad = |m: String| InferenceError::Model { model: super::TEXT_EMBED.into(), message: m };
         let (seq, dim, pooling) = match shape.as_ref() {
             [bb, t, d] if *bb as usize == b => (*t as usize, *d as usize, self.pooling),
             // Already one vector per text.

@@ -38,6 +38,13 @@ use embed::{EmbedRunner, TextEmbedder};
 use vad::{FRAME, VadRequest, VadRunner, VadState};
 use whisper::{AsrRequest, WhisperRunner};
 
+/// Names of the pipeline's models, one per model thread, used for everything that names a model:
+/// [`Pipeline::models`], the warm-up reports (the runtime sums warm-up time per model by name), the
+/// model threads and the metrics they label.
+pub const WHISPER: &str = "whisper";
+pub const SILERO_VAD: &str = "silero-vad";
+pub const TEXT_EMBED: &str = "text-embed";
+
 /// Largest Whisper batch (chunks encoded and decoded together). Beyond 4 rows a 2–8 core CPU gains
 /// little per row, while warm-up (every batch size) and the cross-attention cache (37 MB a row) grow.
 pub const MAX_ASR_BATCH: usize = 4;
@@ -60,29 +67,32 @@ impl IndexPipeline {
         let s = ctx.settings.index.clone();
         let max_batch = ctx.settings.engine.max_batch.max(1);
         let wfile = |f: &str| ctx.models.file(&format!("{}/{f}", s.whisper_dir)).with_context(|| format!("whisper {f}"));
-        let mut models = Vec::new();
-        let mut session = |rel: String, path: std::path::PathBuf| -> anyhow::Result<ort::session::Session> {
-            models.push(ModelInfo { name: rel.clone(), path: path.display().to_string() });
-            ctx.engine.session(&path).with_context(|| format!("loading {rel}"))
-        };
+        let session = |rel: &str, path: &std::path::Path| ctx.engine.session(path).with_context(|| format!("loading {rel}"));
         let cfg: decode::WhisperConfig = serde_json::from_slice(&std::fs::read(wfile("config.json")?)?).context("whisper config.json")?;
         let text = tokenizers::Tokenizer::from_file(wfile("tokenizer.json")?)
             .map_err(|e| anyhow::anyhow!("whisper tokenizer.json: {e}"))?;
         let mel = mel::LogMel::load(&wfile("mel_filters.f32")?)?;
-        let encoder = session(format!("{}/encoder_model.onnx", s.whisper_dir), wfile("encoder_model.onnx")?)?;
-        let decoder = session(format!("{}/decoder_model.onnx", s.whisper_dir), wfile("decoder_model.onnx")?)?;
-        let with_past = session(format!("{}/decoder_with_past_model.onnx", s.whisper_dir), wfile("decoder_with_past_model.onnx")?)?;
-        let vad_session = session(s.vad_model.clone(), ctx.models.file(&s.vad_model)?)?;
+        let encoder_path = wfile("encoder_model.onnx")?;
+        let encoder = session("encoder_model.onnx", &encoder_path)?;
+        let decoder = session("decoder_model.onnx", &wfile("decoder_model.onnx")?)?;
+        let with_past = session("decoder_with_past_model.onnx", &wfile("decoder_with_past_model.onnx")?)?;
+        let vad_path = ctx.models.file(&s.vad_model)?;
+        let vad_session = session(&s.vad_model, &vad_path)?;
         let embed_rel = format!("{}/{}", s.embed_dir, s.embed_file);
-        let embed_session = session(embed_rel.clone(), ctx.models.file(&embed_rel)?)?;
+        let embed_path = ctx.models.file(&embed_rel)?;
+        let embed_session = session(&embed_rel, &embed_path)?;
         let embed_tok = ctx.models.file(&format!("{}/tokenizer.json", s.embed_dir))?;
+        // Whisper is three sessions behind one thread: one model, named by its folder.
+        let whisper_path = encoder_path.parent().unwrap_or(&encoder_path);
+        let info = |name: &str, path: &std::path::Path| ModelInfo { name: name.into(), path: path.display().to_string() };
+        let models = vec![info(WHISPER, whisper_path), info(SILERO_VAD, &vad_path), info(TEXT_EMBED, &embed_path)];
 
         let asr_batch = max_batch.min(MAX_ASR_BATCH);
         let cfg = Arc::new(cfg);
-        let asr = ctx.engine.spawn("whisper", WhisperRunner::new((*cfg).clone(), encoder, decoder, with_past), asr_batch);
-        let vad = ctx.engine.spawn("silero-vad", VadRunner::new(vad_session), max_batch);
+        let asr = ctx.engine.spawn(WHISPER, WhisperRunner::new((*cfg).clone(), encoder, decoder, with_past), asr_batch);
+        let vad = ctx.engine.spawn(SILERO_VAD, VadRunner::new(vad_session), max_batch);
         let runner = EmbedRunner::new(embed_session, s.embed_pooling, s.embed_dim)?;
-        let embedder = TextEmbedder::new(&embed_tok, s.embed_max_len, ctx.engine.spawn("text-embed", runner, max_batch))?;
+        let embedder = TextEmbedder::new(&embed_tok, s.embed_max_len, ctx.engine.spawn(TEXT_EMBED, runner, max_batch))?;
         let transcriber = Transcriber {
             cfg,
             text: Arc::new(text),
@@ -148,7 +158,7 @@ impl IndexPipeline {
             let req = AsrRequest { mel: mel.clone(), language: None, timestamps: true, kv_cache: true, max_tokens: 4 };
             t.asr.run_exact(vec![req; n]).await?;
         }
-        Ok(WarmupReport { model: "whisper".into(), batch_sizes: sizes, duration: started.elapsed() })
+        Ok(WarmupReport { model: WHISPER.into(), batch_sizes: sizes, duration: started.elapsed() })
     }
 
     async fn warm_vad(&self) -> Result<WarmupReport, InferenceError> {
@@ -160,7 +170,7 @@ impl IndexPipeline {
             let reqs = (0..n).map(|_| VadRequest { samples: audio.clone(), state: VadState::default() }).collect();
             self.transcriber.vad.run_exact(reqs).await?;
         }
-        Ok(WarmupReport { model: "silero-vad".into(), batch_sizes: sizes, duration: started.elapsed() })
+        Ok(WarmupReport { model: SILERO_VAD.into(), batch_sizes: sizes, duration: started.elapsed() })
     }
 
     async fn warm_embed(&self) -> Result<WarmupReport, InferenceError> {
@@ -171,7 +181,7 @@ impl IndexPipeline {
             let enc = self.embedder.encode(vec![sentence.to_string(); n]).await?;
             self.embedder.handle().run_exact(enc).await?;
         }
-        Ok(WarmupReport { model: "text-embed".into(), batch_sizes: sizes, duration: started.elapsed() })
+        Ok(WarmupReport { model: TEXT_EMBED.into(), batch_sizes: sizes, duration: started.elapsed() })
     }
 }
 

@@ -110,7 +110,7 @@ impl BatchRunner for VadRunner {
             let (_, probs) = outputs["output"].try_extract_tensor::<f32>()?;
             let (_, new_state) = outputs["stateN"].try_extract_tensor::<f32>()?;
             if probs.len() != b || new_state.len() != STATE * b {
-                return Err(InferenceError::Model { model: "silero-vad".into(), message: "unexpected output shape".into() });
+                return Err(InferenceError::Model { model: super::SILERO_VAD.into(), message: "unexpected output shape".into() });
             }
             for (k, &i) in active.iter().enumerate() {
                 let row = &mut rows[i];

@@ -215,7 +215,7 @@ fn last_logits(out: &ort::session::SessionOutputs<'_>, b: usize) -> Result<Vec<V
 }
 
 fn model_err(message: String) -> InferenceError {
-    InferenceError::Model { model: "whisper".into(), message }
+    InferenceError::Model { model: super::WHISPER.into(), message }
 }
 
 impl BatchRunner for WhisperRunner {

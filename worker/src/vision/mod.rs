@@ -42,6 +42,13 @@ use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput}
 use siglip::{ImageRunner, TextRunner};
 use yunet::YunetRunner;
 
+/// Names of the pipeline's models, one per model thread, used for everything that names a model:
+/// [`Pipeline::models`], the warm-up reports (the runtime sums warm-up time per model by name), the
+/// model threads and the metrics they label. Which SigLIP checkpoint is loaded shows in the path.
+pub const SIGLIP_VISION: &str = "siglip-vision";
+pub const SIGLIP_TEXT: &str = "siglip-text";
+pub const YUNET: &str = "yunet";
+
 /// Models and settings shared by every vision task of the process.
 pub struct VisionPipeline {
     settings: VisionSettings,
@@ -79,25 +86,25 @@ impl VisionPipeline {
         let tokenizer_path = ctx.models.file(&format!("{dir}/{}", siglip::TOKENIZER_FILE))?;
         let face_path = ctx.models.file(&settings.face_model)?;
 
-        let image = ImageRunner::new(ctx.engine.session(&vision_path)?, "siglip-vision", &settings)
+        let image = ImageRunner::new(ctx.engine.session(&vision_path)?, SIGLIP_VISION, &settings)
             .context("SigLIP image tower")?;
         let (tokenizer, pad_id) = siglip::load_tokenizer(&tokenizer_path, settings.text_max_len)?;
-        let text = TextRunner::new(ctx.engine.session(&text_path)?, "siglip-text", pad_id, settings.text_max_len, settings.embed_dim)
+        let text = TextRunner::new(ctx.engine.session(&text_path)?, SIGLIP_TEXT, pad_id, settings.text_max_len, settings.embed_dim)
             .context("SigLIP text tower")?;
         let faces = YunetRunner::new(ctx.engine.session(&face_path)?, settings.face_score_threshold, settings.face_nms_iou)
             .context("YuNet face detector")?;
 
         let info = |name: &str, path: &std::path::Path| ModelInfo { name: name.into(), path: path.display().to_string() };
         let models = vec![
-            info(&settings.embed_model, &vision_path),
-            info(&format!("{} (text)", settings.embed_model), &text_path),
-            info("yunet", &face_path),
+            info(SIGLIP_VISION, &vision_path),
+            info(SIGLIP_TEXT, &text_path),
+            info(YUNET, &face_path),
         ];
         Ok(Self {
-            image: ctx.engine.spawn("siglip-vision", image, max_batch),
+            image: ctx.engine.spawn(SIGLIP_VISION, image, max_batch),
             // Text queries come one at a time (search); batch 1 is the only shape, and it is warmed.
-            text: ctx.engine.spawn("siglip-text", text, 1),
-            faces: ctx.engine.spawn("yunet", faces, max_batch),
+            text: ctx.engine.spawn(SIGLIP_TEXT, text, 1),
+            faces: ctx.engine.spawn(YUNET, faces, max_batch),
             tokenizer: Arc::new(tokenizer),
             pad_id,
             models,
@@ -285,7 +292,7 @@ impl Pipeline for VisionPipeline {
         // Dynamic batching produces every size from 1 to max_batch; ONNX Runtime plans memory per
         // input shape on first sight, so each size is run once here rather than in the first task.
         let sizes: Vec<usize> = (1..=self.image.max_batch()).collect();
-        let image = self.warm("siglip-vision", sizes.clone(), async {
+        let image = self.warm(SIGLIP_VISION, sizes.clone(), async {
             for &n in &sizes {
                 self.image.run_exact(vec![pixels.clone(); n]).await?;
             }
@@ -293,13 +300,13 @@ impl Pipeline for VisionPipeline {
         });
         let image = image.await?;
         let frame = Arc::new(frame);
-        let faces = self.warm("yunet", vec![1], async { self.faces.run_exact(vec![frame]).await.map(drop) }).await?;
+        let faces = self.warm(YUNET, vec![1], async { self.faces.run_exact(vec![frame]).await.map(drop) }).await?;
         // The whole per-frame path once (blocking-pool resize, thumbnail, both models through their
         // queues), so the first task does not pay for first-use costs outside the models either.
         let permit = self.budget.clone().acquire_owned().await.map_err(|e| TaskError::retryable(e.to_string()))?;
         self.frame_worker().analyse(warmup_frame(), permit).await?;
         let ids = self.tokenize("a photo of a person").await?;
-        let text = self.warm("siglip-text", vec![1], async { self.text.run_exact(vec![ids]).await.map(drop) }).await?;
+        let text = self.warm(SIGLIP_TEXT, vec![1], async { self.text.run_exact(vec![ids]).await.map(drop) }).await?;
         Ok(vec![image, faces, text])
     }
 

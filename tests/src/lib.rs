@@ -118,6 +118,33 @@ impl TestEnv {
         dest
     }
 
+    /// `sample.mp4` four times over (100 s) under `name`, so that a vision task runs for seconds.
+    pub fn add_long_video(&self, name: &str) -> PathBuf {
+        let dest = self.media.path().join(name);
+        let status = std::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-stream_loop", "3", "-i"])
+            .arg(bundle_media("video/sample.mp4"))
+            .args(["-c", "copy"])
+            .arg(&dest)
+            .status()
+            .expect("ffmpeg");
+        assert!(status.success(), "ffmpeg could not make {name}");
+        dest
+    }
+
+    /// Enqueues one task of `kind` for `name` through the producer library: (video id, job id).
+    ///
+    /// # Errors
+    /// What the producer refuses.
+    pub async fn enqueue(&self, name: &str, kind: TaskKind, force: bool) -> Result<(Uuid, Uuid), heimdex_producer::ProducerError> {
+        let producer = heimdex_producer::Producer::connect(&self.settings).await?;
+        let mut req = heimdex_producer::EnqueueRequest::all(name);
+        req.kinds = vec![kind];
+        req.force = force;
+        let e = producer.enqueue(&req).await?;
+        Ok((e.video_id, e.jobs[0].job_id))
+    }
+
     /// The environment that gives a worker or the CLI this test's settings.
     pub fn env(&self) -> Vec<(String, String)> {
         let s = &self.settings;

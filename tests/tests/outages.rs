@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use heimdex_producer::{EnqueueRequest, Producer};
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::fleet::WorkerState;
@@ -15,36 +14,16 @@ use uuid::Uuid;
 const WARM: Duration = Duration::from_secs(180);
 const TASK: Duration = Duration::from_secs(240);
 
-async fn enqueue(env: &TestEnv, name: &str, kind: TaskKind) -> (Uuid, Uuid) {
-    let producer = Producer::connect(&env.settings).await.unwrap();
-    let mut req = EnqueueRequest::all(name);
-    req.kinds = vec![kind];
-    let e = producer.enqueue(&req).await.unwrap();
-    (e.video_id, e.jobs[0].job_id)
-}
-
-/// A 100 s video (sample.mp4 four times), so that a vision task runs for several seconds.
-fn long_video(env: &TestEnv, name: &str) {
-    let status = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-stream_loop", "3", "-i"])
-        .arg(heimdex_tests::bundle_media("video/sample.mp4"))
-        .args(["-c", "copy"])
-        .arg(env.media.path().join(name))
-        .status()
-        .expect("ffmpeg");
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
     let env = TestEnv::new().await;
-    long_video(&env, "long.mp4");
+    env.add_long_video("long.mp4");
     env.add_media("video/silent.mp4", "after.mp4");
     let proxy = TcpProxy::start("127.0.0.1:5672").await;
     let via_proxy = env.settings.amqp.url.expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
     let worker = env.spawn_worker("vision", "blip", &[("HEIMDEX__AMQP__URL", &via_proxy)]);
     let status = env.wait_state(&worker, WorkerState::Warm, WARM).await;
-    let (video, job) = enqueue(&env, "long.mp4", TaskKind::Vision).await;
+    let (video, job) = env.enqueue("long.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(job, "running", TASK).await;
 
     proxy.cut();
@@ -58,7 +37,7 @@ async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
     let frames = env.count("SELECT count(*) FROM frames WHERE video_id = $1", video).await;
     assert_eq!(row.summary.unwrap()["frames"].as_i64(), Some(frames), "one set of results");
     // A job enqueued after the outage runs on the same, still warm, worker.
-    let (_, after) = enqueue(&env, "after.mp4", TaskKind::Vision).await;
+    let (_, after) = env.enqueue("after.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(after, "succeeded", TASK).await;
     let queue = env.topology().queue(TaskKind::Vision);
     wait_for("every message acked", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
@@ -85,7 +64,7 @@ async fn without_redis_workers_work_status_shows_queues_and_jobs_and_state_retur
         (up && http_get(&health, "/readyz").await.0 == 200).then_some(())
     })
     .await;
-    let (_, job) = enqueue(&env, "a.mp4", TaskKind::Vision).await;
+    let (_, job) = env.enqueue("a.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(job, "succeeded", TASK).await;
 
     let (code, stdout, stderr) = env.cli_with(&[("HEIMDEX__REDIS__URL", &redis)], &["status"]).await;
@@ -118,10 +97,10 @@ async fn sigterm_stops_a_worker_that_is_still_warming_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_sigterm_forces_the_exit_and_the_task_is_redone_elsewhere() {
     let env = TestEnv::new().await;
-    long_video(&env, "long.mp4");
+    env.add_long_video("long.mp4");
     let mut worker = env.spawn_worker("vision", "stuck", &[("HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS", "600000")]);
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
-    let (_, job) = enqueue(&env, "long.mp4", TaskKind::Vision).await;
+    let (_, job) = env.enqueue("long.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(job, "running", TASK).await;
     worker.signal("TERM");
     env.wait_state(&worker, WorkerState::Draining, TASK).await;

@@ -16,27 +16,6 @@ use uuid::Uuid;
 const WARM: Duration = Duration::from_secs(120);
 const TASK: Duration = Duration::from_secs(240);
 
-async fn enqueue_vision(env: &TestEnv, name: &str, force: bool) -> Result<(Uuid, Uuid), ProducerError> {
-    let producer = Producer::connect(&env.settings).await.unwrap();
-    let mut req = EnqueueRequest::all(name);
-    req.kinds = vec![TaskKind::Vision];
-    req.force = force;
-    let e = producer.enqueue(&req).await?;
-    Ok((e.video_id, e.jobs[0].job_id))
-}
-
-/// A 100 s video (sample.mp4 four times), so that a vision task runs for several seconds.
-fn long_video(env: &TestEnv, name: &str) {
-    let status = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-stream_loop", "3", "-i"])
-        .arg(heimdex_tests::bundle_media("video/sample.mp4"))
-        .args(["-c", "copy"])
-        .arg(env.media.path().join(name))
-        .status()
-        .expect("ffmpeg");
-    assert!(status.success());
-}
-
 fn peak_rss_mb(pid: i32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("worker is alive");
     let kb: f64 = status
@@ -107,8 +86,8 @@ async fn an_80_mb_body_is_dead_lettered_without_swelling_the_worker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_video_that_kills_its_worker_is_dead_after_max_attempts() {
     let env = TestEnv::new().await;
-    long_video(&env, "killer.mp4");
-    let (_, job) = enqueue_vision(&env, "killer.mp4", false).await.unwrap();
+    env.add_long_video("killer.mp4");
+    let (_, job) = env.enqueue("killer.mp4", TaskKind::Vision, false).await.unwrap();
     // As an OOM kill would: SIGKILL in the middle of the task, every time, with a fresh worker.
     for attempt in 1..=3 {
         let mut worker = env.spawn_worker("vision", &format!("victim{attempt}"), &[]);
@@ -246,12 +225,12 @@ async fn runs_are_fenced_by_their_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn force_on_a_running_job_supersedes_the_old_run() {
     let env = TestEnv::new().await;
-    long_video(&env, "long.mp4");
+    env.add_long_video("long.mp4");
     let worker = env.spawn_worker("vision", "fenced", &[]);
     let status = env.wait_state(&worker, WorkerState::Warm, WARM).await;
-    let (video, job) = enqueue_vision(&env, "long.mp4", false).await.unwrap();
+    let (video, job) = env.enqueue("long.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(job, "running", TASK).await;
-    let (_, forced) = enqueue_vision(&env, "long.mp4", true).await.unwrap();
+    let (_, forced) = env.enqueue("long.mp4", TaskKind::Vision, true).await.unwrap();
     assert_eq!(forced, job, "one job per (video, kind)");
     let row = env.wait_job(job, "succeeded", TASK).await;
     let frames = frames(&env, video).await;
@@ -276,7 +255,7 @@ async fn a_model_that_panics_takes_its_worker_out_of_service_and_nothing_is_dead
     env.add_media("video/sample.mp4", "sample.mp4");
     let mut broken = env.spawn_worker("vision", "broken", &[("HEIMDEX__WORKER__FAILPOINT", "model_panic:yunet")]);
     env.wait_state(&broken, WorkerState::Warm, WARM).await;
-    let (video, job) = enqueue_vision(&env, "sample.mp4", false).await.unwrap();
+    let (video, job) = env.enqueue("sample.mp4", TaskKind::Vision, false).await.unwrap();
     assert_eq!(broken.wait_exit(TASK).await, Some(1), "{}", broken.log());
     let log = broken.log();
     assert!(log.contains("model yunet panicked") && log.contains("exits so that a restart reloads its models"), "{log}");
@@ -326,7 +305,7 @@ async fn a_retry_that_cannot_be_published_neither_crashes_nor_loops() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_time_bound_follows_the_media_duration() {
     let env = TestEnv::new().await;
-    long_video(&env, "long.mp4");
+    env.add_long_video("long.mp4");
     // A base bound of 1 s: a 100 s video gets 1 s + 100 × 0.5 s, and takes a few seconds. The old
     // fixed bound timed such a task out on every attempt, then dead-lettered it.
     let worker = env.spawn_worker(
@@ -335,7 +314,7 @@ async fn the_time_bound_follows_the_media_duration() {
         &[("HEIMDEX__WORKER__TASK_TIMEOUT_MS", "1000"), ("HEIMDEX__WORKER__TASK_MS_PER_MEDIA_SECOND", "500")],
     );
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
-    let (video, job) = enqueue_vision(&env, "long.mp4", false).await.unwrap();
+    let (video, job) = env.enqueue("long.mp4", TaskKind::Vision, false).await.unwrap();
     let row = env.wait_job(job, "succeeded", TASK).await;
     assert_eq!(row.attempts, 1, "{row:?}");
     let total: f64 = row.stage_timings.as_object().unwrap().values().filter_map(serde_json::Value::as_f64).sum();

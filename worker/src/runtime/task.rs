@@ -185,7 +185,7 @@ impl<P: Pipeline> Worker<P> {
             && msg.media_uri.contains(needle)
         {
             // Testing hook: a video that kills its worker, as an OOM kill or a segfault in a decoder would.
-            tracing::error!(media = %msg.media_uri, "failpoint crash_on: aborting the process");
+            tracing::error!(media = %remote::redact(&msg.media_uri), "failpoint crash_on: aborting the process");
             std::process::abort();
         }
         let timings = StageTimings::default();

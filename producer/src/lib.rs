@@ -172,7 +172,7 @@ impl Producer {
         for (kind, message) in queued {
             match message {
                 Some(message) => {
-                    outbox::publish(&self.pool, &self.channel, &self.topology, message.job_id, &message).await?;
+                    outbox::publish(&self.pool, &self.channel, &self.topology, &message).await?;
                     out.push(EnqueuedJob { kind, job_id: message.job_id, published: true, status: JobStatus::Queued });
                 }
                 None => {

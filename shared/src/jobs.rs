@@ -145,7 +145,7 @@ pub enum Start {
     /// redelivery, found the job running): ack this copy; the live run's own message covers the job.
     Duplicate,
     /// The job has had `max_attempts` runs: it is now `dead` with `reason`.
-    Exhausted { job_id: Uuid, attempts: u32, reason: String },
+    Exhausted { attempts: u32, reason: String },
 }
 
 /// Starts a run: creates the video and job rows if the message came from elsewhere (a message whose
@@ -217,7 +217,7 @@ pub async fn start_run(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        return Ok(Start::Exhausted { job_id, attempts, reason });
+        return Ok(Start::Exhausted { attempts, reason });
     }
     let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1, deaths };
     sqlx::query(

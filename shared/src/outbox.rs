@@ -44,9 +44,9 @@ pub async fn store(conn: &mut PgConnection, job_id: Uuid, message: &TaskMessage)
 ///
 /// # Errors
 /// The broker did not confirm (the message stays in the outbox for [`relay`]), or the database failed.
-pub async fn publish(pool: &PgPool, channel: &Channel, topology: &Topology, job_id: Uuid, message: &TaskMessage) -> Result<(), OutboxError> {
+pub async fn publish(pool: &PgPool, channel: &Channel, topology: &Topology, message: &TaskMessage) -> Result<(), OutboxError> {
     topology::publish_task(channel, topology, message).await?;
-    sqlx::query("DELETE FROM outbox WHERE job_id = $1").bind(job_id).execute(pool).await?;
+    sqlx::query("DELETE FROM outbox WHERE job_id = $1").bind(message.job_id).execute(pool).await?;
     Ok(())
 }
 

@@ -56,7 +56,7 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     /// Testing hook (`worker.failpoint = model_panic:NAME`), armed by the runtime once warm: the
     /// next task batch of model NAME panics inside its owner thread.
-    panic_next: Arc<std::sync::Mutex<Option<String>>>,
+    panic_next: batcher::Failpoint,
 }
 
 impl Engine {

@@ -161,7 +161,7 @@ impl<P: Pipeline> Worker<P> {
                 ack(delivery).await;
                 return Outcome::Duplicate;
             }
-            Ok(Start::Exhausted { attempts, reason, .. }) => {
+            Ok(Start::Exhausted { attempts, reason }) => {
                 self.route(delivery, &self.topology().dlq(msg.kind), &reason, attempts, None).await;
                 return Outcome::Dead(reason);
             }
@@ -208,6 +208,7 @@ impl<P: Pipeline> Worker<P> {
                 () = &mut superseded => break Ok(false),
             }
         };
+        self.metrics.observe_stage("total", started.elapsed().as_secs_f64());
         match result {
             Ok(true) => {
                 if worker.failpoint == "hang_before_ack" {
@@ -312,7 +313,7 @@ impl<P: Pipeline> Worker<P> {
                         self.alarms.model_down.notify_one();
                     }
                 }
-                nack(delivery, true).await;
+                nack_requeue(delivery).await;
                 return Outcome::Requeued(reason);
             }
             Disposition::Permanent => (JobStatus::Failed, Outcome::Failed(reason)),
@@ -337,7 +338,7 @@ impl<P: Pipeline> Worker<P> {
                         self.alarms.unreleased.lock().expect("alarms lock").push(run);
                         self.alarms.db_down.notify_one();
                     }
-                    nack(delivery, true).await;
+                    nack_requeue(delivery).await;
                     return Outcome::Requeued(cap(&format!("{stored} (and recording it failed: {e})")));
                 }
             }
@@ -383,7 +384,7 @@ impl<P: Pipeline> Worker<P> {
                     let pause = delay.min(REQUEUE_PAUSE_MAX);
                     tracing::error!(error = %e, queue, ?pause, "could not publish the retry; handing the message back after a pause");
                     tokio::time::sleep(pause).await;
-                    nack(delivery, true).await;
+                    nack_requeue(delivery).await;
                 }
             },
         }
@@ -396,8 +397,8 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-async fn nack(delivery: &Delivery, requeue: bool) {
-    if let Err(e) = delivery.nack(BasicNackOptions { requeue, ..BasicNackOptions::default() }).await {
+async fn nack_requeue(delivery: &Delivery) {
+    if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await {
         tracing::warn!(error = %e, "nack failed; the broker will redeliver");
     }
 }

@@ -119,6 +119,14 @@ impl Settings {
         if self.engine.max_batch == 0 {
             return Err(ConfigError::Value("engine.max_batch must be at least 1".into()));
         }
+        let v = &self.vision;
+        if v.embed_dir.contains("standin") && !v.embed_model.contains("standin") {
+            return Err(ConfigError::Value(format!(
+                "vision.embed_dir {:?} is a stand-in (random or toy weights) but vision.embed_model {:?} names a real model: \
+                 name the stand-in (e.g. \"heimdex/{}\") so that its vectors never mix with a real model's",
+                v.embed_dir, v.embed_model, v.embed_dir
+            )));
+        }
         Ok(())
     }
 }
@@ -153,8 +161,9 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// How long to wait for a pooled connection before calling the database unavailable.
     pub acquire_timeout_ms: u64,
-    /// Run the migrations when a worker starts (they are idempotent and take an advisory lock).
-    pub migrate_on_start: bool,
+    /// The role workers and producers connect as, when it is not the schema's owner: `heimdex migrate`
+    /// grants it what they use (rows of Heimdex's tables) and nothing more. Empty: grant nothing.
+    pub worker_role: String,
     /// Longest a statement may run (PostgreSQL `statement_timeout`).
     pub statement_timeout_ms: u64,
     /// Longest a statement may wait for a lock (PostgreSQL `lock_timeout`).
@@ -167,7 +176,7 @@ impl Default for DatabaseSettings {
             url: Secret::new("postgres://postgres@127.0.0.1:5432/heimdex"),
             max_connections: 8,
             acquire_timeout_ms: 3_000,
-            migrate_on_start: true,
+            worker_role: String::new(),
             statement_timeout_ms: 60_000,
             lock_timeout_ms: 10_000,
         }
@@ -382,9 +391,15 @@ pub struct VisionSettings {
     pub frame_rate: f32,
     /// Mean absolute difference (0–1) between consecutive sampled frames that starts a new scene.
     pub scene_threshold: f32,
-    /// Name stored with every image embedding (keeps embedding spaces apart).
+    /// Name stored with every image embedding (keeps embedding spaces apart). The default folder is a
+    /// stand-in (a test double whose vectors mean nothing, see its `README.txt`), so the default name
+    /// is the stand-in's: rows from a real model later never mix with its rows. With a real export
+    /// of SigLIP in `embed_dir`, name it (`google/siglip-base-patch16-224`).
     pub embed_model: String,
     /// Folder under `models.dir` with `vision_model.onnx`, `text_model.onnx`, `tokenizer.json`.
+    /// `siglip-standin` (tiny, for tests) and `siglip-base-standin` (SigLIP base's architecture with
+    /// random weights, for speed and memory) are STAND-INS; a folder named `*standin*` needs an
+    /// `embed_model` that says so.
     pub embed_dir: String,
     pub embed_image_size: u32,
     pub embed_mean: [f32; 3],
@@ -406,7 +421,7 @@ impl Default for VisionSettings {
         Self {
             frame_rate: 1.0,
             scene_threshold: 0.12,
-            embed_model: "google/siglip-base-patch16-224".into(),
+            embed_model: "heimdex/siglip-standin".into(),
             embed_dir: "siglip-standin".into(),
             embed_image_size: 224,
             embed_mean: [0.5, 0.5, 0.5],
@@ -473,6 +488,21 @@ impl Default for IndexSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stand_in_must_be_named_as_one() {
+        let mut s = Settings::default();
+        assert!(s.validate().is_ok(), "the default stand-in is named as one");
+        s.vision.embed_dir = "siglip-base-standin".into();
+        s.vision.embed_model = "google/siglip-base-patch16-224".into();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("stand-in") && e.contains("heimdex/siglip-base-standin"), "{e}");
+        s.vision.embed_model = "heimdex/siglip-base-standin".into();
+        assert!(s.validate().is_ok());
+        s.vision.embed_dir = "siglip-base".into();
+        s.vision.embed_model = "google/siglip-base-patch16-224".into();
+        assert!(s.validate().is_ok(), "a real export under its real name");
+    }
 
     #[test]
     fn secrets_are_redacted() {

@@ -1,10 +1,11 @@
-//! PostgreSQL: the pool, the migrations, job bookkeeping, and helpers for pgvector.
+//! PostgreSQL: the pool, the schema (migrations, vector indexes, the workers' rights), and helpers for
+//! pgvector.
 
 use std::fmt::Write as _;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use crate::config::DatabaseSettings;
+use crate::config::{DatabaseSettings, Settings};
 use crate::error::{Dependency, Disposition};
 
 /// The migrations in `migrations/`, embedded at build time.
@@ -44,12 +45,64 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(options))
 }
 
-/// Runs pending migrations (idempotent; sqlx serialises concurrent runs with an advisory lock).
+/// Brings the database to the schema this build needs: the migrations (the `vector` extension and
+/// the tables), the partial HNSW index of every configured embedding model, and, when
+/// `database.worker_role` is set, that role's rights. Runs as the schema's owner (`heimdex migrate`);
+/// workers never change the schema, they only check it ([`missing_migrations`]). Idempotent; sqlx
+/// serialises concurrent runs with an advisory lock.
 ///
 /// # Errors
-/// The database is unreachable or a migration fails.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+/// The database is unreachable, a migration fails, or the connecting role lacks the rights.
+pub async fn migrate(pool: &PgPool, settings: &Settings) -> Result<(), sqlx::Error> {
+    MIGRATOR.run(pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+    for (table, model, dim) in vector_indexes(settings) {
+        ensure_vector_index(pool, table, model, dim).await?;
+    }
+    let role = settings.database.worker_role.trim();
+    if !role.is_empty() {
+        grant_worker_rights(pool, role).await?;
+    }
+    Ok(())
+}
+
+/// The (table, model, dimension) of every embedding column the configured models fill.
+pub fn vector_indexes(settings: &Settings) -> [(&'static str, &str, usize); 3] {
+    let (index, vision) = (&settings.index, &settings.vision);
+    [
+        ("transcript_segments", index.embed_model.as_str(), index.embed_dim),
+        ("frames", vision.embed_model.as_str(), vision.embed_dim),
+        ("scenes", vision.embed_model.as_str(), vision.embed_dim),
+    ]
+}
+
+/// The rights of the role workers and producers connect as: reading and writing Heimdex's rows, and
+/// reading which migrations ran. No DDL, no TRUNCATE, no writes to the migration history.
+async fn grant_worker_rights(pool: &PgPool, role: &str) -> Result<(), sqlx::Error> {
+    let role = format!("\"{}\"", role.replace('"', "\"\""));
+    let mut tx = pool.begin().await?;
+    for sql in [
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM {role}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ] {
+        sqlx::query(&sql).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+/// Versions of the migrations this build needs that the database has not applied (all of them on an
+/// empty database). A worker refuses to start unless this is empty.
+///
+/// # Errors
+/// The database is unreachable.
+pub async fn missing_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    let applied: Vec<i64> = match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(pool).await {
+        Ok(v) => v,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    Ok(MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect())
 }
 
 /// pgvector's text form of a vector: `[0.1,0.2,...]`; bind it as text and cast with `::vector`.

@@ -99,13 +99,14 @@ pub async fn upsert_video(
 /// `None` when the job is running or done (enqueuing twice does not duplicate work).
 ///
 /// A forced re-queue clears `run_token`, so a run still in progress is superseded: its writes are
-/// refused from then on.
+/// refused from then on. It also clears the index checkpoints, so the re-run decodes every chunk.
 ///
 /// # Errors
 /// Database errors.
 pub async fn queue_job(conn: &mut PgConnection, video_id: Uuid, kind: TaskKind, force: bool) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
-        "INSERT INTO jobs (id, video_id, kind, status) VALUES ($1, $2, $3, 'queued')
+        "WITH cleared AS (DELETE FROM index_checkpoints WHERE $4 AND $3 = 'index' AND video_id = $2)
+         INSERT INTO jobs (id, video_id, kind, status) VALUES ($1, $2, $3, 'queued')
          ON CONFLICT (video_id, kind) DO UPDATE SET status = 'queued', attempts = 0, deaths = 0, last_error = NULL,
              worker_id = NULL, run_token = NULL, queued_at = now(), started_at = NULL, finished_at = NULL,
              stage_timings = '{}'::jsonb, summary = NULL

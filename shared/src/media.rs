@@ -93,6 +93,9 @@ pub struct Probe {
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub fps: Option<f64>,
+    /// The container's index of the video stream described here (the first that is not cover art):
+    /// frames are decoded from exactly this stream, so the size checked is the size decoded.
+    pub video_stream: Option<u32>,
     pub video_codec: Option<String>,
     pub audio_codec: Option<String>,
     pub audio_sample_rate: Option<u32>,
@@ -131,6 +134,7 @@ pub async fn probe(uri: &str) -> Result<Probe, MediaError> {
             // Cover art is a video stream with a single picture; it is not video.
             Some("video") if s.disposition.is_none_or(|d| d.attached_pic != 1) && !probe.has_video => {
                 probe.has_video = true;
+                probe.video_stream = s.index;
                 probe.width = s.width;
                 probe.height = s.height;
                 probe.fps = s.avg_frame_rate.as_deref().and_then(parse_rate).or_else(|| s.r_frame_rate.as_deref().and_then(parse_rate));
@@ -171,6 +175,7 @@ struct RawFormat {
 
 #[derive(Deserialize)]
 struct RawStream {
+    index: Option<u32>,
     codec_type: Option<String>,
     codec_name: Option<String>,
     width: Option<u32>,

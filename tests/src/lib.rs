@@ -100,7 +100,7 @@ impl TestEnv {
         settings.worker.retry_base_ms = 200;
         settings.worker.max_attempts = 3;
         let pool = heimdex_shared::db::pool(&settings.database).expect("pool");
-        heimdex_shared::db::migrate(&pool).await.expect("migrate");
+        heimdex_shared::db::migrate(&pool, &heimdex_shared::Settings::default()).await.expect("migrate");
         let (connection, channel) = topology::connect(&settings.amqp, "heimdex-tests").await.expect("rabbitmq is running");
         Topology::new(&settings.amqp).declare(&channel, &settings.worker).await.expect("declare");
         let fleet = Fleet::connect(&settings.redis, &settings.amqp.prefix).await.expect("redis is running");

@@ -217,3 +217,64 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
     );
     env.cleanup().await;
 }
+
+/// Unacked deliveries of a queue, as the broker counts them.
+fn unacked(queue: &str) -> u64 {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_pause_the_tasks_still_running_count_against_the_prefetch() {
+    let env = TestEnv::new().await;
+    let database = TcpProxy::start("127.0.0.1:5432").await;
+    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
+    let worker = env.spawn_worker("vision", "prefetch", &[("HEIMDEX__DATABASE__URL", &db_url), ("HEIMDEX__WORKER__CONCURRENCY", "3")]);
+    env.wait_state(&worker, WorkerState::Warm, WARM).await;
+    let mut jobs = Vec::new();
+    for i in 0..2 {
+        env.add_long_video(&format!("long{i}.mp4"));
+        jobs.push(env.enqueue(&format!("long{i}.mp4"), TaskKind::Vision, false).await.unwrap().1);
+    }
+    for &job in &jobs {
+        env.wait_job(job, "running", TASK).await;
+    }
+    // The third task finds the database gone: the worker pauses while the two long ones run on.
+    database.cut();
+    for i in 0..4 {
+        env.add_media("video/silent.mp4", &format!("short{i}.mp4"));
+        jobs.push(env.enqueue(&format!("short{i}.mp4"), TaskKind::Vision, false).await.unwrap().1);
+    }
+    env.wait_state(&worker, WorkerState::Paused, TASK).await;
+    database.restore();
+    env.wait_state(&worker, WorkerState::Warm, TASK).await;
+
+    // Resumed with two tasks still in flight: at most one more delivery may be outstanding.
+    let queue = env.topology().queue(TaskKind::Vision);
+    let (mut most, mut samples) = (0, 0);
+    loop {
+        most = most.max(unacked(&queue));
+        samples += 1;
+        let mut long_running = 0;
+        for &job in &jobs[..2] {
+            long_running += usize::from(env.job(job).await.is_some_and(|j| j.status.as_str() == "running"));
+        }
+        if long_running < 2 {
+            break;
+        }
+    }
+    assert!(most <= 3, "{most} deliveries unacked with a concurrency of 3 ({samples} samples)");
+    for &job in &jobs {
+        env.wait_job(job, "succeeded", TASK).await;
+    }
+    drop(worker);
+    env.cleanup().await;
+}

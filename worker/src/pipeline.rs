@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use heimdex_shared::TaskOptions;
 use heimdex_shared::contract::TaskKind;
+use heimdex_shared::jobs::Run;
 use heimdex_shared::media::Probe;
 use uuid::Uuid;
 
@@ -26,15 +27,17 @@ pub struct ModelInfo {
 /// One task, after the runtime has validated the message and the media.
 #[derive(Clone, Debug)]
 pub struct TaskInput {
-    pub job_id: Uuid,
-    pub video_id: Uuid,
+    /// The run of the job this task carries out (ids as Heimdex holds them, the token that fences its
+    /// writes, the attempt).
+    pub run: Run,
+    /// Where a pipeline may keep progress during the run (index checkpoints); `None` outside a worker.
+    pub db: Option<sqlx::PgPool>,
     pub kind: TaskKind,
     /// A local file: under the media root, or remote media downloaded to a temporary file.
     pub media: String,
     /// What ffprobe said about the media.
     pub probe: Probe,
     pub options: TaskOptions,
-    pub attempt: u32,
 }
 
 /// Wall-clock time of each stage of a task, stored as jsonb on the job.
@@ -93,10 +96,6 @@ pub trait Pipeline: Send + Sync + 'static {
 
     /// Runs every model at every batch shape production uses, before the worker takes work.
     fn warm_up(&self) -> impl Future<Output = Result<Vec<WarmupReport>, TaskError>> + Send;
-
-    /// Creates what the pipeline's results need in the database (e.g. the HNSW index for its
-    /// embedding model and dimension). Called once at start-up.
-    fn prepare_db(&self, pool: &sqlx::PgPool) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// Processes one task.
     fn process(

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::*;
 use heimdex_worker::index::{IndexOutput, Segment};
-use heimdex_worker::pipeline::{Persist, Pipeline};
+use heimdex_worker::pipeline::Persist;
 use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
@@ -88,7 +88,7 @@ async fn fresh_db() -> (String, sqlx::PgPool) {
     let mut admin = PgConnection::connect(ADMIN_URL).await.expect("postgres at 127.0.0.1:5432");
     admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
     let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}")).await.unwrap();
-    heimdex_shared::db::migrate(&pool).await.unwrap();
+    heimdex_shared::db::migrate(&pool, &heimdex_shared::Settings::default()).await.unwrap();
     (name, pool)
 }
 
@@ -99,17 +99,22 @@ async fn drop_db(name: &str, pool: sqlx::PgPool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prepare_db_creates_the_models_vector_index() {
+async fn migrate_creates_one_vector_index_per_configured_model() {
     let (name, pool) = fresh_db().await;
-    let p = load(&settings());
-    p.prepare_db(&pool).await.unwrap();
-    p.prepare_db(&pool).await.unwrap();
-    let defs: Vec<(String,)> = sqlx::query_as("SELECT indexdef FROM pg_indexes WHERE tablename = 'transcript_segments' AND indexdef ILIKE '%hnsw%'")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(defs.len(), 1, "{defs:?}");
-    assert!(defs[0].0.contains("384"), "{defs:?}");
+    let mut settings = heimdex_shared::Settings::default();
+    heimdex_shared::db::migrate(&pool, &settings).await.unwrap();
+    settings.index.embed_model = "BAAI/bge-m3".into();
+    settings.index.embed_dim = 1024;
+    heimdex_shared::db::migrate(&pool, &settings).await.unwrap();
+    let mut defs: Vec<String> =
+        sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE tablename = 'transcript_segments' AND indexdef ILIKE '%hnsw%'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    defs.sort();
+    assert_eq!(defs.len(), 2, "{defs:?}");
+    assert!(defs[0].contains("vector(1024)") && defs[0].contains("BAAI/bge-m3"), "{defs:?}");
+    assert!(defs[1].contains("vector(384)") && defs[1].contains("all-MiniLM-L6-v2"), "{defs:?}");
     drop_db(&name, pool).await;
 }
 
@@ -131,6 +136,8 @@ async fn writing_twice_leaves_one_set_of_rows() {
         language: "en".into(),
         audio_s: 6.0,
         embedding_model: "sentence-transformers/all-MiniLM-L6-v2".into(),
+        chunks: 3,
+        resumed_chunks: 0,
     };
     for _ in 0..2 {
         let mut tx = pool.begin().await.unwrap();

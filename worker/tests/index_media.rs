@@ -10,6 +10,7 @@ use std::process::Command;
 use common::*;
 use heimdex_shared::TaskKind;
 use heimdex_shared::contract::TaskOptions;
+use heimdex_shared::jobs::Run;
 use heimdex_worker::TaskError;
 use heimdex_worker::index::IndexPipeline;
 use heimdex_worker::pipeline::{Pipeline, StageTimings, TaskInput};
@@ -23,15 +24,8 @@ fn ffmpeg(args: &[&str]) {
 
 async fn task(p: &IndexPipeline, uri: &str) -> Result<heimdex_worker::index::IndexOutput, TaskError> {
     let probe = heimdex_shared::media::probe(uri).await.expect("ffprobe");
-    let input = TaskInput {
-        job_id: Uuid::new_v4(),
-        video_id: Uuid::new_v4(),
-        kind: TaskKind::Index,
-        media: uri.to_string(),
-        probe,
-        options: TaskOptions::default(),
-        attempt: 1,
-    };
+    let run = Run { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), token: Uuid::new_v4(), attempt: 1, deaths: 0 };
+    let input = TaskInput { run, db: None, kind: TaskKind::Index, media: uri.to_string(), probe, options: TaskOptions::default() };
     p.process(&input, &StageTimings::default()).await
 }
 
@@ -95,7 +89,7 @@ async fn three_hour_file_streams_in_bounded_memory() {
     s.index.language = "en".into();
     let p = load(&s);
     let en = p.transcriber().language_token("en").ok();
-    let t = p.transcriber().transcribe(&long, en, 4).await.unwrap();
+    let t = p.transcriber().transcribe(&long, en, 4, None).await.unwrap();
     assert!((t.stats.audio_s - 10_802.8).abs() < 1.0, "{:?}", t.stats);
     // The chunker never held more than one chunk (30 s) plus its pre-roll, of 3 hours.
     assert!(t.peak_buffer <= 31 * 16_000, "peak buffer {} samples", t.peak_buffer);

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::error::Disposition;
+use heimdex_shared::jobs::Run;
 use heimdex_worker::engine::Engine;
 use heimdex_worker::engine::registry::ModelRegistry;
 use heimdex_worker::media::frames::{FrameGauge, decode_still};
@@ -50,7 +51,8 @@ fn load() -> VisionPipeline {
 
 async fn task(path: &str) -> TaskInput {
     let probe = heimdex_shared::media::probe(path).await.unwrap();
-    TaskInput { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), kind: TaskKind::Vision, media: path.into(), probe, options: Default::default(), attempt: 1 }
+    let run = Run { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), token: Uuid::new_v4(), attempt: 1, deaths: 0 };
+    TaskInput { run, db: None, kind: TaskKind::Vision, media: path.into(), probe, options: Default::default() }
 }
 
 #[track_caller]
@@ -352,7 +354,7 @@ impl TestDb {
         let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
         admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
         let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}")).await.unwrap();
-        heimdex_shared::db::migrate(&pool).await.unwrap();
+        heimdex_shared::db::migrate(&pool, &heimdex_shared::Settings::default()).await.unwrap();
         Self { name, pool }
     }
 
@@ -377,10 +379,9 @@ async fn count(pool: &sqlx::PgPool, table: &str, video: Uuid) -> i64 {
 async fn writing_twice_leaves_one_set_of_rows() {
     let db = TestDb::create().await;
     let vision = load();
-    vision.prepare_db(&db.pool).await.unwrap();
     let input = task(&media("video/sample.mp4")).await;
     let out = vision.process(&input, &StageTimings::default()).await.unwrap();
-    let video = input.video_id;
+    let video = input.run.video_id;
     sqlx::query("INSERT INTO videos (id, uri) VALUES ($1, $2)").bind(video).bind(&input.media).execute(&db.pool).await.unwrap();
     write(&db.pool, &out, video).await;
     write(&db.pool, &out, video).await;

@@ -66,15 +66,9 @@ async fn load(settings: &Settings) -> Result<(VisionPipeline, Engine, f64, f64)>
 async fn input(settings: &Settings) -> Result<TaskInput> {
     let media = sample_path(settings);
     let probe = heimdex_shared::media::probe(&media).await?;
-    Ok(TaskInput {
-        job_id: uuid::Uuid::new_v4(),
-        video_id: uuid::Uuid::new_v4(),
-        kind: TaskKind::Vision,
-        media,
-        probe,
-        options: Default::default(),
-        attempt: 1,
-    })
+    let id = uuid::Uuid::new_v4;
+    let run = heimdex_shared::jobs::Run { job_id: id(), video_id: id(), token: id(), attempt: 1, deaths: 0 };
+    Ok(TaskInput { run, db: None, kind: TaskKind::Vision, media, probe, options: Default::default() })
 }
 
 /// Runs `tasks` tasks, `concurrency` at a time; returns (wall ms, frames, faces).

@@ -6,11 +6,13 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use futures::StreamExt;
+use futures::future::Either;
 use futures::stream::FuturesOrdered;
+use futures::{StreamExt, TryFutureExt};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
+use super::checkpoint::{ChunkText, Checkpoints};
 use super::chunker::{ChunkParams, SpeechChunk, StreamStats, stream_chunks};
 use super::decode::{WhisperConfig, covered, segments};
 use super::mel::LogMel;
@@ -51,6 +53,8 @@ pub struct Transcript {
     pub stats: StreamStats,
     /// Most samples the chunker ever buffered.
     pub peak_buffer: usize,
+    /// Chunks taken from an earlier run's checkpoints instead of decoded.
+    pub resumed_chunks: usize,
 }
 
 impl Transcriber {
@@ -111,8 +115,8 @@ impl Transcriber {
     ///
     /// # Errors
     /// Inference failed.
-    pub async fn chunk(&self, chunk: SpeechChunk, language: Option<u32>) -> Result<(Vec<Segment>, u32, f64), InferenceError> {
-        let (offset, dur) = (chunk.offset_s, chunk.duration_s());
+    pub async fn chunk(&self, chunk: SpeechChunk, language: Option<u32>) -> Result<ChunkText, InferenceError> {
+        let offset = chunk.offset_s;
         let rate = f64::from(SAMPLE_RATE);
         let mut out = Vec::new();
         let mut language = language;
@@ -135,7 +139,13 @@ impl Transcriber {
                 None => break,
             }
         }
-        Ok((out, language.unwrap_or_default(), dur))
+        Ok(ChunkText {
+            index: chunk.index,
+            offset_s: offset,
+            duration_s: chunk.duration_s(),
+            segments: out,
+            language: language.unwrap_or_default(),
+        })
     }
 
     /// Segments of one window's tokens, with absolute times (`offset_s`: where the window starts).
@@ -156,11 +166,18 @@ impl Transcriber {
     }
 
     /// Streams `uri` through ffmpeg and the chunker and transcribes the chunks as they come, at most
-    /// `in_flight` at once.
+    /// `in_flight` at once. With `checkpoints`, chunks an earlier run stored are taken from there and
+    /// every chunk decoded now is stored as soon as it and those before it are done.
     ///
     /// # Errors
     /// Permanent for undecodable or over-long audio; retryable for inference failures.
-    pub async fn transcribe(&self, uri: &str, language: Option<u32>, in_flight: usize) -> Result<Transcript, TaskError> {
+    pub async fn transcribe(
+        &self,
+        uri: &str,
+        language: Option<u32>,
+        in_flight: usize,
+        mut checkpoints: Option<&mut Checkpoints>,
+    ) -> Result<Transcript, TaskError> {
         let stream = PcmStream::open(uri, self.max_duration_s)?;
         let peak = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = mpsc::channel::<SpeechChunk>(2);
@@ -172,13 +189,24 @@ impl Transcriber {
             loop {
                 tokio::select! {
                     chunk = rx.recv(), if open && pending.len() < in_flight.max(1) => match chunk {
-                        Some(chunk) => pending.push_back(self.chunk(chunk, language)),
+                        Some(chunk) => match checkpoints.as_deref_mut().and_then(|c| c.reuse(&chunk)) {
+                            Some(done) => pending.push_back(Either::Left(std::future::ready(Ok((done, true))))),
+                            None => pending.push_back(Either::Right(self.chunk(chunk, language).map_ok(|c| (c, false)))),
+                        },
                         None => open = false,
                     },
                     Some(done) = pending.next(), if !pending.is_empty() => {
-                        let (segs, lang, dur) = done?;
-                        out.segments.extend(segs);
-                        out.languages.push((lang, dur));
+                        let (chunk, reused) = done?;
+                        if reused {
+                            out.resumed_chunks += 1;
+                        } else if let Some(store) = checkpoints.as_deref()
+                            && let Err(e) = store.save(&chunk).await
+                        {
+                            // Only a later redelivery would miss it; this run goes on.
+                            tracing::warn!(error = %e, chunk = chunk.index, "could not store the chunk's checkpoint");
+                        }
+                        out.languages.push((chunk.language, chunk.duration_s));
+                        out.segments.extend(chunk.segments);
                     }
                     else => break,
                 }
@@ -223,12 +251,12 @@ impl Transcriber {
     ) -> Result<Vec<Segment>, InferenceError> {
         let mut out = Vec::new();
         if parallel {
-            for (segs, _, _) in futures::future::try_join_all(chunks.into_iter().map(|c| self.chunk(c, language))).await? {
-                out.extend(segs);
+            for c in futures::future::try_join_all(chunks.into_iter().map(|c| self.chunk(c, language))).await? {
+                out.extend(c.segments);
             }
         } else {
             for c in chunks {
-                out.extend(self.chunk(c, language).await?.0);
+                out.extend(self.chunk(c, language).await?.segments);
             }
         }
         Ok(out)

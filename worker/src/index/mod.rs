@@ -8,8 +8,10 @@
 //! - [`chunker`] and [`vad`]: streaming speech detection and chunking in bounded memory.
 //! - [`mel`]: Whisper's exact front end. [`whisper`] and [`decode`]: the model thread and the greedy rules.
 //! - [`asr`]: the orchestration of one audio stream. [`embed`]: the text encoder. [`persist`]: the output.
+//! - [`checkpoint`]: each chunk's transcript stored as it is decoded, so a redelivery resumes.
 
 pub mod asr;
+pub mod checkpoint;
 pub mod chunker;
 pub mod decode;
 pub mod embed;
@@ -24,6 +26,7 @@ use std::time::Instant;
 use anyhow::Context;
 use heimdex_shared::config::IndexSettings;
 use heimdex_shared::contract::TaskKind;
+use heimdex_shared::jobs::Run;
 use sqlx::PgPool;
 
 pub use asr::{Transcriber, Transcript};
@@ -33,6 +36,7 @@ use crate::engine::{InferenceError, WarmupReport};
 use crate::error::TaskError;
 use crate::media::audio::AudioError;
 use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
+use checkpoint::Checkpoints;
 use chunker::ChunkParams;
 use embed::{EmbedRunner, TextEmbedder};
 use vad::{FRAME, VadRequest, VadRunner, VadState};
@@ -114,14 +118,33 @@ impl IndexPipeline {
         &self.embedder
     }
 
-    /// Transcribes and embeds one media URI (the body of [`Pipeline::process`]).
+    /// Transcribes and embeds one media URI, without checkpoints (see [`Pipeline::process`]).
     ///
     /// # Errors
     /// Permanent for bad audio, retryable for inference failures.
     pub async fn index(&self, uri: &str, language: Option<&str>, timings: &StageTimings) -> Result<(IndexOutput, Transcript), TaskError> {
+        self.index_run(uri, language, None, timings).await
+    }
+
+    /// The body of [`Pipeline::process`]: with `run`, chunks that an earlier run of the task stored are
+    /// reused and every chunk decoded now is stored.
+    async fn index_run(
+        &self,
+        uri: &str,
+        language: Option<&str>,
+        run: Option<(&PgPool, Run)>,
+        timings: &StageTimings,
+    ) -> Result<(IndexOutput, Transcript), TaskError> {
         let t = &self.transcriber;
         let lang = language.filter(|l| !l.is_empty()).map(|l| t.language_token(l)).transpose()?;
-        let transcript = timings.time("asr", t.transcribe(uri, lang, t.asr.max_batch())).await?;
+        let mut checkpoints = match run {
+            Some((pool, run)) => Some(Checkpoints::load(pool.clone(), run, self.checkpoint_config(lang)).await?),
+            None => None,
+        };
+        let transcript = timings.time("asr", t.transcribe(uri, lang, t.asr.max_batch(), checkpoints.as_mut())).await?;
+        if transcript.resumed_chunks > 0 {
+            tracing::info!(resumed = transcript.resumed_chunks, chunks = transcript.stats.chunks, "resumed from the checkpoints of an earlier run");
+        }
         let mut segments = transcript.segments.clone();
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
         let vectors = timings.time("embed", self.embedder.embed(texts)).await?;
@@ -145,8 +168,18 @@ impl IndexPipeline {
             language,
             audio_s: transcript.stats.audio_s,
             embedding_model: self.settings.embed_model.clone(),
+            chunks: transcript.stats.chunks,
+            resumed_chunks: transcript.resumed_chunks,
         };
         Ok((output, transcript))
+    }
+
+    /// What a stored chunk depends on besides the audio: the model, the language prompt, the
+    /// chunking and the decoding limit. Checkpoints made under another key are not reused.
+    fn checkpoint_config(&self, language: Option<u32>) -> String {
+        let language = language.map_or_else(|| "detect".into(), |l| self.transcriber.language_code(l));
+        let t = &self.transcriber;
+        format!("{}|{language}|{:?}|max_tokens={}", self.settings.whisper_dir, t.params, t.max_tokens)
     }
 
     async fn warm_asr(&self) -> Result<WarmupReport, InferenceError> {
@@ -209,12 +242,6 @@ impl Pipeline for IndexPipeline {
         self.models.clone()
     }
 
-    /// The HNSW index for this pipeline's embedding model and dimension (idempotent).
-    async fn prepare_db(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        heimdex_shared::db::ensure_vector_index(pool, "transcript_segments", &self.settings.embed_model, self.settings.embed_dim)
-            .await
-    }
-
     async fn warm_up(&self) -> Result<Vec<WarmupReport>, TaskError> {
         Ok(vec![self.warm_vad().await?, self.warm_asr().await?, self.warm_embed().await?])
     }
@@ -225,6 +252,8 @@ impl Pipeline for IndexPipeline {
             language: String::new(),
             audio_s: 0.0,
             embedding_model: self.settings.embed_model.clone(),
+            chunks: 0,
+            resumed_chunks: 0,
         };
         if !input.probe.has_audio {
             if self.settings.allow_no_audio {
@@ -242,7 +271,8 @@ impl Pipeline for IndexPipeline {
             )));
         }
         let language = input.options.language.as_deref().or(Some(self.settings.language.as_str()));
-        let (output, _) = match self.index(&input.media, language, timings).await {
+        let run = input.db.as_ref().map(|pool| (pool, input.run));
+        let (output, _) = match self.index_run(&input.media, language, run, timings).await {
             Err(TaskError::Audio(AudioError::NoAudio { .. })) if self.settings.allow_no_audio => return Ok(empty()),
             other => other?,
         };

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::pipeline::Persist;
 
 /// One transcript segment with absolute times and its text embedding.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     pub start_s: f64,
     pub end_s: f64,
@@ -16,6 +16,7 @@ pub struct Segment {
     /// Mean probability of the segment's tokens.
     pub confidence: f32,
     /// Unit-length text embedding (empty until embedded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub embedding: Vec<f32>,
 }
 
@@ -29,6 +30,9 @@ pub struct IndexOutput {
     pub audio_s: f64,
     /// Name of the model that produced the embeddings (keeps embedding spaces apart).
     pub embedding_model: String,
+    /// Speech chunks of the audio, and how many of them an earlier run's checkpoints supplied.
+    pub chunks: usize,
+    pub resumed_chunks: usize,
 }
 
 impl IndexOutput {
@@ -45,6 +49,7 @@ impl IndexOutput {
 
 impl Persist for IndexOutput {
     async fn write(&self, conn: &mut PgConnection, video_id: Uuid) -> Result<(), sqlx::Error> {
+        super::checkpoint::clear(&mut *conn, video_id).await?;
         sqlx::query("DELETE FROM transcript_segments WHERE video_id = $1").bind(video_id).execute(&mut *conn).await?;
         if self.segments.is_empty() {
             return Ok(());
@@ -88,6 +93,8 @@ impl Persist for IndexOutput {
             "language": self.language,
             "words": self.words(),
             "audio_s": (self.audio_s * 100.0).round() / 100.0,
+            "chunks": self.chunks,
+            "resumed_chunks": self.resumed_chunks,
         })
     }
 }

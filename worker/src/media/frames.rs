@@ -157,8 +157,8 @@ impl FrameStream {
     /// [`FrameError`] for no video stream, a size outside the accepted range, a bad rate, or a
     /// missing ffmpeg.
     pub fn open(media: &str, probe: &Probe, options: FrameOptions, gauge: Arc<FrameGauge>) -> Result<Self, FrameError> {
-        let (width, height) = match (probe.has_video, probe.width, probe.height) {
-            (true, Some(w), Some(h)) => (w, h),
+        let (stream, width, height) = match (probe.has_video, probe.video_stream, probe.width, probe.height) {
+            (true, Some(i), Some(w), Some(h)) => (i, w, h),
             _ => return Err(FrameError::NoVideo(media.to_string())),
         };
         if width < MIN_SIDE || height < MIN_SIDE {
@@ -181,11 +181,14 @@ impl FrameStream {
         // `area` averages every source pixel into the smaller frame (no aliasing on downscale).
         filter.push_str(&format!("scale={w}:{h}:flags=area"));
         let input = format!("file:{media}");
+        // The probed stream, not `0:v:0`: a cover-art picture listed first would be decoded
+        // instead, unchecked against `max_side`.
+        let map = format!("0:{stream}");
         let mut child = tokio::process::Command::new("ffmpeg")
             .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate"])
             .args(heimdex_shared::media::INPUT_FENCE)
             .args(["-i", &input])
-            .args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
+            .args(["-map", &map, "-an", "-sn", "-dn", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

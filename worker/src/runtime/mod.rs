@@ -84,18 +84,22 @@ where
     ));
 
     let pool = heimdex_shared::db::pool(&settings.database).context("database url")?;
-    if settings.database.migrate_on_start {
-        heimdex_shared::db::migrate(&pool)
-            .await
-            .with_context(|| format!("migrating the database at {}", settings.database.url))?;
-    }
+    // Workers never change the schema (they may run as a role that cannot): `heimdex migrate` does.
+    let missing = heimdex_shared::db::missing_migrations(&pool)
+        .await
+        .with_context(|| format!("checking the schema of the database at {}", settings.database.url))?;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the database at {} lacks migrations {missing:?} that this worker needs: run `heimdex migrate` (as the schema's owner) first",
+        settings.database.url
+    );
     let broker = Broker::connect(&settings.amqp, &settings.worker, &id)
         .await
         .with_context(|| format!("connecting to rabbitmq at {}", settings.amqp.url))?;
 
     // Loading and warming; a shutdown signal stops the worker here too (no model is needed to stop).
     let ready = tokio::select! {
-        ready = load_and_warm(&settings, &lifecycle, &metrics, &pool, kind, load) => Some(ready?),
+        ready = load_and_warm(&settings, &lifecycle, &metrics, kind, load) => Some(ready?),
         () = stop.cancelled() => None,
     };
     let result = match ready {
@@ -138,7 +142,6 @@ async fn load_and_warm<P, L>(
     settings: &Arc<Settings>,
     lifecycle: &Lifecycle,
     metrics: &Arc<Metrics>,
-    pool: &sqlx::PgPool,
     kind: TaskKind,
     load: L,
 ) -> anyhow::Result<Arc<P>>
@@ -162,7 +165,6 @@ where
     };
     anyhow::ensure!(pipeline.kind() == kind, "a {} pipeline cannot serve {kind} tasks", pipeline.kind());
     let pipeline = Arc::new(pipeline);
-    pipeline.prepare_db(pool).await.context("creating the vector indexes")?;
     tracing::info!(elapsed = ?load_started.elapsed(), "models loaded");
 
     lifecycle.set_state(WorkerState::Warming, metrics);

@@ -245,13 +245,12 @@ impl<P: Pipeline> Worker<P> {
         let probe = timings.time("probe", media::probe(&uri)).await?;
         let _ = bound.send(self.settings.worker.task_timeout(probe.duration_s, self.settings.amqp.consumer_timeout_ms));
         let input = TaskInput {
-            job_id: run.job_id,
-            video_id: run.video_id,
+            run: *run,
+            db: Some(self.pool.clone()),
             kind: msg.kind,
             media: uri,
             probe,
             options: msg.options.clone(),
-            attempt: run.attempt,
         };
         let output = self.pipeline.process(&input, timings).await?;
         let persist_started = std::time::Instant::now();

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use heimdex_shared::config::VisionSettings;
 use heimdex_shared::contract::TaskKind;
-use sqlx::PgPool;
 use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
 
@@ -276,14 +275,6 @@ impl Pipeline for VisionPipeline {
 
     fn models(&self) -> Vec<ModelInfo> {
         self.models.clone()
-    }
-
-    /// The HNSW indexes for this model's embeddings (`frames`, `scenes`).
-    async fn prepare_db(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        for table in ["frames", "scenes"] {
-            heimdex_shared::db::ensure_vector_index(pool, table, &self.settings.embed_model, self.settings.embed_dim).await?;
-        }
-        Ok(())
     }
 
     async fn warm_up(&self) -> Result<Vec<WarmupReport>, TaskError> {

@@ -33,7 +33,8 @@ enum Command {
         #[command(subcommand)]
         command: dlq::Command,
     },
-    /// Apply the database migrations.
+    /// Bring the database schema up to date (migrations, vector indexes, the worker role's rights); run
+    /// as the schema's owner. Workers never change the schema.
     Migrate,
 }
 
@@ -67,7 +68,12 @@ async fn main() -> ExitCode {
 
 async fn migrate(settings: &heimdex_shared::Settings) -> anyhow::Result<ExitCode> {
     let pool = heimdex_shared::db::pool(&settings.database)?;
-    heimdex_shared::db::migrate(&pool).await?;
-    println!("migrations applied to {}", settings.database.url);
+    heimdex_shared::db::migrate(&pool, settings).await?;
+    let role = settings.database.worker_role.trim();
+    if role.is_empty() {
+        println!("schema up to date at {}", settings.database.url);
+    } else {
+        println!("schema up to date at {}; role {role:?} may read and write its rows", settings.database.url);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -255,6 +255,9 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// Address of `/healthz`, `/readyz`, `/metrics`; port 0 picks a free one (published in Redis).
     pub health_addr: String,
+    /// A file the worker writes the health address it bound into (empty: none), for a container
+    /// health check when the port is picked at start (several workers on the host's network).
+    pub health_addr_file: String,
     pub heartbeat_interval_ms: u64,
     /// Redis key lifetime; a worker that stops heart-beating disappears after this.
     pub heartbeat_ttl_ms: u64,
@@ -287,6 +290,7 @@ impl Default for WorkerSettings {
             id: String::new(),
             concurrency: 2,
             health_addr: "0.0.0.0:8080".into(),
+            health_addr_file: String::new(),
             heartbeat_interval_ms: 2_000,
             heartbeat_ttl_ms: 10_000,
             shutdown_timeout_ms: 30_000,

@@ -278,3 +278,33 @@ async fn after_a_pause_the_tasks_still_running_count_against_the_prefetch() {
     drop(worker);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_a_worker_that_is_reconnecting_or_paused() {
+    let env = TestEnv::new().await;
+    let (broker, database) = (TcpProxy::start("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await);
+    let amqp_url = env.settings.amqp.url.expose().replace("127.0.0.1:5672", &broker.addr.to_string());
+    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
+
+    // Reconnecting: the broker is gone and stays gone.
+    let mut reconnecting = env.spawn_worker("vision", "reconnecting", &[("HEIMDEX__AMQP__URL", &amqp_url)]);
+    env.wait_state(&reconnecting, WorkerState::Warm, WARM).await;
+    broker.cut();
+    env.wait_state(&reconnecting, WorkerState::Disconnected, TASK).await;
+    reconnecting.signal("TERM");
+    assert_eq!(reconnecting.wait_exit(Duration::from_secs(15)).await, Some(0), "{}", reconnecting.log());
+
+    // Paused: the database is gone and stays gone; the task that found it gone goes back to the queue.
+    let mut paused = env.spawn_worker("vision", "paused", &[("HEIMDEX__DATABASE__URL", &db_url)]);
+    env.wait_state(&paused, WorkerState::Warm, WARM).await;
+    database.cut();
+    env.add_media("video/silent.mp4", "silent.mp4");
+    let (_, job) = env.enqueue("silent.mp4", TaskKind::Vision, false).await.unwrap();
+    env.wait_state(&paused, WorkerState::Paused, TASK).await;
+    paused.signal("TERM");
+    assert_eq!(paused.wait_exit(Duration::from_secs(15)).await, Some(0), "{}", paused.log());
+    let queue = env.topology().queue(TaskKind::Vision);
+    assert_eq!(env.queue(&queue).await, (1, 0), "the task waits in the queue for the next worker");
+    assert_eq!(env.job(job).await.unwrap().attempts, 0, "its attempt was given back");
+    env.cleanup().await;
+}

@@ -428,3 +428,55 @@ async fn every_model_has_one_name_and_a_timed_warm_up() {
         assert!(!r.duration.is_zero(), "{} warmed up in no time", r.model);
     }
 }
+
+/// Moves `udta` (where MP4 keeps cover art) before the tracks in `moov`, so that ffmpeg lists the
+/// cover as stream 0, ahead of the real video: a valid file that some taggers write.
+fn cover_art_first(path: &std::path::Path) {
+    let mut data = std::fs::read(path).unwrap();
+    let boxes = |d: &[u8], start: usize, end: usize| {
+        let mut out = Vec::new();
+        let mut i = start;
+        while i < end {
+            let size = u32::from_be_bytes(d[i..i + 4].try_into().unwrap()) as usize;
+            out.push((d[i + 4..i + 8].to_vec(), i, size));
+            i += size;
+        }
+        out
+    };
+    let (_, moov, moov_size) = boxes(&data, 0, data.len()).into_iter().find(|b| b.0 == b"moov").expect("moov");
+    let kids = boxes(&data, moov + 8, moov + moov_size);
+    let rank = |t: &[u8]| match t {
+        b"mvhd" => 0,
+        b"udta" => 1,
+        _ => 2,
+    };
+    let mut order = kids.clone();
+    order.sort_by_key(|k| rank(&k.0));
+    let body: Vec<u8> = order.iter().flat_map(|(_, i, s)| data[*i..*i + *s].to_vec()).collect();
+    data.splice(moov + 8..moov + moov_size, body);
+    std::fs::write(path, data).unwrap();
+}
+
+#[tokio::test]
+async fn cover_art_listed_first_is_neither_decoded_nor_a_way_past_max_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let cover = dir.path().join("cover.png");
+    // A cover far larger than max_side allows, that the probe skips (it is not video).
+    ffmpeg(&["-f", "lavfi", "-i", "color=c=red:s=5000x5000", "-frames:v", "1", cover.to_str().unwrap()]);
+    let tagged = dir.path().join("tagged.mp4");
+    let sample = media("video/sample.mp4");
+    ffmpeg(&[
+        "-i", &sample, "-i", cover.to_str().unwrap(), "-map", "0:v", "-map", "0:a", "-map", "1", "-c:v:0", "copy", "-c:a", "copy",
+        "-c:v:1", "png", "-disposition:v:1", "attached_pic", "-movflags", "+faststart", tagged.to_str().unwrap(),
+    ]);
+    cover_art_first(&tagged);
+    let input = task(tagged.to_str().unwrap()).await;
+    assert_eq!(input.probe.video_stream, Some(1), "the cover is stream 0, the video stream 1: {:?}", input.probe);
+    assert_eq!((input.probe.width, input.probe.height), (Some(1280), Some(720)));
+
+    let vision = load();
+    let out = vision.process(&input, &StageTimings::default()).await.unwrap();
+    let plain = vision.process(&task(&sample).await, &StageTimings::default()).await.unwrap();
+    assert_eq!(out.frames.len(), plain.frames.len(), "every frame of the video, not the one picture of the cover");
+    assert_eq!(out.faces.len(), plain.faces.len(), "the video's faces (the red cover has none)");
+}

@@ -72,6 +72,10 @@ where
         .await
         .with_context(|| format!("binding the health server on {}", settings.worker.health_addr))?;
     lifecycle.set_health_addr(addr.to_string());
+    if !settings.worker.health_addr_file.is_empty() {
+        std::fs::write(&settings.worker.health_addr_file, addr.to_string())
+            .with_context(|| format!("writing the health address to {}", settings.worker.health_addr_file))?;
+    }
     tracing::info!(worker = %id, health = %addr, settings = ?settings, "worker starting");
 
     let heartbeat = tokio::spawn(heartbeat::run(

@@ -1,4 +1,5 @@
-//! `heimdex`: enqueue videos, watch the fleet, inspect and replay dead letters, migrate the schema.
+//! `heimdex`: enqueue videos, watch the fleet, export transcripts, inspect and replay dead letters,
+//! migrate the schema.
 //!
 //! Exit codes: 0 success; 1 a job failed (with `--wait`) or an operation failed; 2 input refused
 //! (nothing was written).
@@ -33,6 +34,12 @@ enum Command {
         #[command(subcommand)]
         command: dlq::Command,
     },
+    /// Export a video's transcript (by video id, or its path or URL as enqueued).
+    Transcript {
+        video: String,
+        #[arg(long, value_enum, default_value = "srt")]
+        format: heimdex_producer::transcript::Format,
+    },
     /// Bring the database schema up to date (migrations, vector indexes, the worker role's rights); run
     /// as the schema's owner. Workers never change the schema.
     Migrate,
@@ -55,6 +62,7 @@ async fn main() -> ExitCode {
         Command::Enqueue(args) => enqueue::run(&settings, args).await,
         Command::Status(args) => status::run(&settings, args).await,
         Command::Dlq { command } => dlq::run(&settings, command).await,
+        Command::Transcript { video, format } => transcript(&settings, &video, format).await,
         Command::Migrate => migrate(&settings).await,
     };
     match result {
@@ -63,6 +71,22 @@ async fn main() -> ExitCode {
             eprintln!("heimdex: {}", heimdex_shared::telemetry::chain(e.as_ref()));
             ExitCode::from(1)
         }
+    }
+}
+
+async fn transcript(settings: &heimdex_shared::Settings, video: &str, format: heimdex_producer::transcript::Format) -> anyhow::Result<ExitCode> {
+    use heimdex_producer::transcript::{self, TranscriptError};
+    let pool = heimdex_shared::db::pool(&settings.database)?;
+    match transcript::load(&pool, settings, video).await {
+        Ok(t) => {
+            print!("{}", transcript::render(&t, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ (TranscriptError::NoVideo(_) | TranscriptError::NotIndexed { .. })) => {
+            eprintln!("heimdex: {e}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -1,0 +1,143 @@
+//! A video's transcript as stored by `worker-index`, exported as SubRip, WebVTT, JSON or plain text.
+
+use std::fmt::Write as _;
+
+use heimdex_shared::Settings;
+use heimdex_shared::media;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// An export format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Srt,
+    Vtt,
+    Json,
+    Txt,
+}
+
+/// One timed line of a transcript.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct Line {
+    pub start_s: f64,
+    pub end_s: f64,
+    pub text: String,
+    pub confidence: Option<f32>,
+}
+
+/// A video's transcript.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Transcript {
+    pub video_id: Uuid,
+    pub uri: String,
+    /// ISO code of the spoken language, when there was speech to tell.
+    pub language: Option<String>,
+    pub segments: Vec<Line>,
+}
+
+/// Why a transcript cannot be exported.
+#[derive(Debug, thiserror::Error)]
+pub enum TranscriptError {
+    #[error("no video {0:?} (give its id, or its path or URL as it was enqueued)")]
+    NoVideo(String),
+    #[error("video {video}: its index job is {status}, so it has no transcript yet")]
+    NotIndexed { video: Uuid, status: String },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Reads the transcript of `video`: a video id, or a path or URL as it was enqueued (resolved
+/// against the media root like `heimdex enqueue` does).
+///
+/// # Errors
+/// No such video, an index job that has not succeeded, or a database error.
+pub async fn load(pool: &PgPool, settings: &Settings, video: &str) -> Result<Transcript, TranscriptError> {
+    let found: Option<(Uuid, String)> = match Uuid::parse_str(video) {
+        Ok(id) => sqlx::query_as("SELECT id, uri FROM videos WHERE id = $1").bind(id).fetch_optional(pool).await?,
+        Err(_) => {
+            let uri = media::resolve(video, &settings.media.root, true).unwrap_or_else(|_| video.to_string());
+            sqlx::query_as("SELECT id, uri FROM videos WHERE uri = $1").bind(uri).fetch_optional(pool).await?
+        }
+    };
+    let (video_id, uri) = found.ok_or_else(|| TranscriptError::NoVideo(video.to_string()))?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE video_id = $1 AND kind = 'index'")
+        .bind(video_id)
+        .fetch_optional(pool)
+        .await?;
+    if status.as_deref() != Some("succeeded") {
+        return Err(TranscriptError::NotIndexed { video: video_id, status: status.unwrap_or_else(|| "not enqueued".into()) });
+    }
+    let segments: Vec<Line> =
+        sqlx::query_as("SELECT start_s, end_s, text, confidence FROM transcript_segments WHERE video_id = $1 ORDER BY idx")
+            .bind(video_id)
+            .fetch_all(pool)
+            .await?;
+    let language: Option<String> =
+        sqlx::query_scalar("SELECT language FROM transcript_segments WHERE video_id = $1 AND language IS NOT NULL LIMIT 1")
+            .bind(video_id)
+            .fetch_optional(pool)
+            .await?
+            .flatten();
+    Ok(Transcript { video_id, uri, language, segments })
+}
+
+/// The transcript in `format`.
+pub fn render(t: &Transcript, format: Format) -> String {
+    let mut out = String::new();
+    match format {
+        Format::Srt => {
+            for (i, s) in t.segments.iter().enumerate() {
+                let _ = write!(out, "{}\n{} --> {}\n{}\n\n", i + 1, timestamp(s.start_s, ','), timestamp(s.end_s, ','), cue_text(&s.text));
+            }
+        }
+        Format::Vtt => {
+            out.push_str("WEBVTT\n\n");
+            for s in &t.segments {
+                let _ = write!(out, "{} --> {}\n{}\n\n", timestamp(s.start_s, '.'), timestamp(s.end_s, '.'), cue_text(&s.text));
+            }
+        }
+        Format::Json => {
+            out = serde_json::to_string_pretty(t).unwrap_or_default();
+            out.push('\n');
+        }
+        Format::Txt => {
+            for s in &t.segments {
+                out.push_str(s.text.trim());
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// `HH:MM:SS,mmm` (SubRip) or `HH:MM:SS.mmm` (WebVTT).
+fn timestamp(seconds: f64, separator: char) -> String {
+    let ms = (seconds.max(0.0) * 1000.0).round() as u64;
+    format!("{:02}:{:02}:{:02}{separator}{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000)
+}
+
+/// Cue text on one line, without the blank lines that end a cue or the arrow that starts timings.
+fn cue_text(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ").replace("-->", "->")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_and_cues() {
+        assert_eq!(timestamp(0.0, ','), "00:00:00,000");
+        assert_eq!(timestamp(3725.0456, '.'), "01:02:05.046");
+        assert_eq!(cue_text(" a\n\nb --> c "), "a b -> c");
+        let t = Transcript {
+            video_id: Uuid::nil(),
+            uri: "x".into(),
+            language: Some("en".into()),
+            segments: vec![Line { start_s: 1.0, end_s: 2.5, text: "go forward".into(), confidence: Some(0.9) }],
+        };
+        assert_eq!(render(&t, Format::Srt), "1\n00:00:01,000 --> 00:00:02,500\ngo forward\n\n");
+        assert_eq!(render(&t, Format::Vtt), "WEBVTT\n\n00:00:01.000 --> 00:00:02.500\ngo forward\n\n");
+        assert_eq!(render(&t, Format::Txt), "go forward\n");
+    }
+}

@@ -112,6 +112,64 @@ fn schema_says_what_the_worker_accepts() {
     assert_eq!(schema["x-heimdex-max-body-bytes"], Value::from(contract::MAX_MESSAGE_BYTES));
 }
 
+/// An independent validator (Python's jsonschema, in .deps/venv) and the worker's parser give the same
+/// verdict on valid and invalid bodies, so the committed schema is usable as it stands.
+#[test]
+fn python_jsonschema_and_the_worker_agree_on_bodies() {
+    let python = repo().join(".deps/venv/bin/python");
+    assert!(python.is_file(), "{} missing: run scripts/setup", python.display());
+    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0) };
+    let full = serde_json::to_value(TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Index, "/m/a.wav".into(), options)).expect("json");
+    let variant = |edit: &dyn Fn(&mut Value)| {
+        let mut b = full.clone();
+        edit(&mut b);
+        b
+    };
+    let bodies = vec![
+        full.clone(),
+        variant(&|b| {
+            b.as_object_mut().expect("object").remove("options");
+        }),
+        variant(&|b| b["options"] = serde_json::json!({})),
+        variant(&|b| b["extra"] = true.into()),
+        variant(&|b| b["options"]["priority"] = 1.into()),
+        variant(&|b| b["v"] = 2.into()),
+        variant(&|b| b["kind"] = "audio".into()),
+        variant(&|b| b["media_uri"] = "   ".into()),
+        variant(&|b| b["options"]["frame_rate"] = 0.into()),
+        variant(&|b| b["options"]["frame_rate"] = 61.into()),
+        variant(&|b| b["options"] = Value::Null),
+        variant(&|b| b["job_id"] = "not-a-uuid".into()),
+        variant(&|b| {
+            b.as_object_mut().expect("object").remove("enqueued_at");
+        }),
+    ];
+    let script = r#"
+import json, sys, jsonschema
+schema = json.load(open(sys.argv[1]))
+validator = jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
+print(json.dumps([validator.is_valid(body) for body in json.load(sys.stdin)]))
+"#;
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(repo().join("deploy/contract/task.schema.json"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&serde_json::to_vec(&bodies).expect("bodies")).expect("write bodies");
+    }
+    let out = child.wait_with_output().expect("python output");
+    assert!(out.status.success(), "python jsonschema failed");
+    let python_says: Vec<bool> = serde_json::from_slice(&out.stdout).expect("verdicts");
+    let worker_says: Vec<bool> = bodies.iter().map(|b| TaskMessage::parse(&serde_json::to_vec(b).expect("body")).is_ok()).collect();
+    assert_eq!(worker_says, [true, true, true, false, false, false, false, false, false, false, false, false, false]);
+    assert_eq!(python_says, worker_says, "jsonschema vs TaskMessage::parse on {bodies:#?}");
+}
+
 /// Runs an example publisher; returns the message it printed.
 async fn publish_with(env: &TestEnv, program: &Path, script: &Path, args: &[&str]) -> Value {
     let out = tokio::process::Command::new(program)

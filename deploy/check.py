@@ -6,8 +6,8 @@ manifests in deploy/k8s. Run by tests/tests/deploy.rs (with .deps/venv/bin/pytho
 
 What it checks (and what it cannot: no cluster, no KEDA, no image registry here):
 - compose (`docker-compose config`, when docker-compose is installed): media and model volumes resolve
-  to the repository root's media/ and the named `models` volume (or HEIMDEX_MODELS's folder); a one-shot
-  `models` service that the workers wait for (service_completed_successfully) along with healthy
+  to the repository root's media/ and the named `models` volume (or HEIMDEX_MODELS's folder); one-shot
+  `migrate` and `models` services that the workers wait for (service_completed_successfully) along with healthy
   RabbitMQ, PostgreSQL and Redis; every published infrastructure port bound to 127.0.0.1; each worker's
   CPU limit equal to its ONNX Runtime threads; a stop grace period above the drain timeout.
 - k8s: every file parses; each worker Deployment has startupProbe and readinessProbe on /readyz and a
@@ -16,7 +16,8 @@ What it checks (and what it cannot: no cluster, no KEDA, no image registry here)
   requests <= limits, read-only models; one KEDA ScaledObject per Deployment on its queue with
   mode QueueLength and value = HEIMDEX__WORKER__CONCURRENCY, authenticated by a TriggerAuthentication
   whose secret key the example Secret defines, trigger metadata all strings (as KEDA's CRD requires);
-  kustomization.yaml lists files that exist. With
+  a Job runs `heimdex migrate` with the owner's URL from a Secret no worker reads and grants the worker role, a Job
+  downloads the models; kustomization.yaml lists files that exist. With
   `kubernetes-validate` installed, the built-in kinds are also validated against Kubernetes' OpenAPI
   schemas (the KEDA kinds cannot be: their CRD schemas are not available offline).
 Prints one line per check group and exits 1 on the first failure.
@@ -81,9 +82,13 @@ def check_compose():
     expect(models["command"][0] == "heimdex-models" and models["command"][-2:] == ["--dir", "/models"], f"models command {models['command']}")
     expect("models:/models:rw" in models["volumes"], f"models writes the named volume: {models['volumes']}")
     expect("models" in config.get("volumes", {}), "a named `models` volume")
+    migrate = services.get("migrate")
+    expect(migrate is not None and migrate["command"] == ["heimdex", "migrate"] and migrate.get("restart") == "no", "a one-shot `migrate` service")
+    expect(migrate["depends_on"].get("postgres", {}).get("condition") == "service_healthy", "migrate waits for a healthy postgres")
     for name, worker in workers.items():
         deps = worker.get("depends_on", {})
-        expect(deps.get("models", {}).get("condition") == "service_completed_successfully", f"{name} waits for models: {deps}")
+        for once in ("models", "migrate"):
+            expect(deps.get(once, {}).get("condition") == "service_completed_successfully", f"{name} waits for {once}: {deps}")
         for infra in ("rabbitmq", "postgres", "redis"):
             expect(deps.get(infra, {}).get("condition") == "service_healthy", f"{name} waits for a healthy {infra}")
             expect("healthcheck" in services[infra], f"{infra} has a healthcheck")
@@ -196,6 +201,16 @@ def check_k8s():
         expect(auth is not None, f"{name}: TriggerAuthentication {trigger['authenticationRef']} exists")
         for ref in auth["spec"]["secretTargetRef"]:
             expect(ref["name"] == "heimdex" and ref["key"] in secret_keys, f"TriggerAuthentication reads {ref}, which the Secret lacks")
+    expect(not any(k.endswith("MIGRATE_ON_START") for k in configmap), "workers no longer migrate (database.migrate_on_start is gone)")
+    jobs = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0] for o in by_kind.get("Job", {}).values()}
+    migrate = [c for c in jobs.values() if c["command"] == ["heimdex", "migrate"]]
+    expect(len(migrate) == 1, f"one Job runs `heimdex migrate`: {sorted(jobs)}")
+    owner = [e for e in migrate[0].get("env", []) if e["name"] == "HEIMDEX__DATABASE__URL"]
+    ref = owner[0]["valueFrom"]["secretKeyRef"] if owner else {}
+    owner_secret = by_kind["Secret"].get(ref.get("name"), {}).get("stringData", {})
+    expect(ref.get("name") != "heimdex" and ref.get("key") in owner_secret, f"the migrate Job reads the owner's URL from its own Secret: {ref}")
+    expect(configmap.get("HEIMDEX__DATABASE__WORKER_ROLE"), "the migrate Job grants a worker role")
+    expect(any(c["command"][:2] == ["heimdex-models", "download"] for c in jobs.values()), "a Job downloads the models")
     print(f"check: k8s: ok ({len(objects)} objects: probes, grace period, cpu = threads, KEDA value = concurrency, references)")
     try:
         import kubernetes_validate  # noqa: F401

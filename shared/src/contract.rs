@@ -2,11 +2,16 @@
 //!
 //! Parsing checks the version before the shape, so that a message from a newer producer is reported
 //! as "unsupported contract version 2", not as a confusing missing-field error.
+//!
+//! Services in other languages publish against [`json_schema`], the JSON Schema generated from these
+//! types; its committed copy is `deploy/contract/task.schema.json`, and `tests/tests/contract.rs`
+//! fails when it is out of date (`HEIMDEX_WRITE_SCHEMA=1` in that test's environment rewrites it).
 
 use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -20,7 +25,7 @@ pub const CONTRACT_VERSION: u32 = 1;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// What a task does; each kind has its own queue and worker binary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
     /// Speech to text and transcript embeddings (`worker-index`).
@@ -58,30 +63,52 @@ impl FromStr for TaskKind {
 }
 
 /// Per-task options; absent fields take the worker's configured defaults.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskOptions {
     /// Spoken language code for the index task (`en`); detected when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
-    /// Frames per second sampled by the vision task.
+    /// Frames per second sampled by the vision task, in (0, 60].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 60))]
     pub frame_rate: Option<f32>,
 }
 
-/// The body of a task message.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The body of a task message (UTF-8 JSON, at most 64 KiB), published to the `heimdex` exchange with
+/// the kind as routing key, `content_type` `application/json`, persistent, `message_id` = `job_id`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "Heimdex task message")]
 pub struct TaskMessage {
+    /// Contract version; a worker refuses (dead-letters) any other.
+    #[schemars(extend("const" = 1))]
     pub v: u32,
+    /// The job; used when Heimdex holds no job for (video, kind) yet, else Heimdex's own job runs.
     pub job_id: Uuid,
+    /// The video; used when Heimdex holds no video for `media_uri` yet, else Heimdex's own id wins.
     pub video_id: Uuid,
+    /// Must match the routing key: a worker dead-letters a task of another kind.
     pub kind: TaskKind,
     /// A path under the configured media root, or an http(s) URL.
+    #[schemars(regex(pattern = r"\S"))]
     pub media_uri: String,
     #[serde(default)]
     pub options: TaskOptions,
+    /// When the task was enqueued (RFC 3339).
     pub enqueued_at: DateTime<Utc>,
+}
+
+/// The JSON Schema of a task message body, generated from [`TaskMessage`]: what a worker accepts
+/// (the 64 KiB bound on the body is not expressible in it). Draft-07, the draft that validators in
+/// most languages read by default (ajv, jsonschema, everit).
+pub fn json_schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft07().into_generator();
+    let mut schema = generator.into_root_schema_for::<TaskMessage>();
+    schema.insert("$id".into(), "https://heimdex.invalid/contract/task.schema.json".into());
+    schema.insert("x-heimdex-contract-version".into(), CONTRACT_VERSION.into());
+    schema.insert("x-heimdex-max-body-bytes".into(), MAX_MESSAGE_BYTES.into());
+    schema.to_value()
 }
 
 /// Why a message body is not a task. Always permanent: redelivery cannot fix it.

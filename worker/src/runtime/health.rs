@@ -1,5 +1,5 @@
 //! `/healthz` (the process answers), `/readyz` (200 only when warm and consuming) and `/metrics`
-//! (Prometheus text), on the worker's health port.
+//! (OpenMetrics text, see [`crate::metrics`]), on the worker's health port.
 
 use std::sync::Arc;
 
@@ -54,5 +54,5 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(h): State<Health>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.metrics.encode())
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], h.metrics.encode())
 }

@@ -263,6 +263,7 @@ impl<P: Pipeline> Worker<P> {
         timings.record("persist", persist_started);
         jobs::finish_success(&mut tx, run, &timings.to_json(), &output.summary()).await?;
         tx.commit().await?;
+        self.metrics.media_processed(msg.kind.as_str(), input.probe.duration_s);
         for (stage, ms) in timings.to_json().as_object().into_iter().flatten() {
             self.metrics.observe_stage(stage, ms.as_f64().unwrap_or(0.0) / 1000.0);
         }

@@ -1,8 +1,10 @@
-//! From audio to timed text: stream speech chunks out of the VAD chunker, compute each chunk's
-//! log-mel off the runtime, and send the chunks to the one shared Whisper thread concurrently (it
-//! batches them, with chunks of other tasks), a bounded number in flight. When a window's output
+//! From audio to timed text: stream speech chunks out of the VAD chunker, pack their speech densely into
+//! windows (see [`super::pack`]), compute each window's log-mel off the runtime, and send the windows
+//! to the one shared Whisper thread concurrently (it batches them, with windows of other tasks), a
+//! bounded number in flight. When a window's output
 //! stops before the chunk's speech does, the rest of the chunk is decoded from where it stopped.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
@@ -14,6 +16,7 @@ use tokio::sync::mpsc;
 use super::chunker::{ChunkParams, SpeechChunk, StreamStats, stream_chunks};
 use super::decode::{WhisperConfig, covered, segments};
 use super::mel::LogMel;
+use super::pack::{Packed, Packer, audio_time};
 use super::persist::Segment;
 use super::vad::VadRunner;
 use super::whisper::{AsrRequest, AsrResult, WhisperRunner};
@@ -40,6 +43,9 @@ pub struct Transcriber {
     pub params: ChunkParams,
     pub max_tokens: usize,
     pub max_duration_s: f64,
+    /// Pack the speech of consecutive chunks densely into windows (production); off, each chunk is
+    /// one window (the benchmark's baseline).
+    pub pack: bool,
 }
 
 /// Segments of a whole audio stream.
@@ -138,6 +144,20 @@ impl Transcriber {
         Ok((out, language.unwrap_or_default(), dur))
     }
 
+    /// Transcribes one packed window (see [`super::pack`]) into segments on the recording's clock.
+    ///
+    /// # Errors
+    /// Inference failed.
+    pub async fn packed(&self, window: Packed, language: Option<u32>) -> Result<(Vec<Segment>, u32, f64), InferenceError> {
+        let Packed { chunk, pieces } = window;
+        let (mut segs, lang, dur) = self.chunk(chunk, language).await?;
+        for s in &mut segs {
+            s.start_s = audio_time(&pieces, s.start_s, false);
+            s.end_s = audio_time(&pieces, s.end_s, true).max(s.start_s);
+        }
+        Ok((segs, lang, dur))
+    }
+
     /// Segments of one window's tokens, with absolute times (`offset_s`: where the window starts).
     fn timed(&self, tokens: &[u32], probs: &[f32], offset_s: f64, window_s: f64) -> Vec<Segment> {
         segments(tokens, probs, &self.cfg, window_s as f32)
@@ -168,12 +188,24 @@ impl Transcriber {
         let consumer = async move {
             let mut pending = FuturesOrdered::new();
             let mut out = Transcript::default();
+            let mut packer = Packer::new(self.params);
+            let mut ready: VecDeque<Packed> = VecDeque::new();
             let mut open = true;
             loop {
+                while pending.len() < in_flight.max(1) {
+                    match ready.pop_front() {
+                        Some(window) => pending.push_back(self.packed(window, language)),
+                        None => break,
+                    }
+                }
                 tokio::select! {
-                    chunk = rx.recv(), if open && pending.len() < in_flight.max(1) => match chunk {
-                        Some(chunk) => pending.push_back(self.chunk(chunk, language)),
-                        None => open = false,
+                    chunk = rx.recv(), if open && ready.is_empty() => match chunk {
+                        Some(chunk) if self.pack => ready.extend(packer.push(&chunk)),
+                    Some(chunk) => ready.push_back(Packed::whole(chunk)),
+                        None => {
+                            open = false;
+                            ready.extend(packer.flush());
+                        }
                     },
                     Some(done) = pending.next(), if !pending.is_empty() => {
                         let (segs, lang, dur) = done?;

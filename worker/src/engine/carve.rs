@@ -89,10 +89,10 @@ fn text(bytes: &[u8]) -> String {
 fn strings(msg: &[u8], field: u64) -> Result<Vec<String>, CarveError> {
     let mut out = Vec::new();
     for f in Fields(msg) {
-        if let (n, Field::Bytes(b)) = f? {
-            if n == field {
-                out.push(text(b));
-            }
+        if let (n, Field::Bytes(b)) = f?
+            && n == field
+        {
+            out.push(text(b));
         }
     }
     Ok(out)

@@ -1,4 +1,4 @@
-//! Long media through the queue: an index task killed midway resumes after its stored chunks, and a
+//! Long media through the queue: an index task killed midway resumes after its stored windows, and a
 //! three-hour recording completes at its first attempt.
 
 use std::path::Path;
@@ -26,7 +26,7 @@ async fn transcript(env: &TestEnv, video: Uuid) -> String {
         .expect("transcript")
 }
 
-async fn stored_chunks(env: &TestEnv, video: Uuid) -> i64 {
+async fn stored_windows(env: &TestEnv, video: Uuid) -> i64 {
     env.count("SELECT count(*) FROM index_checkpoints WHERE video_id = $1", video).await
 }
 
@@ -35,39 +35,39 @@ fn summary_count(summary: Option<&serde_json::Value>, key: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_killed_index_task_resumes_after_its_stored_chunks_and_gives_the_same_transcript() {
+async fn a_killed_index_task_resumes_after_its_stored_windows_and_gives_the_same_transcript() {
     let env = TestEnv::new().await;
-    // 200 s: the sample video eight times over, so that it has many speech chunks.
+    // 200 s: the sample video eight times over, so that it has many Whisper windows.
     let long = env.media.path().join("long.mp4");
     let sample = bundle_media("video/sample.mp4");
     ffmpeg(&["-stream_loop", "7", "-i", &sample.display().to_string(), "-c", "copy"], &long);
     std::fs::copy(&long, env.media.path().join("same.mp4")).expect("copy");
-    // Two chunks in flight at a time, so the kill lands between stored chunks and chunks to come.
+    // Two windows in flight at a time, so the kill lands between stored windows and windows to come.
     let small = [("HEIMDEX__ENGINE__MAX_BATCH", "2")];
 
     let mut first = env.spawn_worker("index", "resume-1", &small);
     env.wait_state(&first, WorkerState::Warm, WARM).await;
     let (video, job) = env.enqueue("long.mp4", TaskKind::Index, false).await.unwrap();
-    wait_for("two stored chunks", Duration::from_secs(300), || async { (stored_chunks(&env, video).await >= 2).then_some(()) }).await;
+    wait_for("two stored windows", Duration::from_secs(300), || async { (stored_windows(&env, video).await >= 2).then_some(()) }).await;
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(10)).await;
-    let stored = stored_chunks(&env, video).await;
+    let stored = stored_windows(&env, video).await;
 
     let second = env.spawn_worker("index", "resume-2", &small);
     let done = env.wait_job(job, "succeeded", Duration::from_secs(600)).await;
-    let chunks = summary_count(done.summary.as_ref(), "chunks");
-    let resumed = summary_count(done.summary.as_ref(), "resumed_chunks");
+    let windows = summary_count(done.summary.as_ref(), "windows");
+    let resumed = summary_count(done.summary.as_ref(), "resumed_windows");
     assert_eq!(done.attempts, 2, "{done:?}");
-    assert_eq!(resumed, stored as u64, "every stored chunk is reused: {done:?}");
-    assert!(resumed < chunks, "the kill left chunks to decode: {done:?}");
+    assert_eq!(resumed, stored as u64, "every stored window is reused: {done:?}");
+    assert!(resumed < windows, "the kill left windows to decode: {done:?}");
     assert!(second.log().contains("resumed from the checkpoints"), "{}", second.log());
-    assert_eq!(stored_chunks(&env, video).await, 0, "the results transaction clears the checkpoints");
+    assert_eq!(stored_windows(&env, video).await, 0, "the results transaction clears the checkpoints");
 
     // The same audio under another name, uninterrupted, on the same worker.
     let (other, other_job) = env.enqueue("same.mp4", TaskKind::Index, false).await.unwrap();
     let reference = env.wait_job(other_job, "succeeded", Duration::from_secs(600)).await;
-    assert_eq!(summary_count(reference.summary.as_ref(), "resumed_chunks"), 0);
-    assert_eq!(summary_count(reference.summary.as_ref(), "chunks"), chunks);
+    assert_eq!(summary_count(reference.summary.as_ref(), "resumed_windows"), 0);
+    assert_eq!(summary_count(reference.summary.as_ref(), "windows"), windows);
     let (resumed_text, reference_text) = (transcript(&env, video).await, transcript(&env, other).await);
     let sentence = "unless to be rather cold hearted and rather selfish is to be ill disposed";
     assert!(words_found(sentence, &reference_text) == 1.0, "{reference_text}");
@@ -77,7 +77,7 @@ async fn a_killed_index_task_resumes_after_its_stored_chunks_and_gives_the_same_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_forced_rerun_decodes_every_chunk_again() {
+async fn a_forced_rerun_decodes_every_window_again() {
     let env = TestEnv::new().await;
     let long = env.media.path().join("long.mp4");
     let sample = bundle_media("video/sample.mp4");
@@ -86,18 +86,18 @@ async fn a_forced_rerun_decodes_every_chunk_again() {
     let mut first = env.spawn_worker("index", "force-1", &small);
     env.wait_state(&first, WorkerState::Warm, WARM).await;
     let (video, job) = env.enqueue("long.mp4", TaskKind::Index, false).await.unwrap();
-    wait_for("a stored chunk", Duration::from_secs(300), || async { (stored_chunks(&env, video).await >= 1).then_some(()) }).await;
+    wait_for("a stored window", Duration::from_secs(300), || async { (stored_windows(&env, video).await >= 1).then_some(()) }).await;
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(10)).await;
-    assert!(stored_chunks(&env, video).await >= 1);
+    assert!(stored_windows(&env, video).await >= 1);
 
     // A forced re-run (a new model, new settings: the user asked for it afresh) reuses nothing.
     env.enqueue("long.mp4", TaskKind::Index, true).await.unwrap();
-    assert_eq!(stored_chunks(&env, video).await, 0, "--force clears the checkpoints");
+    assert_eq!(stored_windows(&env, video).await, 0, "--force clears the checkpoints");
     let _second = env.spawn_worker("index", "force-2", &small);
     let done = env.wait_job(job, "succeeded", Duration::from_secs(600)).await;
-    assert_eq!(summary_count(done.summary.as_ref(), "resumed_chunks"), 0, "{done:?}");
-    assert!(summary_count(done.summary.as_ref(), "chunks") >= 2, "{done:?}");
+    assert_eq!(summary_count(done.summary.as_ref(), "resumed_windows"), 0, "{done:?}");
+    assert!(summary_count(done.summary.as_ref(), "windows") >= 2, "{done:?}");
     env.cleanup().await;
 }
 

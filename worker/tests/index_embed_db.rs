@@ -136,8 +136,8 @@ async fn writing_twice_leaves_one_set_of_rows() {
         language: "en".into(),
         audio_s: 6.0,
         embedding_model: "sentence-transformers/all-MiniLM-L6-v2".into(),
-        chunks: 3,
-        resumed_chunks: 0,
+        windows: 1,
+        resumed_windows: 0,
     };
     for _ in 0..2 {
         let mut tx = pool.begin().await.unwrap();

@@ -10,6 +10,7 @@
 //! (RECIPE.md measured an owner thread as the fastest way to drive a session).
 
 pub mod batcher;
+pub mod carve;
 pub mod download;
 pub mod registry;
 
@@ -87,13 +88,41 @@ impl Engine {
     /// # Errors
     /// The file is not a model ONNX Runtime can load.
     pub fn session(&self, path: &Path) -> Result<Session, InferenceError> {
-        let session = Session::builder(&self.env)?
+        self.session_with(path, Memory::Arena)
+    }
+
+    /// As [`Engine::session`], with the given memory policy.
+    ///
+    /// # Errors
+    /// The file is not a model ONNX Runtime can load.
+    pub fn session_with(&self, path: &Path, memory: Memory) -> Result<Session, InferenceError> {
+        self.builder(memory)?
+            .commit_from_file(path)
+            .map_err(|e| InferenceError::Model { model: path.display().to_string(), message: e.to_string() })
+    }
+
+    /// As [`Engine::session_with`], for a model built in memory (a carved sub-model); `name` names it
+    /// in errors.
+    ///
+    /// # Errors
+    /// The bytes are not a model ONNX Runtime can load.
+    pub fn session_from_memory(&self, name: &str, model: &[u8], memory: Memory) -> Result<Session, InferenceError> {
+        self.builder(memory)?
+            .commit_from_memory(model)
+            .map_err(|e| InferenceError::Model { model: name.to_string(), message: e.to_string() })
+    }
+
+    fn builder(&self, memory: Memory) -> Result<ort::session::builder::SessionBuilder, InferenceError> {
+        let builder = Session::builder(&self.env)?
             .with_optimization_level(GraphOptimizationLevel::All)?
             .with_intra_threads(self.settings.threads())?
-            .with_intra_op_spinning(self.settings.allow_spinning)?
-            .commit_from_file(path)
-            .map_err(|e| InferenceError::Model { model: path.display().to_string(), message: e.to_string() })?;
-        Ok(session)
+            .with_intra_op_spinning(self.settings.allow_spinning)?;
+        Ok(match memory {
+            Memory::Arena => builder,
+            Memory::Bounded => builder
+                .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])?
+                .with_memory_pattern(false)?,
+        })
     }
 
     /// Starts the owner thread of a model with the configured batching.
@@ -116,6 +145,18 @@ impl Engine {
     pub fn arm_model_panic(&self, model: &str) {
         *self.panic_next.lock().expect("failpoint lock") = Some(model.to_string());
     }
+}
+
+/// How a session holds its working memory (activations between and within runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Memory {
+    /// ONNX Runtime's CPU arena and memory patterns: buffers are kept and reused, so the largest batch
+    /// a session ever ran stays resident (the default; fine for models with small activations).
+    Arena,
+    /// No arena, no memory pattern: a run's buffers go back to the allocator when it ends, so models
+    /// that take turns on one thread (Whisper's encoder and decoder) do not each keep their peak.
+    /// Measured on the index pipeline: see `IndexPipeline::load`.
+    Bounded,
 }
 
 /// How long warm-up of one model took, for Redis, `/metrics` and the benchmark.

@@ -1,8 +1,10 @@
-//! From audio to timed text: stream speech chunks out of the VAD chunker, compute each chunk's
-//! log-mel off the runtime, and send the chunks to the one shared Whisper thread concurrently (it
-//! batches them, with chunks of other tasks), a bounded number in flight. When a window's output
+//! From audio to timed text: stream speech chunks out of the VAD chunker, pack their speech densely into
+//! windows (see [`super::pack`]), compute each window's log-mel off the runtime, and send the windows
+//! to the one shared Whisper thread concurrently (it batches them, with windows of other tasks), a
+//! bounded number in flight. When a window's output
 //! stops before the chunk's speech does, the rest of the chunk is decoded from where it stopped.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
@@ -12,10 +14,11 @@ use futures::{StreamExt, TryFutureExt};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
-use super::checkpoint::{ChunkText, Checkpoints};
+use super::checkpoint::{WindowText, Checkpoints};
 use super::chunker::{ChunkParams, SpeechChunk, StreamStats, stream_chunks};
 use super::decode::{WhisperConfig, covered, segments};
 use super::mel::LogMel;
+use super::pack::{Packed, Packer, audio_time};
 use super::persist::Segment;
 use super::vad::VadRunner;
 use super::whisper::{AsrRequest, AsrResult, WhisperRunner};
@@ -42,6 +45,9 @@ pub struct Transcriber {
     pub params: ChunkParams,
     pub max_tokens: usize,
     pub max_duration_s: f64,
+    /// Pack the speech of consecutive chunks densely into windows (production); off, each chunk is
+    /// one window (the benchmark's baseline).
+    pub pack: bool,
 }
 
 /// Segments of a whole audio stream.
@@ -53,8 +59,9 @@ pub struct Transcript {
     pub stats: StreamStats,
     /// Most samples the chunker ever buffered.
     pub peak_buffer: usize,
-    /// Chunks taken from an earlier run's checkpoints instead of decoded.
-    pub resumed_chunks: usize,
+    /// Whisper windows transcribed, and how many of them an earlier run's checkpoints supplied.
+    pub windows: usize,
+    pub resumed_windows: usize,
 }
 
 impl Transcriber {
@@ -115,7 +122,7 @@ impl Transcriber {
     ///
     /// # Errors
     /// Inference failed.
-    pub async fn chunk(&self, chunk: SpeechChunk, language: Option<u32>) -> Result<ChunkText, InferenceError> {
+    pub async fn chunk(&self, chunk: SpeechChunk, language: Option<u32>) -> Result<WindowText, InferenceError> {
         let offset = chunk.offset_s;
         let rate = f64::from(SAMPLE_RATE);
         let mut out = Vec::new();
@@ -139,13 +146,29 @@ impl Transcriber {
                 None => break,
             }
         }
-        Ok(ChunkText {
+        Ok(WindowText {
             index: chunk.index,
             offset_s: offset,
             duration_s: chunk.duration_s(),
             segments: out,
             language: language.unwrap_or_default(),
         })
+    }
+
+    /// Transcribes one packed window (see [`super::pack`]) into segments on the recording's clock.
+    ///
+    /// # Errors
+    /// Inference failed.
+    pub async fn packed(&self, window: Packed, language: Option<u32>) -> Result<WindowText, InferenceError> {
+        let offset_s = window.start_s();
+        let Packed { chunk, pieces } = window;
+        let mut text = self.chunk(chunk, language).await?;
+        for s in &mut text.segments {
+            s.start_s = audio_time(&pieces, s.start_s, false);
+            s.end_s = audio_time(&pieces, s.end_s, true).max(s.start_s);
+        }
+        text.offset_s = offset_s;
+        Ok(text)
     }
 
     /// Segments of one window's tokens, with absolute times (`offset_s`: where the window starts).
@@ -166,8 +189,8 @@ impl Transcriber {
     }
 
     /// Streams `uri` through ffmpeg and the chunker and transcribes the chunks as they come, at most
-    /// `in_flight` at once. With `checkpoints`, chunks an earlier run stored are taken from there and
-    /// every chunk decoded now is stored as soon as it and those before it are done.
+    /// `in_flight` windows at once. With `checkpoints`, windows an earlier run stored are taken from
+    /// there and every window decoded now is stored as soon as it and those before it are done.
     ///
     /// # Errors
     /// Permanent for undecodable or over-long audio; retryable for inference failures.
@@ -185,28 +208,39 @@ impl Transcriber {
         let consumer = async move {
             let mut pending = FuturesOrdered::new();
             let mut out = Transcript::default();
+            let mut packer = Packer::new(self.params);
+            let mut ready: VecDeque<Packed> = VecDeque::new();
             let mut open = true;
             loop {
+                while pending.len() < in_flight.max(1) {
+                    let Some(window) = ready.pop_front() else { break };
+                    match checkpoints.as_deref_mut().and_then(|c| c.reuse(&window)) {
+                        Some(done) => pending.push_back(Either::Left(std::future::ready(Ok((done, true))))),
+                        None => pending.push_back(Either::Right(self.packed(window, language).map_ok(|c| (c, false)))),
+                    }
+                }
                 tokio::select! {
-                    chunk = rx.recv(), if open && pending.len() < in_flight.max(1) => match chunk {
-                        Some(chunk) => match checkpoints.as_deref_mut().and_then(|c| c.reuse(&chunk)) {
-                            Some(done) => pending.push_back(Either::Left(std::future::ready(Ok((done, true))))),
-                            None => pending.push_back(Either::Right(self.chunk(chunk, language).map_ok(|c| (c, false)))),
-                        },
-                        None => open = false,
+                    chunk = rx.recv(), if open && ready.is_empty() => match chunk {
+                        Some(chunk) if self.pack => ready.extend(packer.push(&chunk)),
+                        Some(chunk) => ready.push_back(Packed::whole(chunk)),
+                        None => {
+                            open = false;
+                            ready.extend(packer.flush());
+                        }
                     },
                     Some(done) = pending.next(), if !pending.is_empty() => {
-                        let (chunk, reused) = done?;
+                        let (window, reused) = done?;
+                        out.windows += 1;
                         if reused {
-                            out.resumed_chunks += 1;
+                            out.resumed_windows += 1;
                         } else if let Some(store) = checkpoints.as_deref()
-                            && let Err(e) = store.save(&chunk).await
+                            && let Err(e) = store.save(&window).await
                         {
                             // Only a later redelivery would miss it; this run goes on.
-                            tracing::warn!(error = %e, chunk = chunk.index, "could not store the chunk's checkpoint");
+                            tracing::warn!(error = %e, window = window.index, "could not store the window's checkpoint");
                         }
-                        out.languages.push((chunk.language, chunk.duration_s));
-                        out.segments.extend(chunk.segments);
+                        out.languages.push((window.language, window.duration_s));
+                        out.segments.extend(window.segments);
                     }
                     else => break,
                 }

@@ -16,6 +16,7 @@ pub mod chunker;
 pub mod decode;
 pub mod embed;
 pub mod mel;
+pub mod pack;
 pub mod persist;
 pub mod vad;
 pub mod whisper;
@@ -32,7 +33,7 @@ use sqlx::PgPool;
 pub use asr::{Transcriber, Transcript};
 pub use persist::{IndexOutput, Segment};
 
-use crate::engine::{InferenceError, WarmupReport};
+use crate::engine::{InferenceError, Memory, WarmupReport};
 use crate::error::TaskError;
 use crate::media::audio::AudioError;
 use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
@@ -71,14 +72,21 @@ impl IndexPipeline {
         let s = ctx.settings.index.clone();
         let max_batch = ctx.settings.engine.max_batch.max(1);
         let wfile = |f: &str| ctx.models.file(&format!("{}/{f}", s.whisper_dir)).with_context(|| format!("whisper {f}"));
-        let session = |rel: &str, path: &std::path::Path| ctx.engine.session(path).with_context(|| format!("loading {rel}"));
+        // Bounded memory (no arenas): measured with four 600 s recordings at concurrency 4 (bench-index).
+        let session =
+            |rel: &str, path: &std::path::Path| ctx.engine.session_with(path, Memory::Bounded).with_context(|| format!("loading {rel}"));
         let cfg: decode::WhisperConfig = serde_json::from_slice(&std::fs::read(wfile("config.json")?)?).context("whisper config.json")?;
         let text = tokenizers::Tokenizer::from_file(wfile("tokenizer.json")?)
             .map_err(|e| anyhow::anyhow!("whisper tokenizer.json: {e}"))?;
         let mel = mel::LogMel::load(&wfile("mel_filters.f32")?)?;
+        // decoder_model.onnx is read only for the small cross-attention part the with-past decoder
+        // lacks, first, so that its bytes are freed before the other sessions' weights arrive.
+        let decoder_model = std::fs::read(wfile("decoder_model.onnx")?).context("reading whisper decoder_model.onnx")?;
+        let cross = whisper::cross_cache_model(&decoder_model)?;
+        drop(decoder_model);
+        let cross = ctx.engine.session_from_memory("whisper cross-attention cache", &cross, Memory::Bounded)?;
         let encoder_path = wfile("encoder_model.onnx")?;
         let encoder = session("encoder_model.onnx", &encoder_path)?;
-        let decoder = session("decoder_model.onnx", &wfile("decoder_model.onnx")?)?;
         let with_past = session("decoder_with_past_model.onnx", &wfile("decoder_with_past_model.onnx")?)?;
         let vad_path = ctx.models.file(&s.vad_model)?;
         let vad_session = session(&s.vad_model, &vad_path)?;
@@ -93,7 +101,7 @@ impl IndexPipeline {
 
         let asr_batch = max_batch.min(MAX_ASR_BATCH);
         let cfg = Arc::new(cfg);
-        let asr = ctx.engine.spawn(WHISPER, WhisperRunner::new((*cfg).clone(), encoder, decoder, with_past), asr_batch);
+        let asr = ctx.engine.spawn(WHISPER, WhisperRunner::new((*cfg).clone(), encoder, cross, with_past)?, asr_batch);
         let vad = ctx.engine.spawn(SILERO_VAD, VadRunner::new(vad_session), max_batch);
         let runner = EmbedRunner::new(embed_session, s.embed_pooling, s.embed_dim)?;
         let embedder = TextEmbedder::new(&embed_tok, s.embed_max_len, ctx.engine.spawn(TEXT_EMBED, runner, max_batch))?;
@@ -106,6 +114,7 @@ impl IndexPipeline {
             params: ChunkParams::new(s.vad_threshold, s.max_chunk_s),
             max_tokens: s.max_decode_tokens,
             max_duration_s: s.max_duration_s,
+            pack: true,
         };
         Ok(Self { settings: s, transcriber, embedder, models, vad_batch: max_batch })
     }
@@ -142,8 +151,8 @@ impl IndexPipeline {
             None => None,
         };
         let transcript = timings.time("asr", t.transcribe(uri, lang, t.asr.max_batch(), checkpoints.as_mut())).await?;
-        if transcript.resumed_chunks > 0 {
-            tracing::info!(resumed = transcript.resumed_chunks, chunks = transcript.stats.chunks, "resumed from the checkpoints of an earlier run");
+        if transcript.resumed_windows > 0 {
+            tracing::info!(resumed = transcript.resumed_windows, windows = transcript.windows, "resumed from the checkpoints of an earlier run");
         }
         let mut segments = transcript.segments.clone();
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
@@ -168,25 +177,27 @@ impl IndexPipeline {
             language,
             audio_s: transcript.stats.audio_s,
             embedding_model: self.settings.embed_model.clone(),
-            chunks: transcript.stats.chunks,
-            resumed_chunks: transcript.resumed_chunks,
+            windows: transcript.windows,
+            resumed_windows: transcript.resumed_windows,
         };
         Ok((output, transcript))
     }
 
-    /// What a stored chunk depends on besides the audio: the model, the language prompt, the
-    /// chunking and the decoding limit. Checkpoints made under another key are not reused.
+    /// What a stored window depends on besides the audio: the model, the language prompt, the
+    /// chunking, the packing and the decoding limit. Checkpoints made under another key are not reused.
     fn checkpoint_config(&self, language: Option<u32>) -> String {
         let language = language.map_or_else(|| "detect".into(), |l| self.transcriber.language_code(l));
         let t = &self.transcriber;
-        format!("{}|{language}|{:?}|max_tokens={}", self.settings.whisper_dir, t.params, t.max_tokens)
+        format!("{}|{language}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.pack, t.max_tokens)
     }
 
     async fn warm_asr(&self) -> Result<WarmupReport, InferenceError> {
         let started = Instant::now();
         let t = &self.transcriber;
         let mel = t.mel.compute(&synthetic_audio(10.0));
-        let sizes: Vec<usize> = (1..=t.asr.max_batch()).collect();
+        // One batch of the largest size: the encoder (one row per run; identical rows are encoded
+        // once) and the decoder at the widest batch production uses, so every buffer is sized for it.
+        let sizes = vec![t.asr.max_batch()];
         for &n in &sizes {
             let req = AsrRequest { mel: mel.clone(), language: None, timestamps: true, kv_cache: true, max_tokens: 4 };
             t.asr.run_exact(vec![req; n]).await?;
@@ -252,8 +263,8 @@ impl Pipeline for IndexPipeline {
             language: String::new(),
             audio_s: 0.0,
             embedding_model: self.settings.embed_model.clone(),
-            chunks: 0,
-            resumed_chunks: 0,
+            windows: 0,
+            resumed_windows: 0,
         };
         if !input.probe.has_audio {
             if self.settings.allow_no_audio {

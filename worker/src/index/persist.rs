@@ -30,9 +30,9 @@ pub struct IndexOutput {
     pub audio_s: f64,
     /// Name of the model that produced the embeddings (keeps embedding spaces apart).
     pub embedding_model: String,
-    /// Speech chunks of the audio, and how many of them an earlier run's checkpoints supplied.
-    pub chunks: usize,
-    pub resumed_chunks: usize,
+    /// Whisper windows of the audio, and how many of them an earlier run's checkpoints supplied.
+    pub windows: usize,
+    pub resumed_windows: usize,
 }
 
 impl IndexOutput {
@@ -93,8 +93,8 @@ impl Persist for IndexOutput {
             "language": self.language,
             "words": self.words(),
             "audio_s": (self.audio_s * 100.0).round() / 100.0,
-            "chunks": self.chunks,
-            "resumed_chunks": self.resumed_chunks,
+            "windows": self.windows,
+            "resumed_windows": self.resumed_windows,
         })
     }
 }

@@ -1,12 +1,14 @@
-//! Whisper (Hugging Face Optimum ONNX layout) behind one owner thread that holds the encoder and both
-//! decoders, so that every chunk of every concurrent task shares one copy of the weights.
+//! Whisper (Hugging Face Optimum ONNX layout) behind one owner thread that holds the encoder and the
+//! decoder, so that every chunk of every concurrent task shares one copy of the weights.
 //!
-//! A batch of requests is encoded together, then decoded in lockstep: `decoder_model` runs once on the
-//! prompt and yields the cross-attention cache, then `decoder_with_past_model` runs one token per step
-//! for all rows, whose self-attention caches stack along the batch axis (every row has the same prompt
-//! length, so the same past length). Finished rows keep feeding eot until the last row is done.
+//! A batch of requests is encoded (a row at a time, see [`ENCODER_ROWS`]), its cross-attention cache
+//! computed by a small model carved out of `decoder_model.onnx`, then decoded in lockstep by
+//! `decoder_with_past_model`: the prompt from an empty past, then one token per step for all rows,
+//! whose self-attention caches stack along the batch axis (every row has the same prompt length, so
+//! the same past length). Finished rows keep feeding eot until the last row is done. `decoder_model`
+//! itself is never loaded: it holds the same weights as the with-past decoder (310 MB in fp32).
 //! Inputs are built from each session's own input names, so real Optimum exports drop in.
-//! A no-cache path (re-running `decoder_model` on the whole prefix) exists for the benchmark and tests.
+//! A no-cache path (re-running the whole prefix from an empty past) exists for the benchmark and tests.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -49,67 +51,130 @@ pub struct AsrResult {
     pub decode_s: f32,
 }
 
-/// Owns the three Whisper sessions.
+/// Rows per encoder run. The encoder's working memory grows with its batch (attention scores alone
+/// are 72 MB a row) while on a 2-core CPU its GEMMs are already large at one row: measured on the
+/// issue's 600 s recording, one row per run gives the same speed as four and a lower peak RSS.
+pub const ENCODER_ROWS: usize = 1;
+
+/// Owns the Whisper sessions: the encoder, the cross-attention cache model carved out of
+/// `decoder_model.onnx` (see [`cross_cache_model`]), and `decoder_with_past_model.onnx`, which runs
+/// every decoder step including the prompt (with an empty self-attention past), so the decoder's
+/// weights are in memory once.
 pub struct WhisperRunner {
     cfg: WhisperConfig,
     encoder: Session,
+    cross: Session,
     decoder: Session,
-    with_past: Session,
     past_inputs: Vec<String>,
-    decoder_inputs: Vec<String>,
+    /// (heads, head size) of the self-attention cache, for the empty past of the first step.
+    heads: (usize, usize),
+}
+
+/// The part of `decoder_model.onnx` that `decoder_with_past_model.onnx` lacks: the cross-attention
+/// cache (its `present.{i}.encoder.*` outputs) from `encoder_hidden_states`, as ONNX bytes. Called
+/// before the other sessions are created, so that the file's bytes are gone before their weights come.
+///
+/// # Errors
+/// The file is not ONNX, or has no `present.*.encoder.*` output computed from `encoder_hidden_states`.
+pub fn cross_cache_model(decoder_model: &[u8]) -> Result<Vec<u8>, InferenceError> {
+    let carve = |e: crate::engine::carve::CarveError| model_err(format!("carving the cross-attention cache out of decoder_model.onnx: {e}"));
+    let outputs: Vec<String> = crate::engine::carve::outputs(decoder_model)
+        .map_err(carve)?
+        .into_iter()
+        .filter(|o| o.starts_with("present.") && o.contains(".encoder."))
+        .collect();
+    if outputs.is_empty() {
+        return Err(model_err("decoder_model.onnx has no present.*.encoder.* outputs".into()));
+    }
+    crate::engine::carve::carve(decoder_model, &["encoder_hidden_states".to_string()], &outputs).map_err(carve)
 }
 
 impl WhisperRunner {
-    pub fn new(cfg: WhisperConfig, encoder: Session, decoder: Session, with_past: Session) -> Self {
-        let past_inputs = with_past.inputs().iter().map(|i| i.name().to_string()).collect();
-        let decoder_inputs = decoder.inputs().iter().map(|i| i.name().to_string()).collect();
-        Self { cfg, encoder, decoder, with_past, past_inputs, decoder_inputs }
+    /// # Errors
+    /// `decoder` does not look like a with-past decoder (no `past_key_values.*.decoder.key` input
+    /// of shape [batch, heads, past, head size]).
+    pub fn new(cfg: WhisperConfig, encoder: Session, cross: Session, decoder: Session) -> Result<Self, InferenceError> {
+        let past_inputs: Vec<String> = decoder.inputs().iter().map(|i| i.name().to_string()).collect();
+        let dims = decoder
+            .inputs()
+            .iter()
+            .find(|i| i.name().starts_with("past_key_values.") && i.name().ends_with(".decoder.key"))
+            .and_then(|i| i.dtype().tensor_shape().map(|s| s.to_vec()))
+            .ok_or_else(|| model_err("decoder_with_past_model has no past_key_values.*.decoder.key input".into()))?;
+        let heads = match dims.as_slice() {
+            [_, h, _, d] if *h > 0 && *d > 0 => (*h as usize, *d as usize),
+            other => return Err(model_err(format!("past_key_values.*.decoder.key has shape {other:?}, expected [b, heads, past, head size]"))),
+        };
+        let cross_outputs: Vec<String> = cross.outputs().iter().map(|o| o.name().replacen("present", "past_key_values", 1)).collect();
+        if let Some(missing) = past_inputs.iter().find(|n| n.contains(".encoder.") && !cross_outputs.contains(n)) {
+            return Err(model_err(format!("the cross-attention cache model does not compute decoder input {missing}")));
+        }
+        Ok(Self { cfg, encoder, cross, decoder, past_inputs, heads })
     }
 
+    /// Encoder output of every row, [b, frames, width], [`ENCODER_ROWS`] rows per run. A row whose
+    /// features equal an earlier row's (digital silence; warm-up's batch of one window) reuses its
+    /// output instead of running the encoder again: comparing features costs microseconds, a run a second.
     fn encode(&mut self, rows: &[&AsrRequest]) -> Result<DynValue, InferenceError> {
-        let mut feats = Vec::with_capacity(rows.len() * N_MELS * N_FRAMES);
-        for r in rows {
-            if r.mel.len() != N_MELS * N_FRAMES {
-                return Err(model_err(format!("mel has {} values, expected {}", r.mel.len(), N_MELS * N_FRAMES)));
+        let first_of: Vec<usize> = (0..rows.len()).map(|i| (0..i).find(|&j| rows[j].mel == rows[i].mel).unwrap_or(i)).collect();
+        let unique: Vec<usize> = (0..rows.len()).filter(|&i| first_of[i] == i).collect();
+        let mut hidden: Vec<f32> = Vec::new();
+        let mut dims = (0, 0);
+        for group in unique.chunks(ENCODER_ROWS) {
+            let mut feats = Vec::with_capacity(group.len() * N_MELS * N_FRAMES);
+            for &i in group {
+                if rows[i].mel.len() != N_MELS * N_FRAMES {
+                    return Err(model_err(format!("mel has {} values, expected {}", rows[i].mel.len(), N_MELS * N_FRAMES)));
+                }
+                feats.extend_from_slice(&rows[i].mel);
             }
-            feats.extend_from_slice(&r.mel);
+            let input = Tensor::from_array(([group.len(), N_MELS, N_FRAMES], feats))?;
+            let out = self.encoder.run(ort::inputs!["input_features" => input])?;
+            let hs = out.get("last_hidden_state").ok_or_else(|| model_err("encoder has no last_hidden_state".into()))?;
+            let (shape, data) = hs.try_extract_tensor::<f32>()?;
+            dims = match shape.as_ref() {
+                [_, t, d] => (*t as usize, *d as usize),
+                other => return Err(model_err(format!("last_hidden_state has shape {other:?}"))),
+            };
+            hidden.extend_from_slice(data);
         }
-        let mut out =
-            self.encoder.run(ort::inputs!["input_features" => Tensor::from_array(([rows.len(), N_MELS, N_FRAMES], feats))?])?;
-        out.remove("last_hidden_state").ok_or_else(|| model_err("encoder has no last_hidden_state".into()))
+        // Rows in request order, each from its unique row's output.
+        let size = dims.0 * dims.1;
+        let mut all = Vec::with_capacity(rows.len() * size);
+        for &first in &first_of {
+            let k = unique.binary_search(&first).map_err(|_| model_err("encoder row lost".into()))?;
+            all.extend_from_slice(&hidden[k * size..(k + 1) * size]);
+        }
+        Ok(Tensor::from_array(([rows.len(), dims.0, dims.1], all))?.into_dyn())
     }
 
-    /// Runs `decoder_model` on `ids` ([b, t] row-major); returns the last position's logits per row and
-    /// the named outputs.
-    fn run_decoder(
-        &mut self,
-        hs: &DynValue,
-        ids: Vec<i64>,
-        b: usize,
-    ) -> Result<(Vec<Vec<f32>>, PastValues), InferenceError> {
-        let t = ids.len() / b;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
-        for name in &self.decoder_inputs {
-            match name.as_str() {
-                "input_ids" => inputs.push((name.clone().into(), Tensor::from_array(([b, t], ids.clone()))?.into())),
-                "encoder_hidden_states" => inputs.push((name.clone().into(), hs.into())),
-                other => return Err(model_err(format!("decoder_model asks for unknown input {other}"))),
-            }
-        }
-        let mut out = self.decoder.run(inputs)?;
-        let logits = last_logits(&out, b)?;
-        let names: Vec<String> = out.keys().filter(|k| k.starts_with("present.")).map(str::to_string).collect();
-        let mut present = HashMap::new();
+    /// The cross-attention cache of every row, by the decoder input it feeds.
+    fn cross_cache(&mut self, hs: &DynValue) -> Result<PastValues, InferenceError> {
+        let mut out = self.cross.run(ort::inputs!["encoder_hidden_states" => hs])?;
+        let names: Vec<String> = out.keys().map(str::to_string).collect();
+        let mut past = HashMap::new();
         for name in names {
             if let Some(v) = out.remove(&name) {
-                present.insert(name.replacen("present", "past_key_values", 1), v);
+                past.insert(name.replacen("present", "past_key_values", 1), v);
             }
         }
-        Ok((logits, present))
+        Ok(past)
     }
 
-    fn detect_language(&mut self, hs: &DynValue, b: usize) -> Result<Vec<u32>, InferenceError> {
-        let (logits, _) = self.run_decoder(hs, vec![i64::from(self.cfg.special_tokens.sot); b], b)?;
+    /// An empty self-attention past for `b` rows: the decoder then computes the prompt step exactly
+    /// as `decoder_model` would (positions from 0, causal mask over the prompt).
+    fn empty_past(&self, b: usize, past: &mut PastValues) -> Result<(), InferenceError> {
+        for name in self.past_inputs.iter().filter(|n| n.starts_with("past_key_values.") && n.contains(".decoder.")) {
+            let empty = Tensor::<f32>::from_array(([b, self.heads.0, 0, self.heads.1], Vec::<f32>::new()))?;
+            past.insert(name.clone(), empty.into_dyn());
+        }
+        Ok(())
+    }
+
+    fn detect_language(&mut self, b: usize, cross: &PastValues) -> Result<Vec<u32>, InferenceError> {
+        let mut past = PastValues::new();
+        self.empty_past(b, &mut past)?;
+        let logits = self.step(&vec![i64::from(self.cfg.special_tokens.sot); b], b, cross, &mut past)?;
         Ok(logits
             .iter()
             .map(|lg| {
@@ -127,7 +192,9 @@ impl WhisperRunner {
         let b = reqs.len();
         let started = std::time::Instant::now();
         let hs = self.encode(reqs)?;
-        let detected = if reqs.iter().any(|r| r.language.is_none()) { Some(self.detect_language(&hs, b)?) } else { None };
+        let cross = self.cross_cache(&hs)?;
+        drop(hs);
+        let detected = if reqs.iter().any(|r| r.language.is_none()) { Some(self.detect_language(b, &cross)?) } else { None };
         let sp = self.cfg.special_tokens;
         let langs: Vec<u32> =
             reqs.iter().enumerate().map(|(i, r)| r.language.or(detected.as_ref().map(|d| d[i])).unwrap_or(sp.sot + 1)).collect();
@@ -146,17 +213,21 @@ impl WhisperRunner {
         let started = std::time::Instant::now();
         let max_text = self.cfg.max_decode_tokens.max(1);
         let mut rows: Vec<Row> = reqs.iter().map(|r| Row::new(r.timestamps, r.max_tokens.min(max_text))).collect();
-        let (logits, mut past) = self.run_decoder(&hs, ids.concat(), b)?;
+        let mut past = PastValues::new();
+        self.empty_past(b, &mut past)?;
+        let logits = self.step(&ids.concat(), b, &cross, &mut past)?;
         let mut next: Vec<i64> = rows.iter_mut().zip(&logits).map(|(row, lg)| i64::from(row.step(&self.cfg, lg))).collect();
         let kv = reqs.iter().all(|r| r.kv_cache);
         while !rows.iter().all(|r| r.done) {
             let logits = if kv {
-                self.past_step(&hs, &next, &mut past)?
+                self.step(&next, b, &cross, &mut past)?
             } else {
+                // Reference path: the whole prefix again from an empty past.
                 for (seq, &n) in ids.iter_mut().zip(&next) {
                     seq.push(n);
                 }
-                self.run_decoder(&hs, ids.concat(), b)?.0
+                self.empty_past(b, &mut past)?;
+                self.step(&ids.concat(), b, &cross, &mut past)?
             };
             next = rows.iter_mut().zip(&logits).map(|(row, lg)| i64::from(row.step(&self.cfg, lg))).collect();
         }
@@ -175,24 +246,22 @@ impl WhisperRunner {
             .collect())
     }
 
-    /// One `decoder_with_past` step for all rows; replaces the self-attention cache in `past`.
-    fn past_step(
-        &mut self,
-        hs: &DynValue,
-        next: &[i64],
-        past: &mut HashMap<String, DynValue>,
-    ) -> Result<Vec<Vec<f32>>, InferenceError> {
-        let b = next.len();
+    /// One decoder run on `ids` ([b, t] row-major) after the self-attention cache in `past`, which it
+    /// replaces with the cache extended by `ids`; returns the last position's logits per row.
+    fn step(&mut self, ids: &[i64], b: usize, cross: &PastValues, past: &mut PastValues) -> Result<Vec<Vec<f32>>, InferenceError> {
+        let t = ids.len() / b;
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(self.past_inputs.len());
         for name in &self.past_inputs {
             let value: SessionInputValue<'_> = match name.as_str() {
-                "input_ids" => Tensor::from_array(([b, 1], next.to_vec()))?.into(),
-                "encoder_hidden_states" => hs.into(),
-                other => past.get(other).ok_or_else(|| model_err(format!("no value for decoder input {other}")))?.into(),
+                "input_ids" => Tensor::from_array(([b, t], ids.to_vec()))?.into(),
+                other => match cross.get(other).or_else(|| past.get(other)) {
+                    Some(v) => v.into(),
+                    None => return Err(model_err(format!("no value for decoder input {other}"))),
+                },
             };
             inputs.push((name.clone().into(), value));
         }
-        let mut out = self.with_past.run(inputs)?;
+        let mut out = self.decoder.run(inputs)?;
         let logits = last_logits(&out, b)?;
         let names: Vec<String> = out.keys().filter(|k| k.contains(".decoder.")).map(str::to_string).collect();
         for name in names {

@@ -109,7 +109,7 @@ async fn a_three_hour_recording_completes_at_its_first_attempt() {
     let placed = [
         ("sense_and_sensibility_01_austen_64kb-0870.wav", 10.0),
         ("sense_and_sensibility_01_austen_64kb-0890.wav", 5400.0),
-        ("cards_001.wav", 10_780.0),
+        ("sense_and_sensibility_01_austen_64kb-0930.wav", 10_780.0),
     ];
     let mut args: Vec<String> = ["-f", "lavfi", "-t", "10800", "-i", "anullsrc=r=16000:cl=mono"].map(String::from).to_vec();
     let mut graph = String::new();

@@ -1,14 +1,16 @@
 //! The index pipeline (`worker-index`): audio → Silero VAD speech chunks (≤ 30 s, cut at silences) →
-//! Whisper log-mel → encoder batched over chunks → greedy KV-cache decoding with timestamps and
-//! language detection → segments with absolute times → text embeddings → one transaction.
+//! speech packed densely into Whisper windows → log-mel → encoder (a row at a time) → greedy KV-cache
+//! decoding with timestamps and language detection → segments on the recording's clock → text
+//! embeddings → one transaction.
 //!
-//! Every model is loaded once per process behind its own owner thread (see `engine`); the chunks of a
-//! video and the chunks of concurrent videos share batches on the same sessions.
+//! Every model is loaded once per process behind its own owner thread (see `engine`); the windows of a
+//! video and the windows of concurrent videos share batches on the same sessions.
 //!
 //! - [`chunker`] and [`vad`]: streaming speech detection and chunking in bounded memory.
 //! - [`mel`]: Whisper's exact front end. [`whisper`] and [`decode`]: the model thread and the greedy rules.
 //! - [`asr`]: the orchestration of one audio stream. [`embed`]: the text encoder. [`persist`]: the output.
-//! - [`checkpoint`]: each chunk's transcript stored as it is decoded, so a redelivery resumes.
+//! - [`pack`]: chunks' speech packed into windows. [`checkpoint`]: each window's transcript stored as
+//!   it is decoded, so a redelivery resumes.
 
 pub mod asr;
 pub mod checkpoint;

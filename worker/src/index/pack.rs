@@ -62,6 +62,12 @@ pub fn audio_time(pieces: &[Piece], t: f64, end: bool) -> f64 {
     }
 }
 
+/// Longest silence on the recording's clock that two islands of one window may have between them.
+/// Whisper may run one segment across islands, and a segment's times are mapped back from its two
+/// ends: islands far apart would give it a time range spanning the silence (the last words of a
+/// recording filed under a sentence an hour earlier). Silence longer than this starts a new window.
+pub const MAX_JOINED_SILENCE_S: f64 = 10.0;
+
 /// Accumulates islands of speech until the next one would overflow the window.
 pub struct Packer {
     params: ChunkParams,
@@ -88,7 +94,9 @@ impl Packer {
             if b <= a {
                 continue;
             }
-            if !self.samples.is_empty() && self.samples.len() + (b - a) > self.max_samples {
+            let audio_s = chunk.offset_s + a as f64 / rate;
+            let silence = self.pieces.last().map_or(0.0, |p| audio_s - (p.audio_s + p.len_s));
+            if !self.samples.is_empty() && (self.samples.len() + (b - a) > self.max_samples || silence > MAX_JOINED_SILENCE_S) {
                 out.extend(self.flush());
             }
             let window_s = self.samples.len() as f64 / rate;
@@ -99,7 +107,7 @@ impl Packer {
                     self.speech.push((window_s + s - from, window_s + e - from));
                 }
             }
-            self.pieces.push(Piece { window_s, audio_s: chunk.offset_s + a as f64 / rate, len_s: (b - a) as f64 / rate });
+            self.pieces.push(Piece { window_s, audio_s, len_s: (b - a) as f64 / rate });
             self.samples.extend_from_slice(&chunk.samples[a..b]);
         }
         out
@@ -141,6 +149,19 @@ mod tests {
     fn chunk(offset_s: f64, len_s: f64, speech: &[(f64, f64)]) -> SpeechChunk {
         let n = (len_s * 16_000.0) as usize;
         SpeechChunk { index: 0, offset_s, samples: (0..n).map(|i| i as f32).collect(), speech: speech.to_vec() }
+    }
+
+    /// Speech an hour apart never shares a window, so no segment spans the hour.
+    #[test]
+    fn long_silences_start_a_new_window() {
+        let mut p = Packer::new(ChunkParams::new(0.5, 30.0));
+        assert!(p.push(&chunk(10.0, 10.0, &[(1.0, 4.0)])).is_empty());
+        let full = p.push(&chunk(3600.0, 10.0, &[(1.0, 3.0)]));
+        assert_eq!(full.len(), 1, "the first island's window is closed");
+        assert!((full[0].start_s() - 10.8).abs() < 1e-6, "{:?}", full[0].pieces);
+        let last = p.flush().expect("the second window");
+        assert!((last.start_s() - 3600.8).abs() < 1e-6, "{:?}", last.pieces);
+        assert_eq!((full[0].chunk.index, last.chunk.index), (0, 1));
     }
 
     /// Two sentences with a 2 s pause become one window with a 0.4 s pause; times map back.

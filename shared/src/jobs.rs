@@ -99,7 +99,7 @@ pub async fn upsert_video(
 /// `None` when the job is running or done (enqueuing twice does not duplicate work).
 ///
 /// A forced re-queue clears `run_token`, so a run still in progress is superseded: its writes are
-/// refused from then on. It also clears the index checkpoints, so the re-run decodes every chunk.
+/// refused from then on. It also clears the index checkpoints, so the re-run decodes every window.
 ///
 /// # Errors
 /// Database errors.

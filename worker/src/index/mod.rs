@@ -137,8 +137,8 @@ impl IndexPipeline {
         self.index_run(uri, language, None, timings).await
     }
 
-    /// The body of [`Pipeline::process`]: with `run`, chunks that an earlier run of the task stored are
-    /// reused and every chunk decoded now is stored.
+    /// The body of [`Pipeline::process`]: with `run`, windows that an earlier run of the task stored
+    /// are reused and every window decoded now is stored.
     async fn index_run(
         &self,
         uri: &str,

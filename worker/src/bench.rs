@@ -124,8 +124,8 @@ pub fn normalise(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Word error rate of `hypothesis` against `reference` (edit distance over reference words).
-pub fn wer(reference: &str, hypothesis: &str) -> f64 {
+/// Word edit distance of `hypothesis` against `reference`, and the reference's length in words.
+pub fn word_errors(reference: &str, hypothesis: &str) -> (usize, usize) {
     let (r, h) = (normalise(reference), normalise(hypothesis));
     let mut d: Vec<usize> = (0..=h.len()).collect();
     for i in 1..=r.len() {
@@ -137,5 +137,11 @@ pub fn wer(reference: &str, hypothesis: &str) -> f64 {
             d[j] = cur;
         }
     }
-    d[h.len()] as f64 / r.len().max(1) as f64
+    (d[h.len()], r.len())
+}
+
+/// Word error rate of `hypothesis` against `reference`.
+pub fn wer(reference: &str, hypothesis: &str) -> f64 {
+    let (errors, words) = word_errors(reference, hypothesis);
+    errors as f64 / words.max(1) as f64
 }

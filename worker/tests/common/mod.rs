@@ -36,32 +36,9 @@ pub fn load(settings: &Settings) -> IndexPipeline {
     IndexPipeline::load(&LoadContext { settings, engine, models: &models }).expect("loading the index pipeline")
 }
 
-/// Lower case, punctuation removed, hyphens split, "mr." spelled out, small numbers as words.
-pub fn normalise(s: &str) -> Vec<String> {
-    let s = s.to_lowercase().replace("mr.", "mister").replace('-', " ");
-    let cleaned: String = s.chars().map(|c| if c.is_alphanumeric() || c == '\'' || c == ' ' { c } else { ' ' }).collect();
-    let nums = [("10", "ten"), ("1", "one"), ("2", "two"), ("3", "three"), ("4", "four"), ("5", "five")];
-    cleaned
-        .split_whitespace()
-        .map(|w| nums.iter().find(|(d, _)| *d == w).map_or(w.to_string(), |(_, n)| (*n).to_string()))
-        .collect()
-}
-
-/// Word edit distance and reference length.
-pub fn word_errors(reference: &str, hypothesis: &str) -> (usize, usize) {
-    let (r, h) = (normalise(reference), normalise(hypothesis));
-    let mut d: Vec<usize> = (0..=h.len()).collect();
-    for i in 1..=r.len() {
-        let mut prev = d[0];
-        d[0] = i;
-        for j in 1..=h.len() {
-            let cur = (d[j] + 1).min(d[j - 1] + 1).min(prev + usize::from(r[i - 1] != h[j - 1]));
-            prev = d[j];
-            d[j] = cur;
-        }
-    }
-    (d[h.len()], r.len())
-}
+/// The normalisation and word edit distance of the benchmarks, so that tests and benchmarks score alike.
+#[allow(unused_imports)] // not every test binary scores words
+pub use heimdex_worker::bench::{normalise, word_errors};
 
 /// (file, reference transcript) from transcripts.tsv.
 pub fn transcripts() -> Vec<(String, String)> {

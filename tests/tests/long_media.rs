@@ -79,9 +79,7 @@ async fn a_killed_index_task_resumes_after_its_stored_windows_and_gives_the_same
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forced_rerun_decodes_every_window_again() {
     let env = TestEnv::new().await;
-    let long = env.media.path().join("long.mp4");
-    let sample = bundle_media("video/sample.mp4");
-    ffmpeg(&["-stream_loop", "3", "-i", &sample.display().to_string(), "-c", "copy"], &long);
+    env.add_long_video("long.mp4");
     let small = [("HEIMDEX__ENGINE__MAX_BATCH", "2")];
     let mut first = env.spawn_worker("index", "force-1", &small);
     env.wait_state(&first, WorkerState::Warm, WARM).await;

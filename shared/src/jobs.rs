@@ -145,8 +145,10 @@ pub enum Start {
     /// Another copy of the message is being processed right now (a first delivery, not a broker
     /// redelivery, found the job running): ack this copy; the live run's own message covers the job.
     Duplicate,
-    /// The job has had `max_attempts` runs: it is now `dead` with `reason`.
-    Exhausted { attempts: u32, reason: String },
+    /// The message goes to the dead-letter queue with `reason`: the job has had `max_attempts` runs and
+    /// is now `dead`, or an earlier delivery of this message already ended it (`dead` or `failed`) and
+    /// its worker died before routing the message.
+    DeadLetter { attempts: u32, reason: String },
 }
 
 /// Starts a run: creates the video and job rows if the message came from elsewhere (a message whose
@@ -154,6 +156,12 @@ pub enum Start {
 /// attempt, writes a fresh run token. A broker redelivery of a job that is still `running` means the
 /// run before died without recording an outcome (a crash, an OOM kill): that is counted in `deaths`,
 /// and after `max_attempts` runs the job is `dead` ("the worker died N times ...").
+///
+/// A broker redelivery of a message enqueued before its job ended `dead` or `failed` is that end's
+/// own message: the worker that wrote the end died before it dead-lettered the message (the row is
+/// written first, so that a crash can never leave a job `running` without a message). It goes to the
+/// dead-letter queue with the stored reason; running it again would start a new series of attempts
+/// for a video that already killed `max_attempts` workers.
 ///
 /// # Errors
 /// Database errors (a connection error means the database is down).
@@ -181,8 +189,8 @@ pub async fn start_run(
     .bind(msg.kind.as_str())
     .execute(&mut *tx)
     .await?;
-    let (job_id, status, attempts, deaths): (Uuid, JobStatus, i32, i32) =
-        sqlx::query_as("SELECT id, status, attempts, deaths FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
+    let (job_id, status, attempts, deaths, last_error, finished_at): (Uuid, JobStatus, i32, i32, Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT id, status, attempts, deaths, last_error, finished_at FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
             .bind(video_id)
             .bind(msg.kind.as_str())
             .fetch_one(&mut *tx)
@@ -198,6 +206,11 @@ pub async fn start_run(
             return Ok(Start::Duplicate);
         }
         JobStatus::Running => deaths += 1,
+        JobStatus::Failed | JobStatus::Dead if redelivered && finished_at.is_some_and(|end| msg.enqueued_at <= end) => {
+            tx.commit().await?;
+            let reason = last_error.unwrap_or_else(|| format!("the job is {status}"));
+            return Ok(Start::DeadLetter { attempts, reason });
+        }
         // A message for a job that ended badly comes from a publisher that re-ran it without our
         // producer (which resets the row itself): a new series of attempts.
         JobStatus::Failed | JobStatus::Dead => (attempts, deaths) = (0, 0),
@@ -218,7 +231,7 @@ pub async fn start_run(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        return Ok(Start::Exhausted { attempts, reason });
+        return Ok(Start::DeadLetter { attempts, reason });
     }
     let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1, deaths };
     sqlx::query(
@@ -436,6 +449,20 @@ pub async fn jobs_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobRow>, sqlx
 pub async fn recent_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs j JOIN videos v ON v.id = j.video_id ORDER BY j.queued_at DESC LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The most recent jobs that ended `dead` or `failed`, with their reasons.
+///
+/// # Errors
+/// Database errors.
+pub async fn recent_failures(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j JOIN videos v ON v.id = j.video_id WHERE j.status IN ('dead', 'failed')
+         ORDER BY j.finished_at DESC NULLS LAST LIMIT $1"
     ))
     .bind(limit)
     .fetch_all(pool)

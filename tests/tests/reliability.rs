@@ -112,6 +112,48 @@ async fn a_video_that_kills_its_worker_is_dead_after_max_attempts() {
     env.cleanup().await;
 }
 
+/// The worker that marks a job `dead` writes the row first and dead-letters the message second; a
+/// worker killed between the two leaves the message to be redelivered. That copy must finish the
+/// dead-lettering, not start a new series of attempts (the random-kill crash test caught a killer
+/// video run again this way, after it had been declared dead).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_message_of_a_job_already_dead_is_dead_lettered_not_run_again() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let env = TestEnv::new().await;
+    env.add_media("video/silent.mp4", "ended.mp4");
+    let (video, job) = env.enqueue("ended.mp4", TaskKind::Vision, false).await.unwrap();
+    // As the worker that ran out of attempts leaves it: the row is dead, the message not yet routed.
+    let reason = "the worker died 3 times while processing this task (gave up after 3 attempts)";
+    sqlx::query("UPDATE jobs SET status = 'dead', attempts = 3, deaths = 3, last_error = $2, finished_at = now() WHERE id = $1")
+        .bind(job)
+        .bind(reason)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // Its worker dies: the broker puts the message back, marked redelivered.
+    let queue = env.topology().queue(TaskKind::Vision);
+    let taken = env.channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.unwrap().expect("the task's message");
+    taken.delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+
+    let worker = env.spawn_worker("vision", "finisher", &[]);
+    let dlq = env.topology().dlq(TaskKind::Vision);
+    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    let letters = drain_dlq(&env, &dlq).await;
+    assert_eq!(letters[0].0.as_deref(), Some(job.to_string().as_str()), "{letters:?}");
+    assert_eq!(letters[0].1, reason, "the letter carries the stored reason");
+    let row = env.job(job).await.unwrap();
+    assert_eq!((row.status, row.attempts, row.deaths), (JobStatus::Dead, 3, 3), "not run again: {row:?}");
+    assert_eq!(frames(&env, video).await, 0);
+
+    // A copy enqueued after the end (a publisher re-running the job without our producer) still runs.
+    let rerun = TaskMessage::new(job, video, TaskKind::Vision, "ended.mp4".into(), TaskOptions::default());
+    publish_raw(&env, "vision", &rerun.to_body(), Some(job)).await;
+    env.wait_job(job, "succeeded", TASK).await;
+    assert!(frames(&env, video).await > 0);
+    drop(worker);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_whose_message_was_never_published_is_repaired() {
     let env = TestEnv::new().await;

@@ -161,7 +161,7 @@ impl<P: Pipeline> Worker<P> {
                 ack(delivery).await;
                 return Outcome::Duplicate;
             }
-            Ok(Start::Exhausted { attempts, reason }) => {
+            Ok(Start::DeadLetter { attempts, reason }) => {
                 self.route(delivery, &self.topology().dlq(msg.kind), &reason, attempts, None).await;
                 return Outcome::Dead(reason);
             }

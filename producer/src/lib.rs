@@ -17,6 +17,8 @@
 //! Enqueuing the same video again is a no-op for jobs that are running or done, unless `force`; a job
 //! still `queued` is published again (harmless: a second copy is recognised as a duplicate).
 
+pub mod serve;
+pub mod status;
 pub mod transcript;
 
 use std::path::Path;

@@ -195,6 +195,24 @@ impl TestEnv {
         )
     }
 
+    /// Starts `heimdex serve` on a free port with this test's settings; returns the process (killed
+    /// on drop) and the address it printed.
+    pub async fn serve(&self) -> (Child, String) {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = Command::new(binary("heimdex"))
+            .envs(self.env())
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn heimdex serve");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.expect("serve started").expect("read").expect("a line");
+        let addr = line.strip_prefix("listening on http://").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        (child, addr)
+    }
+
     pub async fn worker_status(&self, id: &str) -> Option<WorkerStatus> {
         self.fleet.workers().await.ok()?.into_iter().find(|w| w.id == id)
     }
@@ -282,9 +300,20 @@ impl WorkerProcess {
 
 /// An HTTP GET on the worker's health port; returns (status, body).
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http(addr, "GET", path, None).await
+}
+
+/// One HTTP/1.1 request (`body` is sent as JSON); returns (status, body).
+pub async fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect health port");
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        request += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    } else {
+        request += "\r\n";
+    }
+    stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
     let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);

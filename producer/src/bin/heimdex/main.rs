@@ -1,5 +1,5 @@
 //! `heimdex`: enqueue videos, watch the fleet, export transcripts, inspect and replay dead letters,
-//! migrate the schema.
+//! migrate the schema, serve the HTTP API and status page.
 //!
 //! Exit codes: 0 success; 1 a job failed (with `--wait`) or an operation failed; 2 input refused
 //! (nothing was written).
@@ -43,6 +43,12 @@ enum Command {
     /// Bring the database schema up to date (migrations, vector indexes, the worker role's rights); run
     /// as the schema's owner. Workers never change the schema.
     Migrate,
+    /// Serve the HTTP API (enqueue, jobs, transcripts, status) and the status page at `/`.
+    Serve {
+        /// Address to listen on (port 0 picks a free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+    },
 }
 
 #[tokio::main]
@@ -64,6 +70,7 @@ async fn main() -> ExitCode {
         Command::Dlq { command } => dlq::run(&settings, command).await,
         Command::Transcript { video, format } => transcript(&settings, &video, format).await,
         Command::Migrate => migrate(&settings).await,
+        Command::Serve { addr } => serve(&settings, addr).await,
     };
     match result {
         Ok(code) => code,
@@ -99,5 +106,11 @@ async fn migrate(settings: &heimdex_shared::Settings) -> anyhow::Result<ExitCode
     } else {
         println!("schema up to date at {}; role {role:?} may read and write its rows", settings.database.url);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(settings: &heimdex_shared::Settings, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    let announce = |bound| println!("listening on http://{bound}");
+    heimdex_producer::serve::serve(settings, addr, announce, heimdex_shared::shutdown::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

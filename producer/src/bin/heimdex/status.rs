@@ -1,15 +1,14 @@
-//! `heimdex status`: every live worker from Redis (kind, state, models, warm-up, in-flight jobs), the
-//! fleet's warm-up progress, queue depths, job counts by status; or one job's stage timings.
+//! `heimdex status`: the fleet's [`status::Snapshot`] as a table (live workers with their models and
+//! warm-up, queue depths, job counts) or JSON; or one job's stage timings.
 
 use std::process::ExitCode;
 
-use heimdex_shared::contract::TaskKind;
-use heimdex_shared::fleet::{Fleet, WorkerState};
-use heimdex_shared::jobs;
-use heimdex_shared::topology::{self, Topology};
+use heimdex_producer::status;
 use heimdex_shared::Settings;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+use heimdex_shared::contract::TaskKind;
+use heimdex_shared::fleet::WorkerState;
+use heimdex_shared::jobs;
+use heimdex_shared::topology;
 use uuid::Uuid;
 
 #[derive(clap::Args)]
@@ -51,54 +50,25 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    // Live worker state is in Redis, which is optional: without it, queues and jobs still show.
-    let workers = match Fleet::connect(&settings.redis, &settings.amqp.prefix).await {
-        Ok(fleet) => fleet.workers().await,
-        Err(e) => Err(e),
-    }
-    .map_err(|e| format!("live worker state is unavailable (redis at {}: {e})", settings.redis.url));
     let (_conn, channel) = topology::connect(&settings.amqp, "heimdex-status").await?;
-    let topo = Topology::new(&settings.amqp);
-    // Declaring is idempotent and makes a fresh broker show empty queues, not errors.
-    topo.declare(&channel, &settings.worker).await?;
-    let mut queues = Vec::new();
-    for kind in TaskKind::ALL {
-        for name in [topo.queue(kind), topo.dlq(kind)] {
-            let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-            match channel.queue_declare(name.as_str().into(), passive, FieldTable::default()).await {
-                Ok(q) => queues.push((name, Some((q.message_count(), q.consumer_count())))),
-                Err(_) => queues.push((name, None)),
-            }
-        }
-    }
-    let counts = jobs::counts(&pool).await?;
+    let snapshot = status::snapshot(settings, &pool, &channel).await?;
     if args.json {
-        let json = serde_json::json!({
-            "workers": workers.as_ref().ok(),
-            "workers_error": workers.as_ref().err(),
-            "queues": queues.iter().map(|(n, q)| serde_json::json!({"name": n, "messages": q.map(|q| q.0), "consumers": q.map(|q| q.1)})).collect::<Vec<_>>(),
-            "jobs": counts.iter().map(|(k, s, n)| serde_json::json!({"kind": k, "status": s, "count": n})).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
         return Ok(ExitCode::SUCCESS);
     }
 
     println!("WORKERS");
-    let workers = match workers {
-        Ok(workers) => {
+    match &snapshot.workers_error {
+        Some(e) => println!("  {e}"),
+        None => {
             for kind in TaskKind::ALL {
-                let of_kind: Vec<_> = workers.iter().filter(|w| w.kind == kind.as_str()).collect();
+                let of_kind: Vec<_> = snapshot.workers.iter().filter(|w| w.kind == kind.as_str()).collect();
                 let warm = of_kind.iter().filter(|w| w.state == WorkerState::Warm).count();
                 println!("  {kind}: warm {warm}/{}", of_kind.len());
             }
-            workers
         }
-        Err(e) => {
-            println!("  {e}");
-            Vec::new()
-        }
-    };
-    for w in &workers {
+    }
+    for w in &snapshot.workers {
         let models: Vec<String> = w
             .models
             .iter()
@@ -124,15 +94,15 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     println!("QUEUES");
-    for (name, q) in &queues {
-        match q {
-            Some((messages, consumers)) => println!("  {name:<28} {messages:>6} ready  {consumers:>3} consumers"),
-            None => println!("  {name:<28} (not declared)"),
+    for q in &snapshot.queues {
+        match (q.messages, q.consumers) {
+            (Some(messages), Some(consumers)) => println!("  {:<28} {messages:>6} ready  {consumers:>3} consumers", q.name),
+            _ => println!("  {:<28} (not declared)", q.name),
         }
     }
     println!("JOBS");
-    for (kind, status, n) in &counts {
-        println!("  {kind:<7} {status:<10} {n}");
+    for c in &snapshot.jobs {
+        println!("  {:<7} {:<10} {}", c.kind, c.status, c.count);
     }
     Ok(ExitCode::SUCCESS)
 }

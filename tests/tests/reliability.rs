@@ -146,7 +146,8 @@ async fn a_redelivered_message_of_a_job_already_dead_is_dead_lettered_not_run_ag
     assert_eq!(frames(&env, video).await, 0);
 
     // A copy enqueued after the end (a publisher re-running the job without our producer) still runs.
-    let rerun = TaskMessage::new(job, video, TaskKind::Vision, "ended.mp4".into(), TaskOptions::default());
+    let uri: String = sqlx::query_scalar("SELECT uri FROM videos WHERE id = $1").bind(video).fetch_one(&env.pool).await.unwrap();
+    let rerun = TaskMessage::new(job, video, TaskKind::Vision, uri, TaskOptions::default());
     publish_raw(&env, "vision", &rerun.to_body(), Some(job)).await;
     env.wait_job(job, "succeeded", TASK).await;
     assert!(frames(&env, video).await > 0);

@@ -7,8 +7,8 @@
 // The message follows deploy/contract/task.schema.json and is published as Heimdex's own producer
 // publishes it: exchange = the prefix (`heimdex`), routing key = the kind, persistent, content type
 // application/json, message id = the job id, attempt header 1, on a confirm channel with `mandatory`
-// so that a message no queue takes is an error here. `media_uri` should be the canonical absolute path
-// (or URL): Heimdex identifies a video by that text. Prints the published message as JSON.
+// so that a message no queue takes is an error here. `media_uri` is a path under the media root
+// (absolute or relative to it) or a URL; Heimdex identifies a video by its canonical path. Prints the published message as JSON.
 'use strict';
 
 const crypto = require('node:crypto');

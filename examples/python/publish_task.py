@@ -9,8 +9,9 @@ publishes it: to the exchange named by the prefix (`heimdex`), routing key = the
 `content_type` application/json, `message_id` = the job id, the attempt header at 1, with publisher
 confirms and `mandatory`, so that a message no queue takes is an error here and not lost.
 
-`media_uri` should be the canonical absolute path (or URL) of the video: Heimdex identifies a video by
-that text, so `/media/./talk.mp4` would be a different video from `/media/talk.mp4`. When Heimdex
+`media_uri` is a path under the workers' media root (absolute, or relative to it) or a URL. Heimdex
+identifies a video by its canonical path (symlinks and `..` resolved), so `/media/./talk.mp4`,
+`talk.mp4` and `/media/talk.mp4` are one video. When Heimdex
 already holds the URI under another video id, or holds a job for (video, kind), its own ids win and
 the results are filed under them.
 

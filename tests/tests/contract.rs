@@ -222,7 +222,15 @@ async fn tasks_published_from_python_and_node_are_processed_by_a_worker() {
     assert_eq!((id(&sent, "video_id"), id(&sent, "job_id")), (foreign_video, foreign_job), "{sent}");
     // 2. A task for a video Heimdex has never seen, with the ids the example makes up.
     let sent_fresh = publish_with(&env, &python, &python_script, &["--kind", "vision", "--media-uri", &fresh.display().to_string(), "--frame-rate", "2"]).await;
-    // 3. The same from Node, when it is there.
+    // 3. A task that names a video Heimdex holds by a path relative to the media root.
+    let (relative_video, _) = {
+        env.add_media("video/silent.mp4", "relative.mp4");
+        env.enqueue("relative.mp4", TaskKind::Index, false).await.expect("enqueue")
+    };
+    let relative_job = Uuid::new_v4();
+    let (other_video, relative_arg) = (Uuid::new_v4().to_string(), relative_job.to_string());
+    publish_with(&env, &python, &python_script, &["--kind", "vision", "--media-uri", "relative.mp4", "--video-id", &other_video, "--job-id", &relative_arg]).await;
+    // 4. The same from Node, when it is there.
     let sent_node = match &node {
         Ok((node, script)) => {
             let uri = env.add_media("video/silent.mp4", "from-node.mp4").canonicalize().expect("canonical path");
@@ -240,6 +248,11 @@ async fn tasks_published_from_python_and_node_are_processed_by_a_worker() {
     assert_results(&env, held_video).await;
     assert_eq!(env.count("SELECT count(*) FROM videos WHERE id = $1", foreign_video).await, 0, "no second video for one URI");
     assert_eq!(env.count("SELECT count(*) FROM frames WHERE video_id = $1", foreign_video).await, 0);
+
+    let row = env.wait_job(relative_job, "succeeded", TASK).await;
+    assert_eq!(row.video_id, relative_video, "a relative path names the video held for its canonical path: {row:?}");
+    let videos: i64 = sqlx::query_scalar("SELECT count(*) FROM videos WHERE uri LIKE '%relative.mp4'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(videos, 1, "no second video for one file");
 
     for sent in std::iter::once(&sent_fresh).chain(sent_node.as_ref()) {
         let row = env.wait_job(id(sent, "job_id"), "succeeded", TASK).await;

@@ -123,7 +123,15 @@ impl<P: Pipeline> Worker<P> {
         });
         let (outcome, job) = match message {
             Err(error) => (self.refuse(&delivery, job_hint, &error).await, job_hint),
-            Ok(msg) => {
+            Ok(mut msg) => {
+                // Heimdex identifies a video by its canonical URI, as the producer stores it: a message
+                // from elsewhere that names the same file differently (relative to the media root,
+                // through a symlink) is the same video. A URI that does not resolve stays as it came
+                // and fails in its run with the reason.
+                let media_settings = &self.settings.media;
+                if let Ok(canonical) = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http) {
+                    msg.media_uri = canonical;
+                }
                 let span = tracing::info_span!("task", job_id = %msg.job_id, video_id = %msg.video_id, kind = %msg.kind, attempt = tracing::field::Empty);
                 let job = msg.job_id.to_string();
                 self.lifecycle.task_started(&job);

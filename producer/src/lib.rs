@@ -1,5 +1,5 @@
 //! Enqueue videos for Heimdex from any Rust service; search what was indexed ([`search`], with query
-//! vectors from the warm workers through [`query`]).
+//! vectors from the warm workers through `heimdex_shared::query::QueryClient`).
 //!
 //! ```no_run
 //! # async fn demo(settings: heimdex_shared::Settings) -> Result<(), heimdex_producer::ProducerError> {
@@ -18,7 +18,6 @@
 //! Enqueuing the same video again is a no-op for jobs that are running or done, unless `force`; a job
 //! still `queued` is published again (harmless: a second copy is recognised as a duplicate).
 
-pub mod query;
 pub mod search;
 pub mod transcript;
 

@@ -1,6 +1,6 @@
 //! Search over what the workers stored, through the SQL functions of the search migration
 //! (`heimdex_search_segments`, `heimdex_search_frames`, `heimdex_similar_frames`), with query vectors
-//! from the warm workers ([`crate::query`]): no model runs in the caller.
+//! from the warm workers ([`heimdex_shared::query`]): no model runs in the caller.
 //!
 //! - Transcript segments by meaning (the text through worker-index's text model) fused with
 //!   PostgreSQL full-text search by reciprocal rank fusion.
@@ -15,7 +15,7 @@ use heimdex_shared::error::Disposition;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::query::{QueryClient, QueryError};
+use heimdex_shared::query::{QueryClient, QueryError};
 use crate::transcript::find_video;
 
 /// A transcript segment found by [`segments`].

@@ -10,12 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use heimdex_producer::query::{QueryClient, QueryError};
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
 use heimdex_shared::jobs::JobStatus;
-use heimdex_shared::query::{EmbedRequest, RefusalCode};
+use heimdex_shared::query::{EmbedRequest, QueryClient, QueryError, RefusalCode};
 use heimdex_tests::{TestEnv, WorkerProcess, wait_for, words_found};
 use serde_json::Value;
 use uuid::Uuid;
@@ -101,6 +100,7 @@ async fn a_paraphrase_finds_the_sample_videos_sentence() {
     assert_eq!(json["in"], "segments");
     assert_eq!(json["model"], env.settings.index.embed_model.as_str());
     let top = &json["hits"][0];
+    eprintln!("paraphrase: {:#}", json["hits"]);
     let text = top["text"].as_str().unwrap_or_default();
     assert_eq!(words_found(SENTENCE, text), 1.0, "the top hit holds the sentence: {json:#}\ntranscript: {transcript:?}");
     let (start, end) = (top["start_s"].as_f64().unwrap(), top["end_s"].as_f64().unwrap());

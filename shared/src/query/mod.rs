@@ -13,11 +13,17 @@
 //!          {"v":1,"status":"error","code":"bad_request","reason":"texts: 0 given, 1 to 32 allowed"}
 //! ```
 //!
+//! [`QueryClient`] is the caller's side: it tells "no warm worker" at once, and times out.
+//!
 //! Requests are bounded ([`MAX_REQUEST_BYTES`], [`MAX_TEXTS`], [`MAX_TEXT_CHARS`]) so that one
 //! request cannot hold a model thread for long; a request out of bounds, malformed or for another
 //! model gets an error reply and the worker keeps serving.
 
+mod client;
+
 use serde::{Deserialize, Serialize};
+
+pub use client::{DEFAULT_TIMEOUT, QueryClient, QueryError, REPLY_TO};
 
 use crate::error::{Disposition, cap};
 

@@ -1,5 +1,5 @@
-//! Query embeddings from the warm workers, for callers that must never load a model (the CLI's
-//! search, other services). The contract is `heimdex_shared::query`.
+//! The caller's side of query embeddings: ask the warm workers, never load a model (the CLI's search,
+//! the benchmarks, other services).
 //!
 //! Request/reply over RabbitMQ with direct reply-to (`amq.rabbitmq.reply-to`): one connection and one
 //! channel per [`QueryClient`], a no-ack consumer of the pseudo-queue, and a dispatcher task that hands
@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use heimdex_shared::Settings;
-use heimdex_shared::contract::TaskKind;
-use heimdex_shared::error::{Dependency, Disposition};
-use heimdex_shared::query::{EmbedReply, EmbedRequest, Embeddings, Refusal};
-use heimdex_shared::topology::{self, PublishError, Topology};
+use super::{EmbedReply, EmbedRequest, Embeddings, Refusal};
+use crate::Settings;
+use crate::contract::TaskKind;
+use crate::error::{Dependency, Disposition};
+use crate::topology::{self, PublishError, Topology};
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -44,7 +44,7 @@ pub enum QueryError {
     NoWarmWorker { kind: TaskKind, queue: String },
     #[error("no {kind} worker answered within {after:?}")]
     Timeout { kind: TaskKind, after: Duration },
-    /// The request was refused before it was sent (see the bounds in `heimdex_shared::query`).
+    /// The request was refused before it was sent (see the bounds in [`super`]).
     #[error("query refused before sending: {0}")]
     Request(#[source] Refusal),
     #[error("the {kind} worker refused the query")]

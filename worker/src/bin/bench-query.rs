@@ -192,6 +192,9 @@ async fn main() -> Result<()> {
             );
             rows.push(row);
         }
+        // The worker first: a worker whose queues vanish under it reconnects until it is stopped.
+        let _ = worker.start_kill();
+        let _ = worker.wait().await;
         let _ = topology.delete(&channel, &settings.worker).await;
         anyhow::Ok(json!({
             "kind": kind.as_str(),

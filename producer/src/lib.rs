@@ -1,4 +1,5 @@
-//! Enqueue videos for Heimdex from any Rust service.
+//! Enqueue videos for Heimdex from any Rust service; search what was indexed ([`search`], with query
+//! vectors from the warm workers through `heimdex_shared::query::QueryClient`).
 //!
 //! ```no_run
 //! # async fn demo(settings: heimdex_shared::Settings) -> Result<(), heimdex_producer::ProducerError> {
@@ -17,6 +18,7 @@
 //! Enqueuing the same video again is a no-op for jobs that are running or done, unless `force`; a job
 //! still `queued` is published again (harmless: a second copy is recognised as a duplicate).
 
+pub mod search;
 pub mod serve;
 pub mod status;
 pub mod transcript;

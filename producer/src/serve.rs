@@ -13,13 +13,18 @@
 //! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en"}` → 202 |
 //! | `GET /v1/jobs/{id}` | one job, with its stage timings and summary |
 //! | `GET /v1/videos/{id}/transcript?format=srt` | the transcript as srt, vtt, json or txt |
+//! | `GET /v1/search?q=TEXT&in=segments\|frames&video=V&limit=10` | segments or frames by text (query vector from a warm worker) |
+//! | `GET /v1/search?similar_to=VIDEO@SECONDS&video=V&limit=10` | frames like a stored frame |
+//!
+//! A search whose query vector no warm worker gives (none warm, or none in time) gets 503 at once or
+//! after the query timeout (10 s); the server itself never embeds anything.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -28,11 +33,13 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::{TaskKind, TaskOptions};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::jobs;
+use heimdex_shared::query::{QueryClient, QueryError};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::search::{self, SearchError};
 use crate::status::{self, Snapshot};
 use crate::transcript::{self, Format, TranscriptError};
 use crate::{EnqueueRequest, Producer, ProducerError};
@@ -45,6 +52,7 @@ struct App {
     settings: Settings,
     pool: PgPool,
     producer: Mutex<Option<Arc<Producer>>>,
+    queries: Mutex<Option<Arc<QueryClient>>>,
 }
 
 impl App {
@@ -57,6 +65,18 @@ impl App {
         let p = Arc::new(Producer::connect(&self.settings).await.map_err(ApiError::from)?);
         *held = Some(p.clone());
         Ok(p)
+    }
+
+    /// The query client (its own broker connection, for direct reply-to), opened again after a
+    /// broker failure dropped it.
+    async fn queries(&self) -> Result<Arc<QueryClient>, ApiError> {
+        let mut held = self.queries.lock().await;
+        if let Some(q) = held.as_ref() {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(QueryClient::connect(&self.settings).await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?);
+        *held = Some(q.clone());
+        Ok(q)
     }
 }
 
@@ -83,6 +103,18 @@ impl From<ProducerError> for ApiError {
     }
 }
 
+impl From<SearchError> for ApiError {
+    fn from(e: SearchError) -> Self {
+        let status = match &e {
+            SearchError::NoVideo(_) | SearchError::NoFrame { .. } => StatusCode::NOT_FOUND,
+            SearchError::BadFrameRef(_) => StatusCode::BAD_REQUEST,
+            SearchError::Query(q) if q.disposition() == Disposition::Permanent => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self(status, heimdex_shared::telemetry::chain(&e))
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         Self(StatusCode::SERVICE_UNAVAILABLE, heimdex_shared::telemetry::chain(e.as_ref()))
@@ -105,13 +137,14 @@ fn bad_request(reason: impl Into<String>) -> ApiError {
 /// The database settings are invalid.
 pub fn router(settings: &Settings) -> anyhow::Result<Router> {
     let pool = heimdex_shared::db::pool(&settings.database)?;
-    let app = Arc::new(App { settings: settings.clone(), pool, producer: Mutex::new(None) });
+    let app = Arc::new(App { settings: settings.clone(), pool, producer: Mutex::new(None), queries: Mutex::new(None) });
     Ok(Router::new()
         .route("/", get(|| async { Html(STATUS_PAGE) }))
         .route("/v1/status", get(status_json))
         .route("/v1/videos", post(enqueue))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/videos/{id}/transcript", get(video_transcript))
+        .route("/v1/search", get(search_handler))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route (see GET / and /v1/...)".into()) })
         .with_state(app))
 }
@@ -228,4 +261,53 @@ async fn video_transcript(
         Format::Txt => "text/plain; charset=utf-8",
     };
     Ok(([(header::CONTENT_TYPE, content_type)], transcript::render(&t, format)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchQuery {
+    q: Option<String>,
+    #[serde(rename = "in")]
+    target: Option<String>,
+    similar_to: Option<String>,
+    video: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn search_handler(State(app): State<Arc<App>>, query: Result<Query<SearchQuery>, QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    let limit = query.limit.unwrap_or(10);
+    if !(1..=1000).contains(&limit) {
+        return Err(bad_request("limit must be in 1..=1000"));
+    }
+    let (pool, settings) = (&app.pool, &app.settings);
+    let video = match &query.video {
+        Some(v) => Some(search::resolve_video(pool, settings, v).await?.0),
+        None => None,
+    };
+    if let Some(frame) = &query.similar_to {
+        if query.q.is_some() {
+            return Err(bad_request("give q or similar_to, not both"));
+        }
+        let (of, at_s) = search::parse_frame_ref(frame)?;
+        let (of, uri) = search::resolve_video(pool, settings, of).await?;
+        let hits = search::similar_frames(pool, settings, of, at_s, limit, video).await?;
+        let source = serde_json::json!({ "video_id": of, "uri": uri, "at_s": at_s });
+        return Ok(Json(serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "similar_to": source, "hits": hits })));
+    }
+    let text = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()).ok_or_else(|| bad_request("q (the text to search for) or similar_to is required"))?;
+    let queries = app.queries().await?;
+    let result = match query.target.as_deref().unwrap_or("segments") {
+        "segments" => search::segments(pool, &queries, settings, text, limit, video)
+            .await
+            .map(|hits| serde_json::json!({ "in": "segments", "model": settings.index.embed_model, "query": text, "hits": hits })),
+        "frames" => search::frames(pool, &queries, settings, text, limit, video)
+            .await
+            .map(|hits| serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "query": text, "hits": hits })),
+        other => return Err(bad_request(format!("in={other:?}: use segments or frames"))),
+    };
+    if let Err(SearchError::Query(QueryError::Broker(_) | QueryError::Closed)) = &result {
+        app.queries.lock().await.take();
+    }
+    Ok(Json(result?))
 }

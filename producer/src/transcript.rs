@@ -52,14 +52,7 @@ pub enum TranscriptError {
 /// # Errors
 /// No such video, an index job that has not succeeded, or a database error.
 pub async fn load(pool: &PgPool, settings: &Settings, video: &str) -> Result<Transcript, TranscriptError> {
-    let found: Option<(Uuid, String)> = match Uuid::parse_str(video) {
-        Ok(id) => sqlx::query_as("SELECT id, uri FROM videos WHERE id = $1").bind(id).fetch_optional(pool).await?,
-        Err(_) => {
-            let uri = media::resolve(video, &settings.media.root, true).unwrap_or_else(|_| video.to_string());
-            sqlx::query_as("SELECT id, uri FROM videos WHERE uri = $1").bind(uri).fetch_optional(pool).await?
-        }
-    };
-    let (video_id, uri) = found.ok_or_else(|| TranscriptError::NoVideo(video.to_string()))?;
+    let (video_id, uri) = find_video(pool, settings, video).await?.ok_or_else(|| TranscriptError::NoVideo(video.to_string()))?;
     let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE video_id = $1 AND kind = 'index'")
         .bind(video_id)
         .fetch_optional(pool)
@@ -79,6 +72,21 @@ pub async fn load(pool: &PgPool, settings: &Settings, video: &str) -> Result<Tra
             .await?
             .flatten();
     Ok(Transcript { video_id, uri, language, segments })
+}
+
+/// The (id, uri) of `video`: a video id, or a path or URL as it was enqueued (resolved against the
+/// media root like `heimdex enqueue` does); `None` when no such video is stored.
+///
+/// # Errors
+/// A database error.
+pub async fn find_video(pool: &PgPool, settings: &Settings, video: &str) -> Result<Option<(Uuid, String)>, sqlx::Error> {
+    match Uuid::parse_str(video) {
+        Ok(id) => sqlx::query_as("SELECT id, uri FROM videos WHERE id = $1").bind(id).fetch_optional(pool).await,
+        Err(_) => {
+            let uri = media::resolve(video, &settings.media.root, true).unwrap_or_else(|_| video.to_string());
+            sqlx::query_as("SELECT id, uri FROM videos WHERE uri = $1").bind(uri).fetch_optional(pool).await
+        }
+    }
 }
 
 /// The transcript in `format`.

@@ -7,6 +7,7 @@
 //!   their jobs, so that no job is ever `queued` without a message.
 //! - [`error`]: dispositions (permanent, retryable, unavailable) and the cap on error texts.
 //! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
+//! - [`query`]: query embeddings from the warm workers: the request/reply contract and the caller.
 //! - [`media`]: ffprobe, shared by the producer's validation and the workers; [`remote`]: http(s)
 //!   media downloaded under an allowlist, address checks, timeouts and a size cap.
 //! - [`telemetry`] and [`shutdown`]: tracing set-up and the one shutdown signal.
@@ -19,6 +20,7 @@ pub mod fleet;
 pub mod jobs;
 pub mod media;
 pub mod outbox;
+pub mod query;
 pub mod remote;
 pub mod shutdown;
 pub mod telemetry;

@@ -5,6 +5,8 @@
 //!                                 {p}.{kind}.retry.{ms}   one per backoff step, x-message-ttl = ms,
 //!                                                         dead-letters back into {p}.{kind}
 //!                                 {p}.{kind}.dlq          dead letters, with the reason in a header
+//! default exchange ---------------> {p}.{kind}.query      query embeddings (see `query`): transient,
+//!                                                         consumed only by warm workers of the kind
 //! ```
 //!
 //! One retry queue per backoff step (rather than per-message TTLs in one queue) because RabbitMQ only
@@ -57,6 +59,21 @@ impl Topology {
         format!("{}.{kind}.retry.{delay_ms}ms", self.prefix)
     }
 
+    /// The queue of query-embedding requests for `kind` (see [`crate::query`]).
+    pub fn query_queue(&self, kind: TaskKind) -> String {
+        format!("{}.{kind}.query", self.prefix)
+    }
+
+    /// Declares the query queue of `kind` and returns its declaration, whose consumer count is the
+    /// number of warm workers of that kind serving queries now. Not durable: a query outlives
+    /// neither its caller's timeout nor a broker restart. Safe to call from any process.
+    ///
+    /// # Errors
+    /// The broker refuses the declaration.
+    pub async fn declare_query_queue(&self, channel: &Channel, kind: TaskKind) -> Result<lapin::Queue, lapin::Error> {
+        channel.queue_declare(self.query_queue(kind).as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await
+    }
+
     /// Backoff before the next delivery after `attempt` failed: `base * 2^(attempt-1)`, capped.
     pub fn backoff_ms(worker: &WorkerSettings, attempt: u32) -> u64 {
         let shift = attempt.saturating_sub(1).min(20);
@@ -101,6 +118,7 @@ impl Topology {
                 args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.as_str().into()));
                 channel.queue_declare(self.retry_queue(kind, delay).as_str().into(), durable, args).await?;
             }
+            self.declare_query_queue(channel, kind).await?;
         }
         Ok(())
     }
@@ -111,7 +129,7 @@ impl Topology {
     /// The broker is unreachable.
     pub async fn delete(&self, channel: &Channel, worker: &WorkerSettings) -> Result<(), lapin::Error> {
         for kind in TaskKind::ALL {
-            let mut names = vec![self.queue(kind), self.dlq(kind)];
+            let mut names = vec![self.queue(kind), self.dlq(kind), self.query_queue(kind)];
             names.extend((1..worker.max_attempts).map(|a| self.retry_queue(kind, Self::backoff_ms(worker, a))));
             for name in names {
                 channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;

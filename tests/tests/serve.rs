@@ -1,4 +1,4 @@
-//! `heimdex serve`: the HTTP API enqueues, reads jobs and exports transcripts against a real fleet,
+//! `heimdex serve`: the HTTP API enqueues, reads jobs, searches and exports transcripts against a real fleet,
 //! refuses bad requests with a 4xx and a reason, and its status page, rendered by headless Chromium
 //! (Debian's package), shows the fleet.
 
@@ -45,7 +45,7 @@ fn render(url: &str, dir: &std::path::Path) -> (String, Vec<u8>) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_api_enqueues_reads_jobs_exports_transcripts_and_the_status_page_shows_the_fleet() {
+async fn the_api_enqueues_reads_jobs_searches_exports_transcripts_and_the_status_page_shows_the_fleet() {
     let env = TestEnv::new().await;
     env.add_media("video/sample.mp4", "talk.mp4");
     let index = env.spawn_worker("index", "api-index", &[]);
@@ -99,6 +99,34 @@ async fn the_api_enqueues_reads_jobs_exports_transcripts_and_the_status_page_sho
     assert!(srt.to_lowercase().contains("dashwood"), "the sample's words: {srt}");
     let (code, answer) = http_get(&addr, &format!("/v1/videos/{video}/transcript?format=doc")).await;
     assert_eq!(code, 400, "{answer}");
+
+    // Search: a paraphrase of one of the sample's sentences through worker-index's text model, frames
+    // by text through worker-vision's SigLIP stand-in (plumbing only: its towers are not trained
+    // together), and frames like a stored frame, which is itself first.
+    let (code, body) = http_get(&addr, "/v1/search?q=the%20young%20fellow%20was%20not%20unkind&limit=3").await;
+    assert_eq!(code, 200, "{body}");
+    let found = json(&body);
+    assert!(found["hits"][0]["text"].as_str().unwrap_or_default().to_lowercase().contains("ill disposed"), "{found:#}");
+    assert_eq!(found["hits"][0]["video_id"], video.as_str());
+    let (code, body) = http_get(&addr, &format!("/v1/search?q=a%20cat&in=frames&video={video}&limit=5")).await;
+    assert_eq!(code, 200, "{body}");
+    let scores: Vec<f64> = json(&body)["hits"].as_array().unwrap().iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert_eq!(scores.len(), 5, "{body}");
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "ordered by cosine: {scores:?}");
+    let (code, body) = http_get(&addr, &format!("/v1/search?similar_to={video}@13&limit=3")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["hits"][0]["ts_s"].as_f64(), Some(13.0), "the frame itself first: {body}");
+    for (path, status, reason) in [
+        ("/v1/search", 400, "required"),
+        ("/v1/search?q=x&limit=0", 400, "limit"),
+        ("/v1/search?q=x&in=audio", 400, "segments or frames"),
+        ("/v1/search?q=x&video=nothing.mp4", 404, "no video"),
+        ("/v1/search?similar_to=talk.mp4", 400, "video@seconds"),
+    ] {
+        let (code, answer) = http_get(&addr, path).await;
+        assert_eq!(code, status, "{path}: {answer}");
+        assert!(json(&answer)["error"].as_str().unwrap_or_default().to_lowercase().contains(reason), "{path}: {answer}");
+    }
 
     // The status as JSON, then the page as a browser shows it.
     let (code, body) = http_get(&addr, "/v1/status").await;

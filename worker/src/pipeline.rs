@@ -12,6 +12,7 @@ use heimdex_shared::TaskOptions;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::jobs::Run;
 use heimdex_shared::media::Probe;
+use heimdex_shared::query::Embeddings;
 use uuid::Uuid;
 
 use crate::engine::WarmupReport;
@@ -103,6 +104,11 @@ pub trait Pipeline: Send + Sync + 'static {
         input: &TaskInput,
         timings: &StageTimings,
     ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
+
+    /// Embeds search queries (see `heimdex_shared::query`) with the model whose vectors this kind
+    /// stores, on the same model thread as tasks (so they share batches with them), and names that
+    /// model as it is stored beside the vectors.
+    fn embed_query(&self, texts: Vec<String>) -> impl Future<Output = Result<Embeddings, TaskError>> + Send;
 }
 
 /// What a pipeline's loader gets: the settings, the engine that owns the sessions, and the model

@@ -30,6 +30,7 @@ use anyhow::Context;
 use heimdex_shared::config::IndexSettings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::jobs::Run;
+use heimdex_shared::query::Embeddings;
 use sqlx::PgPool;
 
 pub use asr::{Transcriber, Transcript};
@@ -297,5 +298,10 @@ impl Pipeline for IndexPipeline {
             )));
         }
         Ok(output)
+    }
+
+    async fn embed_query(&self, texts: Vec<String>) -> Result<Embeddings, TaskError> {
+        let vectors = self.embedder.embed(texts).await?;
+        Ok(Embeddings { model: self.settings.embed_model.clone(), dim: self.settings.embed_dim, vectors })
     }
 }

@@ -169,7 +169,7 @@ async fn consume<P: Pipeline>(
 
 /// Cancels the consumer and gives back deliveries it had buffered but not started; false if the
 /// channel broke (then the broker requeues them itself).
-async fn stop_consuming(channel: &Channel, tag: &str, mut consumer: Consumer) -> bool {
+pub(super) async fn stop_consuming(channel: &Channel, tag: &str, mut consumer: Consumer) -> bool {
     if let Err(e) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
         tracing::warn!(error = %e, "cannot cancel the consumer");
         return false;

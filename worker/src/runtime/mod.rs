@@ -5,13 +5,14 @@
 //! verified) → warming (every model at every production batch shape) → warm (`basic_consume`) →
 //! draining (SIGTERM). Only a warm worker consumes, so no task ever pays for a model load. A lost
 //! broker connection makes it `disconnected` (models kept warm) until it has reconnected; SIGTERM stops
-//! it in any state.
+//! it in any state. While warm it also answers query embeddings ([`query`]) beside its tasks.
 
 pub mod consume;
 pub mod health;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod broker;
+pub mod query;
 pub mod task;
 
 use std::future::Future;
@@ -123,7 +124,10 @@ where
                 isolation: Arc::default(),
             });
             tokio::spawn(relay_outbox(worker.clone(), background.clone()));
+            let queries = tokio::spawn(query::serve(worker.clone(), stop.clone()));
             let result = consume::run(worker.clone(), stop).await;
+            // Queries stop with the warm state; those taken are answered before the connection closes.
+            let _ = tokio::time::timeout(Duration::from_secs(10), queries).await;
             // Closing the connection returns every unacked delivery to its queue.
             worker.broker.close().await;
             result

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use heimdex_shared::config::VisionSettings;
 use heimdex_shared::contract::TaskKind;
+use heimdex_shared::query::Embeddings;
 use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
 
@@ -303,5 +304,12 @@ impl Pipeline for VisionPipeline {
 
     async fn process(&self, input: &TaskInput, timings: &StageTimings) -> Result<VisionOutput, TaskError> {
         self.process_with_gauge(input, timings, self.gauge.clone()).await
+    }
+
+    /// The SigLIP text tower, whose vectors share the space of the frames' image embeddings (with
+    /// the stand-in only nominally: it is not a trained two-tower model).
+    async fn embed_query(&self, texts: Vec<String>) -> Result<Embeddings, TaskError> {
+        let vectors = futures::future::try_join_all(texts.iter().map(|t| self.embed_text(t))).await?;
+        Ok(Embeddings { model: self.settings.embed_model.clone(), dim: self.settings.embed_dim, vectors })
     }
 }

@@ -1,11 +1,12 @@
-//! `heimdex`: enqueue videos, watch the fleet, export transcripts, inspect and replay dead letters,
-//! migrate the schema, serve the HTTP API and status page.
+//! `heimdex`: enqueue videos, watch the fleet, search, export transcripts, inspect and replay dead
+//! letters, migrate the schema, serve the HTTP API and status page.
 //!
 //! Exit codes: 0 success; 1 a job failed (with `--wait`) or an operation failed; 2 input refused
-//! (nothing was written).
+//! (nothing was written); 3 no worker answered a search's query (none warm, or none in time).
 
 mod dlq;
 mod enqueue;
+mod search;
 mod status;
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "heimdex", version, about = "Heimdex video indexing: enqueue, status, dead letters, migrations")]
+#[command(name = "heimdex", version, about = "Heimdex video indexing: enqueue, status, search, transcripts, dead letters, migrations")]
 struct Cli {
     /// TOML configuration file; `HEIMDEX__SECTION__KEY` environment variables override it.
     #[arg(long, global = true, env = "HEIMDEX_CONFIG")]
@@ -29,6 +30,9 @@ enum Command {
     Enqueue(enqueue::Args),
     /// Live workers, queue depths, job counts, or one job's stage timings.
     Status(status::Args),
+    /// Transcript segments or frames by a text (query vectors from the warm workers), or frames like
+    /// a stored frame.
+    Search(search::Args),
     /// Dead-letter queues: list what is there and why, or replay it.
     Dlq {
         #[command(subcommand)]
@@ -67,6 +71,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Enqueue(args) => enqueue::run(&settings, args).await,
         Command::Status(args) => status::run(&settings, args).await,
+        Command::Search(args) => search::run(&settings, args).await,
         Command::Dlq { command } => dlq::run(&settings, command).await,
         Command::Transcript { video, format } => transcript(&settings, &video, format).await,
         Command::Migrate => migrate(&settings).await,

@@ -170,8 +170,19 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'video % has no frame embedded with %', of_video, model USING ERRCODE = 'no_data_found';
     END IF;
+    -- The source frame is put first by hand: in a still scene many frames tie with it at score 1,
+    -- and the index may return any k of them.
     RETURN QUERY
-        SELECT h.* FROM heimdex_search_frames(source_vec, model, k, video) h
-        ORDER BY (h.video_id = of_video AND h.idx = source_idx) DESC, h.score DESC, h.video_id, h.idx;
+        SELECT f.video_id, v.uri, f.idx, f.ts_s, f.scene_idx, sc.start_s, sc.end_s, 1.0::double precision
+        FROM frames f
+        JOIN videos v ON v.id = f.video_id
+        LEFT JOIN scenes sc ON sc.video_id = f.video_id AND sc.idx = f.scene_idx
+        WHERE f.video_id = of_video AND f.idx = source_idx AND f.embedding_model = model
+          AND (video IS NULL OR video = of_video);
+    RETURN QUERY
+        SELECT h.* FROM heimdex_search_frames(source_vec, model, least(k + 1, 1000), video) h
+        WHERE NOT (h.video_id = of_video AND h.idx = source_idx)
+        ORDER BY h.score DESC, h.video_id, h.idx
+        LIMIT k - (CASE WHEN video IS NULL OR video = of_video THEN 1 ELSE 0 END);
 END
 $fn$;

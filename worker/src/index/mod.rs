@@ -107,7 +107,7 @@ impl IndexPipeline {
         let asr = ctx.engine.spawn(WHISPER, WhisperRunner::new((*cfg).clone(), encoder, cross, with_past)?, asr_batch);
         let vad = ctx.engine.spawn(SILERO_VAD, VadRunner::new(vad_session), max_batch);
         let runner = EmbedRunner::new(embed_session, s.embed_pooling, s.embed_dim)?;
-        let embedder = TextEmbedder::new(&embed_tok, s.embed_max_len, ctx.engine.spawn(TEXT_EMBED, runner, max_batch))?;
+        let embedder = TextEmbedder::new(&embed_tok, s.embed_max_len, ctx.engine.spawn_eager(TEXT_EMBED, runner, max_batch))?;
         let transcriber = Transcriber {
             cfg,
             text: Arc::new(text),

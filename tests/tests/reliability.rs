@@ -155,6 +155,33 @@ async fn a_redelivered_message_of_a_job_already_dead_is_dead_lettered_not_run_ag
     env.cleanup().await;
 }
 
+/// A work queue deleted under a live connection (an operator, a policy) cancels the consumer; the
+/// worker declares its queues again and consumes on, instead of failing to consume in a tight loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_work_queue_is_declared_again_and_consumed() {
+    let env = TestEnv::new().await;
+    env.add_media("video/silent.mp4", "after.mp4");
+    let worker = env.spawn_worker("vision", "redeclare", &[]);
+    env.wait_state(&worker, WorkerState::Warm, WARM).await;
+    let queue = env.topology().queue(TaskKind::Vision);
+    env.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    // A passive declare of a missing queue closes its channel: each look uses a connection of its own.
+    let consumers = || async {
+        let (connection, channel) = heimdex_shared::topology::connect(&env.settings.amqp, "probe").await.ok()?;
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let found = channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.ok().map(|q| q.consumer_count());
+        let _ = connection.close(200, "probed".into()).await;
+        found.filter(|&n| n == 1)
+    };
+    wait_for("the queue declared again with its consumer", TASK, consumers).await;
+    let (_, job) = env.enqueue("after.mp4", TaskKind::Vision, false).await.unwrap();
+    env.wait_job(job, "succeeded", TASK).await;
+    let log = worker.log();
+    let retries = log.matches("lost the broker").count();
+    assert!(retries <= 3, "{retries} reconnections for one deleted queue:\n{}", &log[log.len().saturating_sub(2000)..]);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_whose_message_was_never_published_is_repaired() {
     let env = TestEnv::new().await;

@@ -63,14 +63,20 @@ impl Broker {
         Ok(connection)
     }
 
-    /// A new channel to consume on; reconnects with backoff until it has one, or `None` on shutdown.
+    /// A new channel to consume on, with the topology declared on it; reconnects with backoff until
+    /// it has one, or `None` on shutdown. Declaring each time brings back a queue that was deleted
+    /// under a live connection (the consumer was cancelled and consuming again would fail at once,
+    /// over and over).
     pub async fn consume_channel(&self, stop: &CancellationToken) -> Option<Channel> {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.connection().await {
                 Ok(connection) => match connection.create_channel().await {
-                    Ok(channel) => return Some(channel),
-                    Err(e) => tracing::warn!(error = %e, "cannot open a channel; retrying"),
+                    Ok(channel) => match self.topology.declare(&channel, &self.worker).await {
+                        Ok(()) => return Some(channel),
+                        Err(e) => tracing::warn!(error = %e, ?delay, "cannot declare the queues; retrying"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, ?delay, "cannot open a channel; retrying"),
                 },
                 Err(e) => tracing::warn!(error = %e, ?delay, "broker unreachable; reconnecting"),
             }

@@ -1,7 +1,7 @@
 //! Benchmark of the vision pipeline: cold start, first task vs steady state, throughput by
 //! concurrency, SigLIP batch sizes, peak RSS by concurrency, and Rust vs Python ONNX Runtime latency.
 //!
-//! `cargo run -p heimdex-worker --bin bench-vision -- --out bench-results/vision.json`
+//! `cargo run -p heimdex-bench --bin bench-vision -- --out bench-results/vision.json`
 //!
 //! Cold start, first-task latency and peak RSS are measured in fresh child processes (this binary
 //! re-executed with the hidden `--child` flag), so each number starts from an empty process and
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use heimdex_worker::bench::{child_json, field_median, median, ms, peak_rss_mib};
+use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib};
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_worker::engine::Engine;
@@ -188,7 +188,7 @@ where
 }
 
 fn python_inference(python: &Path, settings: &Settings, batch: usize, iters: usize, runs: usize) -> Result<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_vision.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/ort_vision.py");
     let mut all = Vec::new();
     for _ in 0..runs {
         all.push(child_json(

@@ -7,8 +7,11 @@
 //! - [`engine`]: ONNX Runtime sessions behind owner threads with dynamic batching; model files.
 //! - [`media`]: ffmpeg decoding (audio samples, video frames), streamed.
 //! - [`vision`] and [`index`]: the two pipelines.
+//!
+//! The `testing` feature adds what tests and the benchmarks (crate `heimdex-bench`) look at beyond the
+//! public API: exact batch-size counts per model thread, the no-cache reference decoder, unpacked
+//! Whisper windows, the vision pipeline's model threads. Worker binaries never need it.
 
-pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod error;

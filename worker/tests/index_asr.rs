@@ -24,16 +24,16 @@ async fn greedy_tokens_match_fixture_and_kv_cache_matches_no_cache() {
         let pcm = decode_all(&media(&format!("speech/{name}")), 60.0).await.unwrap();
         let ids: Vec<u32> = want["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         // One window at a time (batch 1), KV cache: the exact tokens of the fixture.
-        let got = t.decode_window(pcm.clone(), Some(en), false, true).await.unwrap();
+        let got = t.decode_window(pcm.clone(), Some(en), false).await.unwrap();
         assert_eq!(got.tokens, ids, "{name}");
         assert_eq!(t.decode_text(&got.tokens), want["text"].as_str().unwrap(), "{name}");
         audio.push((name.clone(), pcm, ids));
     }
     // All clips at once: batched KV-cache decoding and batched no-cache decoding give the same tokens.
-    let batched = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false, true)))
+    let batched = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false)))
         .await
         .unwrap();
-    let nocache = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false, false)))
+    let nocache = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window_without_cache(pcm.clone(), Some(en), false)))
         .await
         .unwrap();
     for (((name, _, ids), b), n) in audio.iter().zip(&batched).zip(&nocache) {

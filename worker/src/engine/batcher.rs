@@ -2,6 +2,7 @@
 //! is waiting as one batch, up to `max_batch` requests or `max_wait` after the first one arrived.
 
 use std::sync::Arc;
+#[cfg(feature = "testing")]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -44,28 +45,27 @@ pub struct ModelHandle<R: BatchRunner> {
     name: Arc<str>,
     tx: flume::Sender<Request<R>>,
     max_batch: usize,
-    /// Count of batches run, by size (index = batch size); the benchmark prints it.
-    histogram: Arc<Vec<AtomicU64>>,
+    sizes: BatchSizes,
 }
 
 impl<R: BatchRunner> Clone for ModelHandle<R> {
     fn clone(&self) -> Self {
-        Self { name: self.name.clone(), tx: self.tx.clone(), max_batch: self.max_batch, histogram: self.histogram.clone() }
+        Self { name: self.name.clone(), tx: self.tx.clone(), max_batch: self.max_batch, sizes: self.sizes.clone() }
     }
 }
 
 impl<R: BatchRunner> ModelHandle<R> {
     pub(super) fn spawn(name: &str, runner: R, config: BatchConfig, metrics: Arc<Metrics>, panic_next: Failpoint) -> Self {
         let (tx, rx) = flume::bounded(config.queue_capacity);
-        let histogram: Arc<Vec<AtomicU64>> = Arc::new((0..=config.max_batch).map(|_| AtomicU64::new(0)).collect());
+        let sizes = BatchSizes::new(config.max_batch);
         let name: Arc<str> = Arc::from(name);
         let thread_name = format!("model-{name}");
-        let (hist, model) = (histogram.clone(), name.clone());
+        let (counts, model) = (sizes.clone(), name.clone());
         std::thread::Builder::new()
             .name(thread_name)
-            .spawn(move || serve(&model, runner, rx, config, &hist, &metrics, &panic_next))
+            .spawn(move || serve(&model, runner, rx, config, &counts, &metrics, &panic_next))
             .expect("spawning a model thread");
-        Self { name, tx, max_batch: config.max_batch, histogram }
+        Self { name, tx, max_batch: config.max_batch, sizes }
     }
 
     pub fn name(&self) -> &str {
@@ -105,9 +105,10 @@ impl<R: BatchRunner> ModelHandle<R> {
         rx.await.map_err(|_| self.closed())?
     }
 
-    /// Batches run so far, indexed by batch size.
+    /// Batches run so far, indexed by batch size (`testing` feature).
+    #[cfg(feature = "testing")]
     pub fn batch_histogram(&self) -> Vec<u64> {
-        self.histogram.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+        self.sizes.0.iter().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 
     fn closed(&self) -> InferenceError {
@@ -125,7 +126,7 @@ fn serve<R: BatchRunner>(
     mut runner: R,
     rx: flume::Receiver<Request<R>>,
     config: BatchConfig,
-    histogram: &[AtomicU64],
+    sizes: &BatchSizes,
     metrics: &Metrics,
     panic_next: &Failpoint,
 ) {
@@ -143,7 +144,7 @@ fn serve<R: BatchRunner>(
                 let n = inputs.len();
                 let started = Instant::now();
                 let result = run_contained(model, &mut runner, inputs, || false);
-                record(model, n, started.elapsed(), histogram, metrics);
+                record(model, n, started.elapsed(), sizes, metrics);
                 let stop = matches!(result, Err(InferenceError::Panicked { .. }));
                 let _ = reply.send(result);
                 if stop {
@@ -177,7 +178,7 @@ fn serve<R: BatchRunner>(
             armed.take_if(|m| m == model).is_some()
         };
         let result = span.in_scope(|| run_contained(model, &mut runner, inputs, armed));
-        record(model, n, started.elapsed(), histogram, metrics);
+        record(model, n, started.elapsed(), sizes, metrics);
         let failure = match result {
             Ok(outputs) if outputs.len() == n => {
                 for (reply, output) in replies.into_iter().zip(outputs) {
@@ -229,11 +230,33 @@ fn run_contained<R: BatchRunner>(
     .unwrap_or_else(|panic| Err(InferenceError::Panicked { model: model.into(), message: crate::panic_message(&*panic) }))
 }
 
-fn record(model: &str, n: usize, elapsed: Duration, histogram: &[AtomicU64], metrics: &Metrics) {
-    if let Some(slot) = histogram.get(n) {
-        slot.fetch_add(1, Ordering::Relaxed);
-    }
+fn record(model: &str, n: usize, elapsed: Duration, sizes: &BatchSizes, metrics: &Metrics) {
+    sizes.count(n);
     metrics.observe_batch(model, n, elapsed);
+}
+
+/// Batches run, by size (index = batch size), for tests and benchmarks to see how requests were
+/// batched exactly (`/metrics` has the production histogram, in coarser buckets). It counts only with
+/// the `testing` feature; without it, it is empty and costs nothing.
+#[derive(Clone)]
+struct BatchSizes(#[cfg(feature = "testing")] Arc<Vec<AtomicU64>>);
+
+impl BatchSizes {
+    #[cfg_attr(not(feature = "testing"), allow(unused_variables))]
+    fn new(max_batch: usize) -> Self {
+        Self(
+            #[cfg(feature = "testing")]
+            Arc::new((0..=max_batch).map(|_| AtomicU64::new(0)).collect()),
+        )
+    }
+
+    #[cfg_attr(not(feature = "testing"), allow(unused_variables))]
+    fn count(&self, n: usize) {
+        #[cfg(feature = "testing")]
+        if let Some(slot) = self.0.get(n) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -267,7 +290,7 @@ mod tests {
         let sizes = seen.lock().unwrap().clone();
         assert!(sizes.iter().all(|&n| n <= 8), "{sizes:?}");
         assert!(sizes.len() < 20, "requests were not batched: {sizes:?}");
-        assert_eq!(model.batch_histogram().iter().enumerate().map(|(n, c)| n as u64 * c).sum::<u64>(), 20);
+        assert_eq!(sizes.iter().sum::<usize>(), 20);
     }
 
     /// Panics on an input of 13, as a runner with a bug would.

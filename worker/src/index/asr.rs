@@ -45,8 +45,9 @@ pub struct Transcriber {
     pub params: ChunkParams,
     pub max_tokens: usize,
     pub max_duration_s: f64,
-    /// Pack the speech of consecutive chunks densely into windows (production); off, each chunk is
-    /// one window (the benchmark's baseline).
+    /// Pack the speech of consecutive chunks densely into windows (always in production); off, each
+    /// chunk is one window: the benchmark's baseline for what packing does.
+    #[cfg(feature = "testing")]
     pub pack: bool,
 }
 
@@ -89,24 +90,49 @@ impl Transcriber {
         self.text.decode(&text, true).map(|s| s.trim().to_string()).unwrap_or_default()
     }
 
+    /// Whether speech is packed into windows (see [`Transcriber::pack`]).
+    #[cfg(feature = "testing")]
+    pub(crate) fn packs(&self) -> bool {
+        self.pack
+    }
+
+    /// Whether speech is packed into windows: always, in production.
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn packs(&self) -> bool {
+        true
+    }
+
     /// Decodes one window (≤ 30 s of samples) with the given prompt options.
     ///
     /// # Errors
     /// Inference failed.
-    pub async fn decode_window(
+    pub async fn decode_window(&self, samples: Vec<f32>, language: Option<u32>, timestamps: bool) -> Result<AsrResult, InferenceError> {
+        let mel = self.log_mel(samples).await?;
+        self.asr.infer(AsrRequest::new(mel, language, timestamps, self.max_tokens)).await
+    }
+
+    /// Decodes one window as [`Transcriber::decode_window`] does, but without the KV cache: the
+    /// reference the KV-cache decoder is checked and measured against (`testing` feature).
+    ///
+    /// # Errors
+    /// Inference failed.
+    #[cfg(feature = "testing")]
+    pub async fn decode_window_without_cache(
         &self,
         samples: Vec<f32>,
         language: Option<u32>,
         timestamps: bool,
-        kv_cache: bool,
     ) -> Result<AsrResult, InferenceError> {
+        let mel = self.log_mel(samples).await?;
+        self.asr.infer(AsrRequest { kv_cache: false, ..AsrRequest::new(mel, language, timestamps, self.max_tokens) }).await
+    }
+
+    /// Whisper's log-mel features of a window, computed off the runtime.
+    async fn log_mel(&self, samples: Vec<f32>) -> Result<Vec<f32>, InferenceError> {
         let mel = self.mel.clone();
-        let features = tokio::task::spawn_blocking(move || mel.compute(&samples))
+        tokio::task::spawn_blocking(move || mel.compute(&samples))
             .await
-            .map_err(|e| InferenceError::Model { model: "mel".into(), message: e.to_string() })?;
-        self.asr
-            .infer(AsrRequest { mel: features, language, timestamps, kv_cache, max_tokens: self.max_tokens })
-            .await
+            .map_err(|e| InferenceError::Model { model: "mel".into(), message: e.to_string() })
     }
 
     /// Transcribes one speech chunk into segments with absolute times.
@@ -132,7 +158,7 @@ impl Transcriber {
             let from_s = start as f64 / rate;
             let window = chunk.samples[start..].to_vec();
             let window_s = window.len() as f64 / rate;
-            let res = self.decode_window(window, language, true, true).await?;
+            let res = self.decode_window(window, language, true).await?;
             language = Some(res.language);
             let resume = covered(&res.tokens, &self.cfg).filter(|c| {
                 let unheard = chunk.speech_after(from_s + f64::from(c.until_s));
@@ -221,7 +247,7 @@ impl Transcriber {
                 }
                 tokio::select! {
                     chunk = rx.recv(), if open && ready.is_empty() => match chunk {
-                        Some(chunk) if self.pack => ready.extend(packer.push(&chunk)),
+                        Some(chunk) if self.packs() => ready.extend(packer.push(&chunk)),
                         Some(chunk) => ready.push_back(Packed::whole(chunk)),
                         None => {
                             open = false;
@@ -253,46 +279,5 @@ impl Transcriber {
         transcript.stats = stats;
         transcript.peak_buffer = peak.load(std::sync::atomic::Ordering::Relaxed);
         Ok(transcript)
-    }
-
-    /// Collects every speech chunk of `uri` (for tests and the benchmark; tasks stream instead).
-    ///
-    /// # Errors
-    /// As [`Transcriber::transcribe`].
-    pub async fn collect_chunks(&self, uri: &str) -> Result<(Vec<SpeechChunk>, StreamStats), TaskError> {
-        let stream = PcmStream::open(uri, self.max_duration_s)?;
-        let (tx, mut rx) = mpsc::channel(4);
-        let collect = async move {
-            let mut chunks = Vec::new();
-            while let Some(c) = rx.recv().await {
-                chunks.push(c);
-            }
-            chunks
-        };
-        let (stats, chunks) = tokio::join!(stream_chunks(stream, &self.vad, self.params, Arc::default(), tx), collect);
-        Ok((chunks, stats?))
-    }
-
-    /// Transcribes ready chunks, all at once (batched) or one after another (the benchmark's baseline).
-    ///
-    /// # Errors
-    /// Inference failed.
-    pub async fn transcribe_chunks(
-        &self,
-        chunks: Vec<SpeechChunk>,
-        language: Option<u32>,
-        parallel: bool,
-    ) -> Result<Vec<Segment>, InferenceError> {
-        let mut out = Vec::new();
-        if parallel {
-            for c in futures::future::try_join_all(chunks.into_iter().map(|c| self.chunk(c, language))).await? {
-                out.extend(c.segments);
-            }
-        } else {
-            for c in chunks {
-                out.extend(self.chunk(c, language).await?.segments);
-            }
-        }
-        Ok(out)
     }
 }

@@ -117,6 +117,7 @@ impl IndexPipeline {
             params: ChunkParams::new(s.vad_threshold, s.max_chunk_s),
             max_tokens: s.max_decode_tokens,
             max_duration_s: s.max_duration_s,
+            #[cfg(feature = "testing")]
             pack: true,
         };
         Ok(Self { settings: s, transcriber, embedder, models, vad_batch: max_batch })
@@ -191,7 +192,7 @@ impl IndexPipeline {
     fn checkpoint_config(&self, language: Option<u32>) -> String {
         let language = language.map_or_else(|| "detect".into(), |l| self.transcriber.language_code(l));
         let t = &self.transcriber;
-        format!("{}|{language}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.pack, t.max_tokens)
+        format!("{}|{language}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)
     }
 
     async fn warm_asr(&self) -> Result<WarmupReport, InferenceError> {
@@ -202,7 +203,7 @@ impl IndexPipeline {
         // once) and the decoder at the widest batch production uses, so every buffer is sized for it.
         let sizes = vec![t.asr.max_batch()];
         for &n in &sizes {
-            let req = AsrRequest { mel: mel.clone(), language: None, timestamps: true, kv_cache: true, max_tokens: 4 };
+            let req = AsrRequest::new(mel.clone(), None, true, 4);
             t.asr.run_exact(vec![req; n]).await?;
         }
         Ok(WarmupReport { model: WHISPER.into(), batch_sizes: sizes, duration: started.elapsed() })

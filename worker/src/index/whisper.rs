@@ -8,7 +8,8 @@
 //! the same past length). Finished rows keep feeding eot until the last row is done. `decoder_model`
 //! itself is never loaded: it holds the same weights as the with-past decoder (310 MB in fp32).
 //! Inputs are built from each session's own input names, so real Optimum exports drop in.
-//! A no-cache path (re-running the whole prefix from an empty past) exists for the benchmark and tests.
+//! With the `testing` feature, a request can ask for the no-cache reference path instead (the whole
+//! prefix re-run from an empty past at every step), which tests and the benchmark compare against.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -32,9 +33,35 @@ pub struct AsrRequest {
     pub language: Option<u32>,
     /// Produce timestamp tokens (segments); otherwise `<|notimestamps|>` is in the prompt.
     pub timestamps: bool,
-    /// Use the KV-cache decoder (production) or re-run the full prefix (reference/benchmark).
-    pub kv_cache: bool,
     pub max_tokens: usize,
+    /// Decode with the KV cache (always in production), or re-run the whole prefix at every step: the
+    /// reference that tests and the benchmark compare the KV-cache decoder against.
+    #[cfg(feature = "testing")]
+    pub kv_cache: bool,
+}
+
+impl AsrRequest {
+    /// A window decoded with the KV cache.
+    pub fn new(mel: Vec<f32>, language: Option<u32>, timestamps: bool, max_tokens: usize) -> Self {
+        Self {
+            mel,
+            language,
+            timestamps,
+            max_tokens,
+            #[cfg(feature = "testing")]
+            kv_cache: true,
+        }
+    }
+
+    #[cfg(feature = "testing")]
+    fn kv_cache(&self) -> bool {
+        self.kv_cache
+    }
+
+    #[cfg(not(feature = "testing"))]
+    fn kv_cache(&self) -> bool {
+        true
+    }
 }
 
 /// What a window decoded to.
@@ -217,7 +244,7 @@ impl WhisperRunner {
         self.empty_past(b, &mut past)?;
         let logits = self.step(&ids.concat(), b, &cross, &mut past)?;
         let mut next: Vec<i64> = rows.iter_mut().zip(&logits).map(|(row, lg)| i64::from(row.step(&self.cfg, lg))).collect();
-        let kv = reqs.iter().all(|r| r.kv_cache);
+        let kv = reqs.iter().all(|r| r.kv_cache());
         while !rows.iter().all(|r| r.done) {
             let logits = if kv {
                 self.step(&next, b, &cross, &mut past)?
@@ -296,7 +323,7 @@ impl BatchRunner for WhisperRunner {
         let mut out: Vec<Option<AsrResult>> = vec![None; inputs.len()];
         let mut groups: Vec<((bool, bool), Vec<usize>)> = Vec::new();
         for (i, r) in inputs.iter().enumerate() {
-            let key = (r.timestamps, r.kv_cache);
+            let key = (r.timestamps, r.kv_cache());
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, idx)) => idx.push(i),
                 None => groups.push((key, vec![i])),

@@ -176,12 +176,15 @@ impl VisionPipeline {
         Ok(self.faces.infer(frame).await?)
     }
 
-    /// The image tower's handle (batch histogram for the benchmark).
+    /// The image tower's model thread, for the benchmark to time it and read its batch sizes
+    /// (`testing` feature).
+    #[cfg(feature = "testing")]
     pub fn image_model(&self) -> &ModelHandle<ImageRunner> {
         &self.image
     }
 
-    /// The face detector's handle.
+    /// The face detector's model thread, for the benchmark to time it (`testing` feature).
+    #[cfg(feature = "testing")]
     pub fn face_model(&self) -> &ModelHandle<YunetRunner> {
         &self.faces
     }

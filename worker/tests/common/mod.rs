@@ -38,7 +38,7 @@ pub fn load(settings: &Settings) -> IndexPipeline {
 
 /// The normalisation and word edit distance of the benchmarks, so that tests and benchmarks score alike.
 #[allow(unused_imports)] // not every test binary scores words
-pub use heimdex_worker::bench::{normalise, word_errors};
+pub use heimdex_bench::score::{normalise, word_errors};
 
 /// (file, reference transcript) from transcripts.tsv.
 pub fn transcripts() -> Vec<(String, String)> {

@@ -1,4 +1,4 @@
-//! Benchmark of the index pipeline on the real models and media (`cargo run -p heimdex-worker --bin
+//! Benchmark of the index pipeline on the real models and media (`cargo run -p heimdex-bench --bin
 //! bench-index -- --out bench-results/index.json`): cold start and first task against steady state
 //! (medians over fresh processes), real-time factors, parallel against sequential chunks, KV cache,
 //! embedding throughput, peak RSS at two concurrencies (each in a fresh process), and the encoder and
@@ -12,7 +12,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use heimdex_worker::bench::{self, child_json, field_median, median, ms, peak_rss_mib};
+use heimdex_bench::chunks::{collect_chunks, transcribe_chunks};
+use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib};
+use heimdex_bench::recording::{Recording, long_recording};
+use heimdex_bench::score;
 use heimdex_shared::Settings;
 use heimdex_worker::engine::Engine;
 use heimdex_worker::engine::registry::ModelRegistry;
@@ -83,7 +86,7 @@ impl Args {
     }
 }
 
-/// A scratch folder removed on drop (tempfile is only a dev-dependency).
+/// A scratch folder removed on drop.
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -201,7 +204,7 @@ async fn main() -> Result<()> {
     results.insert("machine".into(), json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch}));
     let exe = std::env::current_exe()?;
     let dir = TempDir::new()?;
-    let rec = bench::long_recording(&bundle.join("media/speech"), args.long_s, &dir.path().join("long.wav")).await?;
+    let rec = long_recording(&bundle.join("media/speech"), args.long_s, &dir.path().join("long.wav")).await?;
     let long = rec.path.display().to_string();
 
     // Heimdex against faster-whisper first: the headline of the benchmark, on a quiet machine.
@@ -237,20 +240,20 @@ async fn main() -> Result<()> {
             let (out, transcript) = p.index(&long, Some("en"), &StageTimings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             let long_ms = ms(t);
             results.insert("rtf_long".into(), json!({"audio_s": out.audio_s, "ms": long_ms, "rtf": long_ms / 1000.0 / out.audio_s,
-                "wer": bench::wer(&rec.reference, &out.text()), "chunks": transcript.stats.chunks, "segments": out.segments.len(), "runs": 1}));
+                "wer": score::wer(&rec.reference, &out.text()), "chunks": transcript.stats.chunks, "segments": out.segments.len(), "runs": 1}));
         }
         if args.wants("chunks") {
-            let (chunks, _) = tr.collect_chunks(&long).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (chunks, _) = collect_chunks(tr, &long).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             let n = chunks.len().min(2 * tr.asr.max_batch());
             let chunks = chunks[..n].to_vec();
             let (mut seq, mut par) = (Vec::new(), Vec::new());
             let pairs = args.runs.clamp(1, 3);
             for _ in 0..pairs {
                 let t = Instant::now();
-                tr.transcribe_chunks(chunks.clone(), en, false).await?;
+                transcribe_chunks(tr, chunks.clone(), en, false).await?;
                 seq.push(ms(t));
                 let t = Instant::now();
-                tr.transcribe_chunks(chunks.clone(), en, true).await?;
+                transcribe_chunks(tr, chunks.clone(), en, true).await?;
                 par.push(ms(t));
             }
             let speedup = median(seq.iter().zip(&par).map(|(s, p)| s / p).collect());
@@ -268,7 +271,11 @@ async fn main() -> Result<()> {
                 let mut times = Vec::new();
                 let mut tokens = 0;
                 for _ in 0..args.runs.min(3) {
-                    let res = tr.decode_window(clip.clone(), en, false, cache).await?;
+                    let res = if cache {
+                        tr.decode_window(clip.clone(), en, false).await?
+                    } else {
+                        tr.decode_window_without_cache(clip.clone(), en, false).await?
+                    };
                     tokens = res.tokens.len();
                     times.push(f64::from(res.decode_s) * 1000.0);
                 }
@@ -334,7 +341,7 @@ async fn main() -> Result<()> {
 /// threads, language fixed) on the same recording: each side in a fresh process per round (so each
 /// peak RSS is its own), in rounds of alternating order so that load from other processes hits both
 /// alike. Quoted: medians over rounds of RTF, WER and peak RSS, and the median per-round RTF ratio.
-fn peer(args: &Args, exe: &Path, rec: &bench::Recording, bundle: &Path) -> Result<Value> {
+fn peer(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value> {
     let wav = rec.path.display().to_string();
     let mut ours = Command::new(exe);
     ours.args(["--asr-child", "--wav", &wav]);
@@ -343,7 +350,7 @@ fn peer(args: &Args, exe: &Path, rec: &bench::Recording, bundle: &Path) -> Resul
     }
     let mut theirs = Command::new(&args.python);
     theirs
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/fw_index.py"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/fw_index.py"))
         .arg("--downloads")
         .arg(bundle.join(".downloads"))
         .arg("--model-dir")
@@ -361,7 +368,7 @@ fn peer(args: &Args, exe: &Path, rec: &bench::Recording, bundle: &Path) -> Resul
         };
         let row = |v: &Value| {
             let rtf = v["ms"].as_f64().unwrap_or(f64::NAN) / 1000.0 / rec.duration_s;
-            let wer = bench::wer(&rec.reference, v["text"].as_str().unwrap_or_default());
+            let wer = score::wer(&rec.reference, v["text"].as_str().unwrap_or_default());
             json!({"rtf": rtf, "wer": wer, "vm_hwm_mb": v["vm_hwm_mb"], "ms": v["ms"], "segments": v["segments"], "windows": v["windows"],
                 "ready_ms": v["load_and_warmup_ms"].as_f64().or_else(|| Some(v["load_ms"].as_f64()? + v["warmup_ms"].as_f64()?))})
         };
@@ -374,7 +381,7 @@ fn peer(args: &Args, exe: &Path, rec: &bench::Recording, bundle: &Path) -> Resul
         summary.insert(key.into(), json!({"heimdex": side("heimdex", key), "faster_whisper": side("faster_whisper", key)}));
     }
     let ratio = median(rounds.iter().filter_map(|r| Some(r["heimdex"]["rtf"].as_f64()? / r["faster_whisper"]["rtf"].as_f64()?)).collect());
-    Ok(json!({"audio_s": rec.duration_s, "speech_s": rec.speech_s, "reference_words": bench::normalise(&rec.reference).len(),
+    Ok(json!({"audio_s": rec.duration_s, "speech_s": rec.speech_s, "reference_words": score::normalise(&rec.reference).len(),
         "rounds": args.peer_rounds, "median": summary, "rtf_ratio_heimdex_over_fw": ratio, "target_ratio": 0.8,
         "faster_whisper": "BatchedInferencePipeline, int8, batch_size 8, language en", "runs": rounds}))
 }
@@ -422,7 +429,7 @@ async fn rust_vs_python(settings: &Settings, args: &Args, sample: &str, embed_id
     let mut rust_cmd = Command::new(std::env::current_exe()?);
     rust_cmd.arg("--ort-child").arg(&spec_file);
     let mut python_cmd = Command::new(&args.python);
-    python_cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_index.py")).arg(&spec_file);
+    python_cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/ort_index.py")).arg(&spec_file);
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         let (rust, python) = if round % 2 == 0 {

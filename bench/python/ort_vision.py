@@ -3,8 +3,11 @@
 Same model files, intra-op thread count, spinning setting and batch shapes as the Rust engine
 (graph optimisation level "all" = the engine's Level3). Inputs are fixed random tensors shaped like
 production inputs. Prints one JSON object: per model, the median and all per-batch latencies in ms.
+With --sweep, times only SigLIP's image tower at each batch size instead (what SigLIP alone sustains:
+images/s at each size, and the best), as bench-vision's ceiling for the pipeline's frames/s.
 
-usage: ort_python.py --yunet PATH --siglip PATH --threads N --spin 0|1 --batch B --iters K
+usage: ort_vision.py --yunet PATH --siglip PATH --threads N --spin 0|1 --batch B --iters K
+       ort_vision.py --siglip PATH --threads N --spin 0|1 --sweep 1,2,4,8 --iters K
 """
 import argparse
 import json
@@ -24,8 +27,8 @@ def session(path, threads, spin):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def timed(sess, feeds, iters):
-    for _ in range(3):
+def timed(sess, feeds, iters, warm=3):
+    for _ in range(warm):
         sess.run(None, feeds)
     out = []
     for _ in range(iters):
@@ -37,14 +40,28 @@ def timed(sess, feeds, iters):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--yunet", required=True)
+    ap.add_argument("--yunet")
     ap.add_argument("--siglip", required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--spin", type=int, default=1)
-    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--batch", type=int)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--sweep", help="comma-separated SigLIP batch sizes: time SigLIP alone")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
+    if a.sweep:
+        s = session(a.siglip, a.threads, a.spin)
+        sname = s.get_inputs()[0].name
+        res = {"onnxruntime": ort.__version__, "images_per_s": {}, "median_ms": {}}
+        for b in [int(x) for x in a.sweep.split(",")]:
+            feeds = {sname: rng.uniform(-1, 1, (b, 3, 224, 224)).astype(np.float32)}
+            ms = statistics.median(timed(sess=s, feeds=feeds, iters=a.iters, warm=1))
+            res["median_ms"][str(b)] = ms
+            res["images_per_s"][str(b)] = b / (ms / 1000.0)
+        best = max(res["images_per_s"], key=res["images_per_s"].get)
+        res["best_batch"], res["best_images_per_s"] = int(best), res["images_per_s"][best]
+        print(json.dumps(res))
+        return
     y = session(a.yunet, a.threads, a.spin)
     yx = (rng.random((1, 3, 640, 640), dtype=np.float32) * 255.0).astype(np.float32)
     s = session(a.siglip, a.threads, a.spin)

@@ -1,0 +1,51 @@
+//! Measurement helpers shared by the benchmark binaries: medians, timers, peak RSS, and fresh child
+//! processes whose last line of output is a JSON object (each cold start and peak RSS is its own process).
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Median of `v` (mean of the middle two for an even count); NaN when empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Milliseconds since `t`.
+pub fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// This process's peak resident set (VmHWM) in MiB; NaN where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Median of the numeric field `key` over JSON objects (one per run, round or child process).
+pub fn field_median(values: &[Value], key: &str) -> f64 {
+    median(values.iter().filter_map(|v| v[key].as_f64()).collect())
+}
+
+/// Runs a child process (a fresh copy of a benchmark, or the Python reference) and parses the JSON
+/// object on the last line of its output.
+///
+/// # Errors
+/// The process cannot start, exits non-zero, or prints no JSON.
+pub fn child_json(cmd: &mut Command) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().with_context(|| format!("{cmd:?} printed nothing"))?;
+    Ok(serde_json::from_str(last)?)
+}

@@ -1,0 +1,67 @@
+//! The long recording of issue 8, built from the bundle's speech clips, so that the peer comparison
+//! runs on audio whose reference transcript is exact.
+
+use anyhow::{Context, Result, bail};
+
+/// The long recording of issue 8: the bundle's single speech clips in the order of `transcripts.tsv`
+/// (the joined `librivox_5clips.wav` left out), each followed by 2 s of digital silence, in as many
+/// whole rounds as fit in `seconds`, then silence up to `seconds` (no clip is cut, so the reference is
+/// exact). 600 s gives 14 rounds: about 400 s of speech and 1,092 reference words.
+pub struct Recording {
+    pub path: std::path::PathBuf,
+    /// Reference transcript, clip after clip.
+    pub reference: String,
+    pub duration_s: f64,
+    pub speech_s: f64,
+}
+
+/// Writes the recording of `seconds` to `path` from the clips in `speech_dir`.
+///
+/// # Errors
+/// `transcripts.tsv` or a clip cannot be read, or the WAV cannot be written.
+pub async fn long_recording(speech_dir: &std::path::Path, seconds: f64, path: &std::path::Path) -> Result<Recording> {
+    const RATE: f64 = 16_000.0;
+    let tsv = std::fs::read_to_string(speech_dir.join("transcripts.tsv")).context("transcripts.tsv")?;
+    let mut clips = Vec::new();
+    for (file, text) in tsv.lines().skip(1).filter_map(|l| l.split_once('\t')).filter(|(f, _)| *f != "librivox_5clips.wav") {
+        let uri = speech_dir.join(file).display().to_string();
+        let samples = heimdex_worker::media::audio::decode_all(&uri, 120.0).await.with_context(|| format!("decoding {file}"))?;
+        clips.push((samples, text.to_string()));
+    }
+    if clips.is_empty() {
+        bail!("no clips in {}", speech_dir.join("transcripts.tsv").display());
+    }
+    let pause = vec![0.0f32; (2.0 * RATE) as usize];
+    let total = (seconds * RATE) as usize;
+    let (mut audio, mut words, mut speech) = (Vec::with_capacity(total), Vec::new(), 0usize);
+    'rounds: loop {
+        for (samples, text) in &clips {
+            if audio.len() + samples.len() + pause.len() > total {
+                break 'rounds;
+            }
+            audio.extend_from_slice(samples);
+            audio.extend_from_slice(&pause);
+            speech += samples.len();
+            words.push(text.as_str());
+        }
+    }
+    audio.resize(total, 0.0);
+    write_wav(path, &audio)?;
+    Ok(Recording { path: path.to_path_buf(), reference: words.join(" "), duration_s: audio.len() as f64 / RATE, speech_s: speech as f64 / RATE })
+}
+
+/// 16 kHz mono 16-bit PCM WAV.
+fn write_wav(path: &std::path::Path, audio: &[f32]) -> Result<()> {
+    let data: Vec<u8> = audio.iter().flat_map(|&x| ((x.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes()).collect();
+    let mut wav = Vec::with_capacity(44 + data.len());
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    for v in [16u32.to_le_bytes(), [1, 0, 1, 0], 16_000u32.to_le_bytes(), 32_000u32.to_le_bytes(), [2, 0, 16, 0]] {
+        wav.extend_from_slice(&v);
+    }
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&data);
+    std::fs::write(path, wav).with_context(|| format!("writing {}", path.display()))
+}

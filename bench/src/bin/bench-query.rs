@@ -1,7 +1,7 @@
 //! Benchmark of query embeddings through the broker: the round trip of `QueryClient::embed` (one short
 //! text) from a caller to a warm worker and back, p50 and p99, with 1 and 16 concurrent clients.
 //!
-//! `cargo run -p heimdex-worker --bin bench-query -- --out bench-results/query.json`
+//! `cargo run -p heimdex-bench --bin bench-query -- --out bench-results/query.json`
 //!
 //! It starts a real `worker-index` (or `--kind vision`) process from this target directory against
 //! the configured broker, Redis and PostgreSQL server, under a private queue prefix and in a scratch
@@ -19,7 +19,7 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::query::QueryClient;
 use heimdex_shared::topology::{self, Topology};
-use heimdex_worker::bench::ms;
+use heimdex_bench::measure::ms;
 use serde_json::{Value, json};
 
 #[derive(Parser)]

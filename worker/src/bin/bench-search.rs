@@ -1,0 +1,678 @@
+//! Benchmark of search end to end: `heimdex_search_segments` and `heimdex_search_frames` called through
+//! sqlx over a synthetic library of ≥ 100k transcript segments and ≥ 100k frames, p50 and p99 with and
+//! without a video filter, and recall@10 of the HNSW query against an exact scan.
+//!
+//! `cargo run -p heimdex-worker --bin bench-search -- --runs 3 --out bench-results/search.json`
+//!
+//! It creates a scratch database on the configured PostgreSQL server, migrates it with
+//! `heimdex_shared::db::migrate` (which creates the partial HNSW indexes of the configured models),
+//! drops the two HNSW indexes of segments and frames, bulk-loads with binary COPY, runs ANALYZE, and
+//! builds them again with `db::ensure_vector_index` (the code `migrate` runs), timing load and build
+//! apart. The database is dropped at the end.
+//!
+//! Data: `--videos` videos, each with `--per-video` segments (sentences drawn from a word list with
+//! Zipf-like frequencies, so full-text search matches) and as many frames (a scene every 10 frames).
+//! Vectors are unit vectors from a mixture: `--clusters` centres, each with a local subspace of
+//! `SUBSPACE` directions, plus isotropic noise, so that neighbourhoods exist as in real embeddings;
+//! each video draws from a few clusters. Queries are dataset vectors with noise added, and two
+//! content words of the source segment's sentence. Latency is one client, one query after another,
+//! `--runs` passes after a warm-up pass; recall compares the function's top 10 (segments: the semantic
+//! list alone, with an empty text) against the same call with `enable_indexscan = off` (an exact
+//! scan and sort).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use heimdex_shared::Settings;
+use heimdex_shared::db::vector_literal;
+use heimdex_worker::bench::{median, ms};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, Row};
+use uuid::Uuid;
+
+#[derive(Parser)]
+struct Args {
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-results/search.json")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    videos: usize,
+    /// Segments per video, and frames per video.
+    #[arg(long, default_value_t = 100)]
+    per_video: usize,
+    /// Mixture centres (topics) the vectors are drawn around.
+    #[arg(long, default_value_t = 300)]
+    clusters: usize,
+    /// Queries per pass.
+    #[arg(long, default_value_t = 200)]
+    queries: usize,
+    /// Measured passes over the queries (after one warm-up pass); medians over passes are quoted.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// `maintenance_work_mem` for the HNSW builds (the server default is often 64MB, which a 100k ×
+    /// 768-d graph outgrows).
+    #[arg(long, default_value = "1GB")]
+    maintenance_work_mem: String,
+    /// TOML configuration file (database server, model names).
+    #[arg(long, env = "HEIMDEX_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Directions of each cluster's local subspace (the intrinsic dimension of a neighbourhood).
+const SUBSPACE: usize = 12;
+const K: usize = 10;
+
+/// Content words, most frequent first (sampled with weight 1/rank).
+const WORDS: &[&str] = &[
+    "time", "people", "year", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state",
+    "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system",
+    "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother",
+    "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business",
+    "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end",
+    "member", "law", "car", "city", "community", "name", "president", "team", "minute", "idea", "kid", "body",
+    "information", "back", "parent", "face", "others", "level", "office", "door", "health", "person", "art", "war",
+    "history", "party", "result", "change", "morning", "reason", "research", "girl", "guy", "moment", "air",
+    "teacher", "force", "education", "budget", "market", "weather", "river", "mountain", "garden", "kitchen",
+    "engine", "bridge", "forest", "ocean", "island", "winter", "summer", "music", "camera", "picture", "dog", "cat",
+    "horse", "train", "station", "letter", "doctor", "hospital", "election", "policy", "energy", "climate",
+    "village", "church", "castle", "king", "queen", "soldier", "ship", "harbour", "storm", "rain", "snow", "fire",
+    "stone", "gold", "silver", "bread", "coffee", "dinner", "breakfast", "window", "street", "road", "field",
+    "farm", "machine", "computer", "network", "server", "database", "search", "video", "recording", "speaker",
+    "audience", "lecture", "interview", "meeting", "report", "review", "quarter", "revenue", "growth", "inflation",
+    "interest", "rate", "bank", "loan", "tax", "price", "cost", "value", "risk", "plan", "strategy", "product",
+    "customer", "design", "language", "science", "theory", "experiment", "museum", "painting", "poem", "novel",
+    "chapter", "song", "dance", "film", "theatre", "stage", "beach", "holiday", "journey", "travel", "bicycle",
+    "tyre", "wheel", "engineer", "keynote", "distributed", "fellow", "young", "old", "happy", "quiet", "bright",
+    "dark", "cold", "warm", "strong", "gentle", "careful", "sudden", "ancient", "modern", "distant", "narrow",
+    "speak", "listen", "walk", "run", "build", "write", "read", "remember", "forget", "travel", "explain",
+];
+const STOP: &[&str] = &["the", "a", "and", "of", "to", "in", "was", "is", "that", "it", "with", "for", "on", "we"];
+
+/// xorshift64*: deterministic, good enough for synthetic data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn gauss(&mut self) -> f32 {
+        let (u, v) = (self.unit().max(1e-300), self.unit());
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    }
+    fn gauss_vec(&mut self, dim: usize, scale: f32) -> Vec<f32> {
+        (0..dim).map(|_| self.gauss() * scale).collect()
+    }
+}
+
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= n);
+}
+
+/// Mixture of clusters, each a unit centre with a local subspace.
+struct Mixture {
+    dim: usize,
+    centres: Vec<Vec<f32>>,
+    bases: Vec<Vec<Vec<f32>>>,
+}
+
+impl Mixture {
+    fn new(rng: &mut Rng, clusters: usize, dim: usize) -> Self {
+        let unit = |rng: &mut Rng| {
+            let mut v = rng.gauss_vec(dim, 1.0);
+            normalise(&mut v);
+            v
+        };
+        let centres = (0..clusters).map(|_| unit(rng)).collect();
+        let bases = (0..clusters).map(|_| (0..SUBSPACE).map(|_| unit(rng)).collect()).collect();
+        Self { dim, centres, bases }
+    }
+
+    /// centre + 0.6 · (a point of the subspace, unit variance overall) + 0.2 · isotropic noise, normalised.
+    fn sample(&self, rng: &mut Rng, cluster: usize) -> Vec<f32> {
+        let mut v = self.centres[cluster].clone();
+        let a = 0.6 / (SUBSPACE as f32).sqrt();
+        for b in &self.bases[cluster] {
+            let g = rng.gauss() * a;
+            v.iter_mut().zip(b).for_each(|(x, y)| *x += g * y);
+        }
+        let e = 0.2 / (self.dim as f32).sqrt();
+        v.iter_mut().for_each(|x| *x += rng.gauss() * e);
+        normalise(&mut v);
+        v
+    }
+}
+
+/// Zipf-like sampler over `WORDS` (weight 1/rank).
+struct Words(Vec<f64>);
+
+impl Words {
+    fn new() -> Self {
+        let mut acc = 0.0;
+        Self(WORDS.iter().enumerate().map(|(r, _)| { acc += 1.0 / (r as f64 + 1.0); acc }).collect())
+    }
+    fn content(&self, rng: &mut Rng) -> &'static str {
+        let x = rng.unit() * self.0.last().copied().unwrap_or(1.0);
+        WORDS[self.0.partition_point(|&c| c < x).min(WORDS.len() - 1)]
+    }
+    fn sentence(&self, rng: &mut Rng) -> String {
+        let n = 8 + rng.below(9);
+        let words: Vec<&str> = (0..n).map(|_| if rng.unit() < 0.35 { STOP[rng.below(STOP.len())] } else { self.content(rng) }).collect();
+        format!("{}.", words.join(" "))
+    }
+}
+
+/// PostgreSQL's binary COPY format, one buffer flushed as it fills.
+struct Copy {
+    buf: Vec<u8>,
+}
+
+impl Copy {
+    fn new() -> Self {
+        let mut buf = b"PGCOPY\n\xff\r\n\0".to_vec();
+        buf.extend_from_slice(&[0; 8]); // flags, header extension length
+        Self { buf }
+    }
+    fn row(&mut self, fields: i16) {
+        self.buf.extend_from_slice(&fields.to_be_bytes());
+    }
+    fn field(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        self.buf.extend_from_slice(bytes);
+    }
+    fn uuid(&mut self, v: Uuid) {
+        self.field(v.as_bytes());
+    }
+    fn int4(&mut self, v: i32) {
+        self.field(&v.to_be_bytes());
+    }
+    fn float8(&mut self, v: f64) {
+        self.field(&v.to_be_bytes());
+    }
+    /// pgvector's `vector_recv`: int16 dimension, int16 unused (0), float4 values.
+    fn vector(&mut self, v: &[f32]) {
+        self.buf.extend_from_slice(&((4 + 4 * v.len()) as i32).to_be_bytes());
+        self.buf.extend_from_slice(&(v.len() as i16).to_be_bytes());
+        self.buf.extend_from_slice(&0i16.to_be_bytes());
+        v.iter().for_each(|x| self.buf.extend_from_slice(&x.to_be_bytes()));
+    }
+    fn text(&mut self, v: &str) {
+        self.field(v.as_bytes());
+    }
+}
+
+/// Runs one binary COPY, the rows written by `fill` (which flushes through `send` every few MB).
+async fn copy_in(pool: &PgPool, statement: &str, mut fill: impl FnMut(&mut Copy, usize) -> bool) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    let mut sink = conn.copy_in_raw(statement).await?;
+    let mut copy = Copy::new();
+    let mut i = 0;
+    while fill(&mut copy, i) {
+        i += 1;
+        if copy.buf.len() > 4 << 20 {
+            sink.send(std::mem::take(&mut copy.buf)).await?;
+        }
+    }
+    copy.buf.extend_from_slice(&(-1i16).to_be_bytes());
+    sink.send(copy.buf).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+/// One query: the perturbed vectors of a segment and a frame of `video`, and two words of the segment.
+struct Query {
+    video: Uuid,
+    text_vec: String,
+    frame_vec: String,
+    words: String,
+}
+
+/// The videos of the library and the queries drawn from it.
+struct Library {
+    videos: Vec<Uuid>,
+    queries: Vec<Query>,
+}
+
+/// Loads videos, scenes, segments and frames; returns the videos and the queries (drawn as it goes).
+async fn load(pool: &PgPool, settings: &Settings, args: &Args) -> Result<Library> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let (text_model, text_dim) = (settings.index.embed_model.clone(), settings.index.embed_dim);
+    let (vision_model, vision_dim) = (settings.vision.embed_model.clone(), settings.vision.embed_dim);
+    let text_mix = Mixture::new(&mut rng, args.clusters, text_dim);
+    let vision_mix = Mixture::new(&mut rng, args.clusters, vision_dim);
+    let words = Words::new();
+    let videos: Vec<Uuid> = (0..args.videos).map(|_| Uuid::from_u64_pair(rng.next(), rng.next())).collect();
+    // Each video is about a few topics.
+    let topics: Vec<[usize; 3]> = (0..args.videos).map(|_| [0; 3].map(|_| rng.below(args.clusters))).collect();
+    let per = args.per_video;
+    let mut sources: HashMap<usize, usize> = HashMap::new(); // row number -> query number
+    let mut qrng = Rng(0xD1B5_4A32_D192_ED03);
+    while sources.len() < args.queries {
+        let row = qrng.below(args.videos * per);
+        let n = sources.len();
+        sources.entry(row).or_insert(n);
+    }
+    let mut queries: Vec<Option<Query>> = (0..args.queries).map(|_| None).collect();
+    let perturb = |rng: &mut Rng, v: &[f32]| {
+        let e = 0.15 / (v.len() as f32).sqrt();
+        let mut q: Vec<f32> = v.iter().map(|x| x + rng.gauss() * e).collect();
+        normalise(&mut q);
+        vector_literal(&q)
+    };
+
+    copy_in(pool, "COPY videos (id, uri, duration_s) FROM STDIN (FORMAT binary)", |c, i| {
+        let Some(id) = videos.get(i) else { return false };
+        c.row(3);
+        c.uuid(*id);
+        c.text(&format!("bench://library/video-{i:05}.mp4"));
+        c.float8(per as f64 * 4.0);
+        true
+    })
+    .await?;
+
+    let scenes = per.div_ceil(10);
+    copy_in(pool, "COPY scenes (video_id, idx, start_s, end_s, frame_count) FROM STDIN (FORMAT binary)", |c, i| {
+        if i >= args.videos * scenes {
+            return false;
+        }
+        let (v, s) = (i / scenes, i % scenes);
+        c.row(5);
+        c.uuid(videos[v]);
+        c.int4(s as i32);
+        c.float8(s as f64 * 20.0);
+        c.float8(((s + 1) * 20) as f64);
+        c.int4(10);
+        true
+    })
+    .await?;
+
+    let mut segment_words: HashMap<usize, String> = HashMap::new();
+    copy_in(
+        pool,
+        "COPY transcript_segments (video_id, idx, start_s, end_s, text, language, confidence, embedding, embedding_model) \
+         FROM STDIN (FORMAT binary)",
+        |c, i| {
+            if i >= args.videos * per {
+                return false;
+            }
+            let (v, s) = (i / per, i % per);
+            let topic = topics[v][rng.below(3)];
+            let vec = text_mix.sample(&mut rng, topic);
+            let text = words.sentence(&mut rng);
+            if let Some(&q) = sources.get(&i) {
+                let content: Vec<&str> = text.trim_end_matches('.').split(' ').filter(|w| !STOP.contains(w)).collect();
+                let pick = [content.first(), content.last()].map(|w| w.copied().unwrap_or("time")).join(" ");
+                segment_words.insert(q, pick);
+                queries[q] = Some(Query { video: videos[v], text_vec: perturb(&mut qrng, &vec), frame_vec: String::new(), words: String::new() });
+            }
+            c.row(9);
+            c.uuid(videos[v]);
+            c.int4(s as i32);
+            c.float8(s as f64 * 4.0);
+            c.float8(s as f64 * 4.0 + 3.8);
+            c.text(&text);
+            c.text("en");
+            c.field(&0.9f32.to_be_bytes());
+            c.vector(&vec);
+            c.text(&text_model);
+            true
+        },
+    )
+    .await?;
+
+    copy_in(pool, "COPY frames (video_id, idx, ts_s, scene_idx, embedding, embedding_model) FROM STDIN (FORMAT binary)", |c, i| {
+        if i >= args.videos * per {
+            return false;
+        }
+        let (v, f) = (i / per, i % per);
+        let topic = topics[v][rng.below(3)];
+        let vec = vision_mix.sample(&mut rng, topic);
+        if let Some(&q) = sources.get(&i)
+            && let Some(query) = queries[q].as_mut()
+        {
+            query.frame_vec = perturb(&mut qrng, &vec);
+        }
+        c.row(6);
+        c.uuid(videos[v]);
+        c.int4(f as i32);
+        c.float8(f as f64 * 2.0);
+        c.int4((f / 10) as i32);
+        c.vector(&vec);
+        c.text(&vision_model);
+        true
+    })
+    .await?;
+
+    let queries = queries
+        .into_iter()
+        .enumerate()
+        .map(|(q, query)| {
+            let mut query = query.context("a query without its source row")?;
+            query.words = segment_words.remove(&q).unwrap_or_default();
+            Ok(query)
+        })
+        .collect::<Result<_>>()?;
+    Ok(Library { videos, queries })
+}
+
+/// The four searches measured per query.
+#[derive(Clone, Copy)]
+enum Search {
+    Segments,
+    SegmentsInVideo,
+    Frames,
+    FramesInVideo,
+}
+
+const SEARCHES: [Search; 4] = [Search::Segments, Search::SegmentsInVideo, Search::Frames, Search::FramesInVideo];
+
+impl Search {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Segments => "segments",
+            Self::SegmentsInVideo => "segments, one video",
+            Self::Frames => "frames",
+            Self::FramesInVideo => "frames, one video",
+        }
+    }
+
+    /// Runs the search as `heimdex_search_*` through sqlx; `text` overrides the query's words (recall
+    /// uses an empty text, leaving the semantic list alone). Returns (video, idx) of the hits in order.
+    async fn run<'c, E>(self, db: E, settings: &Settings, q: &Query, text: Option<&str>) -> Result<Vec<(Uuid, i32)>>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        let video = matches!(self, Self::SegmentsInVideo | Self::FramesInVideo).then_some(q.video);
+        let rows = match self {
+            Self::Segments | Self::SegmentsInVideo => {
+                sqlx::query("SELECT * FROM heimdex_search_segments($1::vector, $2, $3, $4, $5)")
+                    .bind(&q.text_vec)
+                    .bind(text.unwrap_or(&q.words))
+                    .bind(&settings.index.embed_model)
+                    .bind(K as i32)
+                    .bind(video)
+                    .fetch_all(db)
+                    .await?
+            }
+            Self::Frames | Self::FramesInVideo => {
+                sqlx::query("SELECT * FROM heimdex_search_frames($1::vector, $2, $3, $4)")
+                    .bind(&q.frame_vec)
+                    .bind(&settings.vision.embed_model)
+                    .bind(K as i32)
+                    .bind(video)
+                    .fetch_all(db)
+                    .await?
+            }
+        };
+        rows.iter().map(|r| Ok((r.try_get("video_id")?, r.try_get("idx")?))).collect()
+    }
+}
+
+/// The q-quantile (nearest rank) of sorted `v`.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+/// The plan of each statement a search function runs, told by auto_explain (the functions build their
+/// statements with EXECUTE, so a plain EXPLAIN shows only the function scan). Only the scan lines.
+fn plan(url: &str, call: &str) -> Result<Vec<String>> {
+    let script = format!(
+        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
+         SET auto_explain.log_level = notice; SET client_min_messages = notice; {call};"
+    );
+    let out = std::process::Command::new("psql").args([url, "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-c", &script]).output().context("psql")?;
+    anyhow::ensure!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    let keep = ["Limit", "CTE ", "Scan", "Order By", "Index Cond", "Sort Key"];
+    Ok(String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| keep.iter().any(|k| l.contains(k)) && !l.contains("Query Text"))
+        .map(|l| if l.len() > 140 { format!("{}…", &l[..l.char_indices().nth(140).map_or(l.len(), |(i, _)| i)]) } else { l.to_string() })
+        .collect())
+}
+
+/// A database on the configured server, dropped at the end.
+struct ScratchDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchDb {
+    async fn create(settings: &Settings) -> Result<Self> {
+        let mut url = url::Url::parse(settings.database.url.expose()).context("database.url")?;
+        let name = format!("heimdex_bench_search_{}", &Uuid::new_v4().simple().to_string()[..8]);
+        url.set_path("/postgres");
+        let admin = url.to_string();
+        url.set_path(&format!("/{name}"));
+        let mut conn = sqlx::PgConnection::connect(&admin).await.with_context(|| format!("connecting to {admin}"))?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
+        conn.close().await?;
+        Ok(Self { admin, name, url: url.to_string() })
+    }
+
+    async fn drop_it(&self) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await;
+        }
+    }
+}
+
+async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value> {
+    let load_before = loadavg();
+    let mut scratch = settings.clone();
+    scratch.database.url = heimdex_shared::config::Secret::new(db.url.clone());
+    let pool = heimdex_shared::db::pool(&scratch.database)?;
+    heimdex_shared::db::migrate(&pool, &scratch).await.context("migrate")?;
+    // Loading a 100k-row HNSW index row by row is much slower than building it once over the rows.
+    let hnsw: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname FROM pg_indexes WHERE tablename IN ('transcript_segments', 'frames') AND indexname LIKE '%\\_hnsw\\_%'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    anyhow::ensure!(hnsw.len() == 2, "migrate made {hnsw:?}, expected one HNSW index on segments and one on frames");
+    for name in &hnsw {
+        sqlx::query(&format!("DROP INDEX \"{name}\"")).execute(&pool).await?;
+    }
+    let options: PgConnectOptions = db.url.parse()?;
+    let loader = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.options([("maintenance_work_mem", args.maintenance_work_mem.as_str()), ("statement_timeout", "0")]))
+        .await?;
+
+    let started = Instant::now();
+    let library = load(&loader, &scratch, args).await?;
+    let load_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    sqlx::query("ANALYZE").execute(&loader).await?;
+    let analyze_s = started.elapsed().as_secs_f64();
+    let mut builds = Vec::new();
+    for (table, model, dim) in heimdex_shared::db::vector_indexes(&scratch).into_iter().filter(|(t, ..)| *t != "scenes") {
+        let started = Instant::now();
+        heimdex_shared::db::ensure_vector_index(&loader, table, model, dim).await?;
+        builds.push((table, started.elapsed().as_secs_f64()));
+    }
+    sqlx::query("ANALYZE").execute(&loader).await?;
+    let sizes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_total_relation_size(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' AND (c.relname IN ('transcript_segments', 'frames', 'transcript_segments_fts') \
+         OR c.relname LIKE '%\\_hnsw\\_%') ORDER BY 1",
+    )
+    .fetch_all(&loader)
+    .await?;
+    let counts: (i64, i64, String, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM transcript_segments), (SELECT count(*) FROM frames), \
+         current_setting('shared_buffers'), (SELECT extversion FROM pg_extension WHERE extname = 'vector')",
+    )
+    .fetch_one(&loader)
+    .await?;
+    loader.close().await;
+    eprintln!(
+        "loaded {} segments and {} frames in {load_s:.1} s (ANALYZE {analyze_s:.1} s); HNSW builds: {builds:?}; load average {}",
+        counts.0,
+        counts.1,
+        loadavg()
+    );
+
+    let one = |table: &str, model: &str| format!("(SELECT embedding FROM {table} WHERE embedding_model = '{model}' ORDER BY video_id, idx LIMIT 1)");
+    let plans = json!({
+        "segments": plan(&db.url, &format!(
+            "SELECT count(*) FROM heimdex_search_segments({}, 'budget review', '{}', 10)",
+            one("transcript_segments", &scratch.index.embed_model), scratch.index.embed_model))?,
+        "frames": plan(&db.url, &format!(
+            "SELECT count(*) FROM heimdex_search_frames({}, '{}', 10)",
+            one("frames", &scratch.vision.embed_model), scratch.vision.embed_model))?,
+        "frames_one_video": plan(&db.url, &format!(
+            "SELECT count(*) FROM heimdex_search_frames({}, '{}', 10, '{}')",
+            one("frames", &scratch.vision.embed_model), scratch.vision.embed_model, library.videos[0]))?,
+    });
+    for (name, lines) in plans.as_object().into_iter().flatten() {
+        println!("plan, {name}:");
+        for l in lines.as_array().into_iter().flatten() {
+            println!("  {}", l.as_str().unwrap_or_default());
+        }
+    }
+
+    // One client: a single connection, as `heimdex search` has.
+    let client = PgPoolOptions::new().max_connections(1).connect_with(db.url.parse::<PgConnectOptions>()?).await?;
+    for q in &library.queries {
+        for s in SEARCHES {
+            s.run(&client, &scratch, q, None).await?;
+        }
+    }
+    let mut passes: Vec<Vec<Vec<f64>>> = Vec::new(); // pass -> search -> sorted ms
+    for _ in 0..args.runs {
+        let mut times = vec![Vec::with_capacity(library.queries.len()); SEARCHES.len()];
+        for q in &library.queries {
+            for (s, search) in SEARCHES.iter().enumerate() {
+                let t = Instant::now();
+                let hits = search.run(&client, &scratch, q, None).await?;
+                times[s].push(ms(t));
+                anyhow::ensure!(hits.len() == K, "{} returned {} hits", search.name(), hits.len());
+            }
+        }
+        times.iter_mut().for_each(|t| t.sort_by(f64::total_cmp));
+        passes.push(times);
+    }
+
+    // Recall@10: the function as it runs against the same call planned without index scans (an exact
+    // scan and sort of every row of the model, or of the video).
+    let mut recall = vec![Vec::with_capacity(library.queries.len()); SEARCHES.len()];
+    let mut exact_ms = vec![Vec::new(); SEARCHES.len()];
+    let mut conn = client.acquire().await?;
+    // How many segments the full-text side ranks: ts_rank_cd runs on every match, before the LIMIT.
+    let mut text_matches = Vec::with_capacity(library.queries.len());
+    for q in &library.queries {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM transcript_segments WHERE to_tsvector('english', text) @@ websearch_to_tsquery('english', $1)",
+        )
+        .bind(&q.words)
+        .fetch_one(&mut *conn)
+        .await?;
+        text_matches.push(n as f64);
+        for (s, search) in SEARCHES.iter().enumerate() {
+            let approx = search.run(&mut *conn, &scratch, q, Some("")).await?;
+            let mut tx = conn.begin().await?;
+            sqlx::query("SET LOCAL enable_indexscan = off").execute(&mut *tx).await?;
+            let t = Instant::now();
+            let exact = search.run(&mut *tx, &scratch, q, Some("")).await?;
+            exact_ms[s].push(ms(t));
+            tx.rollback().await?;
+            let found = approx.iter().filter(|h| exact.contains(h)).count();
+            recall[s].push(found as f64 / exact.len().max(1) as f64);
+        }
+    }
+    drop(conn);
+    client.close().await;
+    pool.close().await;
+
+    println!(
+        "search end to end through sqlx, one client: {} segments ({}), {} frames ({}), {} videos; {} queries × {} passes",
+        counts.0, scratch.index.embed_model, counts.1, scratch.vision.embed_model, args.videos, library.queries.len(), args.runs
+    );
+    println!("{:<22} {:>9} {:>9} {:>9} {:>10} {:>10}", "search", "p50 ms", "p99 ms", "max ms", "recall@10", "exact p50");
+    let mut rows = Vec::new();
+    for (s, search) in SEARCHES.iter().enumerate() {
+        let per_pass = |f: &dyn Fn(&[f64]) -> f64| passes.iter().map(|p| f(&p[s])).collect::<Vec<f64>>();
+        let (p50s, p99s, maxes) = (per_pass(&|t| quantile(t, 0.5)), per_pass(&|t| quantile(t, 0.99)), per_pass(&|t| quantile(t, 1.0)));
+        let r = recall[s].iter().sum::<f64>() / recall[s].len().max(1) as f64;
+        let exact_p50 = median(exact_ms[s].clone());
+        println!(
+            "{:<22} {:>9.2} {:>9.2} {:>9.2} {:>10.3} {:>10.1}",
+            search.name(),
+            median(p50s.clone()),
+            median(p99s.clone()),
+            median(maxes.clone()),
+            r,
+            exact_p50
+        );
+        rows.push(json!({
+            "search": search.name(),
+            "p50_ms": median(p50s.clone()), "p99_ms": median(p99s.clone()), "max_ms": median(maxes),
+            "p50_ms_per_pass": p50s, "p99_ms_per_pass": p99s,
+            "recall_at_10": r, "recall_min": recall[s].iter().copied().fold(f64::INFINITY, f64::min),
+            "queries_recall_below_half": recall[s].iter().filter(|&&r| r < 0.5).count(),
+            "exact_p50_ms": exact_p50,
+        }));
+    }
+    let matches_max = text_matches.iter().copied().fold(0.0, f64::max);
+    let matches_p50 = median(text_matches.clone());
+    println!("full-text matches per segment query (two words): median {matches_p50:.0}, max {matches_max:.0}");
+    let build: serde_json::Map<String, Value> = builds.iter().map(|(t, s)| (t.to_string(), json!(s))).collect();
+    println!(
+        "load (binary COPY, FTS index in place) {load_s:.1} s, ANALYZE {analyze_s:.1} s, HNSW build {} (maintenance_work_mem {}); \
+         load average {load_before} before, {} after",
+        builds.iter().map(|(t, s)| format!("{t} {s:.1} s")).collect::<Vec<_>>().join(", "),
+        args.maintenance_work_mem,
+        loadavg()
+    );
+    Ok(json!({
+        "segments": counts.0, "frames": counts.1, "videos": args.videos, "clusters": args.clusters, "subspace": SUBSPACE,
+        "text_model": scratch.index.embed_model, "vision_model": scratch.vision.embed_model,
+        "queries": library.queries.len(), "passes": args.runs, "k": K,
+        "load_s": load_s, "analyze_s": analyze_s, "hnsw_build_s": build, "maintenance_work_mem": args.maintenance_work_mem,
+        "sizes_bytes": sizes.into_iter().map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
+        "shared_buffers": counts.2, "pgvector": counts.3,
+        "cores": std::thread::available_parallelism().map_or(1, usize::from),
+        "loadavg_before": load_before, "loadavg_after": loadavg(),
+        "text_matches_p50": matches_p50, "text_matches_max": matches_max,
+        "plans": plans,
+        "searches": rows,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let settings = heimdex_shared::config::load(args.config.as_deref())?;
+    let db = ScratchDb::create(&settings).await?;
+    let result = bench(&settings, &db, &args).await;
+    db.drop_it().await;
+    let report = result?;
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

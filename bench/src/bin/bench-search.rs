@@ -2,7 +2,7 @@
 //! sqlx over a synthetic library of ≥ 100k transcript segments and ≥ 100k frames, p50 and p99 with and
 //! without a video filter, and recall@10 of the HNSW query against an exact scan.
 //!
-//! `cargo run -p heimdex-worker --bin bench-search -- --runs 3 --out bench-results/search.json`
+//! `cargo run -p heimdex-bench --bin bench-search -- --runs 3 --out bench-results/search.json`
 //!
 //! It creates a scratch database on the configured PostgreSQL server, migrates it with
 //! `heimdex_shared::db::migrate` (which creates the partial HNSW indexes of the configured models),
@@ -28,7 +28,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use heimdex_shared::Settings;
 use heimdex_shared::db::vector_literal;
-use heimdex_worker::bench::{median, ms};
+use heimdex_bench::measure::{median, ms};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};

@@ -49,3 +49,12 @@ pub fn child_json(cmd: &mut Command) -> Result<Value> {
     let last = stdout.lines().last().with_context(|| format!("{cmd:?} printed nothing"))?;
     Ok(serde_json::from_str(last)?)
 }
+
+/// The q-quantile (nearest rank) of sorted `v`.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}

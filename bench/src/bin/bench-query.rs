@@ -19,7 +19,8 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::query::QueryClient;
 use heimdex_shared::topology::{self, Topology};
-use heimdex_bench::measure::ms;
+use heimdex_bench::measure::{ms, quantile};
+use heimdex_bench::scratch::ScratchDb;
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -55,48 +56,6 @@ const QUERIES: [&str; 8] = [
     "interest rates and inflation",
     "the keynote about distributed systems",
 ];
-
-/// The q-quantile (nearest rank) of sorted `v`.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// A database on the configured server, migrated, dropped at the end.
-struct ScratchDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl ScratchDb {
-    async fn create(settings: &Settings) -> Result<Self> {
-        let mut url = url::Url::parse(settings.database.url.expose()).context("database.url")?;
-        let name = format!("heimdex_bench_query_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        url.set_path("/postgres");
-        let admin = url.to_string();
-        url.set_path(&format!("/{name}"));
-        let pool = sqlx::PgPool::connect(&admin).await.with_context(|| format!("connecting to {admin}"))?;
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await?;
-        pool.close().await;
-        let db = Self { admin, name, url: url.to_string() };
-        let mut scratch = settings.clone();
-        scratch.database.url = heimdex_shared::config::Secret::new(db.url.clone());
-        let pool = heimdex_shared::db::pool(&scratch.database)?;
-        heimdex_shared::db::migrate(&pool, &scratch).await?;
-        pool.close().await;
-        Ok(db)
-    }
-
-    async fn drop_it(&self) {
-        if let Ok(pool) = sqlx::PgPool::connect(&self.admin).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&pool).await;
-        }
-    }
-}
 
 /// Runs `clients` clients of `per_client` queries each; returns every round trip in ms, sorted.
 async fn measure(settings: &Settings, kind: TaskKind, model: &str, clients: usize, per_client: usize) -> Result<(Vec<f64>, f64)> {
@@ -135,12 +94,12 @@ async fn main() -> Result<()> {
         TaskKind::Index => settings.index.embed_model.clone(),
         TaskKind::Vision => settings.vision.embed_model.clone(),
     };
-    let db = ScratchDb::create(&settings).await?;
+    let db = ScratchDb::create(&settings, "query").await?;
     let exe = std::env::current_exe()?;
     let binary = exe.parent().context("target dir")?.join(format!("worker-{kind}"));
     anyhow::ensure!(binary.is_file(), "{} not built: cargo build --bins", binary.display());
     let mut worker = tokio::process::Command::new(&binary)
-        .env("HEIMDEX__DATABASE__URL", &db.url)
+        .env("HEIMDEX__DATABASE__URL", db.url())
         .env("HEIMDEX__AMQP__PREFIX", &settings.amqp.prefix)
         .env("HEIMDEX__WORKER__HEALTH_ADDR", "127.0.0.1:0")
         .env("HEIMDEX__WORKER__ID", format!("bench-query-{kind}"))

@@ -28,7 +28,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use heimdex_shared::Settings;
 use heimdex_shared::db::vector_literal;
-use heimdex_bench::measure::{median, ms};
+use heimdex_bench::measure::{median, ms, quantile};
+use heimdex_bench::scratch::ScratchDb;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
@@ -421,15 +422,6 @@ impl Search {
     }
 }
 
-/// The q-quantile (nearest rank) of sorted `v`.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
 }
@@ -451,39 +443,10 @@ fn plan(url: &str, call: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-/// A database on the configured server, dropped at the end.
-struct ScratchDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl ScratchDb {
-    async fn create(settings: &Settings) -> Result<Self> {
-        let mut url = url::Url::parse(settings.database.url.expose()).context("database.url")?;
-        let name = format!("heimdex_bench_search_{}", &Uuid::new_v4().simple().to_string()[..8]);
-        url.set_path("/postgres");
-        let admin = url.to_string();
-        url.set_path(&format!("/{name}"));
-        let mut conn = sqlx::PgConnection::connect(&admin).await.with_context(|| format!("connecting to {admin}"))?;
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
-        conn.close().await?;
-        Ok(Self { admin, name, url: url.to_string() })
-    }
-
-    async fn drop_it(&self) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await;
-        }
-    }
-}
-
-async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value> {
+async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     let load_before = loadavg();
-    let mut scratch = settings.clone();
-    scratch.database.url = heimdex_shared::config::Secret::new(db.url.clone());
+    let scratch = &db.settings;
     let pool = heimdex_shared::db::pool(&scratch.database)?;
-    heimdex_shared::db::migrate(&pool, &scratch).await.context("migrate")?;
     // Loading a 100k-row HNSW index row by row is much slower than building it once over the rows.
     let hnsw: Vec<String> = sqlx::query_scalar(
         "SELECT indexname FROM pg_indexes WHERE tablename IN ('transcript_segments', 'frames') AND indexname LIKE '%\\_hnsw\\_%'",
@@ -494,20 +457,20 @@ async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value
     for name in &hnsw {
         sqlx::query(&format!("DROP INDEX \"{name}\"")).execute(&pool).await?;
     }
-    let options: PgConnectOptions = db.url.parse()?;
+    let options: PgConnectOptions = db.url().parse()?;
     let loader = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(options.options([("maintenance_work_mem", args.maintenance_work_mem.as_str()), ("statement_timeout", "0")]))
         .await?;
 
     let started = Instant::now();
-    let library = load(&loader, &scratch, args).await?;
+    let library = load(&loader, scratch, args).await?;
     let load_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     sqlx::query("ANALYZE").execute(&loader).await?;
     let analyze_s = started.elapsed().as_secs_f64();
     let mut builds = Vec::new();
-    for (table, model, dim) in heimdex_shared::db::vector_indexes(&scratch).into_iter().filter(|(t, ..)| *t != "scenes") {
+    for (table, model, dim) in heimdex_shared::db::vector_indexes(scratch).into_iter().filter(|(t, ..)| *t != "scenes") {
         let started = Instant::now();
         heimdex_shared::db::ensure_vector_index(&loader, table, model, dim).await?;
         builds.push((table, started.elapsed().as_secs_f64()));
@@ -536,13 +499,13 @@ async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value
 
     let one = |table: &str, model: &str| format!("(SELECT embedding FROM {table} WHERE embedding_model = '{model}' ORDER BY video_id, idx LIMIT 1)");
     let plans = json!({
-        "segments": plan(&db.url, &format!(
+        "segments": plan(db.url(), &format!(
             "SELECT count(*) FROM heimdex_search_segments({}, 'budget review', '{}', 10)",
             one("transcript_segments", &scratch.index.embed_model), scratch.index.embed_model))?,
-        "frames": plan(&db.url, &format!(
+        "frames": plan(db.url(), &format!(
             "SELECT count(*) FROM heimdex_search_frames({}, '{}', 10)",
             one("frames", &scratch.vision.embed_model), scratch.vision.embed_model))?,
-        "frames_one_video": plan(&db.url, &format!(
+        "frames_one_video": plan(db.url(), &format!(
             "SELECT count(*) FROM heimdex_search_frames({}, '{}', 10, '{}')",
             one("frames", &scratch.vision.embed_model), scratch.vision.embed_model, library.videos[0]))?,
     });
@@ -554,10 +517,10 @@ async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value
     }
 
     // One client: a single connection, as `heimdex search` has.
-    let client = PgPoolOptions::new().max_connections(1).connect_with(db.url.parse::<PgConnectOptions>()?).await?;
+    let client = PgPoolOptions::new().max_connections(1).connect_with(db.url().parse::<PgConnectOptions>()?).await?;
     for q in &library.queries {
         for s in SEARCHES {
-            s.run(&client, &scratch, q, None).await?;
+            s.run(&client, scratch, q, None).await?;
         }
     }
     let mut passes: Vec<Vec<Vec<f64>>> = Vec::new(); // pass -> search -> sorted ms
@@ -566,7 +529,7 @@ async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value
         for q in &library.queries {
             for (s, search) in SEARCHES.iter().enumerate() {
                 let t = Instant::now();
-                let hits = search.run(&client, &scratch, q, None).await?;
+                let hits = search.run(&client, scratch, q, None).await?;
                 times[s].push(ms(t));
                 anyhow::ensure!(hits.len() == K, "{} returned {} hits", search.name(), hits.len());
             }
@@ -591,11 +554,11 @@ async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value
         .await?;
         text_matches.push(n as f64);
         for (s, search) in SEARCHES.iter().enumerate() {
-            let approx = search.run(&mut *conn, &scratch, q, Some("")).await?;
+            let approx = search.run(&mut *conn, scratch, q, Some("")).await?;
             let mut tx = conn.begin().await?;
             sqlx::query("SET LOCAL enable_indexscan = off").execute(&mut *tx).await?;
             let t = Instant::now();
-            let exact = search.run(&mut *tx, &scratch, q, Some("")).await?;
+            let exact = search.run(&mut *tx, scratch, q, Some("")).await?;
             exact_ms[s].push(ms(t));
             tx.rollback().await?;
             let found = approx.iter().filter(|h| exact.contains(h)).count();
@@ -665,8 +628,8 @@ async fn bench(settings: &Settings, db: &ScratchDb, args: &Args) -> Result<Value
 async fn main() -> Result<()> {
     let args = Args::parse();
     let settings = heimdex_shared::config::load(args.config.as_deref())?;
-    let db = ScratchDb::create(&settings).await?;
-    let result = bench(&settings, &db, &args).await;
+    let db = ScratchDb::create(&settings, "search").await?;
+    let result = bench(&db, &args).await;
     db.drop_it().await;
     let report = result?;
     if let Some(dir) = args.out.parent() {

@@ -58,3 +58,15 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }
+
+/// Writes a benchmark's report as pretty JSON to `path`, creating its folder.
+///
+/// # Errors
+/// The folder or the file cannot be written.
+pub fn write_report(path: &std::path::Path, report: &Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)?)?;
+    Ok(())
+}

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 use heimdex_bench::chunks::{collect_chunks, transcribe_chunks};
-use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib};
+use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib, write_report};
 use heimdex_bench::recording::{Recording, long_recording};
 use heimdex_bench::score;
 use heimdex_shared::Settings;
@@ -329,10 +329,7 @@ async fn main() -> Result<()> {
 
     let results = Value::Object(results);
     print_table(&results);
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    write_report(&args.out, &results)?;
     println!("wrote {}", args.out.display());
     Ok(())
 }

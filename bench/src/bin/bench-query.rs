@@ -19,7 +19,7 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::query::QueryClient;
 use heimdex_shared::topology::{self, Topology};
-use heimdex_bench::measure::{ms, quantile};
+use heimdex_bench::measure::{ms, quantile, write_report};
 use heimdex_bench::scratch::ScratchDb;
 use serde_json::{Value, json};
 
@@ -168,10 +168,7 @@ async fn main() -> Result<()> {
     let _ = worker.wait().await;
     db.drop_it().await;
     let report = result?;
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    write_report(&args.out, &report)?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -28,7 +28,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use heimdex_shared::Settings;
 use heimdex_shared::db::vector_literal;
-use heimdex_bench::measure::{median, ms, quantile};
+use heimdex_bench::measure::{median, ms, quantile, write_report};
 use heimdex_bench::scratch::ScratchDb;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -632,10 +632,7 @@ async fn main() -> Result<()> {
     let result = bench(&db, &args).await;
     db.drop_it().await;
     let report = result?;
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    write_report(&args.out, &report)?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib};
+use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib, write_report};
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_worker::engine::Engine;
@@ -410,10 +410,7 @@ async fn main() -> Result<()> {
         result["decode_vs_task"] = json!(rows);
     }
     print_table(&result);
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&result)?)?;
+    write_report(&args.out, &result)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -242,7 +242,7 @@ async fn text_tower(settings: &Settings, text: &str) -> Vec<f32> {
     let mut settings = settings.clone();
     settings.engine.intra_threads = 1; // as TestEnv gives the worker
     let engine = Engine::new(settings.engine.clone(), Arc::new(heimdex_worker::metrics::Metrics::new())).expect("onnx runtime");
-    let models = ModelRegistry::open(&settings.models).expect("model directory");
+    let models = ModelRegistry::open(&settings.models.dir).expect("model directory");
     let vision = VisionPipeline::load(&LoadContext { settings: &settings, engine: &engine, models: &models }).expect("vision pipeline");
     vision.embed_text(text).await.expect("text tower")
 }

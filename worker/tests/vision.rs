@@ -44,7 +44,7 @@ fn engine() -> Engine {
 
 fn load() -> VisionPipeline {
     let settings = settings();
-    let registry = ModelRegistry::open(&settings.models).expect("model directory");
+    let registry = ModelRegistry::open(&settings.models.dir).expect("model directory");
     let engine = engine();
     VisionPipeline::load(&LoadContext { settings: &settings, engine: &engine, models: &registry }).unwrap()
 }

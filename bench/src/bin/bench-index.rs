@@ -107,7 +107,7 @@ impl Drop for TempDir {
 }
 
 fn load(settings: &Settings, engine: &Engine) -> Result<IndexPipeline> {
-    let models = ModelRegistry::open(&settings.models).expect("model directory");
+    let models = ModelRegistry::open(&settings.models.dir).expect("model directory");
     IndexPipeline::load(&LoadContext { settings, engine, models: &models })
 }
 

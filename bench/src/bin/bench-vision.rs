@@ -73,7 +73,7 @@ fn sample_path(settings: &Settings) -> String {
 async fn load(settings: &Settings) -> Result<(VisionPipeline, Engine, f64, f64)> {
     let started = Instant::now();
     let engine = Engine::new(settings.engine.clone(), Arc::new(Metrics::new()))?;
-    let registry = ModelRegistry::open(&settings.models).expect("model directory");
+    let registry = ModelRegistry::open(&settings.models.dir).expect("model directory");
     let vision = VisionPipeline::load(&LoadContext { settings, engine: &engine, models: &registry })?;
     let load_ms = ms(started);
     let started = Instant::now();

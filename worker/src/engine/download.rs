@@ -1,82 +1,11 @@
-//! Fetches model files from their upstream URLs: resumable (HTTP Range on a `.part` file), checked
-//! against a pinned sha256 before the file is moved into place, so a half or wrong download never
-//! looks like a model.
+//! Fetches one file over HTTP: resumable (HTTP Range on a `.part` file), checked against its pinned
+//! sha256 before it is moved into place, so a half or wrong download never looks like a model.
 
 use std::path::Path;
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-
-/// A model file and where it comes from upstream.
-#[derive(Debug, Clone, Copy)]
-pub struct CatalogEntry {
-    /// Path under the model directory.
-    pub path: &'static str,
-    pub url: &'static str,
-    /// Pinned where known; otherwise the hash is recorded on first download.
-    pub sha256: Option<&'static str>,
-}
-
-/// Upstream files of the default configuration, for machines with internet. (The offline bundle of
-/// `../shared/models/prepare` has the same layout and its own MANIFEST.)
-pub const CATALOG: &[CatalogEntry] = &[
-    CatalogEntry {
-        path: "yunet/face_detection_yunet_2023mar.onnx",
-        url: "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/face_detection_yunet_2023mar.onnx",
-        sha256: Some("8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"),
-    },
-    CatalogEntry {
-        path: "whisper-base/encoder_model.onnx",
-        url: "https://huggingface.co/onnx-community/whisper-base/resolve/main/onnx/encoder_model.onnx",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "whisper-base/decoder_model.onnx",
-        url: "https://huggingface.co/onnx-community/whisper-base/resolve/main/onnx/decoder_model.onnx",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "whisper-base/decoder_with_past_model.onnx",
-        url: "https://huggingface.co/onnx-community/whisper-base/resolve/main/onnx/decoder_with_past_model.onnx",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "whisper-base/tokenizer.json",
-        url: "https://huggingface.co/onnx-community/whisper-base/resolve/main/tokenizer.json",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "minilm-l6-v2/model.onnx",
-        url: "https://huggingface.co/Xenova/all-MiniLM-L6-v2/resolve/main/onnx/model_quantized.onnx",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "minilm-l6-v2/tokenizer.json",
-        url: "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2/resolve/main/tokenizer.json",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "silero-vad/silero_vad_16k_op15.onnx",
-        url: "https://github.com/snakers4/silero-vad/raw/master/src/silero_vad/data/silero_vad_16k_op15.onnx",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "siglip-standin/vision_model.onnx",
-        url: "https://huggingface.co/Xenova/siglip-base-patch16-224/resolve/main/onnx/vision_model.onnx",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "siglip-standin/text_model.onnx",
-        url: "https://huggingface.co/Xenova/siglip-base-patch16-224/resolve/main/onnx/text_model.onnx",
-        sha256: None,
-    },
-    CatalogEntry {
-        path: "siglip-standin/tokenizer.json",
-        url: "https://huggingface.co/Xenova/siglip-base-patch16-224/resolve/main/tokenizer.json",
-        sha256: None,
-    },
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {

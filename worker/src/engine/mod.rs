@@ -2,7 +2,9 @@
 //! that batches requests from every concurrent task.
 //!
 //! - [`batcher`]: the owner thread, its bounded request channel and dynamic batching.
-//! - [`registry`]: model files: resolve, verify sha256 once, download what is missing.
+//! - [`registry`]: model files: resolve, verify sha256 once.
+//! - [`catalog`], [`install`], [`download`]: the default models for machines with internet, pinned
+//!   upstream and built here (`heimdex-models download`).
 //!
 //! Why owner threads: `Session::run` takes `&mut self`. A mutex around a session serialises tasks
 //! without batching them, and a session per task multiplies memory; one thread per model that drains
@@ -11,7 +13,9 @@
 
 pub mod batcher;
 pub mod carve;
+pub mod catalog;
 pub mod download;
+pub mod install;
 pub mod registry;
 
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! Model files: resolved from the model directory, each verified against its sha256 once per process.
 //!
 //! Expected hashes come from the directory's `MANIFEST.sha256` (written by `../shared/models/prepare`
-//! and by `heimdex-models download`), else from the built-in [`catalog`](super::download::CATALOG).
+//! and by `heimdex-models download`), else from the built-in [`catalog`](super::catalog).
 //! Hashing 350 MB takes seconds, so a verified file is remembered in `.heimdex-verified.json`, keyed
 //! by size and modification time: a restart re-hashes only files that changed. A missing or corrupt
 //! file stops the worker with a message naming the file and the fix.
@@ -12,11 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
-use heimdex_shared::config::ModelSettings;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::download;
+use super::catalog;
 
 const MANIFEST: &str = "MANIFEST.sha256";
 const STAMP: &str = ".heimdex-verified.json";
@@ -33,8 +32,6 @@ pub enum ModelError {
     Corrupt { path: String, expected: String, actual: String },
     #[error("model file {path}: {message}")]
     Io { path: String, message: String },
-    #[error("downloading model file {path}: {source}")]
-    Download { path: String, source: download::DownloadError },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -48,7 +45,6 @@ struct Stamp {
 #[derive(Debug)]
 pub struct ModelRegistry {
     dir: PathBuf,
-    download: bool,
     expected: HashMap<String, String>,
     /// Files verified by this process (never re-hashed while it lives).
     verified: Mutex<HashMap<String, PathBuf>>,
@@ -59,24 +55,23 @@ impl ModelRegistry {
     ///
     /// # Errors
     /// The manifest exists but cannot be read.
-    pub fn open(settings: &ModelSettings) -> Result<Self, ModelError> {
-        let dir = settings.dir.clone();
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let dir = dir.to_path_buf();
         let mut expected: HashMap<String, String> =
-            download::CATALOG.iter().filter_map(|f| f.sha256.map(|s| (f.path.to_string(), s.to_string()))).collect();
+            catalog::files().map(|f| (f.path.to_string(), f.sha256.to_string())).collect();
         let manifest = dir.join(MANIFEST);
         if manifest.is_file() {
             let text = std::fs::read_to_string(&manifest).map_err(|e| io(&manifest, &e))?;
             expected.extend(parse_manifest(&text));
         }
-        Ok(Self { dir, download: settings.download, expected, verified: Mutex::default() })
+        Ok(Self { dir, expected, verified: Mutex::default() })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Resolves `rel` (e.g. `yunet/face_detection_yunet_2023mar.onnx`) to a verified path, downloading
-    /// it first when it is missing and downloads are enabled.
+    /// Resolves `rel` (e.g. `yunet/face_detection_yunet_2023mar.onnx`) to a verified path.
     ///
     /// # Errors
     /// [`ModelError`] naming the file and what to do.
@@ -86,24 +81,7 @@ impl ModelRegistry {
         }
         let path = self.dir.join(rel);
         if !path.is_file() {
-            match download::CATALOG.iter().find(|f| f.path == rel) {
-                Some(entry) if self.download => {
-                    let handle = tokio::runtime::Handle::try_current();
-                    let fetch = download::fetch(entry.url, &path, self.expected.get(rel).map(String::as_str));
-                    let result = match handle {
-                        Ok(h) => h.block_on(fetch),
-                        Err(_) => tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .map_err(|e| io(&path, &e))?
-                            .block_on(fetch),
-                    };
-                    result.map_err(|source| ModelError::Download { path: path.display().to_string(), source })?;
-                }
-                _ => {
-                    return Err(ModelError::Missing { path: path.display().to_string(), dir: self.dir.display().to_string() });
-                }
-            }
+            return Err(ModelError::Missing { path: path.display().to_string(), dir: self.dir.display().to_string() });
         }
         self.verify(rel, &path)?;
         self.verified.lock().expect("registry lock").insert(rel.to_string(), path.clone());
@@ -146,6 +124,26 @@ impl ModelRegistry {
     }
 }
 
+/// Records `entries` (relative path, sha256) in `dir`'s `MANIFEST.sha256`, keeping its other lines;
+/// written to a temporary file and renamed, so a reader never sees half a manifest.
+///
+/// # Errors
+/// The manifest cannot be read or written.
+pub fn record<'a>(dir: &Path, entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<(), ModelError> {
+    let path = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(&path, &e)),
+    };
+    let mut lines: BTreeMap<String, String> = parse_manifest(&text).collect();
+    lines.extend(entries.into_iter().map(|(p, s)| (p.to_string(), s.to_string())));
+    let body: String = lines.iter().map(|(p, s)| format!("{s}  {p}\n")).collect();
+    let tmp = dir.join(format!("{MANIFEST}.{}", std::process::id()));
+    std::fs::write(&tmp, body).map_err(|e| io(&tmp, &e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io(&path, &e))
+}
+
 /// `sha256  relative/path` lines, as `sha256sum` writes them.
 pub fn parse_manifest(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
     text.lines().filter_map(|line| {
@@ -182,7 +180,7 @@ mod tests {
     use super::*;
 
     fn registry(dir: &Path) -> ModelRegistry {
-        ModelRegistry::open(&ModelSettings { dir: dir.to_path_buf(), download: false }).unwrap()
+        ModelRegistry::open(dir).unwrap()
     }
 
     #[test]

@@ -164,7 +164,7 @@ where
         let metrics = metrics.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<(P, Engine)> {
             let engine = Engine::new(settings.engine.clone(), metrics)?;
-            let models = ModelRegistry::open(&settings.models)?;
+            let models = ModelRegistry::open(&settings.models.dir)?;
             let pipeline = load(&LoadContext { settings: &settings, engine: &engine, models: &models })?;
             Ok((pipeline, engine))
         })

@@ -32,7 +32,7 @@ pub fn load(settings: &Settings) -> IndexPipeline {
     // ONNX Runtime allows one environment per process: tests of one binary share one engine.
     static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
     let engine = ENGINE.get_or_init(|| Engine::new(settings.engine.clone(), Arc::new(Metrics::new())).expect("onnx runtime"));
-    let models = ModelRegistry::open(&settings.models).expect("model directory");
+    let models = ModelRegistry::open(&settings.models.dir).expect("model directory");
     IndexPipeline::load(&LoadContext { settings, engine, models: &models }).expect("loading the index pipeline")
 }
 

@@ -24,6 +24,7 @@ mod whisper;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};
 
@@ -52,11 +53,14 @@ impl ConvertError {
     }
 }
 
-/// Writes `path` atomically: `write` fills a temporary file in the same folder, which is synced and
-/// renamed over `path`; on failure the temporary file is removed.
+/// Writes `path` atomically: `write` fills a temporary file in the same folder (named by process and
+/// a counter, so concurrent conversions never share one), which is synced and renamed over `path`; on
+/// failure the temporary file is removed.
 fn write_atomic(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>) -> Result<(), ConvertError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()));
     let result = (|| {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         write(&mut w)?;

@@ -69,7 +69,7 @@ impl<'a> Whisper<'a> {
         };
         let heads = m.int("encoder/num_heads")?;
         let dec_heads = m.int("decoder/num_heads")?;
-        if heads != dec_heads || heads <= 0 || d % heads as usize != 0 {
+        if heads != dec_heads || heads <= 0 || !d.is_multiple_of(heads as usize) {
             return Err(bad(format!("encoder heads {heads}, decoder heads {dec_heads}, width {d}")));
         }
         let heads = heads as usize;

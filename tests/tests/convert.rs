@@ -3,7 +3,9 @@
 //! computes, and wrong inputs are refused naming the file.
 
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
+use std::time::Instant;
 
 use heimdex_shared::config::EngineSettings;
 use heimdex_tests::models_dir;
@@ -62,6 +64,52 @@ fn whisper_from_faster_whisper_base_is_byte_identical_to_the_bundle() {
         names,
         ["config.json", "decoder_model.onnx", "decoder_with_past_model.onnx", "encoder_model.onnx", "mel_filters.f32"]
     );
+}
+
+/// This process's peak resident set (`VmHWM`), KiB.
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/self/status");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmHWM value")
+}
+
+const CHILD_ENV: &str = "HEIMDEX_CONVERT_MEMORY_CHILD";
+
+/// The Whisper conversion alone in a fresh process (this test binary run again for
+/// [`whisper_conversion_in_a_child_process`]), so the peak it reports is the conversion's and not that
+/// of other tests sharing the process.
+#[test]
+fn whisper_conversion_peaks_under_three_times_the_model_bin() {
+    let model_bin = whisper_dir().join("model.bin");
+    let size_kib = std::fs::metadata(&model_bin).unwrap().len() / 1024;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "whisper_conversion_in_a_child_process", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let peak: u64 = stdout
+        .lines()
+        .find_map(|l| l.split_once("peak_rss_kib=").map(|(_, v)| v)) // after libtest's "test NAME ... "
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the child reported no peak: {stdout}"));
+    eprintln!("whisper conversion: peak RSS {} MiB, model.bin {} MiB", peak / 1024, size_kib / 1024);
+    assert!(peak < 3 * size_kib, "peak RSS {peak} KiB is over 3x model.bin ({size_kib} KiB)");
+}
+
+#[test]
+#[ignore = "the child process of whisper_conversion_peaks_under_three_times_the_model_bin"]
+fn whisper_conversion_in_a_child_process() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return; // run by hand or with --run-ignored: nothing to measure for
+    }
+    let src = whisper_dir();
+    let out = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    convert::whisper(&src.join("model.bin"), &src.join("config.json"), &src.join("tokenizer.json"), out.path())
+        .expect("conversion");
+    println!("peak_rss_kib={} seconds={:.2}", peak_rss_kib(), started.elapsed().as_secs_f64());
 }
 
 /// `last_hidden_state` of `model` for `sentences`, padded to the longest with attention mask 0.

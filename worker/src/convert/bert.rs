@@ -70,7 +70,7 @@ impl BertConfig {
             max_positions: uint("max_position_embeddings")?,
             type_vocab: uint("type_vocab_size")?,
         };
-        if !c.hidden.is_multiple_of(c.heads) {
+        if c.hidden / c.heads * c.heads != c.hidden {
             return Err(bad(format!("hidden_size {} is not a multiple of {} heads", c.hidden, c.heads)));
         }
         Ok(c)

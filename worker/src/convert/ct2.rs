@@ -211,6 +211,12 @@ impl Ct2Model {
         })
     }
 
+    /// A variable's bytes when it is stored as f16 (little-endian), for copying into an fp16
+    /// initializer without widening it to f32 first.
+    pub fn f16_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.vars.get(name).filter(|v| v.dtype == DType::F16).map(|v| &self.data[v.bytes.clone()])
+    }
+
     /// The first element of an integer variable (CTranslate2 stores settings such as `num_heads` so).
     ///
     /// # Errors

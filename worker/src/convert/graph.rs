@@ -6,7 +6,7 @@
 //! initializers (`c_n_fp16`) followed by a `Cast` to f32 named `c_n` (when the builder is in fp16
 //! mode); everything else is stored as is.
 
-use super::onnx::{Attr, FLOAT, FLOAT16, INT64, Model, Node, Tensor, TensorData, ValueInfo, f32_to_f16};
+use super::onnx::{Attr, FLOAT, FLOAT16, INT64, Model, Node, Tensor, TensorData, ValueInfo, f16_to_f32, f32_to_f16};
 
 /// Float arrays with more elements than this are stored as fp16 (in fp16 mode).
 pub(crate) const FP16_ABOVE: usize = 1024;
@@ -43,19 +43,38 @@ impl Builder {
         let dims: Vec<i64> = dims.iter().map(|d| *d as i64).collect();
         if self.fp16 && data.len() > FP16_ABOVE {
             let raw: Vec<u8> = data.iter().flat_map(|v| f32_to_f16(*v).to_le_bytes()).collect();
-            let stored = format!("{name}_fp16");
-            self.inits.push(Tensor { name: stored.clone(), dims, data_type: FLOAT16, data: TensorData::Raw(raw) });
-            self.nodes.push(Node {
-                op_type: "Cast",
-                inputs: vec![stored],
-                outputs: vec![name.clone()],
-                attrs: vec![("to", Attr::Int(i64::from(FLOAT)))],
-            });
+            self.push_fp16(&name, dims, raw);
             return name;
         }
         let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.inits.push(Tensor { name: name.clone(), dims, data_type: FLOAT, data: TensorData::Raw(raw) });
         name
+    }
+
+    /// A float constant given as f16 bytes. Stored as they are when [`Builder::const_f32`] would store
+    /// it as fp16 (f16 -> f32 -> f16 is the identity, so this is the same output without the f32
+    /// copy: it keeps Whisper's 26M-value embedding from costing 100 MB more); else widened.
+    pub fn const_f16_bytes(&mut self, dims: &[usize], bytes: &[u8]) -> String {
+        let len = bytes.len() / 2;
+        if !(self.fp16 && len > FP16_ABOVE) {
+            let data: Vec<f32> = bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect();
+            return self.const_f32(dims, &data);
+        }
+        let name = self.name("c");
+        self.push_fp16(&name, dims.iter().map(|d| *d as i64).collect(), bytes.to_vec());
+        name
+    }
+
+    /// The fp16 initializer `{name}_fp16` and the `Cast` that makes it the f32 `name`.
+    fn push_fp16(&mut self, name: &str, dims: Vec<i64>, raw: Vec<u8>) {
+        let stored = format!("{name}_fp16");
+        self.inits.push(Tensor { name: stored.clone(), dims, data_type: FLOAT16, data: TensorData::Raw(raw) });
+        self.nodes.push(Node {
+            op_type: "Cast",
+            inputs: vec![stored],
+            outputs: vec![name.to_string()],
+            attrs: vec![("to", Attr::Int(i64::from(FLOAT)))],
+        });
     }
 
     /// A 0-d f32 constant.

@@ -69,7 +69,7 @@ impl<'a> Whisper<'a> {
         };
         let heads = m.int("encoder/num_heads")?;
         let dec_heads = m.int("decoder/num_heads")?;
-        if heads != dec_heads || heads <= 0 || !d.is_multiple_of(heads as usize) {
+        if heads != dec_heads || heads <= 0 || d / heads as usize * heads as usize != d {
             return Err(bad(format!("encoder heads {heads}, decoder heads {dec_heads}, width {d}")));
         }
         let heads = heads as usize;
@@ -103,13 +103,20 @@ impl<'a> Whisper<'a> {
         Ok((self.m.dims(name)?.to_vec(), self.w(name)?))
     }
 
+    /// A variable as a constant, unchanged (`g.const(W(name))`); f16 variables are copied as they are.
+    fn var_const(&self, g: &mut Builder, name: &str) -> Result<String, ConvertError> {
+        let dims = self.m.dims(name)?.to_vec();
+        Ok(match self.m.f16_bytes(name) {
+            Some(bytes) => g.const_f16_bytes(&dims, bytes),
+            None => g.const_f32(&dims, &self.w(name)?),
+        })
+    }
+
     // building blocks ----------------------------------------------------------------------------
 
     fn ln(&self, g: &mut Builder, x: &str, p: &str) -> Result<String, ConvertError> {
-        let (gd, gamma) = self.w_dims(&format!("{p}/gamma"))?;
-        let gamma = g.const_f32(&gd, &gamma);
-        let (bd, beta) = self.w_dims(&format!("{p}/beta"))?;
-        let beta = g.const_f32(&bd, &beta);
+        let gamma = self.var_const(g, &format!("{p}/gamma"))?;
+        let beta = self.var_const(g, &format!("{p}/beta"))?;
         Ok(g.op("LayerNormalization", &[x, &gamma, &beta], vec![("axis", int(-1)), ("epsilon", Attr::Float(1e-5))]))
     }
 
@@ -208,10 +215,8 @@ impl<'a> Whisper<'a> {
         let g = &mut builder;
         let dm = self.dims.clone();
         let conv = |g: &mut Builder, x: &str, n: u32, stride: i64| -> Result<String, ConvertError> {
-            let (wd, w) = self.w_dims(&format!("encoder/conv{n}/weight"))?;
-            let w = g.const_f32(&wd, &w);
-            let (bd, b) = self.w_dims(&format!("encoder/conv{n}/bias"))?;
-            let b = g.const_f32(&bd, &b);
+            let w = self.var_const(g, &format!("encoder/conv{n}/weight"))?;
+            let b = self.var_const(g, &format!("encoder/conv{n}/bias"))?;
             Ok(g.op(
                 "Conv",
                 &[x, &w, &b],
@@ -223,8 +228,7 @@ impl<'a> Whisper<'a> {
         let x = conv(g, &x, 2, 2)?;
         let x = Self::gelu(g, &x);
         let x = g.op("Transpose", &[&x], vec![("perm", ints(&[0, 2, 1]))]);
-        let (pd, pos) = self.w_dims("encoder/position_encodings/encodings")?;
-        let pos = g.const_f32(&pd, &pos);
+        let pos = self.var_const(g, "encoder/position_encodings/encodings")?;
         let mut x = g.op("Add", &[&x, &pos], vec![]);
         for i in 0..dm.n_enc {
             let p = format!("encoder/layer_{i}");
@@ -270,9 +274,7 @@ impl<'a> Whisper<'a> {
         let mut builder = Builder::new(true);
         let g = &mut builder;
         let dm = self.dims.clone();
-        let (ed, e) = self.w_dims("decoder/embeddings/weight")?;
-        let emb = g.const_f32(&ed, &e);
-        drop(e);
+        let emb = self.var_const(g, "decoder/embeddings/weight")?;
         let shape = g.op("Shape", &["input_ids"], vec![]);
         let one = g.scalar_i64(1);
         let gathered = g.op("Gather", &[&shape, &one], vec![]);
@@ -288,8 +290,7 @@ impl<'a> Whisper<'a> {
             g.i64s(&[0])
         };
         let pt = g.op("Add", &[&p, &t], vec![]);
-        let (pd, pe) = self.w_dims("decoder/position_encodings/encodings")?;
-        let pe = g.const_f32(&pd, &pe);
+        let pe = self.var_const(g, "decoder/position_encodings/encodings")?;
         let axis0 = g.i64s(&[0]);
         let pos = g.op("Slice", &[&pe, &p, &pt, &axis0], vec![]);
         let tok = g.op("Gather", &[&emb, "input_ids"], vec![("axis", int(0))]);

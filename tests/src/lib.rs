@@ -6,6 +6,7 @@
 //! first; `scripts/test` does).
 
 pub mod proxy;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

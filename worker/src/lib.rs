@@ -13,6 +13,7 @@
 //! Whisper windows, the vision pipeline's model threads. Worker binaries never need it.
 
 pub mod cli;
+pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod index;

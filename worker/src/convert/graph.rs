@@ -1,0 +1,144 @@
+//! A graph builder with the naming and constant rules of `whisper_onnx.py`'s `Graph`, so that the
+//! same sequence of calls gives the same node and initializer names, in the same order.
+//!
+//! Every generated name is `{prefix}_{n}` from one counter: `c` for constants, the lower-cased op
+//! type for op outputs. Float constants with more than [`FP16_ABOVE`] elements are stored as fp16
+//! initializers (`c_n_fp16`) followed by a `Cast` to f32 named `c_n` (when the builder is in fp16
+//! mode); everything else is stored as is.
+
+use super::onnx::{Attr, FLOAT, FLOAT16, INT64, Model, Node, Tensor, TensorData, ValueInfo, f16_to_f32, f32_to_f16};
+
+/// Float arrays with more elements than this are stored as fp16 (in fp16 mode).
+pub(crate) const FP16_ABOVE: usize = 1024;
+
+/// ONNX opset and IR version of every converted model (opset 17 needs IR 8 or later; older ONNX
+/// Runtime builds still load IR 8).
+pub(crate) const OPSET: i64 = 17;
+pub(crate) const IR_VERSION: i64 = 8;
+pub(crate) const PRODUCER: &str = "heimdex-prepare";
+
+#[derive(Debug)]
+pub(crate) struct Builder {
+    nodes: Vec<Node>,
+    inits: Vec<Tensor>,
+    /// The naming counter shared by constants and op outputs.
+    n: u32,
+    /// Whether large float constants are stored as fp16 + Cast.
+    fp16: bool,
+}
+
+impl Builder {
+    pub fn new(fp16: bool) -> Self {
+        Self { nodes: Vec::new(), inits: Vec::new(), n: 0, fp16 }
+    }
+
+    pub fn name(&mut self, prefix: &str) -> String {
+        self.n += 1;
+        format!("{prefix}_{}", self.n)
+    }
+
+    /// A float constant of shape `dims` (row-major `data`); returns the name that holds it as f32.
+    pub fn const_f32(&mut self, dims: &[usize], data: &[f32]) -> String {
+        let name = self.name("c");
+        let dims: Vec<i64> = dims.iter().map(|d| *d as i64).collect();
+        if self.fp16 && data.len() > FP16_ABOVE {
+            let raw: Vec<u8> = data.iter().flat_map(|v| f32_to_f16(*v).to_le_bytes()).collect();
+            self.push_fp16(&name, dims, raw);
+            return name;
+        }
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.inits.push(Tensor { name: name.clone(), dims, data_type: FLOAT, data: TensorData::Raw(raw) });
+        name
+    }
+
+    /// A float constant given as f16 bytes. Stored as they are when [`Builder::const_f32`] would store
+    /// it as fp16 (f16 -> f32 -> f16 is the identity, so this is the same output without the f32
+    /// copy: it keeps Whisper's 26M-value embedding from costing 100 MB more); else widened.
+    pub fn const_f16_bytes(&mut self, dims: &[usize], bytes: &[u8]) -> String {
+        let len = bytes.len() / 2;
+        if !(self.fp16 && len > FP16_ABOVE) {
+            let data: Vec<f32> = bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect();
+            return self.const_f32(dims, &data);
+        }
+        let name = self.name("c");
+        self.push_fp16(&name, dims.iter().map(|d| *d as i64).collect(), bytes.to_vec());
+        name
+    }
+
+    /// The fp16 initializer `{name}_fp16` and the `Cast` that makes it the f32 `name`.
+    fn push_fp16(&mut self, name: &str, dims: Vec<i64>, raw: Vec<u8>) {
+        let stored = format!("{name}_fp16");
+        self.inits.push(Tensor { name: stored.clone(), dims, data_type: FLOAT16, data: TensorData::Raw(raw) });
+        self.nodes.push(Node {
+            op_type: "Cast",
+            inputs: vec![stored],
+            outputs: vec![name.to_string()],
+            attrs: vec![("to", Attr::Int(i64::from(FLOAT)))],
+        });
+    }
+
+    /// A 0-d f32 constant.
+    pub fn scalar_f32(&mut self, v: f32) -> String {
+        self.const_f32(&[], &[v])
+    }
+
+    /// An int64 constant of shape `dims`.
+    pub fn const_i64(&mut self, dims: &[usize], vals: &[i64]) -> String {
+        let name = self.name("c");
+        let raw: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let dims = dims.iter().map(|d| *d as i64).collect();
+        self.inits.push(Tensor { name: name.clone(), dims, data_type: INT64, data: TensorData::Raw(raw) });
+        name
+    }
+
+    /// A 1-d int64 constant (`g.i64(*vals)`).
+    pub fn i64s(&mut self, vals: &[i64]) -> String {
+        self.const_i64(&[vals.len()], vals)
+    }
+
+    /// A 0-d int64 constant (a 0-d index makes a 0-d `Gather` output).
+    pub fn scalar_i64(&mut self, v: i64) -> String {
+        self.const_i64(&[], &[v])
+    }
+
+    /// Adds an op whose output gets a generated name; returns it.
+    pub fn op(&mut self, op_type: &'static str, inputs: &[&str], attrs: Vec<(&'static str, Attr)>) -> String {
+        let out = self.name(&op_type.to_lowercase());
+        self.op_to(op_type, inputs, &out, attrs)
+    }
+
+    /// Adds an op with a fixed output name (a graph output or a cache tensor); returns it.
+    pub fn op_to(&mut self, op_type: &'static str, inputs: &[&str], out: &str, attrs: Vec<(&'static str, Attr)>) -> String {
+        self.nodes.push(Node {
+            op_type,
+            inputs: inputs.iter().map(|s| (*s).to_string()).collect(),
+            outputs: vec![out.to_string()],
+            attrs,
+        });
+        out.to_string()
+    }
+
+    /// The finished model.
+    pub fn model(self, graph_name: &str, inputs: Vec<ValueInfo>, outputs: Vec<ValueInfo>) -> Model {
+        Model {
+            ir_version: IR_VERSION,
+            opset: OPSET,
+            producer_name: PRODUCER,
+            graph_name: graph_name.to_string(),
+            nodes: self.nodes,
+            initializers: self.inits,
+            inputs,
+            outputs,
+        }
+    }
+}
+
+/// Shorthand for an int attribute.
+pub(crate) fn int(v: i64) -> Attr {
+    Attr::Int(v)
+}
+
+/// Shorthand for an ints attribute.
+pub(crate) fn ints(v: &[i64]) -> Attr {
+    Attr::Ints(v.to_vec())
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use heimdex_shared::config::EngineSettings;
 use heimdex_tests::models_dir;
-use heimdex_tests::upstream::{minilm_dir, whisper_dir};
+use heimdex_tests::upstream::sources_dir;
 use heimdex_worker::convert::{self, ConvertError};
 use heimdex_worker::engine::Engine;
 use heimdex_worker::metrics::Metrics;
@@ -38,7 +38,7 @@ fn read_json(path: &Path) -> Value {
 
 #[test]
 fn whisper_from_faster_whisper_base_is_byte_identical_to_the_bundle() {
-    let src = whisper_dir();
+    let src = sources_dir("whisper-base");
     let out = tempfile::tempdir().unwrap();
     convert::whisper(&src.join("model.bin"), &src.join("config.json"), &src.join("tokenizer.json"), out.path())
         .expect("conversion");
@@ -80,7 +80,7 @@ const CHILD_ENV: &str = "HEIMDEX_CONVERT_MEMORY_CHILD";
 /// of other tests sharing the process.
 #[test]
 fn whisper_conversion_peaks_under_three_times_the_model_bin() {
-    let model_bin = whisper_dir().join("model.bin");
+    let model_bin = sources_dir("whisper-base").join("model.bin");
     let size_kib = std::fs::metadata(&model_bin).unwrap().len() / 1024;
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "whisper_conversion_in_a_child_process", "--ignored", "--nocapture", "--test-threads", "1"])
@@ -104,7 +104,7 @@ fn whisper_conversion_in_a_child_process() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return; // run by hand or with --run-ignored: nothing to measure for
     }
-    let src = whisper_dir();
+    let src = sources_dir("whisper-base");
     let out = tempfile::tempdir().unwrap();
     let started = Instant::now();
     convert::whisper(&src.join("model.bin"), &src.join("config.json"), &src.join("tokenizer.json"), out.path())
@@ -141,7 +141,7 @@ fn hidden_states(session: &mut Session, tokenizer: &tokenizers::Tokenizer, sente
 
 #[test]
 fn minilm_from_safetensors_matches_the_bundles_fp32_model() {
-    let src = minilm_dir();
+    let src = sources_dir("minilm-l6-v2");
     let out = tempfile::tempdir().unwrap();
     let ours = out.path().join("model_fp32.onnx");
     convert::minilm(&src.join("model.safetensors"), &src.join("config.json"), &ours).expect("conversion");
@@ -179,7 +179,7 @@ fn minilm_from_safetensors_matches_the_bundles_fp32_model() {
 
 #[test]
 fn a_truncated_or_foreign_model_bin_is_refused_naming_the_file() {
-    let src = whisper_dir();
+    let src = sources_dir("whisper-base");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
 
@@ -192,13 +192,13 @@ fn a_truncated_or_foreign_model_bin_is_refused_naming_the_file() {
     assert!(e.to_string().contains("truncated") && e.to_string().contains(&truncated.display().to_string()), "{e}");
 
     // MiniLM's safetensors is not a CTranslate2 model at all.
-    let foreign = minilm_dir().join("model.safetensors");
+    let foreign = sources_dir("minilm-l6-v2").join("model.safetensors");
     let e = convert::whisper(&foreign, &src.join("config.json"), &src.join("tokenizer.json"), &out).unwrap_err();
     assert!(matches!(&e, ConvertError::Format { path, .. } if *path == foreign), "{e:?}");
     assert!(e.to_string().contains("not a CTranslate2 model.bin"), "{e}");
 
     // A Whisper model.bin with MiniLM's config.json as the CTranslate2 config: refused, naming it.
-    let wrong_config = minilm_dir().join("config.json");
+    let wrong_config = sources_dir("minilm-l6-v2").join("config.json");
     let e = convert::whisper(&src.join("model.bin"), &wrong_config, &src.join("tokenizer.json"), &out).unwrap_err();
     assert!(matches!(&e, ConvertError::Format { path, .. } if *path == wrong_config), "{e:?}");
 

@@ -36,7 +36,8 @@ async fn serve_file(State(m): State<Mirror>, UrlPath(path): UrlPath<String>, hea
         return StatusCode::NOT_FOUND.into_response();
     };
     if m.tampered.as_deref() == Some(path.as_str()) {
-        body[body.len() / 2] ^= 1;
+        let middle = body.len() / 2;
+        body[middle] ^= 1;
     }
     let start = headers
         .get(header::RANGE)
@@ -181,4 +182,18 @@ async fn a_built_file_that_does_not_match_its_pin_is_refused_and_nothing_is_inst
     assert!(matches!(err, InstallError::Mismatch { path: "minilm-l6-v2/model_fp32.onnx", .. }), "{err}");
     assert!(!dir.path().join("minilm-l6-v2").exists(), "no file of the folder is installed");
     assert!(!dir.path().join("MANIFEST.sha256").exists());
+}
+
+#[tokio::test]
+async fn an_upstream_file_that_is_not_there_fails_naming_its_url_and_keeps_what_was_installed() {
+    // The mirror has YuNet but not SigLIP (no registry ships SigLIP's weights).
+    let (url, _mirror) = start_mirror(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = download(dir.path(), &url, "vision").await;
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stdout.contains("installed") && stdout.contains("yunet"), "{stdout}");
+    let siglip = upstream::model("siglip-base-patch16-224").sources[0];
+    assert!(stderr.contains(&siglip.url(Some(&url))) && stderr.contains("404"), "{stderr}");
+    assert!(dir.path().join("yunet/face_detection_yunet_2023mar.onnx").is_file());
+    assert!(!dir.path().join("siglip-base-patch16-224").exists());
 }

@@ -63,6 +63,7 @@ pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<
     let _ = std::fs::remove_dir_all(&staging);
     result?;
     let _ = std::fs::remove_dir_all(&sources);
+    let _ = std::fs::remove_dir(dir.join(SOURCES)); // only when no other model's sources wait there
     Ok(Outcome::Installed)
 }
 

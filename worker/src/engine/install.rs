@@ -47,7 +47,6 @@ pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<
         return Ok(Outcome::Present);
     }
     let sources = dir.join(SOURCES).join(model.folder);
-    let mut fetched = Vec::with_capacity(model.sources.len());
     for source in model.sources {
         let dest = sources.join(source.file_name());
         let ok = registry::sha256_file(&dest).is_ok_and(|s| s == source.sha256);
@@ -55,7 +54,6 @@ pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<
             let url = source.url(mirror);
             download::fetch(&url, &dest, Some(source.sha256)).await.map_err(|source| InstallError::Download { url, source })?;
         }
-        fetched.push(dest);
     }
 
     let staging = dir.join(format!(".staging-{}-{}", model.folder, std::process::id()));

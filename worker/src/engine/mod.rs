@@ -12,6 +12,7 @@
 pub mod batcher;
 pub mod carve;
 pub mod download;
+pub mod quantize;
 pub mod registry;
 
 use std::path::Path;

@@ -33,8 +33,8 @@ async fn int8_transcripts_keep_the_fp32_words() {
     eprintln!("int8 against fp32: {errors}/{words} words ({:.1} %), {exact}/{} clips identical", 100.0 * wer, clips.len());
     assert!(wer <= 0.03, "int8 transcripts differ from fp32 in {errors} of {words} words");
     assert!(exact * 2 >= clips.len(), "only {exact} of {} clips decode to the fp32 text", clips.len());
-    // Batched: the activations of a step are quantised over the whole batch, so a row may decode
-    // differently next to other rows; it must still keep the words.
+    // Batched: MatMulNBits quantises activations per row (in blocks along K), so a row's result should
+    // not depend on its neighbours; whatever the kernel does, the words must stay.
     let batched = futures::future::try_join_all(audio.iter().map(|pcm| t.decode_window(pcm.clone(), Some(en), false))).await.unwrap();
     let (mut errors, mut words) = (0, 0);
     for ((name, want), b) in clips.iter().zip(&batched) {

@@ -469,6 +469,9 @@ pub struct IndexSettings {
     pub embed_max_len: usize,
     /// Longest audio accepted, in seconds.
     pub max_duration_s: f64,
+    /// Run the Whisper decoder's MatMuls with int8 weights (rewritten at load time): faster steps and
+    /// 200 MB less memory than the files' weights in fp32, which `false` keeps.
+    pub whisper_int8: bool,
 }
 
 impl Default for IndexSettings {
@@ -488,6 +491,7 @@ impl Default for IndexSettings {
             embed_pooling: Pooling::Mean,
             embed_max_len: 256,
             max_duration_s: 4.0 * 3600.0,
+            whisper_int8: true,
         }
     }
 }

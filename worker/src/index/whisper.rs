@@ -116,6 +116,28 @@ pub fn cross_cache_model(decoder_model: &[u8]) -> Result<Vec<u8>, InferenceError
     crate::engine::carve::carve(decoder_model, &["encoder_hidden_states".to_string()], &outputs).map_err(carve)
 }
 
+/// `model` with its MatMuls in int8 (see [`crate::engine::quantize`]), for the decoder; `name` names it
+/// in errors and in the log. Takes the bytes so that they are freed as soon as the rewrite is made.
+///
+/// # Errors
+/// The bytes are not an ONNX model the rewrite can read.
+pub fn int8(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
+    let started = std::time::Instant::now();
+    let (out, stats) =
+        crate::engine::quantize::quantize_matmuls(&model).map_err(|e| model_err(format!("rewriting {name} with int8 weights: {e}")))?;
+    drop(model);
+    tracing::info!(
+        model = name,
+        matmuls = stats.matmuls,
+        skipped = stats.skipped,
+        gathers = stats.gathers,
+        mb = out.len() / 1_000_000,
+        ms = started.elapsed().as_millis() as u64,
+        "int8 weights"
+    );
+    Ok(out)
+}
+
 impl WhisperRunner {
     /// # Errors
     /// `decoder` does not look like a with-past decoder (no `past_key_values.*.decoder.key` input

@@ -15,101 +15,28 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::proto::{Field, Fields, Malformed, put_bytes, put_uint, text};
+
 /// Why a model could not be carved.
 #[derive(Debug, thiserror::Error)]
 pub enum CarveError {
-    #[error("malformed ONNX protobuf: {0}")]
-    Malformed(&'static str),
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
     #[error("the model has no value named {0} (neither a graph input, an initializer nor a node output)")]
     Unresolved(String),
-}
-
-/// One protobuf field: its number and its payload.
-enum Field<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-/// Iterates the fields of one protobuf message.
-struct Fields<'a>(&'a [u8]);
-
-fn varint(buf: &mut &[u8]) -> Result<u64, CarveError> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = buf.split_first().ok_or(CarveError::Malformed("truncated varint"))?;
-        *buf = rest;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(CarveError::Malformed("varint too long"))
-}
-
-impl<'a> Iterator for Fields<'a> {
-    type Item = Result<(u64, Field<'a>), CarveError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.0.is_empty() {
-            return None;
-        }
-        let mut field = || {
-            let tag = varint(&mut self.0)?;
-            let value = match tag & 7 {
-                0 => Field::Varint(varint(&mut self.0)?),
-                1 | 5 => {
-                    let n = if tag & 7 == 1 { 8 } else { 4 };
-                    self.0 = self.0.get(n..).ok_or(CarveError::Malformed("truncated fixed field"))?;
-                    Field::Fixed
-                }
-                2 => {
-                    let n = usize::try_from(varint(&mut self.0)?).map_err(|_| CarveError::Malformed("length"))?;
-                    let bytes = self.0.get(..n).ok_or(CarveError::Malformed("truncated length-delimited field"))?;
-                    self.0 = &self.0[n..];
-                    Field::Bytes(bytes)
-                }
-                _ => return Err(CarveError::Malformed("unsupported wire type")),
-            };
-            Ok((tag >> 3, value))
-        };
-        let item = field();
-        if item.is_err() {
-            self.0 = &[];
-        }
-        Some(item)
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The string fields number `field` of a message.
 fn strings(msg: &[u8], field: u64) -> Result<Vec<String>, CarveError> {
     let mut out = Vec::new();
     for f in Fields(msg) {
-        if let (n, Field::Bytes(b)) = f?
+        if let (n, Field::Bytes(b), _) = f?
             && n == field
         {
             out.push(text(b));
         }
     }
     Ok(out)
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
-    put_varint(out, field << 3 | 2);
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
 }
 
 // Field numbers of onnx.proto.
@@ -133,13 +60,13 @@ const VALUE_INFO_NAME: u64 = 1;
 pub fn outputs(model: &[u8]) -> Result<Vec<String>, CarveError> {
     let mut graph = None;
     for f in Fields(model) {
-        if let (MODEL_GRAPH, Field::Bytes(b)) = f? {
+        if let (MODEL_GRAPH, Field::Bytes(b), _) = f? {
             graph = Some(b);
         }
     }
     let mut out = Vec::new();
-    for f in Fields(graph.ok_or(CarveError::Malformed("no graph"))?) {
-        if let (GRAPH_OUTPUT, Field::Bytes(b)) = f? {
+    for f in Fields(graph.ok_or(CarveError::Malformed(Malformed("no graph")))?) {
+        if let (GRAPH_OUTPUT, Field::Bytes(b), _) = f? {
             out.extend(strings(b, VALUE_INFO_NAME)?);
         }
     }
@@ -155,23 +82,23 @@ pub fn carve(model: &[u8], inputs: &[String], outputs: &[String]) -> Result<Vec<
     let (mut ir_version, mut opsets, mut graph) = (None, Vec::new(), None);
     for f in Fields(model) {
         match f? {
-            (MODEL_IR_VERSION, Field::Varint(v)) => ir_version = Some(v),
-            (MODEL_OPSET_IMPORT, Field::Bytes(b)) => opsets.push(b),
-            (MODEL_GRAPH, Field::Bytes(b)) => graph = Some(b),
+            (MODEL_IR_VERSION, Field::Varint(v), _) => ir_version = Some(v),
+            (MODEL_OPSET_IMPORT, Field::Bytes(b), _) => opsets.push(b),
+            (MODEL_GRAPH, Field::Bytes(b), _) => graph = Some(b),
             _ => {}
         }
     }
-    let graph = graph.ok_or(CarveError::Malformed("no graph"))?;
+    let graph = graph.ok_or(CarveError::Malformed(Malformed("no graph")))?;
     let (mut nodes, mut inits, mut value_infos) = (Vec::new(), HashMap::new(), HashMap::new());
     for f in Fields(graph) {
         match f? {
-            (GRAPH_NODE, Field::Bytes(b)) => nodes.push((b, strings(b, NODE_INPUT)?, strings(b, NODE_OUTPUT)?)),
-            (GRAPH_INITIALIZER, Field::Bytes(b)) => {
-                let name = strings(b, TENSOR_NAME)?.pop().ok_or(CarveError::Malformed("unnamed initializer"))?;
+            (GRAPH_NODE, Field::Bytes(b), _) => nodes.push((b, strings(b, NODE_INPUT)?, strings(b, NODE_OUTPUT)?)),
+            (GRAPH_INITIALIZER, Field::Bytes(b), _) => {
+                let name = strings(b, TENSOR_NAME)?.pop().ok_or(CarveError::Malformed(Malformed("unnamed initializer")))?;
                 inits.insert(name, b);
             }
-            (GRAPH_INPUT | GRAPH_OUTPUT, Field::Bytes(b)) => {
-                let name = strings(b, VALUE_INFO_NAME)?.pop().ok_or(CarveError::Malformed("unnamed value info"))?;
+            (GRAPH_INPUT | GRAPH_OUTPUT, Field::Bytes(b), _) => {
+                let name = strings(b, VALUE_INFO_NAME)?.pop().ok_or(CarveError::Malformed(Malformed("unnamed value info")))?;
                 value_infos.insert(name, b);
             }
             _ => {}
@@ -215,8 +142,7 @@ pub fn carve(model: &[u8], inputs: &[String], outputs: &[String]) -> Result<Vec<
     }
     let mut out = Vec::with_capacity(g.len() + 64);
     if let Some(v) = ir_version {
-        put_varint(&mut out, MODEL_IR_VERSION << 3);
-        put_varint(&mut out, v);
+        put_uint(&mut out, MODEL_IR_VERSION, v);
     }
     put_bytes(&mut out, MODEL_GRAPH, &g);
     for o in opsets {
@@ -250,12 +176,12 @@ mod tests {
         let model = msg(&[(MODEL_GRAPH, &graph)]);
         let carved = carve(&model, &["x".into()], &["z".into()]).unwrap();
         let g = Fields(&carved).find_map(|f| match f.unwrap() {
-            (MODEL_GRAPH, Field::Bytes(b)) => Some(b.to_vec()),
+            (MODEL_GRAPH, Field::Bytes(b), _) => Some(b.to_vec()),
             _ => None,
         });
         let g = g.unwrap();
         let names: Vec<String> =
-            Fields(&g).filter_map(|f| match f.unwrap() { (GRAPH_NODE, Field::Bytes(b)) => strings(b, 3).unwrap().pop(), _ => None }).collect();
+            Fields(&g).filter_map(|f| match f.unwrap() { (GRAPH_NODE, Field::Bytes(b), _) => strings(b, 3).unwrap().pop(), _ => None }).collect();
         assert_eq!(names, ["A", "B"]);
         assert!(matches!(carve(&model, &[], &["z".into()]), Err(CarveError::Unresolved(n)) if n == "x"));
     }

@@ -3,6 +3,8 @@
 //!
 //! - [`batcher`]: the owner thread, its bounded request channel and dynamic batching.
 //! - [`registry`]: model files: resolve, verify sha256 once.
+//! - [`carve`], [`quantize`]: in-memory rewrites of ONNX models at load (the with-past decoder's
+//!   missing cross-attention part; 8-bit weights for Whisper's decoder), over [`proto`].
 //! - [`catalog`], [`install`], [`download`]: the default models for machines with internet, pinned
 //!   upstream and built here (`heimdex-models download`).
 //!
@@ -16,6 +18,7 @@ pub mod carve;
 pub mod catalog;
 pub mod download;
 pub mod install;
+pub mod proto;
 pub mod quantize;
 pub mod registry;
 

@@ -22,11 +22,13 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::proto::{Field, Fields, Malformed, f16_to_f32, put_bytes, put_uint, text, varint};
+
 /// Why a model could not be rewritten.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
-    #[error("malformed ONNX protobuf: {0}")]
-    Malformed(&'static str),
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
     #[error("node {0:?} has a subgraph attribute, which the int8 rewrite does not follow")]
     Subgraph(String),
 }
@@ -40,93 +42,6 @@ pub struct QuantizeStats {
     pub skipped: usize,
     /// `Gather`s that now read an fp16 table directly.
     pub gathers: usize,
-}
-
-/// The payload of one protobuf field.
-#[derive(Clone, Copy)]
-enum Field<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-/// Iterates the fields of one protobuf message: (field number, payload, the field's whole encoding).
-struct Fields<'a>(&'a [u8]);
-
-fn varint(buf: &mut &[u8]) -> Result<u64, QuantizeError> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = buf.split_first().ok_or(QuantizeError::Malformed("truncated varint"))?;
-        *buf = rest;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(QuantizeError::Malformed("varint too long"))
-}
-
-impl<'a> Fields<'a> {
-    fn field(&mut self) -> Result<(u64, Field<'a>, &'a [u8]), QuantizeError> {
-        let start = self.0;
-        let tag = varint(&mut self.0)?;
-        let take = |buf: &mut &'a [u8], n: usize| -> Result<&'a [u8], QuantizeError> {
-            let bytes = buf.get(..n).ok_or(QuantizeError::Malformed("truncated field"))?;
-            *buf = &buf[n..];
-            Ok(bytes)
-        };
-        let value = match tag & 7 {
-            0 => Field::Varint(varint(&mut self.0)?),
-            1 | 5 => {
-                take(&mut self.0, if tag & 7 == 1 { 8 } else { 4 })?;
-                Field::Fixed
-            }
-            2 => {
-                let n = usize::try_from(varint(&mut self.0)?).map_err(|_| QuantizeError::Malformed("length"))?;
-                Field::Bytes(take(&mut self.0, n)?)
-            }
-            _ => return Err(QuantizeError::Malformed("unsupported wire type")),
-        };
-        Ok((tag >> 3, value, &start[..start.len() - self.0.len()]))
-    }
-}
-
-impl<'a> Iterator for Fields<'a> {
-    type Item = Result<(u64, Field<'a>, &'a [u8]), QuantizeError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.0.is_empty() {
-            return None;
-        }
-        let item = self.field();
-        if item.is_err() {
-            self.0 = &[];
-        }
-        Some(item)
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
-    put_varint(out, field << 3 | 2);
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
-fn put_uint(out: &mut Vec<u8>, field: u64, v: u64) {
-    put_varint(out, field << 3);
-    put_varint(out, v);
 }
 
 // Field numbers of onnx.proto.
@@ -227,21 +142,6 @@ struct Matrix {
     data: Vec<f32>,
 }
 
-/// IEEE half to single precision (exact).
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exp = u32::from((h >> 10) & 0x1f);
-    let man = u32::from(h & 0x3ff);
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        // Subnormal: man × 2^-24, exactly representable.
-        (0, m) => return if sign != 0 { -(m as f32) } else { m as f32 } * f32::from_bits(0x3380_0000),
-        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
-}
-
 /// The 2-D fp32 or fp16 tensor in `tensor`, or `None` for other types, ranks and encodings (external
 /// data, unpacked repeated values), which the rewrite leaves alone.
 fn read_matrix(tensor: &[u8]) -> Result<Option<Matrix>, QuantizeError> {
@@ -281,7 +181,7 @@ fn read_matrix(tensor: &[u8]) -> Result<Option<Matrix>, QuantizeError> {
         _ => return Ok(None),
     };
     if data.len() != n {
-        return Err(QuantizeError::Malformed("tensor data does not match its dims"));
+        return Err(QuantizeError::Malformed(Malformed("tensor data does not match its dims")));
     }
     Ok(Some(Matrix { rows, cols, data }))
 }
@@ -400,7 +300,7 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
             _ => {}
         }
     }
-    let graph = graph.ok_or(QuantizeError::Malformed("no graph"))?;
+    let graph = graph.ok_or(QuantizeError::Malformed(Malformed("no graph")))?;
     let (mut nodes, mut inits, mut others) = (Vec::new(), HashMap::new(), Vec::new());
     let mut init_order = Vec::new();
     let mut keep_names: HashSet<String> = HashSet::new();
@@ -414,7 +314,7 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
                         _ => None,
                     })
                     .last()
-                    .ok_or(QuantizeError::Malformed("unnamed initializer"))?;
+                    .ok_or(QuantizeError::Malformed(Malformed("unnamed initializer")))?;
                 init_order.push(name.clone());
                 inits.insert(name, (b, raw));
             }
@@ -737,14 +637,6 @@ mod tests {
         let (again, stats) = quantize_matmuls(&int8).unwrap();
         assert_eq!(stats.matmuls, 0);
         assert_eq!(run(&engine, &again), got);
-    }
-
-    #[test]
-    fn half_to_single_is_exact() {
-        for (h, f) in [(0x3c00u16, 1.0f32), (0xc000, -2.0), (0x0001, 2f32.powi(-24)), (0x7bff, 65504.0), (0x3555, 0.333_251_95)] {
-            assert_eq!(f16_to_f32(h), f, "{h:#x}");
-        }
-        assert!(f16_to_f32(0x7c00).is_infinite() && f16_to_f32(0x7e00).is_nan());
     }
 
     #[test]

@@ -196,17 +196,6 @@ impl Bert<'_> {
         g.op("Transpose", &[&r], vec![("perm", ints(perm))])
     }
 
-    fn gelu(g: &mut Builder, x: &str) -> String {
-        let c = g.scalar_f32(std::f64::consts::SQRT_2 as f32);
-        let div = g.op("Div", &[x, &c], vec![]);
-        let e = g.op("Erf", &[&div], vec![]);
-        let one = g.scalar_f32(1.0);
-        let add = g.op("Add", &[&e, &one], vec![]);
-        let mul = g.op("Mul", &[x, &add], vec![]);
-        let half = g.scalar_f32(0.5);
-        g.op("Mul", &[&mul, &half], vec![])
-    }
-
     fn build(&self) -> Result<Model, ConvertError> {
         let c = self.c;
         let (h, hd) = (c.hidden, c.hidden / c.heads);
@@ -254,7 +243,7 @@ impl Bert<'_> {
             let o = g.op("Add", &[&o, &x], vec![]);
             x = self.layer_norm(g, &o, &format!("{p}.attention.output.LayerNorm"))?;
             let f = self.linear(g, &x, &format!("{p}.intermediate.dense"), c.intermediate, h)?;
-            let f = Self::gelu(g, &f);
+            let f = g.gelu(&f);
             let f = self.linear(g, &f, &format!("{p}.output.dense"), h, c.intermediate)?;
             let f = g.op("Add", &[&f, &x], vec![]);
             x = self.layer_norm(g, &f, &format!("{p}.output.LayerNorm"))?;

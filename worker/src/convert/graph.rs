@@ -103,6 +103,19 @@ impl Builder {
     }
 
     /// Adds an op whose output gets a generated name; returns it.
+    /// The erf GELU, `x * (erf(x / sqrt 2) + 1) * 0.5`, in the node order PyTorch exports it (BERT's
+    /// and Whisper's activation).
+    pub fn gelu(&mut self, x: &str) -> String {
+        let c = self.scalar_f32(std::f64::consts::SQRT_2 as f32);
+        let div = self.op("Div", &[x, &c], vec![]);
+        let e = self.op("Erf", &[&div], vec![]);
+        let one = self.scalar_f32(1.0);
+        let add = self.op("Add", &[&e, &one], vec![]);
+        let mul = self.op("Mul", &[x, &add], vec![]);
+        let half = self.scalar_f32(0.5);
+        self.op("Mul", &[&mul, &half], vec![])
+    }
+
     pub fn op(&mut self, op_type: &'static str, inputs: &[&str], attrs: Vec<(&'static str, Attr)>) -> String {
         let out = self.name(&op_type.to_lowercase());
         self.op_to(op_type, inputs, &out, attrs)

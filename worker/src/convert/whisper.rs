@@ -153,17 +153,6 @@ impl<'a> Whisper<'a> {
         Ok(g.op("Add", &[&mm, &bc], vec![]))
     }
 
-    fn gelu(g: &mut Builder, x: &str) -> String {
-        let c = g.scalar_f32(std::f64::consts::SQRT_2 as f32);
-        let div = g.op("Div", &[x, &c], vec![]);
-        let e = g.op("Erf", &[&div], vec![]);
-        let one = g.scalar_f32(1.0);
-        let add = g.op("Add", &[&e, &one], vec![]);
-        let mul = g.op("Mul", &[x, &add], vec![]);
-        let half = g.scalar_f32(0.5);
-        g.op("Mul", &[&mul, &half], vec![])
-    }
-
     /// [B,T,d] -> [B,H,T,hd]; the transpose's output is `out` when given.
     fn split_heads(&self, g: &mut Builder, x: &str, out: Option<&str>) -> String {
         let shape = g.i64s(&[0, -1, self.dims.heads as i64, self.dims.head_dim as i64]);
@@ -199,7 +188,7 @@ impl<'a> Whisper<'a> {
     fn ffn(&self, g: &mut Builder, x: &str, p: &str) -> Result<String, ConvertError> {
         let y = self.ln(g, x, &format!("{p}/ffn/layer_norm"))?;
         let h = self.lin(g, &y, &format!("{p}/ffn/linear_0"), None)?;
-        let h = Self::gelu(g, &h);
+        let h = g.gelu(&h);
         let o = self.lin(g, &h, &format!("{p}/ffn/linear_1"), None)?;
         Ok(g.op("Add", &[x, &o], vec![]))
     }
@@ -224,9 +213,9 @@ impl<'a> Whisper<'a> {
             ))
         };
         let x = conv(g, "input_features", 1, 1)?;
-        let x = Self::gelu(g, &x);
+        let x = g.gelu(&x);
         let x = conv(g, &x, 2, 2)?;
-        let x = Self::gelu(g, &x);
+        let x = g.gelu(&x);
         let x = g.op("Transpose", &[&x], vec![("perm", ints(&[0, 2, 1]))]);
         let pos = self.var_const(g, "encoder/position_encodings/encodings")?;
         let mut x = g.op("Add", &[&x, &pos], vec![]);

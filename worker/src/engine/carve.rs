@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::proto::{Field, Fields, Malformed, put_bytes, put_uint, text};
+use super::proto::*;
 
 /// Why a model could not be carved.
 #[derive(Debug, thiserror::Error)]
@@ -39,19 +39,6 @@ fn strings(msg: &[u8], field: u64) -> Result<Vec<String>, CarveError> {
     Ok(out)
 }
 
-// Field numbers of onnx.proto.
-const MODEL_IR_VERSION: u64 = 1;
-const MODEL_GRAPH: u64 = 7;
-const MODEL_OPSET_IMPORT: u64 = 8;
-const GRAPH_NODE: u64 = 1;
-const GRAPH_NAME: u64 = 2;
-const GRAPH_INITIALIZER: u64 = 5;
-const GRAPH_INPUT: u64 = 11;
-const GRAPH_OUTPUT: u64 = 12;
-const NODE_INPUT: u64 = 1;
-const NODE_OUTPUT: u64 = 2;
-const TENSOR_NAME: u64 = 8;
-const VALUE_INFO_NAME: u64 = 1;
 
 /// Names of the graph outputs of `model`.
 ///

@@ -84,6 +84,43 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+// Field numbers of onnx.proto.
+pub const MODEL_IR_VERSION: u64 = 1;
+pub const MODEL_GRAPH: u64 = 7;
+pub const MODEL_OPSET_IMPORT: u64 = 8;
+pub const OPSET_DOMAIN: u64 = 1;
+pub const OPSET_VERSION: u64 = 2;
+pub const GRAPH_NODE: u64 = 1;
+pub const GRAPH_NAME: u64 = 2;
+pub const GRAPH_INITIALIZER: u64 = 5;
+pub const GRAPH_INPUT: u64 = 11;
+pub const GRAPH_OUTPUT: u64 = 12;
+pub const NODE_INPUT: u64 = 1;
+pub const NODE_OUTPUT: u64 = 2;
+pub const NODE_NAME: u64 = 3;
+pub const NODE_OP_TYPE: u64 = 4;
+pub const NODE_ATTRIBUTE: u64 = 5;
+pub const NODE_DOMAIN: u64 = 7;
+pub const ATTR_NAME: u64 = 1;
+pub const ATTR_I: u64 = 3;
+pub const ATTR_G: u64 = 6;
+pub const ATTR_INTS: u64 = 8;
+pub const ATTR_GRAPHS: u64 = 11;
+pub const ATTR_TYPE: u64 = 20;
+pub const ATTR_TYPE_INT: u64 = 2;
+pub const TENSOR_DIMS: u64 = 1;
+pub const TENSOR_DATA_TYPE: u64 = 2;
+pub const TENSOR_FLOAT_DATA: u64 = 4;
+pub const TENSOR_INT32_DATA: u64 = 5;
+pub const TENSOR_NAME: u64 = 8;
+pub const TENSOR_RAW_DATA: u64 = 9;
+pub const TENSOR_DATA_LOCATION: u64 = 14;
+pub const VALUE_INFO_NAME: u64 = 1;
+// TensorProto.DataType.
+pub const FLOAT: u64 = 1;
+pub const UINT8: u64 = 2;
+pub const FLOAT16: u64 = 10;
+
 /// Appends `v` as a varint.
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::proto::{Field, Fields, Malformed, f16_to_f32, put_bytes, put_uint, text, varint};
+use super::proto::*;
 
 /// Why a model could not be rewritten.
 #[derive(Debug, thiserror::Error)]
@@ -43,41 +43,6 @@ pub struct QuantizeStats {
     /// `Gather`s that now read an fp16 table directly.
     pub gathers: usize,
 }
-
-// Field numbers of onnx.proto.
-const MODEL_GRAPH: u64 = 7;
-const MODEL_OPSET_IMPORT: u64 = 8;
-const OPSET_DOMAIN: u64 = 1;
-const OPSET_VERSION: u64 = 2;
-const GRAPH_NODE: u64 = 1;
-const GRAPH_INITIALIZER: u64 = 5;
-const GRAPH_INPUT: u64 = 11;
-const GRAPH_OUTPUT: u64 = 12;
-const NODE_INPUT: u64 = 1;
-const NODE_OUTPUT: u64 = 2;
-const NODE_NAME: u64 = 3;
-const NODE_OP_TYPE: u64 = 4;
-const NODE_ATTRIBUTE: u64 = 5;
-const NODE_DOMAIN: u64 = 7;
-const ATTR_NAME: u64 = 1;
-const ATTR_I: u64 = 3;
-const ATTR_G: u64 = 6;
-const ATTR_INTS: u64 = 8;
-const ATTR_GRAPHS: u64 = 11;
-const ATTR_TYPE: u64 = 20;
-const ATTR_TYPE_INT: u64 = 2;
-const TENSOR_DIMS: u64 = 1;
-const TENSOR_DATA_TYPE: u64 = 2;
-const TENSOR_FLOAT_DATA: u64 = 4;
-const TENSOR_INT32_DATA: u64 = 5;
-const TENSOR_NAME: u64 = 8;
-const TENSOR_RAW_DATA: u64 = 9;
-const TENSOR_DATA_LOCATION: u64 = 14;
-const VALUE_INFO_NAME: u64 = 1;
-// TensorProto.DataType.
-const FLOAT: u64 = 1;
-const UINT8: u64 = 2;
-const FLOAT16: u64 = 10;
 
 const MS_DOMAIN: &str = "com.microsoft";
 

@@ -135,6 +135,47 @@ async fn sample_video_gives_the_expected_frames_scenes_and_faces() {
     assert_eq!(vision.gauge().live(), 0, "every frame was released");
 }
 
+/// YuNet at each frame's own size (the pipeline frees the file's fixed 640×640 input: 640×384 for
+/// sample.mp4's 16:9 frames) finds the faces the square input finds, frame by frame, in the same places
+/// with the same scores.
+#[tokio::test]
+async fn faces_at_the_frames_own_size_match_the_square_input() {
+    use heimdex_worker::engine::{BatchRunner, Memory};
+    use heimdex_worker::media::frames::{DEFAULT_WORK_SIDE, FrameOptions, FrameStream};
+    use heimdex_worker::vision::yunet::YunetRunner;
+    let s = settings();
+    let path = s.models.dir.join(&s.vision.face_model);
+    let file = std::fs::read(&path).unwrap();
+    let runner = |bytes: &[u8]| {
+        let session = engine().session_from_memory("yunet", bytes, Memory::Arena).unwrap();
+        YunetRunner::new(session, s.vision.face_score_threshold, s.vision.face_nms_iou).unwrap()
+    };
+    let mut square = runner(&file);
+    let mut free = runner(&heimdex_worker::engine::shapes::free_input_dims(&file, &[2, 3]).unwrap());
+    let input = task(&media("video/sample.mp4")).await;
+    let options = FrameOptions { rate: Some(4.0), max_side: s.vision.max_side, work_side: DEFAULT_WORK_SIDE };
+    let mut stream = FrameStream::open(&input.media, &input.probe, options, Arc::default()).unwrap();
+    let (mut frames, mut faces) = (0, 0);
+    while let Some(frame) = stream.next().await.unwrap() {
+        assert_eq!((frame.width, frame.height), (640, 360));
+        let frame = Arc::new(frame);
+        let (a, b) = (square.run(vec![frame.clone()]).unwrap().remove(0), free.run(vec![frame.clone()]).unwrap().remove(0));
+        // Only the padding below the frame differs, so a face near the threshold and the bottom edge
+        // can tip either way (one at frame 49, a cross-fade: 0.615 in the square, under 0.6 here).
+        let clear = |faces: Vec<heimdex_worker::vision::Face>| faces.into_iter().filter(|f| f.score >= s.vision.face_score_threshold + 0.1).collect::<Vec<_>>();
+        let (a, b) = (clear(a), clear(b));
+        assert_eq!(a.len(), b.len(), "frame {}: {a:?} vs {b:?}", frame.index);
+        for (x, y) in a.iter().zip(&b) {
+            let inter = ((x.x + x.w).min(y.x + y.w) - x.x.max(y.x)).max(0.0) * ((x.y + x.h).min(y.y + y.h) - x.y.max(y.y)).max(0.0);
+            let iou = inter / (x.w * x.h + y.w * y.h - inter);
+            assert!(iou > 0.95 && (x.score - y.score).abs() < 0.02, "frame {}: {x:?} vs {y:?}", frame.index);
+        }
+        frames += 1;
+        faces += a.len();
+    }
+    assert_eq!((frames, faces), (100, 51));
+}
+
 #[tokio::test]
 async fn an_embedding_alone_equals_the_same_frame_inside_a_batch() {
     let vision = load();

@@ -3,8 +3,9 @@
 //!
 //! - [`batcher`]: the owner thread, its bounded request channel and dynamic batching.
 //! - [`registry`]: model files: resolve, verify sha256 once.
-//! - [`carve`], [`quantize`]: in-memory rewrites of ONNX models at load (the with-past decoder's
-//!   missing cross-attention part; 8-bit weights for Whisper's decoder), over [`proto`].
+//! - [`carve`], [`quantize`], [`shapes`]: in-memory rewrites of ONNX models at load (the with-past
+//!   decoder's missing cross-attention part; 8-bit weights for Whisper's decoder; YuNet at each
+//!   frame's own size), over [`proto`].
 //! - [`catalog`], [`install`], [`download`]: the default models for machines with internet, pinned
 //!   upstream and built here (`heimdex-models download`).
 //!
@@ -21,6 +22,7 @@ pub mod install;
 pub mod proto;
 pub mod quantize;
 pub mod registry;
+pub mod shapes;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -34,7 +34,7 @@ pub use output::{FaceRow, FrameRow, VisionOutput};
 pub use scenes::Scene;
 pub use yunet::Face;
 
-use crate::engine::{InferenceError, ModelHandle, WarmupReport};
+use crate::engine::{InferenceError, Memory, ModelHandle, WarmupReport};
 use crate::error::TaskError;
 use crate::media::frames::{DEFAULT_WORK_SIDE, Frame, FrameGauge, FrameOptions, FrameStream};
 use crate::metrics::Metrics;
@@ -91,8 +91,10 @@ impl VisionPipeline {
         let (tokenizer, pad_id) = siglip::load_tokenizer(&tokenizer_path, settings.text_max_len)?;
         let text = TextRunner::new(ctx.engine.session(&text_path)?, SIGLIP_TEXT, pad_id, settings.text_max_len, settings.embed_dim)
             .context("SigLIP text tower")?;
-        let faces = YunetRunner::new(ctx.engine.session(&face_path)?, settings.face_score_threshold, settings.face_nms_iou)
-            .context("YuNet face detector")?;
+        let faces = std::fs::read(&face_path).with_context(|| format!("reading {}", face_path.display()))?;
+        let faces = crate::engine::shapes::free_input_dims(&faces, &[2, 3]).context("freeing YuNet's input size")?;
+        let faces = ctx.engine.session_from_memory(YUNET, &faces, Memory::Arena)?;
+        let faces = YunetRunner::new(faces, settings.face_score_threshold, settings.face_nms_iou).context("YuNet face detector")?;
 
         let info = |name: &str, path: &std::path::Path| ModelInfo { name: name.into(), path: path.display().to_string() };
         let models = vec![

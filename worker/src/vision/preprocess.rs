@@ -155,38 +155,44 @@ pub fn siglip_chw(pixels: &[u8], mean: [f32; 3], std: [f32; 3], out: &mut [f32])
     }
 }
 
-/// Where a frame lands in the letterboxed square: the scale from frame to square pixels and the
-/// scaled size (the frame sits at the top-left corner).
+/// Where a frame lands in the letterboxed tensor: the scale from frame to tensor pixels, the scaled
+/// size (the frame sits at the top-left corner) and the tensor's size.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Letterbox {
     pub scale: f32,
     pub width: u32,
     pub height: u32,
+    pub tensor_width: u32,
+    pub tensor_height: u32,
 }
 
 impl Letterbox {
-    /// The letterbox of a `width`×`height` frame in a `side`×`side` square.
-    pub fn new(width: u32, height: u32, side: u32) -> Self {
+    /// The letterbox of a `width`×`height` frame scaled to a long side of `side`, in a tensor whose
+    /// sides are the scaled sides rounded up to a multiple of `multiple` (`side` itself for a square).
+    pub fn new(width: u32, height: u32, side: u32, multiple: u32) -> Self {
         let scale = side as f32 / width.max(height) as f32;
         let w = ((width as f32 * scale).round() as u32).clamp(1, side);
         let h = ((height as f32 * scale).round() as u32).clamp(1, side);
-        Self { scale, width: w, height: h }
+        let up = |n: u32| n.div_ceil(multiple.max(1)) * multiple.max(1);
+        Self { scale, width: w, height: h, tensor_width: up(w), tensor_height: up(h) }
     }
 }
 
-/// Writes the letterboxed frame into `out` (`3·side·side` f32, BGR planes, 0–255, zero padding).
+/// Writes the letterboxed frame into `out` (resized to `3·tensor_width·tensor_height` f32, BGR planes,
+/// 0–255, zero padding); see [`Letterbox::new`] for `side` and `multiple`.
 ///
 /// # Errors
 /// A zero-sized input.
-pub fn letterbox_bgr(rgb: &[u8], width: u32, height: u32, side: u32, out: &mut [f32]) -> Result<Letterbox, ResizeError> {
-    let lb = Letterbox::new(width, height, side);
+pub fn letterbox_bgr(rgb: &[u8], width: u32, height: u32, side: u32, multiple: u32, out: &mut Vec<f32>) -> Result<Letterbox, ResizeError> {
+    let lb = Letterbox::new(width, height, side, multiple);
     let scaled = resize(rgb, (width, height), (lb.width, lb.height), ResizeAlg::Convolution(FilterType::Bilinear))?;
-    out.fill(0.0);
-    let plane = (side * side) as usize;
-    let (w, side) = (lb.width as usize, side as usize);
+    let (w, tw) = (lb.width as usize, lb.tensor_width as usize);
+    let plane = tw * lb.tensor_height as usize;
+    out.clear();
+    out.resize(3 * plane, 0.0);
     for (y, row) in scaled.chunks_exact(w * 3).enumerate() {
         for (x, px) in row.chunks_exact(3).enumerate() {
-            let at = y * side + x;
+            let at = y * tw + x;
             out[at] = f32::from(px[2]);
             out[plane + at] = f32::from(px[1]);
             out[2 * plane + at] = f32::from(px[0]);
@@ -225,16 +231,23 @@ mod tests {
 
     #[test]
     fn letterbox_keeps_aspect_at_top_left() {
-        let lb = Letterbox::new(1280, 720, 640);
-        assert_eq!((lb.width, lb.height), (640, 360));
+        let lb = Letterbox::new(1280, 720, 640, 640);
+        assert_eq!((lb.width, lb.height, lb.tensor_width, lb.tensor_height), (640, 360, 640, 640));
         assert!((lb.scale - 0.5).abs() < 1e-6);
+        let lb = Letterbox::new(1280, 720, 640, 32);
+        assert_eq!((lb.tensor_width, lb.tensor_height), (640, 384));
         let rgb = [200u8, 100, 50].repeat(4 * 2);
-        let mut out = [1.0f32; 3 * 8 * 8];
-        let lb = letterbox_bgr(&rgb, 4, 2, 8, &mut out).unwrap();
+        let mut out = vec![1.0f32; 7];
+        let lb = letterbox_bgr(&rgb, 4, 2, 8, 8, &mut out).unwrap();
         assert_eq!((lb.width, lb.height), (8, 4));
+        assert_eq!(out.len(), 3 * 8 * 8);
         // B plane first, then G, then R; padding rows are zero.
         assert_eq!((out[0], out[64], out[128]), (50.0, 100.0, 200.0));
         assert_eq!(out[5 * 8], 0.0);
+        // Padded to a multiple of 3: a 9×6 tensor, rows of 9.
+        let lb = letterbox_bgr(&rgb, 4, 2, 8, 3, &mut out).unwrap();
+        assert_eq!((lb.tensor_width, lb.tensor_height, out.len()), (9, 6, 3 * 9 * 6));
+        assert_eq!((out[7], out[8], out[9]), (50.0, 0.0, 50.0));
     }
 
     #[test]

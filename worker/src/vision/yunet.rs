@@ -1,8 +1,11 @@
 //! YuNet (OpenCV Zoo, 2023mar) face detection: letterbox, decode the three strides, NMS, map back.
 //!
-//! The model's input shape is fixed at [1, 3, 640, 640], so the owner thread runs a batch as a loop of
-//! single runs into one reused input buffer; batching still pays because requests from every task
-//! share the thread's queue. The decoder follows `yunet_count` in `shared/models/verify.py`:
+//! The file declares a fixed [1, 3, 640, 640] input, but the network is fully convolutional: the
+//! pipeline frees its height and width at load ([`crate::engine::shapes`]) and runs each frame at its
+//! own letterboxed size, long side 640 and both sides a multiple of 32 (a 16:9 frame: 640×384, 40 %
+//! less work than the square). A model left fixed gets the square. Input shapes differ between
+//! frames, so the owner thread runs a batch as a loop of single runs into one reused input buffer;
+//! batching still pays because requests from every task share the thread's queue. The decoder follows `yunet_count` in `shared/models/verify.py`:
 //! score = sqrt(cls·obj) (both clamped to 0–1), centre ((col + dx)·s, (row + dy)·s), size
 //! (exp(dw)·s, exp(dh)·s), landmarks ((col + lx)·s, (row + ly)·s), greedy NMS by descending score.
 
@@ -15,9 +18,11 @@ use super::preprocess::{Letterbox, letterbox_bgr};
 use crate::engine::{BatchRunner, InferenceError};
 use crate::media::frames::Frame;
 
-/// The model's square input side.
+/// The long side of the model's input, to which frames are scaled.
 pub const INPUT_SIDE: u32 = 640;
 const STRIDES: [u32; 3] = [8, 16, 32];
+/// A free input's sides are padded to a multiple of the largest stride.
+const ALIGN: u32 = 32;
 
 /// One face, in the pixel coordinates of the image it was detected in (or mapped to).
 #[derive(Clone, Debug, PartialEq)]
@@ -67,11 +72,12 @@ pub struct StrideOutput<'a> {
     pub kps: &'a [f32],
 }
 
-/// Decodes the strides into faces in letterbox pixels, thresholds, and applies NMS.
-pub fn decode(strides: &[StrideOutput<'_>], score_threshold: f32, nms_iou: f32) -> Vec<Face> {
+/// Decodes the strides of an input `width` pixels wide into faces in letterbox pixels, thresholds,
+/// and applies NMS.
+pub fn decode(strides: &[StrideOutput<'_>], width: u32, score_threshold: f32, nms_iou: f32) -> Vec<Face> {
     let mut faces = Vec::new();
     for s in strides {
-        let cols = (INPUT_SIDE / s.stride) as usize;
+        let cols = (width / s.stride) as usize;
         let st = s.stride as f32;
         for (i, (&cls, &obj)) in s.cls.iter().zip(s.obj).enumerate() {
             let score = (cls.clamp(0.0, 1.0) * obj.clamp(0.0, 1.0)).sqrt();
@@ -106,22 +112,34 @@ pub struct YunetRunner {
     input: String,
     score_threshold: f32,
     nms_iou: f32,
+    /// Tensor sides are rounded up to a multiple of this: [`ALIGN`] for a free input, the side itself
+    /// for a fixed square.
+    multiple: u32,
     /// The one input tensor, reused by every run.
     buffer: Vec<f32>,
 }
 
 impl YunetRunner {
-    /// Wraps a loaded YuNet session.
+    /// Wraps a loaded YuNet session: one with a free height and width (see
+    /// [`crate::engine::shapes`]), or the file's own 640×640.
     ///
     /// # Errors
-    /// The model lacks an input or one of the twelve outputs.
+    /// The model lacks an input or one of the twelve outputs, or its input is fixed at another size.
     pub fn new(session: Session, score_threshold: f32, nms_iou: f32) -> Result<Self, InferenceError> {
         let model = "yunet";
-        let input = session
-            .inputs()
-            .first()
-            .map(|i| i.name().to_string())
-            .ok_or_else(|| InferenceError::Model { model: model.into(), message: "has no inputs".into() })?;
+        let first = session.inputs().first().ok_or_else(|| InferenceError::Model { model: model.into(), message: "has no inputs".into() })?;
+        let input = first.name().to_string();
+        let side = i64::from(INPUT_SIDE);
+        let multiple = match first.dtype().tensor_shape().map(|s| s.to_vec()).as_deref() {
+            Some([_, _, h, w]) if *h < 0 && *w < 0 => ALIGN,
+            Some([_, _, h, w]) if *h == side && *w == side => INPUT_SIDE,
+            other => {
+                return Err(InferenceError::Model {
+                    model: model.into(),
+                    message: format!("input has shape {other:?}; expected [1, 3, 640, 640] or a free height and width"),
+                });
+            }
+        };
         let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         for s in STRIDES {
             for kind in ["cls", "obj", "bbox", "kps"] {
@@ -131,15 +149,14 @@ impl YunetRunner {
                 }
             }
         }
-        let side = INPUT_SIDE as usize;
-        Ok(Self { session, input, score_threshold, nms_iou, buffer: vec![0.0; 3 * side * side] })
+        Ok(Self { session, input, score_threshold, nms_iou, multiple, buffer: Vec::new() })
     }
 
     fn detect(&mut self, frame: &Frame) -> Result<Vec<Face>, InferenceError> {
-        let lb: Letterbox = letterbox_bgr(&frame.rgb, frame.width, frame.height, INPUT_SIDE, &mut self.buffer)
+        let lb: Letterbox = letterbox_bgr(&frame.rgb, frame.width, frame.height, INPUT_SIDE, self.multiple, &mut self.buffer)
             .map_err(|e| InferenceError::Model { model: "yunet".into(), message: e.to_string() })?;
-        let side = INPUT_SIDE as usize;
-        let tensor = TensorRef::from_array_view(([1, 3, side, side], self.buffer.as_slice()))?;
+        let (tw, th) = (lb.tensor_width as usize, lb.tensor_height as usize);
+        let tensor = TensorRef::from_array_view(([1, 3, th, tw], self.buffer.as_slice()))?;
         let outputs = self.session.run(ort::inputs![self.input.as_str() => tensor])?;
         let mut strides = Vec::with_capacity(3);
         for s in STRIDES {
@@ -148,7 +165,7 @@ impl YunetRunner {
         }
         let inv = 1.0 / lb.scale;
         let (w, h) = (frame.width as f32, frame.height as f32);
-        Ok(decode(&strides, self.score_threshold, self.nms_iou).iter().map(|f| f.mapped(inv, inv, w, h)).collect())
+        Ok(decode(&strides, lb.tensor_width, self.score_threshold, self.nms_iou).iter().map(|f| f.mapped(inv, inv, w, h)).collect())
     }
 }
 
@@ -183,7 +200,7 @@ mod tests {
             bbox[i * 4 + 3] = 1.5;
         }
         let out = StrideOutput { stride: 32, cls: &cls, obj: &obj, bbox: &bbox, kps: &kps };
-        let faces = decode(&[out], 0.6, 0.3);
+        let faces = decode(&[out], INPUT_SIDE, 0.6, 0.3);
         assert_eq!(faces.len(), 1);
         let f = &faces[0];
         assert!((f.score - 0.9f32.sqrt()).abs() < 1e-6);

@@ -30,6 +30,27 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
+/// CPU seconds (user + system) of this process and of its children that have been waited for (the
+/// ffmpeg processes of finished tasks); NaN where /proc is unavailable.
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
+    // Fields after the parenthesised name: utime, stime, cutime, cstime are 14–17 (1-based).
+    let Some((_, rest)) = stat.rsplit_once(')') else { return f64::NAN };
+    let fields: Vec<f64> = rest.split_whitespace().skip(11).take(4).filter_map(|f| f.parse().ok()).collect();
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    if fields.len() == 4 { fields.iter().sum::<f64>() / 100.0 } else { f64::NAN }
+}
+
+/// The sum and count of a Prometheus histogram `name` for `model` in `text` (the worker's /metrics
+/// exposition): (0, 0) when absent.
+pub fn histogram_totals(text: &str, name: &str, model: &str) -> (f64, f64) {
+    let value = |suffix: &str| {
+        let prefix = format!("{name}_{suffix}{{model=\"{model}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    (value("sum"), value("count"))
+}
+
 /// Median of the numeric field `key` over JSON objects (one per run, round or child process).
 pub fn field_median(values: &[Value], key: &str) -> f64 {
     median(values.iter().filter_map(|v| v[key].as_f64()).collect())

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib, write_report};
+use heimdex_bench::measure::{child_json, cpu_seconds, field_median, histogram_totals, median, ms, peak_rss_mib, write_report};
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_worker::engine::Engine;
@@ -109,6 +109,32 @@ async fn run_tasks(vision: &VisionPipeline, input: &TaskInput, tasks: usize, con
         faces += out.faces.len();
     }
     Ok((wall, frames, faces))
+}
+
+/// One throughput measurement: `c * 2` tasks at concurrency `c`, with where the time went: CPU per
+/// frame (this process and its ffmpeg children), and per model the share of the wall time its thread
+/// spent running batches and its time per item.
+async fn throughput_row(vision: &VisionPipeline, engine: &Engine, input: &TaskInput, c: usize) -> Result<Value> {
+    let totals = |model: &str| {
+        let text = engine.metrics().encode();
+        let (seconds, _) = histogram_totals(&text, "heimdex_inference_seconds", model);
+        let (items, _) = histogram_totals(&text, "heimdex_inference_batch_size", model);
+        (seconds, items)
+    };
+    let models = [heimdex_worker::vision::SIGLIP_VISION, heimdex_worker::vision::YUNET];
+    let before: Vec<(f64, f64)> = models.iter().map(|m| totals(m)).collect();
+    let cpu = cpu_seconds();
+    let (wall, frames, faces) = run_tasks(vision, input, c * 2, c).await?;
+    let cpu = cpu_seconds() - cpu;
+    let mut row = json!({
+        "concurrency": c, "frames_per_s": frames as f64 / wall * 1000.0, "faces_per_s": faces as f64 / wall * 1000.0,
+        "cpu_ms_per_frame": cpu * 1000.0 / frames as f64,
+    });
+    for (m, (s0, n0)) in models.iter().zip(before) {
+        let (s1, n1) = totals(m);
+        row[*m] = json!({ "busy": (s1 - s0) * 1000.0 / wall, "ms_per_item": (s1 - s0) * 1000.0 / (n1 - n0) });
+    }
+    Ok(row)
 }
 
 /// The hidden child modes: `cold`, `latency`, `rss`.
@@ -334,8 +360,7 @@ async fn main() -> Result<()> {
             }
             let mut row = Vec::new();
             for c in concurrencies {
-                let (wall, frames, faces) = run_tasks(&vision, &input, c * 2, c).await?;
-                row.push(json!({ "concurrency": c, "frames_per_s": frames as f64 / wall * 1000.0, "faces_per_s": faces as f64 / wall * 1000.0 }));
+                row.push(throughput_row(&vision, &engine, &input, c).await?);
             }
             rounds.push(row);
             if round % 2 == 0 {
@@ -348,8 +373,15 @@ async fn main() -> Result<()> {
         let mut throughput = Vec::new();
         let mut versus = serde_json::Map::new();
         for (i, c) in concurrencies.iter().enumerate() {
-            let faces = median(rounds.iter().map(|r| r[i]["faces_per_s"].as_f64().unwrap_or(f64::NAN)).collect());
-            throughput.push(json!({ "concurrency": c, "frames_per_s": median(rounds.iter().map(|r| fps(r, i)).collect()), "faces_per_s": faces }));
+            let med = |f: &dyn Fn(&Value) -> &Value| median(rounds.iter().filter_map(|r| f(&r[i]).as_f64()).collect());
+            throughput.push(json!({
+                "concurrency": c, "frames_per_s": median(rounds.iter().map(|r| fps(r, i)).collect()), "faces_per_s": med(&|r| &r["faces_per_s"]),
+                "cpu_ms_per_frame": med(&|r| &r["cpu_ms_per_frame"]),
+                "siglip_busy": med(&|r| &r[heimdex_worker::vision::SIGLIP_VISION]["busy"]),
+                "siglip_ms_per_image": med(&|r| &r[heimdex_worker::vision::SIGLIP_VISION]["ms_per_item"]),
+                "yunet_busy": med(&|r| &r[heimdex_worker::vision::YUNET]["busy"]),
+                "yunet_ms_per_frame": med(&|r| &r[heimdex_worker::vision::YUNET]["ms_per_item"]),
+            }));
             versus.insert(format!("c{c}"), json!(median((0..runs).map(|r| fps(&rounds[r], i) / best_alone(r)).collect())));
         }
         let best_pipeline = |r: usize| (0..concurrencies.len()).map(|i| fps(&rounds[r], i)).fold(f64::NAN, f64::max);
@@ -425,6 +457,12 @@ fn print_table(r: &Value) {
     println!("{:<44} {:>12}", "first / steady (target <= 1.15)", format!("{:.3}", r["first_task"]["ratio"].as_f64().unwrap_or(f64::NAN)));
     for t in r["throughput"].as_array().into_iter().flatten() {
         println!("{:<44} {:>12}", format!("concurrency {}: frames/s | faces/s", t["concurrency"]), format!("{} | {}", f(&t["frames_per_s"]), f(&t["faces_per_s"])));
+        let pct = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{:.0} %", x * 100.0));
+        println!(
+            "{:<44} {:>12}",
+            "  CPU ms/frame | SigLIP busy, ms/image | YuNet busy, ms/frame",
+            format!("{} | {}, {} | {}, {}", f(&t["cpu_ms_per_frame"]), pct(&t["siglip_busy"]), f(&t["siglip_ms_per_image"]), pct(&t["yunet_busy"]), f(&t["yunet_ms_per_frame"]))
+        );
     }
     if let Some(m) = r["siglip_alone"]["images_per_s"].as_object() {
         let sweep: Vec<String> = m.iter().map(|(b, v)| format!("b{b} {}", f(v))).collect();

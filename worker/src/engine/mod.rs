@@ -93,6 +93,15 @@ impl Engine {
         &self.metrics
     }
 
+    /// This engine with one intra-op thread per session, for a small model that runs beside a large
+    /// one: on the large model's cores, a pool of its own only adds contention and spinning.
+    #[must_use]
+    pub fn single_threaded(&self) -> Self {
+        let mut engine = self.clone();
+        engine.settings.intra_threads = 1;
+        engine
+    }
+
     /// Creates a session for `path` with the configured threads; called once per model at start-up.
     ///
     /// # Errors

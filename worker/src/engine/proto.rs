@@ -1,8 +1,8 @@
 //! The protobuf wire format at the byte level, as far as ONNX files need it, and IEEE half floats:
-//! shared by [`super::carve`] and [`super::quantize`] (which read and rewrite models in memory) and
-//! [`crate::convert`] (which writes them). Hand-written rather than generated: the readers copy
-//! untouched fields byte for byte, and the writer must produce exactly the bytes Python's `onnx`
-//! package does.
+//! shared by [`super::carve`], [`super::quantize`] and [`super::shapes`] (which read and rewrite models
+//! in memory) and [`crate::convert`] (which writes them). Hand-written rather than generated: the
+//! readers copy untouched fields byte for byte, and the writer must produce exactly the bytes Python's
+//! `onnx` package does.
 
 /// The bytes are not a protobuf message of the expected shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +95,7 @@ pub const GRAPH_NAME: u64 = 2;
 pub const GRAPH_INITIALIZER: u64 = 5;
 pub const GRAPH_INPUT: u64 = 11;
 pub const GRAPH_OUTPUT: u64 = 12;
+pub const GRAPH_VALUE_INFO: u64 = 13;
 pub const NODE_INPUT: u64 = 1;
 pub const NODE_OUTPUT: u64 = 2;
 pub const NODE_NAME: u64 = 3;
@@ -116,6 +117,11 @@ pub const TENSOR_NAME: u64 = 8;
 pub const TENSOR_RAW_DATA: u64 = 9;
 pub const TENSOR_DATA_LOCATION: u64 = 14;
 pub const VALUE_INFO_NAME: u64 = 1;
+pub const VALUE_INFO_TYPE: u64 = 2;
+pub const TYPE_TENSOR: u64 = 1;
+pub const TENSOR_TYPE_SHAPE: u64 = 2;
+pub const SHAPE_DIM: u64 = 1;
+pub const DIM_PARAM: u64 = 2;
 // TensorProto.DataType.
 pub const FLOAT: u64 = 1;
 pub const UINT8: u64 = 2;

@@ -10,13 +10,6 @@
 
 use super::proto::*;
 
-const GRAPH_VALUE_INFO: u64 = 13;
-const VALUE_INFO_TYPE: u64 = 2;
-const TYPE_TENSOR: u64 = 1;
-const TENSOR_TYPE_SHAPE: u64 = 2;
-const SHAPE_DIM: u64 = 1;
-const DIM_PARAM: u64 = 2;
-
 /// Why a model's shapes could not be freed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShapeError {

@@ -184,8 +184,11 @@ impl FrameStream {
         // The probed stream, not `0:v:0`: a cover-art picture listed first would be decoded
         // instead, unchecked against `max_side`.
         let map = format!("0:{stream}");
+        // One decoder thread: the models keep every core busy, and frame threading costs a third
+        // more CPU for the same frames (sample.mp4: 1.3 CPU-s single-threaded, 1.7 with the default
+        // three threads), CPU the image model then lacks (measured by bench-vision).
         let mut child = tokio::process::Command::new("ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate"])
+            .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate", "-threads", "1"])
             .args(heimdex_shared::media::INPUT_FENCE)
             .args(["-i", &input])
             .args(["-map", &map, "-an", "-sn", "-dn", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])

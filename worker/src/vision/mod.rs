@@ -93,8 +93,8 @@ impl VisionPipeline {
             .context("SigLIP text tower")?;
         let faces = std::fs::read(&face_path).with_context(|| format!("reading {}", face_path.display()))?;
         let faces = crate::engine::shapes::free_input_dims(&faces, &[2, 3]).context("freeing YuNet's input size")?;
-        // YuNet runs beside SigLIP, which has every core: one thread of its own (40 ms a frame with
-        // two threads inside the pipeline against 12 ms with one; bench-vision, 2 cores).
+        // YuNet runs beside SigLIP, which has every core: one thread of its own (inside the pipeline
+        // 23–40 ms a frame with one thread, 35–54 ms with a pool of two; bench-vision, 2 cores).
         let faces = ctx.engine.single_threaded().session_from_memory(YUNET, &faces, Memory::Arena)?;
         let faces = YunetRunner::new(faces, settings.face_score_threshold, settings.face_nms_iou).context("YuNet face detector")?;
 

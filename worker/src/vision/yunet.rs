@@ -5,9 +5,11 @@
 //! own letterboxed size, long side 640 and both sides a multiple of 32 (a 16:9 frame: 640×384, 40 %
 //! less work than the square). A model left fixed gets the square. Input shapes differ between
 //! frames, so the owner thread runs a batch as a loop of single runs into one reused input buffer;
-//! batching still pays because requests from every task share the thread's queue. The decoder follows `yunet_count` in `shared/models/verify.py`:
-//! score = sqrt(cls·obj) (both clamped to 0–1), centre ((col + dx)·s, (row + dy)·s), size
-//! (exp(dw)·s, exp(dh)·s), landmarks ((col + lx)·s, (row + ly)·s), greedy NMS by descending score.
+//! batching still pays because requests from every task share the thread's queue.
+//!
+//! The decoder follows `yunet_count` in `shared/models/verify.py`: score = sqrt(cls·obj) (both
+//! clamped to 0–1), centre ((col + dx)·s, (row + dy)·s), size (exp(dw)·s, exp(dh)·s), landmarks
+//! ((col + lx)·s, (row + ly)·s), greedy NMS by descending score.
 
 use std::sync::Arc;
 

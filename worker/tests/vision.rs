@@ -371,11 +371,15 @@ async fn the_task_frame_rate_overrides_the_configured_one() {
 #[tokio::test]
 async fn concurrent_tasks_share_one_frame_budget() {
     let vision = load();
-    let input = task(&media("video/sample.mp4")).await;
+    let mut input = task(&media("video/sample.mp4")).await;
+    // 10 fps: 2.5 decoded frames per analysed one, so the models, not ffmpeg (one thread per task),
+    // are the bottleneck and frames wait in the budget; at 1 fps decoding can be the slower side and
+    // no task ever holds more than a few frames.
+    input.options.frame_rate = Some(10.0);
     let timings: Vec<StageTimings> = (0..3).map(|_| StageTimings::default()).collect();
     let runs = timings.iter().map(|t| vision.process(&input, t));
     for out in futures::future::join_all(runs).await {
-        assert_eq!(out.unwrap().frames.len(), 25);
+        assert_eq!(out.unwrap().frames.len(), 250);
     }
     let (peak, budget) = (vision.gauge().peak(), vision.frame_budget());
     assert!(peak <= budget, "peak {peak} frames alive across tasks, budget {budget}");

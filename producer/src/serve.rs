@@ -95,6 +95,7 @@ impl From<ProducerError> for ApiError {
         let status = match &e {
             ProducerError::Media(m) if m.disposition() == Disposition::Permanent => StatusCode::UNPROCESSABLE_ENTITY,
             ProducerError::Read { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ProducerError::Options(_) => StatusCode::BAD_REQUEST,
             // The jobs are stored; the workers publish their messages (see `ProducerError::Outbox`).
             ProducerError::Outbox(_) => StatusCode::ACCEPTED,
             _ => StatusCode::SERVICE_UNAVAILABLE,

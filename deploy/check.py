@@ -9,10 +9,10 @@ What it checks (and what it cannot: no cluster, no KEDA, no image registry here)
   to the repository root's media/ and the named `models` volume (or HEIMDEX_MODELS's folder); one-shot
   `migrate` and `models` services that the workers wait for (service_completed_successfully) along with healthy
   RabbitMQ, PostgreSQL and Redis; every published infrastructure port bound to 127.0.0.1; each worker's
-  CPU limit equal to its ONNX Runtime threads; a stop grace period above the drain timeout.
+  CPU limit equal to its ONNX Runtime threads; a stop grace period above the drain timeout; JSON logs.
 - k8s: every file parses; each worker Deployment has startupProbe and readinessProbe on /readyz and a
   livenessProbe on /healthz at the health port, terminationGracePeriodSeconds above
-  HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS, CPU requests = limits = HEIMDEX__ENGINE__INTRA_THREADS, memory
+  HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS, JSON logs, CPU requests = limits = HEIMDEX__ENGINE__INTRA_THREADS, memory
   requests <= limits, read-only models; one KEDA ScaledObject per Deployment on its queue with
   mode QueueLength and value = HEIMDEX__WORKER__CONCURRENCY, authenticated by a TriggerAuthentication
   whose secret key the example Secret defines, trigger metadata all strings (as KEDA's CRD requires);
@@ -100,6 +100,7 @@ def check_compose():
         expect(seconds(worker["stop_grace_period"]) * 1000 > DEFAULT_DRAIN_MS, f"{name}: stop_grace_period above the drain timeout")
         expect("/readyz" in " ".join(worker["healthcheck"]["test"]), f"{name}: healthcheck on /readyz")
         expect("ports" not in worker, f"{name} publishes no port (health stays inside; --scale would collide)")
+        expect(env.get("HEIMDEX__LOG__FORMAT") == "json", f"{name}: JSON logs for the collector (HEIMDEX__LOG__FORMAT=json)")
     for name, service in services.items():
         for port in service.get("ports", []):
             expect(str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback")
@@ -171,6 +172,7 @@ def check_k8s():
         expect(probe_path(container, "livenessProbe") == "/healthz", f"{name}: livenessProbe on /healthz")
         health_port = int(env["HEIMDEX__WORKER__HEALTH_ADDR"].rsplit(":", 1)[1])
         expect(health_port in [p["containerPort"] for p in container["ports"]], f"{name}: health port {health_port} exposed")
+        expect(env.get("HEIMDEX__LOG__FORMAT") == "json", f"{name}: JSON logs for the collector (HEIMDEX__LOG__FORMAT=json)")
         drain_ms = int(env.get("HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS", DEFAULT_DRAIN_MS))
         grace = pod["terminationGracePeriodSeconds"]
         expect(grace * 1000 > drain_ms, f"{name}: terminationGracePeriodSeconds {grace} s not above the drain timeout {drain_ms} ms")

@@ -227,14 +227,20 @@ impl Default for MediaSettings {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// JSON lines when stderr is not a terminal (a file, a pipe, a container's log), coloured compact
+    /// lines when it is.
     #[default]
+    Auto,
+    /// Compact lines, coloured only on a terminal.
     Pretty,
+    /// One JSON object per line, never coloured.
     Json,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default)]
 pub struct LogSettings {
+    /// `auto` (JSON off a terminal, coloured lines on one), `json` or `pretty`.
     pub format: LogFormat,
     /// An `EnvFilter` directive; `RUST_LOG` wins when set.
     pub filter: String,
@@ -242,7 +248,7 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Pretty, filter: "info,ort=warn,lapin=warn,sqlx=warn".into() }
+        Self { format: LogFormat::Auto, filter: "info,ort=warn,lapin=warn,sqlx=warn".into() }
     }
 }
 

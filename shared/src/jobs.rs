@@ -39,6 +39,10 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    /// Every state, in lifecycle order (the status page has a badge for each).
+    pub const ALL: [JobStatus; 6] =
+        [JobStatus::Queued, JobStatus::Running, JobStatus::Retrying, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Dead];
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Queued => "queued",

@@ -574,3 +574,34 @@ pub async fn assert_load_succeeded(env: &TestEnv, load: &[LoadJob]) -> i32 {
     assert!(jobs as usize >= load.len(), "no job lost");
     deaths
 }
+
+/// A page as a browser shows it: headless Chromium (Debian's package, `scripts/setup` installs it) on
+/// `url` in a `width`×`height` window at device scale 1, so page pixels are screenshot pixels. Returns
+/// the DOM after the page's scripts ran (`--dump-dom`) and the screenshot, written to `png`, as RGB
+/// rows. The two are separate runs of the same page, so the page must lay out the same way twice.
+pub fn render_page(url: &str, png: &Path, width: u32, height: u32) -> (String, Vec<u8>) {
+    let profile = tempfile::tempdir().expect("tempdir");
+    let chromium = |extra: &[&str]| {
+        let out = std::process::Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1"])
+            .arg(format!("--window-size={width},{height}"))
+            .args(["--virtual-time-budget=5000", &format!("--user-data-dir={}", profile.path().display())])
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("chromium (scripts/setup installs it)");
+        assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let dom = String::from_utf8(chromium(&["--dump-dom"])).expect("utf-8 DOM");
+    chromium(&[&format!("--screenshot={}", png.display())]);
+    let rgb = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(png)
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg");
+    let expected = width as usize * height as usize * 3;
+    assert!(rgb.status.success() && rgb.stdout.len() == expected, "a screenshot of {} bytes, not {expected}", rgb.stdout.len());
+    (dom, rgb.stdout)
+}

@@ -29,9 +29,15 @@ pub fn init() -> anyhow::Result<Settings> {
 ///
 /// Why not return from `main`: dropping the tokio runtime waits for blocking tasks, and a model load
 /// interrupted by SIGTERM may still be running on one; the worker must stop promptly in any state.
+/// The error is a log event like every other line (a JSON line where the logs are JSON), unless it
+/// came before logging was set up (invalid configuration): then it is plain text.
 pub fn exit(result: anyhow::Result<()>) -> ! {
     if let Err(e) = &result {
-        eprintln!("Error: {e:?}");
+        if tracing::dispatcher::has_been_set() {
+            tracing::error!(error = %format_args!("{e:#}"), "fatal: the worker exits");
+        } else {
+            eprintln!("Error: {e:?}");
+        }
     }
     std::process::exit(i32::from(result.is_err()))
 }

@@ -243,7 +243,7 @@ async fn remote_media_is_off_by_default_checked_at_enqueue_and_downloaded_by_the
     };
     refused(env.cli(&["enqueue", &sample]).await, "http(s) media URIs are disabled");
     let on = [("HEIMDEX__MEDIA__ALLOW_HTTP", "true")];
-    refused(env.cli_with(&on, &["enqueue", &sample]).await, "127.0.0.1 is not a public address");
+    refused(env.cli_with(&on, &["enqueue", &sample]).await, "is not a public address");
     refused(env.cli_with(&on, &["enqueue", &sample.replace("127.0.0.1", "2130706433")]).await, "not a public address");
     refused(env.cli_with(&on, &["enqueue", &sample.replace("127.0.0.1", "[::ffff:127.0.0.1]")]).await, "not a public address");
     let other = [("HEIMDEX__MEDIA__ALLOW_HTTP", "true"), ("HEIMDEX__MEDIA__ALLOW_HOSTS", "cdn.example")];

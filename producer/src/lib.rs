@@ -10,8 +10,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Input is validated before anything is written: the media must resolve under the media root (or be
-//! an allowed http(s) URL), be non-empty, and be readable by ffprobe. Then one transaction upserts the
+//! Input is validated before anything is written: local media must resolve under the media root, be
+//! non-empty, and be readable by ffprobe (it is hashed too); an http(s) URL must be allowed and point
+//! at a public address (`heimdex_shared::remote::check`), and is neither downloaded nor probed here, so
+//! that enqueue answers at once: the worker downloads it once, and its canonical URL identifies the
+//! video (no content hash, size or probe until a worker has read it). Then one transaction upserts the
 //! video, its jobs and their messages (the outbox), and each message is published with publisher
 //! confirms and removed from the outbox. If the publish fails, or this process dies first, the message
 //! stays in the outbox and the workers publish it: a job is never `queued` without a message.
@@ -80,9 +83,12 @@ impl EnqueueRequest {
 /// Media that passed validation.
 #[derive(Debug, Clone)]
 pub struct ValidMedia {
-    /// Canonical path or URL, as stored in `videos.uri`.
+    /// Canonical path or URL, as stored in `videos.uri`: what identifies the video.
     pub uri: String,
-    pub probe: Probe,
+    /// What ffprobe says of a local file; `None` for remote media, which the worker probes after its
+    /// download.
+    pub probe: Option<Probe>,
+    /// The sha256 and size of a local file; `None` for remote media (never downloaded at enqueue).
     pub content_hash: Option<String>,
     pub size_bytes: Option<i64>,
 }
@@ -138,7 +144,8 @@ impl Producer {
         &self.topology
     }
 
-    /// Checks media without writing anything: location, size, ffprobe, content hash.
+    /// Checks media without writing anything: a local file's location, size, ffprobe and content
+    /// hash; a URL's scheme, host and addresses (see [`validate`]).
     ///
     /// # Errors
     /// [`ProducerError::Media`] with a message that names the problem.
@@ -164,8 +171,10 @@ impl Producer {
     pub async fn enqueue_valid(&self, media: &ValidMedia, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
         request.options.validate()?;
         let mut tx = self.pool.begin().await?;
-        let video_id =
-            jobs::upsert_video(&mut tx, &media.uri, media.content_hash.as_deref(), media.size_bytes, &media.probe).await?;
+        let video_id = match &media.probe {
+            Some(probe) => jobs::upsert_video(&mut tx, &media.uri, media.content_hash.as_deref(), media.size_bytes, probe).await?,
+            None => register_remote(&mut tx, &media.uri).await?,
+        };
         let mut queued = Vec::new();
         for &kind in &request.kinds {
             let message = match jobs::queue_job(&mut tx, video_id, kind, request.force).await? {
@@ -200,22 +209,37 @@ impl Producer {
     }
 }
 
-/// Validation without a broker connection (the CLI validates every input before connecting).
+/// Validation without a broker connection (the CLI validates every input before connecting). A
+/// local file is probed and hashed; a URL is only checked (scheme, allowed host, public addresses;
+/// bounded by `media.remote_timeout_ms`), never downloaded: the worker does that, once.
 ///
 /// # Errors
 /// [`ProducerError::Media`] naming the problem.
 pub async fn validate(uri: &str, settings: &Settings) -> Result<ValidMedia, ProducerError> {
     let resolved = media::resolve(uri, &settings.media.root, settings.media.allow_http)?;
-    // Remote media is checked as the worker will see it: downloaded under the same rules.
-    let download = if remote::is_remote(&resolved) { Some(remote::fetch(&resolved, &settings.media).await?) } else { None };
-    let local = download.as_ref().map_or_else(|| resolved.clone(), |p| p.display().to_string());
-    let probe = media::probe(&local).await?;
-    let path = local.clone();
+    if remote::is_remote(&resolved) {
+        let checked = remote::check(&resolved, &settings.media).await?;
+        return Ok(ValidMedia { uri: checked.url, probe: None, content_hash: None, size_bytes: None });
+    }
+    let probe = media::probe(&resolved).await?;
+    let path = resolved.clone();
     let (hash, size) = tokio::task::spawn_blocking(move || hash_file(Path::new(&path)))
         .await
-        .map_err(|e| ProducerError::Read { path: local.clone(), source: std::io::Error::other(e) })?
-        .map_err(|source| ProducerError::Read { path: local.clone(), source })?;
-    Ok(ValidMedia { uri: resolved, probe, content_hash: Some(hash), size_bytes: Some(size) })
+        .map_err(|e| ProducerError::Read { path: resolved.clone(), source: std::io::Error::other(e) })?
+        .map_err(|source| ProducerError::Read { path: resolved.clone(), source })?;
+    Ok(ValidMedia { uri: resolved, probe: Some(probe), content_hash: Some(hash), size_bytes: Some(size) })
+}
+
+/// The video row of a remote URL, created if new; an existing row keeps what a worker recorded of it
+/// (its probe), which an enqueue that did not read the media must not overwrite.
+async fn register_remote(tx: &mut sqlx::PgConnection, uri: &str) -> Result<Uuid, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT (uri) DO UPDATE SET updated_at = now() RETURNING id",
+    )
+    .bind(Uuid::new_v4())
+    .bind(uri)
+    .fetch_one(tx)
+    .await
 }
 
 fn hash_file(path: &Path) -> std::io::Result<(String, i64)> {

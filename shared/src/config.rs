@@ -206,10 +206,14 @@ pub struct MediaSettings {
     /// Hosts that remote media may come from; empty = any public host. A listed host may also
     /// resolve to a loopback, private or link-local address, which is refused otherwise.
     pub allow_hosts: Vec<String>,
-    /// Largest remote file accepted (bytes).
+    /// Largest remote file accepted (bytes; default 8 GiB, about two hours of 1080p at 8 Mbit/s),
+    /// checked against `Content-Length` before the body and on every chunk read.
     pub max_remote_bytes: u64,
     /// Connect timeout, and longest silence while reading, for remote media.
     pub remote_timeout_ms: u64,
+    /// Longest a whole remote download may take, however steadily the server sends (default one
+    /// hour: 8 GiB at about 19 Mbit/s). A server that drips bytes forever is cut off here.
+    pub remote_deadline_ms: u64,
 }
 
 impl Default for MediaSettings {
@@ -220,6 +224,7 @@ impl Default for MediaSettings {
             allow_hosts: Vec::new(),
             max_remote_bytes: 8 << 30,
             remote_timeout_ms: 30_000,
+            remote_deadline_ms: 3_600_000,
         }
     }
 }

@@ -53,17 +53,18 @@ impl MediaError {
 }
 
 /// Resolves a media URI against the media root: local paths must exist, be non-empty and lie under
-/// `root` after resolving `..` and symlinks; http(s) URLs pass through when allowed (then
+/// `root` after resolving `..` and symlinks; http(s) URLs, when allowed, become their canonical form
+/// ([`crate::remote::canonical`]; [`crate::remote::check`] then checks where they point and
 /// [`crate::remote::fetch`] downloads them under its rules).
 ///
 /// # Errors
 /// [`MediaError`] naming the problem.
 pub fn resolve(uri: &str, root: &Path, allow_http: bool) -> Result<String, MediaError> {
     if let Some((scheme, _)) = uri.split_once("://") {
-        return match scheme {
-            "http" | "https" if allow_http => Ok(uri.to_string()),
+        return match scheme.to_ascii_lowercase().as_str() {
+            "http" | "https" if allow_http => crate::remote::canonical(uri),
             "http" | "https" => Err(MediaError::HttpDisabled(crate::remote::redact(uri))),
-            "file" => resolve(&uri["file://".len()..], root, allow_http),
+            "file" => resolve(&uri[scheme.len() + "://".len()..], root, allow_http),
             _ => Err(MediaError::Scheme(scheme.to_string())),
         };
     }

@@ -17,7 +17,7 @@ use axum::routing::get;
 use heimdex_shared::contract::TaskKind;
 use heimdex_tests::{TestEnv, binary, models_dir, upstream};
 use heimdex_worker::engine::catalog::{self, Build, File, MODELS, Model};
-use heimdex_worker::engine::install::{InstallError, install};
+use heimdex_worker::engine::install::{InstallError, Outcome, install};
 use heimdex_worker::engine::registry::{parse_manifest, sha256_file};
 use uuid::Uuid;
 
@@ -28,10 +28,18 @@ struct Mirror {
     tampered: Option<String>,
     /// Every path requested, in order.
     requests: Arc<Mutex<Vec<String>>>,
+    /// When set, each request waits (up to 2 s) for another to arrive before it is answered, so
+    /// that two downloads that could overlap do.
+    hold: Option<Arc<tokio::sync::Notify>>,
 }
 
 async fn serve_file(State(m): State<Mirror>, UrlPath(path): UrlPath<String>, headers: HeaderMap) -> Response {
     m.requests.lock().unwrap().push(path.clone());
+    if let Some(hold) = &m.hold {
+        let next = hold.notified();
+        hold.notify_waiters();
+        let _ = tokio::time::timeout(Duration::from_secs(2), next).await;
+    }
     let Ok(mut body) = tokio::fs::read(m.root.join(&path)).await else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -54,7 +62,10 @@ async fn serve_file(State(m): State<Mirror>, UrlPath(path): UrlPath<String>, hea
 }
 
 async fn start_mirror(tampered: Option<String>) -> (String, Mirror) {
-    let mirror = Mirror { root: upstream::mirror(), tampered, requests: Arc::default() };
+    start_mirror_with(Mirror { root: upstream::mirror(), tampered, requests: Arc::default(), hold: None }).await
+}
+
+async fn start_mirror_with(mirror: Mirror) -> (String, Mirror) {
     let app = Router::new().route("/{*path}", get(serve_file)).with_state(mirror.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -196,4 +207,19 @@ async fn an_upstream_file_that_is_not_there_fails_naming_its_url_and_keeps_what_
     assert!(stderr.contains(&siglip.url(Some(&url))) && stderr.contains("404"), "{stderr}");
     assert!(dir.path().join("yunet/face_detection_yunet_2023mar.onnx").is_file());
     assert!(!dir.path().join("siglip-base-patch16-224").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_installs_into_one_folder_take_turns() {
+    let hold = Some(Arc::new(tokio::sync::Notify::new()));
+    let (url, mirror) = start_mirror_with(Mirror { root: upstream::mirror(), tampered: None, requests: Arc::default(), hold }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let silero = upstream::model("silero-vad");
+    let (a, b) = tokio::join!(install(dir.path(), silero, Some(&url)), install(dir.path(), silero, Some(&url)));
+    let mut outcomes = [a.expect("first install"), b.expect("second install")];
+    outcomes.sort_by_key(|o| *o == Outcome::Present);
+    assert_eq!(outcomes, [Outcome::Installed, Outcome::Present], "the second waited, then found the model");
+    assert_eq!(mirror.requests.lock().unwrap().len(), 1, "one download: {:?}", mirror.requests.lock().unwrap());
+    let file = silero.files[0];
+    assert_eq!(sha256_file(&dir.path().join(file.path)).unwrap(), file.sha256);
 }

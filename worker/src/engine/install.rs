@@ -1,6 +1,11 @@
 //! Installs a [`catalog`](super::catalog) model into a model directory: fetches its pinned sources,
 //! builds its folder beside it, checks every file against its pin, then moves the files into place
 //! and records them in `MANIFEST.sha256`. A failure at any step leaves the folder as it was.
+//!
+//! Two installs into one folder (two `heimdex-models download` runs, say) take turns: each holds an
+//! exclusive lock on `{dir}/.download.lock` ([`LOCK`]) from its first check to its last rename, so
+//! they never write one `.part` or `MANIFEST.sha256` together; the second then finds the model
+//! present. The lock is the kernel's (`flock`), released when its holder exits, however it exits.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +17,10 @@ use crate::convert::{self, ConvertError};
 /// Where the sources wait between a download and the build (kept across failed runs, so an
 /// interrupted download resumes; removed once the model is installed).
 const SOURCES: &str = ".downloads";
+
+/// The lock file every install into a folder holds while it runs (never removed: removing a lock
+/// file another process waits on would let a third in beside it).
+pub const LOCK: &str = ".download.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -42,6 +51,7 @@ pub enum Outcome {
 /// A download that fails or does not match its pin, a build that fails or does not match its pin,
 /// or the directory cannot be written. Files already in place are left alone.
 pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<Outcome, InstallError> {
+    let _lock = lock(dir).await?;
     let present = ModelRegistry::open(dir)?;
     if model.files.iter().all(|f| present.file(f.path).is_ok()) {
         return Ok(Outcome::Present);
@@ -52,7 +62,10 @@ pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<
         let ok = registry::sha256_file(&dest).is_ok_and(|s| s == source.sha256);
         if !ok {
             let url = source.url(mirror);
-            download::fetch(&url, &dest, Some(source.sha256)).await.map_err(|source| InstallError::Download { url, source })?;
+            let pin = download::Pin { sha256: source.sha256, size: source.size };
+            download::fetch(&url, &dest, pin, download::Limits::default())
+                .await
+                .map_err(|source| InstallError::Download { url, source })?;
         }
     }
 
@@ -63,6 +76,17 @@ pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<
     let _ = std::fs::remove_dir_all(&sources);
     let _ = std::fs::remove_dir(dir.join(SOURCES)); // only when no other model's sources wait there
     Ok(Outcome::Installed)
+}
+
+/// Waits for and takes the folder's install lock; released when the returned file is dropped.
+async fn lock(dir: &Path) -> Result<std::fs::File, InstallError> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let path = dir.join(LOCK);
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| io(&path, e))?;
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| io(&path, std::io::Error::other(e)))?
+        .map_err(|e| io(&path, e))
 }
 
 async fn build_and_place(dir: &Path, model: &Model, sources: &Path, staging: &Path) -> Result<(), InstallError> {

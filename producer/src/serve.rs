@@ -35,7 +35,6 @@
 //! A search whose query vector no warm worker gives (none warm, or none in time) gets 503 at once or
 //! after the query timeout (10 s); the server itself never embeds anything.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,7 +159,7 @@ impl App {
     fn media_error(&self, e: &MediaError) -> ApiError {
         match e {
             MediaError::NotFound(_) | MediaError::OutsideRoot { .. } => {
-                ApiError(StatusCode::UNPROCESSABLE_ENTITY, "no such media file under the media root".into())
+                ApiError(StatusCode::UNPROCESSABLE_ENTITY, "media file not found under the media root".into())
             }
             MediaError::Empty(_) => ApiError(StatusCode::UNPROCESSABLE_ENTITY, "the media file is empty".into()),
             MediaError::Unreadable { uri, reason } => {
@@ -239,6 +238,14 @@ fn host_name(value: &str) -> Option<String> {
     (!host.is_empty() && !host.contains(['@', '/', '\\', ' '])).then_some(host)
 }
 
+/// An entry of `serve.allowed_hosts` as [`host_name`] gives names: `::1` or `[::1]`, any case, with
+/// or without a trailing dot.
+fn allowed_name(entry: &str) -> String {
+    let entry = entry.trim();
+    let entry = entry.strip_prefix('[').and_then(|e| e.strip_suffix(']')).unwrap_or(entry);
+    entry.strip_suffix('.').unwrap_or(entry).to_ascii_lowercase()
+}
+
 /// Refuses a request whose `Host` (one, and the request target's authority if it has one) is not
 /// an allowed name (DNS rebinding), or that lacks a valid API key when keys are set.
 async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
@@ -253,7 +260,7 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
             return ApiError(StatusCode::BAD_REQUEST, "one valid Host header is required".into()).into_response();
         };
         let target = request.uri().authority().map(|a| host_name(a.as_str()));
-        let is_allowed = |n: &str| allowed.iter().any(|h| host_name(h).is_some_and(|h| h == n));
+        let is_allowed = |n: &str| allowed.iter().any(|h| allowed_name(h) == n);
         if !is_allowed(&name) || target.is_some_and(|t| t.as_deref().is_none_or(|t| !is_allowed(t))) {
             return ApiError(StatusCode::FORBIDDEN, "this host name is not served here (serve.allowed_hosts)".into()).into_response();
         }
@@ -512,7 +519,10 @@ struct EnqueueBody {
 }
 
 async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, JsonRejection>) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let Json(body) = body.map_err(|e| {
+        let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { e.status() } else { StatusCode::BAD_REQUEST };
+        ApiError(status, e.body_text())
+    })?;
     if body.uri.trim().is_empty() {
         return Err(bad_request("uri is empty"));
     }
@@ -661,6 +671,8 @@ mod tests {
         ] {
             assert_eq!(host_name(value).as_deref(), name, "{value:?}");
         }
+        assert_eq!(allowed_name("[::1]"), "::1");
+        assert_eq!(allowed_name(" Heimdex.Internal. "), "heimdex.internal");
     }
 
     #[test]

@@ -233,7 +233,9 @@ async fn secret_video(env: &TestEnv, uri: &str) -> (Uuid, Uuid) {
         .await
         .unwrap();
     sqlx::query("INSERT INTO scenes (video_id, idx, start_s, end_s, frame_count) VALUES ($1, 0, 0, 2, 2)").bind(video).execute(pool).await.unwrap();
-    for (idx, v) in [(0, "[1,0,0]"), (1, "[0.9,0.1,0]")] {
+    let dim = env.settings.vision.embed_dim;
+    let vector = |head: &[f32]| format!("[{}]", (0..dim).map(|i| head.get(i).copied().unwrap_or(0.0).to_string()).collect::<Vec<_>>().join(","));
+    for (idx, v) in [(0, vector(&[1.0])), (1, vector(&[0.9, 0.1]))] {
         sqlx::query("INSERT INTO frames (video_id, idx, ts_s, scene_idx, embedding, embedding_model) VALUES ($1, $2, $2, 0, $3::vector, $4)")
             .bind(video)
             .bind(idx)

@@ -25,7 +25,7 @@ pub mod transcript;
 
 use std::path::Path;
 
-use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
+use heimdex_shared::contract::{ContractError, TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::jobs::{self, JobStatus};
 use heimdex_shared::outbox::{self, OutboxError};
 use heimdex_shared::media::{self, MediaError, Probe};
@@ -54,6 +54,9 @@ pub enum ProducerError {
     Outbox(#[from] OutboxError),
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
+    /// A task option was refused; nothing was written.
+    #[error(transparent)]
+    Options(#[from] ContractError),
 }
 
 /// What to enqueue.
@@ -148,6 +151,7 @@ impl Producer {
     /// # Errors
     /// Refused input (nothing written), or the database/broker failing.
     pub async fn enqueue(&self, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
+        request.options.validate()?;
         let media = self.validate(&request.uri).await?;
         self.enqueue_valid(&media, request).await
     }
@@ -158,15 +162,16 @@ impl Producer {
     /// The database or the broker failing. When the broker fails after the commit
     /// ([`ProducerError::Outbox`]), the jobs stay `queued` and the workers publish their messages.
     pub async fn enqueue_valid(&self, media: &ValidMedia, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
+        request.options.validate()?;
         let mut tx = self.pool.begin().await?;
         let video_id =
             jobs::upsert_video(&mut tx, &media.uri, media.content_hash.as_deref(), media.size_bytes, &media.probe).await?;
         let mut queued = Vec::new();
         for &kind in &request.kinds {
             let message = match jobs::queue_job(&mut tx, video_id, kind, request.force).await? {
-                Some(job_id) => {
-                    let message = TaskMessage::new(job_id, video_id, kind, media.uri.clone(), request.options.clone());
-                    outbox::store(&mut tx, job_id, &message).await?;
+                Some(queued) => {
+                    let message = TaskMessage::of_enqueue(&queued, video_id, kind, media.uri.clone(), request.options.clone());
+                    outbox::store(&mut tx, queued.job_id, &message).await?;
                     Some(message)
                 }
                 None => None,

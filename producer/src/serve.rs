@@ -176,6 +176,7 @@ impl App {
         match e {
             ProducerError::Media(m) => self.media_error(m),
             ProducerError::Read { .. } => ApiError(StatusCode::UNPROCESSABLE_ENTITY, "the media file cannot be read".into()),
+            ProducerError::Options(_) => bad_request(e.to_string()),
             // The jobs are stored; the workers publish their messages (see `ProducerError::Outbox`).
             ProducerError::Outbox(_) => ApiError(
                 StatusCode::ACCEPTED,

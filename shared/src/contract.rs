@@ -62,17 +62,51 @@ impl FromStr for TaskKind {
     }
 }
 
+/// The language codes Whisper knows (its tokenizer's language tokens, in its order).
+pub const WHISPER_LANGUAGES: [&str; 99] = [
+    "en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id", "hi", "fi", "vi",
+    "he", "uk", "el", "ms", "cs", "ro", "da", "hu", "ta", "no", "th", "ur", "hr", "bg", "lt", "la", "mi", "ml", "cy", "sk",
+    "te", "fa", "lv", "bn", "sr", "az", "sl", "kn", "et", "mk", "br", "eu", "is", "hy", "ne", "mn", "bs", "kk", "sq", "sw",
+    "gl", "mr", "pa", "si", "km", "sn", "yo", "so", "af", "oc", "ka", "be", "tg", "sd", "gu", "am", "yi", "lo", "uz", "fo",
+    "ht", "ps", "tk", "nn", "mt", "sa", "lb", "my", "bo", "tl", "mg", "as", "tt", "haw", "ln", "ha", "ba", "jw", "su",
+];
+
 /// Per-task options; absent fields take the worker's configured defaults.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskOptions {
-    /// Spoken language code for the index task (`en`); detected when absent.
+    /// Spoken language code for the index task (`en`, one of Whisper's); detected when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = WHISPER_LANGUAGES.as_slice()))]
     pub language: Option<String>,
     /// Frames per second sampled by the vision task, in (0, 60].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 60))]
     pub frame_rate: Option<f32>,
+}
+
+impl TaskOptions {
+    /// Checks what the schema says of each option: the same check at enqueue (library, CLI, API)
+    /// and in the worker, so a bad option is refused before anything is written.
+    ///
+    /// # Errors
+    /// [`ContractError::Shape`] naming the option.
+    pub fn validate(&self) -> Result<(), ContractError> {
+        if let Some(rate) = self.frame_rate
+            && !(rate > 0.0 && rate <= 60.0)
+        {
+            return Err(ContractError::Shape(format!("options.frame_rate {rate} is outside (0, 60]")));
+        }
+        if let Some(language) = &self.language
+            && !WHISPER_LANGUAGES.contains(&language.as_str())
+        {
+            return Err(ContractError::Shape(format!(
+                "options.language {:?} is not a language code Whisper knows (such as en, de, fr, ja)",
+                cap(language)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The body of a task message (UTF-8 JSON, at most 64 KiB), published to the `heimdex` exchange with
@@ -138,6 +172,12 @@ impl TaskMessage {
         Self { v: CONTRACT_VERSION, job_id, video_id, kind, media_uri, options, enqueued_at: Utc::now() }
     }
 
+    /// The message of one enqueue of a job: `enqueued_at` is the enqueue's `queued_at`, by which a
+    /// worker tells it from copies of earlier enqueues (see `jobs::start_run`).
+    pub fn of_enqueue(queued: &crate::jobs::Queued, video_id: Uuid, kind: TaskKind, media_uri: String, options: TaskOptions) -> Self {
+        Self { enqueued_at: queued.queued_at, ..Self::new(queued.job_id, video_id, kind, media_uri, options) }
+    }
+
     /// Parses and validates a message body.
     ///
     /// # Errors
@@ -158,11 +198,7 @@ impl TaskMessage {
         if msg.media_uri.trim().is_empty() {
             return Err(ContractError::Shape("media_uri is empty".into()));
         }
-        if let Some(rate) = msg.options.frame_rate
-            && !(rate > 0.0 && rate <= 60.0)
-        {
-            return Err(ContractError::Shape(format!("options.frame_rate {rate} is outside (0, 60]")));
-        }
+        msg.options.validate()?;
         Ok(msg)
     }
 
@@ -201,6 +237,17 @@ mod tests {
         assert_eq!(TaskMessage::parse(b"{}"), Err(ContractError::NoVersion));
         let err = TaskMessage::parse(br#"{"v":1,"kind":"audio"}"#).unwrap_err();
         assert!(matches!(err, ContractError::Shape(_)), "{err}");
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let with = |language: &str, frame_rate: Option<f32>| TaskOptions { language: Some(language.into()), frame_rate };
+        assert_eq!(with("de", Some(2.0)).validate(), Ok(()));
+        assert!(with("xx", None).validate().unwrap_err().to_string().contains("options.language \"xx\""));
+        assert!(with("en", Some(0.0)).validate().unwrap_err().to_string().contains("frame_rate"));
+        let mut m = sample();
+        m.options = with("english", None);
+        assert!(matches!(TaskMessage::parse(&m.to_body()), Err(ContractError::Shape(_))));
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! The producer creates rows; the worker upserts them from the message too, so a message published
 //! by another service (without our producer) still gets a job row and a readable outcome.
 
+use std::cmp::Ordering;
 use std::fmt;
 
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -93,32 +95,44 @@ pub async fn upsert_video(
     .await
 }
 
+/// One enqueue of a job. `queued_at` names the enqueue: its task message carries it as
+/// `enqueued_at`, so that a worker runs only the latest enqueue's message and acks an older copy as
+/// superseded (see [`start_run`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub job_id: Uuid,
+    pub queued_at: DateTime<Utc>,
+}
+
 /// Creates the job of (video, kind), or queues it again when `force`, when it ended badly, or when
-/// it is still `queued` (its message may have been lost between the commit and the publish; a
-/// duplicate is harmless, see [`start_run`]). Returns the job id when a message must be published,
-/// `None` when the job is running or done (enqueuing twice does not duplicate work).
+/// it is still `queued` (its message may have been lost between the commit and the publish; the
+/// older message is then superseded, see [`start_run`]). Returns the enqueue when a message must be
+/// published, `None` when the job is running or done (enqueuing twice does not duplicate work).
 ///
 /// A forced re-queue clears `run_token`, so a run still in progress is superseded: its writes are
 /// refused from then on. It also clears the index checkpoints, so the re-run decodes every window.
+/// `queued_at` is the statement's own clock (not the transaction's start), so that of two racing
+/// enqueues the one that commits last names the latest.
 ///
 /// # Errors
 /// Database errors.
-pub async fn queue_job(conn: &mut PgConnection, video_id: Uuid, kind: TaskKind, force: bool) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+pub async fn queue_job(conn: &mut PgConnection, video_id: Uuid, kind: TaskKind, force: bool) -> Result<Option<Queued>, sqlx::Error> {
+    let row: Option<(Uuid, DateTime<Utc>)> = sqlx::query_as(
         "WITH cleared AS (DELETE FROM index_checkpoints WHERE $4 AND $3 = 'index' AND video_id = $2)
-         INSERT INTO jobs (id, video_id, kind, status) VALUES ($1, $2, $3, 'queued')
+         INSERT INTO jobs (id, video_id, kind, status, queued_at) VALUES ($1, $2, $3, 'queued', clock_timestamp())
          ON CONFLICT (video_id, kind) DO UPDATE SET status = 'queued', attempts = 0, deaths = 0, last_error = NULL,
-             worker_id = NULL, run_token = NULL, queued_at = now(), started_at = NULL, finished_at = NULL,
+             worker_id = NULL, run_token = NULL, queued_at = clock_timestamp(), started_at = NULL, finished_at = NULL,
              stage_timings = '{}'::jsonb, summary = NULL
          WHERE $4 OR jobs.status IN ('queued', 'failed', 'dead')
-         RETURNING id",
+         RETURNING id, queued_at",
     )
     .bind(Uuid::new_v4())
     .bind(video_id)
     .bind(kind.as_str())
     .bind(force)
     .fetch_optional(conn)
-    .await
+    .await?;
+    Ok(row.map(|(job_id, queued_at)| Queued { job_id, queued_at }))
 }
 
 /// A run of a job: the token that fences its writes, and its attempt number.
@@ -142,9 +156,12 @@ pub enum Start {
     Run(Run),
     /// The job already succeeded (a redelivery after the commit): ack and skip.
     AlreadyDone,
-    /// Another copy of the message is being processed right now (a first delivery, not a broker
-    /// redelivery, found the job running): ack this copy; the live run's own message covers the job.
+    /// Another copy of the same enqueue's message runs the job now, or already ended it: ack this
+    /// copy; the other copy's own message covers the job.
     Duplicate,
+    /// The message is a copy from an earlier enqueue of the job (a `--force`, a re-enqueue or a DLQ
+    /// replay published a newer one since): ack it; only the latest enqueue's message runs the job.
+    Superseded,
     /// The message goes to the dead-letter queue with `reason`: the job has had `max_attempts` runs and
     /// is now `dead`, or an earlier delivery of this message already ended it (`dead` or `failed`) and
     /// its worker died before routing the message.
@@ -153,15 +170,20 @@ pub enum Start {
 
 /// Starts a run: creates the video and job rows if the message came from elsewhere (a message whose
 /// `video_id` differs from the one Heimdex holds for its URI runs under the held one), counts the
-/// attempt, writes a fresh run token. A broker redelivery of a job that is still `running` means the
-/// run before died without recording an outcome (a crash, an OOM kill): that is counted in `deaths`,
-/// and after `max_attempts` runs the job is `dead` ("the worker died N times ...").
+/// attempt, writes a fresh run token.
 ///
-/// A broker redelivery of a message enqueued before its job ended `dead` or `failed` is that end's
-/// own message: the worker that wrote the end died before it dead-lettered the message (the row is
-/// written first, so that a crash can never leave a job `running` without a message). It goes to the
-/// dead-letter queue with the stored reason; running it again would start a new series of attempts
-/// for a video that already killed `max_attempts` workers.
+/// Which enqueue a message belongs to is its `enqueued_at` against the job's `queued_at`:
+/// - older: a stale copy (superseded by a later enqueue), acked whatever state the job is in;
+/// - equal: the latest enqueue's message (our producer sets `enqueued_at` from `queued_at`; retry
+///   copies keep it). A broker redelivery of a job that is still `running` means the run before
+///   died without recording an outcome (a crash, an OOM kill): that is counted in `deaths`, and after
+///   `max_attempts` runs the job is `dead` ("the worker died N times ..."). A broker redelivery of a
+///   job that ended `dead` or `failed` is that end's own message, whose worker died before it
+///   dead-lettered it (the row is written first, so that a crash can never leave a job `running`
+///   without a message): it goes to the dead-letter queue with the stored reason. A first delivery
+///   of a job that is running or ended is a second copy (a relay and a producer racing): acked.
+/// - newer: a publisher other than our producer enqueued the job again; it becomes the latest
+///   enqueue, and a job that ended badly starts a new series of attempts.
 ///
 /// # Errors
 /// Database errors (a connection error means the database is down).
@@ -172,6 +194,8 @@ pub async fn start_run(
     redelivered: bool,
     max_attempts: u32,
 ) -> Result<Start, sqlx::Error> {
+    // PostgreSQL keeps microseconds: compare what it would store.
+    let enqueued = msg.enqueued_at.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(msg.enqueued_at);
     let mut tx = pool.begin().await?;
     let video_id: Uuid = sqlx::query_scalar(
         "INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT (uri) DO UPDATE SET uri = EXCLUDED.uri RETURNING id",
@@ -182,39 +206,46 @@ pub async fn start_run(
     .await?;
     // The message's job id is used only when Heimdex holds no job for (video, kind) yet.
     sqlx::query(
-        "INSERT INTO jobs (id, video_id, kind, status) VALUES ($1, $2, $3, 'queued') ON CONFLICT DO NOTHING",
+        "INSERT INTO jobs (id, video_id, kind, status, queued_at) VALUES ($1, $2, $3, 'queued', $4) ON CONFLICT DO NOTHING",
     )
     .bind(msg.job_id)
     .bind(video_id)
     .bind(msg.kind.as_str())
+    .bind(enqueued)
     .execute(&mut *tx)
     .await?;
-    let (job_id, status, attempts, deaths, last_error, finished_at): (Uuid, JobStatus, i32, i32, Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as("SELECT id, status, attempts, deaths, last_error, finished_at FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
+    let (job_id, status, attempts, deaths, last_error, queued_at): (Uuid, JobStatus, i32, i32, Option<String>, DateTime<Utc>) =
+        sqlx::query_as("SELECT id, status, attempts, deaths, last_error, queued_at FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
             .bind(video_id)
             .bind(msg.kind.as_str())
             .fetch_one(&mut *tx)
             .await?;
     let (mut attempts, mut deaths) = (u32::try_from(attempts).unwrap_or(0), u32::try_from(deaths).unwrap_or(0));
-    match status {
-        JobStatus::Succeeded => {
-            tx.commit().await?;
-            return Ok(Start::AlreadyDone);
+    let verdict = match (enqueued.cmp(&queued_at), status) {
+        (Ordering::Less, _) => Some(Start::Superseded),
+        (_, JobStatus::Succeeded) => Some(Start::AlreadyDone),
+        (Ordering::Greater, JobStatus::Running) => Some(Start::Duplicate),
+        (Ordering::Equal, JobStatus::Running) if !redelivered => Some(Start::Duplicate),
+        (Ordering::Equal, JobStatus::Running) => {
+            deaths += 1;
+            None
         }
-        JobStatus::Running if !redelivered => {
-            tx.commit().await?;
-            return Ok(Start::Duplicate);
-        }
-        JobStatus::Running => deaths += 1,
-        JobStatus::Failed | JobStatus::Dead if redelivered && finished_at.is_some_and(|end| msg.enqueued_at <= end) => {
-            tx.commit().await?;
+        (Ordering::Equal, JobStatus::Failed | JobStatus::Dead) if redelivered => {
             let reason = last_error.unwrap_or_else(|| format!("the job is {status}"));
-            return Ok(Start::DeadLetter { attempts, reason });
+            Some(Start::DeadLetter { attempts, reason })
         }
-        // A message for a job that ended badly comes from a publisher that re-ran it without our
-        // producer (which resets the row itself): a new series of attempts.
-        JobStatus::Failed | JobStatus::Dead => (attempts, deaths) = (0, 0),
-        JobStatus::Queued | JobStatus::Retrying => {}
+        (Ordering::Equal, JobStatus::Failed | JobStatus::Dead) => Some(Start::Duplicate),
+        // A newer enqueue of a job that ended badly, by a publisher other than our producer (which
+        // resets the row itself): a new series of attempts.
+        (Ordering::Greater, JobStatus::Failed | JobStatus::Dead) => {
+            (attempts, deaths) = (0, 0);
+            None
+        }
+        (_, JobStatus::Queued | JobStatus::Retrying) => None,
+    };
+    if let Some(verdict) = verdict {
+        tx.commit().await?;
+        return Ok(verdict);
     }
     if attempts >= max_attempts {
         let reason = if status == JobStatus::Running {
@@ -236,7 +267,7 @@ pub async fn start_run(
     let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1, deaths };
     sqlx::query(
         "UPDATE jobs SET status = 'running', attempts = $2, deaths = $3, run_token = $4, worker_id = $5,
-             started_at = now(), finished_at = NULL
+             started_at = now(), finished_at = NULL, queued_at = $6
          WHERE id = $1",
     )
     .bind(job_id)
@@ -244,6 +275,7 @@ pub async fn start_run(
     .bind(deaths as i32)
     .bind(run.token)
     .bind(worker_id)
+    .bind(enqueued.max(queued_at))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -389,21 +421,24 @@ pub async fn release_run(pool: &PgPool, run: &Run) -> Result<bool, sqlx::Error> 
     Ok(done.rows_affected() > 0)
 }
 
-/// Puts a job back to `queued` with fresh attempts (DLQ replay), superseding any run. Call it
-/// before publishing the message again, so a fast outcome of the new run cannot be overwritten.
+/// Puts a job back to `queued` with fresh attempts (DLQ replay), superseding any run, and returns
+/// the new enqueue (its message must carry `queued_at` as `enqueued_at`). Call it before publishing
+/// the message again, so a fast outcome of the new run cannot be overwritten.
+///
+/// `None` when Heimdex holds no job of that id.
 ///
 /// # Errors
 /// Database errors.
-pub async fn requeue(pool: &PgPool, job_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
+pub async fn requeue(pool: &PgPool, job_id: Uuid) -> Result<Option<Queued>, sqlx::Error> {
+    let queued_at: Option<DateTime<Utc>> = sqlx::query_scalar(
         "UPDATE jobs SET status = 'queued', attempts = 0, deaths = 0, last_error = NULL, run_token = NULL,
-             queued_at = now(), started_at = NULL, finished_at = NULL
-         WHERE id = $1",
+             queued_at = clock_timestamp(), started_at = NULL, finished_at = NULL
+         WHERE id = $1 RETURNING queued_at",
     )
     .bind(job_id)
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(())
+    Ok(queued_at.map(|queued_at| Queued { job_id, queued_at }))
 }
 
 /// A job as the CLI shows it.

@@ -13,6 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::contract::TaskMessage;
+use crate::error::cap;
 use crate::topology::{self, PublishError, Topology};
 
 /// Why the outbox could not be flushed.
@@ -40,13 +41,15 @@ pub async fn store(conn: &mut PgConnection, job_id: Uuid, message: &TaskMessage)
     Ok(())
 }
 
-/// Publishes `message` with confirms and removes it from the outbox.
+/// Publishes `message` with confirms and removes it from the outbox, unless a newer enqueue of the
+/// job has replaced it there meanwhile (that one is still to be published).
 ///
 /// # Errors
 /// The broker did not confirm (the message stays in the outbox for [`relay`]), or the database failed.
 pub async fn publish(pool: &PgPool, channel: &Channel, topology: &Topology, message: &TaskMessage) -> Result<(), OutboxError> {
+    let body = message.to_body();
     topology::publish_task(channel, topology, message).await?;
-    sqlx::query("DELETE FROM outbox WHERE job_id = $1").bind(message.job_id).execute(pool).await?;
+    sqlx::query("DELETE FROM outbox WHERE job_id = $1 AND body = $2").bind(message.job_id).bind(&body).execute(pool).await?;
     Ok(())
 }
 
@@ -68,11 +71,26 @@ pub async fn relay(pool: &PgPool, channel: &Channel, topology: &Topology, older_
     let mut published = 0;
     for (job_id, body) in rows {
         match TaskMessage::parse(&body) {
-            Ok(message) => {
-                topology::publish_task(channel, topology, &message).await?;
-                published += 1;
+            Ok(message) => match topology::publish_task(channel, topology, &message).await {
+                Ok(()) => published += 1,
+                // Unroutable now (a queue unbound or deleted): the row stays for the next round, and
+                // does not hold back the rows behind it.
+                Err(e @ PublishError::Nacked) => {
+                    tracing::warn!(job = %job_id, error = %e, "an outbox message was refused; trying it again later");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
+            // A row that can never become a message fails its job with the reason: never `queued` forever.
+            Err(e) => {
+                let reason = cap(&format!("its stored task message is not a task: {e}"));
+                tracing::error!(job = %job_id, reason, "failing a job whose outbox message cannot be published");
+                sqlx::query("UPDATE jobs SET status = 'failed', last_error = $2, finished_at = now() WHERE id = $1 AND status = 'queued'")
+                    .bind(job_id)
+                    .bind(&reason)
+                    .execute(&mut *tx)
+                    .await?;
             }
-            Err(e) => tracing::error!(job = %job_id, error = %e, "dropping an outbox row that is not a task"),
         }
         sqlx::query("DELETE FROM outbox WHERE job_id = $1").bind(job_id).execute(&mut *tx).await?;
     }

@@ -2,6 +2,11 @@
 //! and media root, spawns the real worker binaries against the real services and models, and waits on
 //! conditions with deadlines (never sleeps).
 //!
+//! Every wait of a test ends by the test's own deadline ([`TEST_BUDGET`] after [`TestEnv::new`]),
+//! which comes before the harness's (nextest stops a test at 360 s, `.config/nextest.toml`): a test
+//! that waits too long fails by itself and prints what it waited for and the state of its world
+//! ([`TestEnv::report`]: jobs, queues, workers and their last log lines).
+//!
 //! The worker binaries are run from the same target directory as the test (`cargo build --bins`
 //! first; `scripts/test` does).
 
@@ -49,26 +54,9 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Waits until `check` returns `Some`, polling every 50 ms, or panics after `timeout` with `what`.
-#[track_caller]
-pub fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> impl Future<Output = T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let caller = std::panic::Location::caller();
-    let what = what.to_string();
-    async move {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what} ({caller})");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
+/// How long one test may run, from [`TestEnv::new`] to its last wait: under nextest's 360 s
+/// (`.config/nextest.toml`), so that the test's own timeout, with its report, comes first.
+pub const TEST_BUDGET: Duration = Duration::from_secs(330);
 
 /// One test's private world.
 pub struct TestEnv {
@@ -77,13 +65,22 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub media: tempfile::TempDir,
     pub channel: lapin::Channel,
-    _connection: lapin::Connection,
+    connection: lapin::Connection,
     pub fleet: Fleet,
+    /// When every wait of this test gives up ([`TEST_BUDGET`] after the start).
+    pub deadline: tokio::time::Instant,
 }
 
 impl TestEnv {
     /// Creates a database, a queue prefix and a media root for one test.
     pub async fn new() -> Self {
+        Self::with_budget(TEST_BUDGET).await
+    }
+
+    /// A test world whose waits all end `budget` from now (a test that needs longer than
+    /// [`TEST_BUDGET`] must have a nextest override that gives it more).
+    pub async fn with_budget(budget: Duration) -> Self {
+        let deadline = tokio::time::Instant::now() + budget;
         let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
         let name = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let admin = PgPool::connect(ADMIN_DB).await.expect("postgres is running (scripts/setup)");
@@ -105,7 +102,7 @@ impl TestEnv {
         let (connection, channel) = topology::connect(&settings.amqp, "heimdex-tests").await.expect("rabbitmq is running");
         Topology::new(&settings.amqp).declare(&channel, &settings.worker).await.expect("declare");
         let fleet = Fleet::connect(&settings.redis, &settings.amqp.prefix).await.expect("redis is running");
-        Self { name, settings, pool, media, channel, _connection: connection, fleet }
+        Self { name, settings, pool, media, channel, connection, fleet, deadline }
     }
 
     pub fn topology(&self) -> Topology {
@@ -234,26 +231,110 @@ impl TestEnv {
         self.fleet.workers().await.ok()?.into_iter().find(|w| w.id == id)
     }
 
-    /// Waits until the worker reports `state` in Redis.
+    /// Waits until `check` returns `Some`, polling every 50 ms, for at most `timeout` and never past
+    /// the test's deadline; then panics with `what` and [`TestEnv::report`].
     #[track_caller]
-    pub fn wait_state<'a>(&'a self, worker: &'a WorkerProcess, state: WorkerState, timeout: Duration) -> impl Future<Output = WorkerStatus> + 'a {
+    pub fn wait_for<'a, T, F, Fut>(&'a self, what: &str, timeout: Duration, mut check: F) -> impl Future<Output = T> + use<'a, T, F, Fut>
+    where
+        T: 'a,
+        F: FnMut() -> Fut + 'a,
+        Fut: Future<Output = Option<T>> + 'a,
+    {
         let caller = std::panic::Location::caller();
+        let what = what.to_string();
         async move {
-            let deadline = tokio::time::Instant::now() + timeout;
+            let started = tokio::time::Instant::now();
+            let deadline = (started + timeout).min(self.deadline);
             loop {
-                if let Some(s) = self.worker_status(&worker.id).await.filter(|s| s.state == state) {
-                    return s;
+                if let Some(v) = check().await {
+                    return v;
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "timed out after {timeout:?} waiting for {} to be {} ({caller}); its log:\n{}",
-                    worker.id,
-                    state.as_str(),
-                    worker.log()
-                );
+                if tokio::time::Instant::now() >= deadline {
+                    let cause = if deadline == self.deadline { "the test's deadline" } else { "its timeout" };
+                    panic!(
+                        "timed out after {:?} ({cause}) waiting for {what} ({caller})\n{}",
+                        started.elapsed(),
+                        self.report().await
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// Waits until the worker reports `state` in Redis.
+    #[track_caller]
+    pub fn wait_state<'a>(&'a self, worker: &'a WorkerProcess, state: WorkerState, timeout: Duration) -> impl Future<Output = WorkerStatus> + 'a {
+        let what = format!("{} to be {}", worker.id, state.as_str());
+        self.wait_for(&what, timeout, move || async move { self.worker_status(&worker.id).await.filter(|s| s.state == state) })
+    }
+
+    /// What this test's world looks like now, for a timeout's message: jobs by status and every job
+    /// that has not ended, each queue's depth and consumers, each worker's state in Redis, and the
+    /// last lines of every worker's log.
+    pub async fn report(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from("--- the test's world now ---\n");
+        let by_status: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status").fetch_all(&self.pool).await.unwrap_or_default();
+        let _ = writeln!(out, "jobs by status: {by_status:?}");
+        let open: Vec<(Uuid, String, String, i32, i32, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT id, kind, status, attempts, deaths, worker_id, last_error FROM jobs
+             WHERE status NOT IN ('succeeded', 'failed', 'dead') ORDER BY queued_at LIMIT 20",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        for (id, kind, status, attempts, deaths, worker, error) in open {
+            let _ = writeln!(out, "  {kind} job {id}: {status}, attempts {attempts}, deaths {deaths}, worker {worker:?}, last error {error:?}");
+        }
+        let topology = self.topology();
+        for kind in TaskKind::ALL {
+            let mut names = vec![topology.queue(kind), topology.dlq(kind)];
+            names.extend((1..self.settings.worker.max_attempts).map(|a| topology.retry_queue(kind, Topology::backoff_ms(&self.settings.worker, a))));
+            for name in names {
+                // A passive declare of a missing queue closes its channel: one channel per look.
+                let depth = match self.connection.create_channel().await {
+                    Ok(channel) => {
+                        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+                        let q = channel.queue_declare(name.as_str().into(), passive, FieldTable::default()).await;
+                        let _ = channel.close(200, "".into()).await;
+                        q.map(|q| (q.message_count(), q.consumer_count())).map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                match depth {
+                    Ok((0, 0)) => {}
+                    Ok((ready, consumers)) => {
+                        let _ = writeln!(out, "queue {name}: {ready} ready, {consumers} consumers");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "queue {name}: {e}");
+                    }
+                }
+            }
+        }
+        match self.fleet.workers().await {
+            Ok(workers) => {
+                for w in workers {
+                    let _ = writeln!(out, "worker {} ({}): {}, in flight {:?}", w.id, w.kind, w.state.as_str(), w.in_flight);
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "workers: Redis: {e}");
+            }
+        }
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.media.path())
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(12)..];
+            let _ = writeln!(out, "last lines of {}:\n  {}", log.file_name().unwrap_or_default().to_string_lossy(), tail.join("\n  "));
+        }
+        out
     }
 
     /// (ready messages, consumers) of a queue.
@@ -268,8 +349,9 @@ impl TestEnv {
     }
 
     /// Waits until the job reaches `status`.
-    pub async fn wait_job(&self, id: Uuid, status: &str, timeout: Duration) -> JobRow {
-        wait_for(&format!("job {id} to be {status}"), timeout, || async { self.job(id).await.filter(|j| j.status.as_str() == status) }).await
+    #[track_caller]
+    pub fn wait_job<'a>(&'a self, id: Uuid, status: &'a str, timeout: Duration) -> impl Future<Output = JobRow> + 'a {
+        self.wait_for(&format!("job {id} to be {status}"), timeout, move || async move { self.job(id).await.filter(|j| j.status.as_str() == status) })
     }
 
     pub async fn count(&self, sql: &str, video: Uuid) -> i64 {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::{TestEnv, wait_for};
+use heimdex_tests::{TestEnv};
 
 const WARM: Duration = Duration::from_secs(120);
 
@@ -63,12 +63,12 @@ async fn enqueue_wait_reports_outcomes_and_dlq_replay_reprocesses() {
 
     // The job row is written before the message moves to the DLQ.
     let dlq = env.topology().dlq(TaskKind::Index);
-    wait_for("the dead letter", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the dead letter", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let (code, out, _) = env.cli(&["dlq", "list"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("index") && out.contains("no audio") && out.contains("1 dead letter"), "{out}");
     // Listing does not consume.
-    wait_for("the listed letter back in its queue", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the listed letter back in its queue", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
 
     // Replay: the job is queued again and fails again, for the same reason, back in the DLQ.
     let (code, out, _) = env.cli(&["dlq", "replay", "--kind", "index"]).await;
@@ -77,7 +77,7 @@ async fn enqueue_wait_reports_outcomes_and_dlq_replay_reprocesses() {
     let job: uuid::Uuid = sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'index'").fetch_one(&env.pool).await.unwrap();
     let row = env.wait_job(job, "failed", WARM).await;
     assert_eq!(row.attempts, 1);
-    wait_for("the replayed letter back in the DLQ", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the replayed letter back in the DLQ", WARM, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
 
     let (code, out, _) = env.cli(&["status", "--job", &job.to_string()]).await;
     assert_eq!(code, 0);

@@ -7,7 +7,7 @@ use heimdex_producer::{EnqueueRequest, Producer};
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::fleet::WorkerState;
 use heimdex_tests::proxy::TcpProxy;
-use heimdex_tests::{TestEnv, drain_dlq, publish_raw, wait_for};
+use heimdex_tests::{TestEnv, drain_dlq, publish_raw};
 use uuid::Uuid;
 
 const WARM: Duration = Duration::from_secs(120);
@@ -34,11 +34,11 @@ async fn sigkill_after_commit_before_ack_redelivers_without_duplicates() {
     assert_eq!(env.queue(&queue).await.0, 0, "the message is unacked, held by the worker");
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(10)).await;
-    wait_for("redelivery", TASK, || async { (env.queue(&queue).await.0 == 1).then_some(()) }).await;
+    env.wait_for("redelivery", TASK, || async { (env.queue(&queue).await.0 == 1).then_some(()) }).await;
 
     let second = env.spawn_worker("vision", "second", &[]);
     env.wait_state(&second, WorkerState::Warm, WARM).await;
-    wait_for("the redelivered message to be acked", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
+    env.wait_for("the redelivered message to be acked", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
     let row = env.job(job).await.unwrap();
     assert_eq!(row.status.as_str(), "succeeded");
     heimdex_tests::assert_results(&env, video).await;
@@ -120,7 +120,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_worker_keeps_ser
         assert!(error.contains(reason), "job {job}: {error:?} should say {reason:?}");
     }
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("dead letters", TASK, || async { (env.queue(&dlq).await.0 as usize == expected.len()).then_some(()) }).await;
+    env.wait_for("dead letters", TASK, || async { (env.queue(&dlq).await.0 as usize == expected.len()).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     for (job, reason) in &expected {
         let letter = letters.iter().find(|(id, _)| id.as_deref() == Some(&job.to_string())).expect("dead letter");
@@ -153,7 +153,7 @@ async fn database_outage_pauses_consuming_and_everything_completes_after_recover
     }
     env.wait_state(&worker, WorkerState::Paused, TASK).await;
     let queue = env.topology().queue(TaskKind::Vision);
-    wait_for("the messages back in the queue, nobody consuming", TASK, || async {
+    env.wait_for("the messages back in the queue, nobody consuming", TASK, || async {
         (env.queue(&queue).await == (3, 0)).then_some(())
     })
     .await;
@@ -214,7 +214,7 @@ async fn a_panicking_task_is_retried_with_backoff_then_dead_lettered() {
     assert_eq!(row.attempts, 3, "max_attempts deliveries");
     assert!(row.last_error.as_deref().unwrap_or("").contains("panicked"), "{row:?}");
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     assert_eq!(letters.len(), 1);
     assert!(letters[0].1.contains("gave up after 3 attempts"), "{letters:?}");

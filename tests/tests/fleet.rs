@@ -5,7 +5,7 @@ use std::time::Duration;
 use heimdex_producer::{EnqueueRequest, Producer};
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::{TestEnv, http_get, wait_for};
+use heimdex_tests::{TestEnv, http_get};
 
 const WARM: Duration = Duration::from_secs(120);
 const TASK: Duration = Duration::from_secs(240);
@@ -118,14 +118,14 @@ async fn a_worker_takes_no_message_before_it_is_warm() {
     assert_eq!((code, body.trim()), (200, "warm"));
     env.wait_job(job, "succeeded", TASK).await;
     // The job row commits before the ack; the counter moves after it.
-    let metrics = wait_for("the task counted in /metrics", TASK, || async {
+    let metrics = env.wait_for("the task counted in /metrics", TASK, || async {
         let (code, metrics) = http_get(&status.health_addr, "/metrics").await;
         (code == 200 && metrics.contains("heimdex_tasks_total{kind=\"vision\",outcome=\"succeeded\"} 1")).then_some(metrics)
     })
     .await;
     assert!(metrics.contains("heimdex_worker_state{state=\"warm\"} 1"), "{metrics}");
     assert!(metrics.contains("heimdex_inference_batch_size_count"), "{metrics}");
-    wait_for("queue to drain", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
+    env.wait_for("queue to drain", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
     drop(worker);
     env.cleanup().await;
 }

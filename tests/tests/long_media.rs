@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::{TestEnv, bundle_media, wait_for, words_found};
+use heimdex_tests::{TestEnv, bundle_media, words_found};
 use uuid::Uuid;
 
 const WARM: Duration = Duration::from_secs(180);
@@ -48,7 +48,7 @@ async fn a_killed_index_task_resumes_after_its_stored_windows_and_gives_the_same
     let mut first = env.spawn_worker("index", "resume-1", &small);
     env.wait_state(&first, WorkerState::Warm, WARM).await;
     let (video, job) = env.enqueue("long.mp4", TaskKind::Index, false).await.unwrap();
-    wait_for("two stored windows", Duration::from_secs(300), || async { (stored_windows(&env, video).await >= 2).then_some(()) }).await;
+    env.wait_for("two stored windows", Duration::from_secs(300), || async { (stored_windows(&env, video).await >= 2).then_some(()) }).await;
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(10)).await;
     let stored = stored_windows(&env, video).await;
@@ -84,7 +84,7 @@ async fn a_forced_rerun_decodes_every_window_again() {
     let mut first = env.spawn_worker("index", "force-1", &small);
     env.wait_state(&first, WorkerState::Warm, WARM).await;
     let (video, job) = env.enqueue("long.mp4", TaskKind::Index, false).await.unwrap();
-    wait_for("a stored window", Duration::from_secs(300), || async { (stored_windows(&env, video).await >= 1).then_some(()) }).await;
+    env.wait_for("a stored window", Duration::from_secs(300), || async { (stored_windows(&env, video).await >= 1).then_some(()) }).await;
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(10)).await;
     assert!(stored_windows(&env, video).await >= 1);

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::{TestEnv, wait_for};
+use heimdex_tests::{TestEnv};
 
 const WARM: Duration = Duration::from_secs(120);
 const TASK: Duration = Duration::from_secs(240);
@@ -84,7 +84,7 @@ async fn metrics_are_openmetrics_with_build_process_and_media_series() {
 
     let (_, job) = env.enqueue("clip.mp4", TaskKind::Vision, false).await.expect("enqueue");
     env.wait_job(job, "succeeded", TASK).await;
-    let after = wait_for("the task counted in /metrics", TASK, || async {
+    let after = env.wait_for("the task counted in /metrics", TASK, || async {
         let (_, _, text) = get(&addr, "/metrics").await;
         text.contains(r#"heimdex_tasks_total{kind="vision",outcome="succeeded"} 1"#).then_some(text)
     })

@@ -8,7 +8,7 @@ use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::fleet::WorkerState;
 use heimdex_tests::proxy::TcpProxy;
-use heimdex_tests::{TestEnv, http_get, publish_raw, wait_for};
+use heimdex_tests::{TestEnv, http_get, publish_raw};
 use uuid::Uuid;
 
 const WARM: Duration = Duration::from_secs(180);
@@ -40,7 +40,7 @@ async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
     let (_, after) = env.enqueue("after.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(after, "succeeded", TASK).await;
     let queue = env.topology().queue(TaskKind::Vision);
-    wait_for("every message acked", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
+    env.wait_for("every message acked", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;
     let log = worker.log();
     assert_eq!(log.matches("models loaded").count(), 1, "the models were loaded once: {log}");
     assert!(log.contains("lost the broker: reconnecting"), "{log}");
@@ -59,7 +59,7 @@ async fn without_redis_workers_work_status_shows_queues_and_jobs_and_state_retur
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let health = format!("127.0.0.1:{port}");
     let worker = env.spawn_worker("vision", "no-redis", &[("HEIMDEX__REDIS__URL", &redis), ("HEIMDEX__WORKER__HEALTH_ADDR", &health)]);
-    wait_for("the worker to be ready without redis", WARM, || async {
+    env.wait_for("the worker to be ready without redis", WARM, || async {
         let up = tokio::net::TcpStream::connect(&health).await.is_ok();
         (up && http_get(&health, "/readyz").await.0 == 200).then_some(())
     })
@@ -190,7 +190,7 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
     for (i, (name, proxy)) in [("broker", &broker), ("database", &database), ("redis", &redis), ("broker", &broker)].into_iter().enumerate() {
         // Each fault starts once a sixth more of the jobs are done.
         let target = (i + 1) * load.len() / 6;
-        wait_for(&format!("{target} jobs done before the {name} fault"), TASK, || async { (done().await >= target).then_some(()) }).await;
+        env.wait_for(&format!("{target} jobs done before the {name} fault"), TASK, || async { (done().await >= target).then_some(()) }).await;
         proxy.cut();
         if name == "broker" {
             for w in &workers {
@@ -203,7 +203,7 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
         proxy.restore();
         faults.push(name);
     }
-    wait_for("every job done", Duration::from_secs(600), || async { (done().await == load.len()).then_some(()) }).await;
+    env.wait_for("every job done", Duration::from_secs(600), || async { (done().await == load.len()).then_some(()) }).await;
     let deaths = heimdex_tests::assert_load_succeeded(&env, &load).await;
     for w in &mut workers {
         assert!(w.child.try_wait().unwrap().is_none(), "{} exited: {}", w.id, w.log());

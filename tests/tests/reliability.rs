@@ -8,7 +8,7 @@ use heimdex_producer::{EnqueueRequest, Producer, ProducerError};
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::fleet::WorkerState;
 use heimdex_shared::jobs::{self, JobStatus, Start};
-use heimdex_tests::{TestEnv, drain_dlq, http_get, publish_raw, wait_for};
+use heimdex_tests::{TestEnv, drain_dlq, http_get, publish_raw};
 use lapin::options::{QueueBindOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use uuid::Uuid;
@@ -51,7 +51,7 @@ async fn a_huge_field_name_is_dead_lettered_with_a_short_reason_and_the_worker_s
     env.wait_job(good, "succeeded", TASK).await;
     assert!(frames(&env, video).await >= 4, "the good message behind the poison one ran");
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     assert_eq!(letters[0].0.as_deref(), Some(job.to_string().as_str()));
     assert!(letters[0].1.contains("over the contract's limit") && letters[0].1.len() <= 1024, "{} bytes: {:.200}", letters[0].1.len(), letters[0].1);
@@ -72,7 +72,7 @@ async fn an_80_mb_body_is_dead_lettered_without_swelling_the_worker() {
     publish_raw(&env, "vision", &body, Some(job)).await;
     drop(body);
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     assert!(letters[0].1.contains("over the contract's limit"), "{letters:?}");
     let growth = peak_rss_mb(worker.pid()) - before;
@@ -91,7 +91,7 @@ async fn a_video_that_kills_its_worker_is_dead_after_max_attempts() {
     // As an OOM kill would: SIGKILL in the middle of the task, every time, with a fresh worker.
     for attempt in 1..=3 {
         let mut worker = env.spawn_worker("vision", &format!("victim{attempt}"), &[]);
-        wait_for(&format!("attempt {attempt} running"), TASK, || async {
+        env.wait_for(&format!("attempt {attempt} running"), TASK, || async {
             env.job(job).await.filter(|j| j.status == JobStatus::Running && j.attempts == attempt)
         })
         .await;
@@ -104,7 +104,7 @@ async fn a_video_that_kills_its_worker_is_dead_after_max_attempts() {
     let reason = row.last_error.unwrap_or_default();
     assert!(reason.contains("the worker died 3 times while processing this task"), "{reason}");
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     assert!(letters[0].1.contains("the worker died 3 times"), "{letters:?}");
     assert_eq!(env.queue(&env.topology().queue(TaskKind::Vision)).await.0, 0, "nothing left to loop on");
@@ -137,7 +137,7 @@ async fn a_redelivered_message_of_a_job_already_dead_is_dead_lettered_not_run_ag
 
     let worker = env.spawn_worker("vision", "finisher", &[]);
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     assert_eq!(letters[0].0.as_deref(), Some(job.to_string().as_str()), "{letters:?}");
     assert_eq!(letters[0].1, reason, "the letter carries the stored reason");
@@ -173,7 +173,7 @@ async fn a_deleted_work_queue_is_declared_again_and_consumed() {
         let _ = connection.close(200, "probed".into()).await;
         found.filter(|&n| n == 1)
     };
-    wait_for("the queue declared again with its consumer", TASK, consumers).await;
+    env.wait_for("the queue declared again with its consumer", TASK, consumers).await;
     let (_, job) = env.enqueue("after.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(job, "succeeded", TASK).await;
     let log = worker.log();
@@ -244,11 +244,11 @@ async fn dlq_replay_resets_the_job_before_it_publishes() {
         env.wait_job(job, "failed", TASK).await;
     }
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("the dead letters", TASK, || async { (env.queue(&dlq).await.0 == 5).then_some(()) }).await;
+    env.wait_for("the dead letters", TASK, || async { (env.queue(&dlq).await.0 == 5).then_some(()) }).await;
     let (code, out, err) = env.cli(&["dlq", "replay"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("5 replayed"), "{out}");
-    wait_for("the replayed dead letters", TASK, || async { (env.queue(&dlq).await.0 == 5).then_some(()) }).await;
+    env.wait_for("the replayed dead letters", TASK, || async { (env.queue(&dlq).await.0 == 5).then_some(()) }).await;
     for &job in &jobs_ {
         let row = env.wait_job(job, "failed", TASK).await;
         assert!(row.last_error.unwrap_or_default().contains("not found"));
@@ -274,10 +274,15 @@ async fn runs_are_fenced_by_their_token() {
     drop(tx);
     // --force starts a new generation: the running one is superseded.
     let mut tx = env.pool.begin().await.unwrap();
-    assert_eq!(jobs::queue_job(&mut tx, msg.video_id, TaskKind::Index, true).await.unwrap(), Some(newer.job_id));
+    let queued = jobs::queue_job(&mut tx, msg.video_id, TaskKind::Index, true).await.unwrap().expect("a forced enqueue");
+    assert_eq!(queued.job_id, newer.job_id);
     tx.commit().await.unwrap();
     assert!(!jobs::holds(&env.pool, &newer).await.unwrap());
-    let Start::Run(forced) = jobs::start_run(&env.pool, &msg, "w3", false, 5).await.unwrap() else { panic!("forced run") };
+    // The old enqueue's message, delivered again or for the first time, is superseded.
+    assert_eq!(jobs::start_run(&env.pool, &msg, "w1", true, 5).await.unwrap(), Start::Superseded);
+    assert_eq!(jobs::start_run(&env.pool, &msg, "w1", false, 5).await.unwrap(), Start::Superseded);
+    let forced_msg = TaskMessage::of_enqueue(&queued, msg.video_id, TaskKind::Index, msg.media_uri.clone(), TaskOptions::default());
+    let Start::Run(forced) = jobs::start_run(&env.pool, &forced_msg, "w3", false, 5).await.unwrap() else { panic!("forced run") };
     assert_eq!(forced.attempt, 1, "a new generation starts its attempts afresh");
     let mut tx = env.pool.begin().await.unwrap();
     assert!(jobs::lock_run(&mut tx, &forced).await.unwrap());
@@ -287,8 +292,8 @@ async fn runs_are_fenced_by_their_token() {
     assert!(!jobs::record_failure(&env.pool, &newer, JobStatus::Retrying, "late", "w2", &serde_json::json!({})).await.unwrap());
     let row = env.job(forced.job_id).await.unwrap();
     assert_eq!((row.status, row.attempts), (JobStatus::Succeeded, 1), "{row:?}");
-    // A redelivery of the old message after the success is acked as already done.
-    assert_eq!(jobs::start_run(&env.pool, &msg, "w1", true, 5).await.unwrap(), Start::AlreadyDone);
+    // A redelivery of the forced message after the success is acked as already done.
+    assert_eq!(jobs::start_run(&env.pool, &forced_msg, "w1", true, 5).await.unwrap(), Start::AlreadyDone);
     env.cleanup().await;
 }
 
@@ -305,7 +310,7 @@ async fn force_on_a_running_job_supersedes_the_old_run() {
     let row = env.wait_job(job, "succeeded", TASK).await;
     let frames = frames(&env, video).await;
     assert!(frames >= 100 && row.summary.unwrap()["frames"].as_i64() == Some(frames), "exactly one set of results: {frames} rows");
-    let metrics = wait_for("the superseded run to stop", TASK, || async {
+    let metrics = env.wait_for("the superseded run to stop", TASK, || async {
         let (_, body) = http_get(&status.health_addr, "/metrics").await;
         (body.contains(r#"outcome="superseded""#) && body.contains(r#"outcome="succeeded""#)).then_some(body)
     })
@@ -362,7 +367,7 @@ async fn a_retry_that_cannot_be_published_neither_crashes_nor_loops() {
     let row = env.wait_job(job, "dead", TASK).await;
     assert_eq!(row.attempts, 3, "{row:?}");
     let dlq = env.topology().dlq(TaskKind::Vision);
-    wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
+    env.wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     assert!(letters[0].1.contains("gave up after 3 attempts"), "{letters:?}");
     let log = worker.log();

@@ -15,7 +15,7 @@ use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
 use heimdex_shared::jobs::JobStatus;
 use heimdex_shared::query::{EmbedRequest, QueryClient, QueryError, RefusalCode};
-use heimdex_tests::{TestEnv, WorkerProcess, wait_for, words_found};
+use heimdex_tests::{TestEnv, WorkerProcess, words_found};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -33,7 +33,7 @@ async fn warm_worker(env: &TestEnv, kind: TaskKind, id: &str, extra: &[(&str, &s
     let worker = env.spawn_worker(kind.as_str(), id, extra);
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let queue = env.topology().query_queue(kind);
-    wait_for("the worker consuming its query queue", WARM, || async { (env.queue(&queue).await.1 == 1).then_some(()) }).await;
+    env.wait_for("the worker consuming its query queue", WARM, || async { (env.queue(&queue).await.1 == 1).then_some(()) }).await;
     worker
 }
 
@@ -217,7 +217,7 @@ async fn no_warm_worker_is_a_clear_error_at_once() {
     std::fs::write(&release, b"").unwrap();
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let queue = env.topology().query_queue(TaskKind::Index);
-    wait_for("the query consumer", WARM, || async { (env.queue(&queue).await.1 == 1).then_some(()) }).await;
+    env.wait_for("the query consumer", WARM, || async { (env.queue(&queue).await.1 == 1).then_some(()) }).await;
     let (code, out, err) = env.cli(&["search", "a red car"]).await;
     assert_eq!(code, 0, "{err}\n{}", worker.log());
     assert!(out.contains(": 0 hits"), "{out}");

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::{TestEnv, http, http_get, wait_for, words_found};
+use heimdex_tests::{TestEnv, http, http_get, words_found};
 use serde_json::Value;
 
 const WARM: Duration = Duration::from_secs(180);
@@ -83,7 +83,7 @@ async fn the_api_enqueues_reads_jobs_searches_exports_transcripts_and_the_status
     let job_ids: Vec<String> = enqueued["jobs"].as_array().unwrap().iter().map(|j| j["job_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(job_ids.len(), 2, "{answer}");
     for id in &job_ids {
-        let job = wait_for("the job to succeed", TASK, || async {
+        let job = env.wait_for("the job to succeed", TASK, || async {
             let (code, body) = http_get(&addr, &format!("/v1/jobs/{id}")).await;
             assert_eq!(code, 200, "{body}");
             let job = json(&body);

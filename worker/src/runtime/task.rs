@@ -43,9 +43,10 @@ pub enum Outcome {
     Succeeded,
     /// The job had already succeeded (redelivery after a commit): acked without work.
     AlreadyDone,
-    /// Another copy of the message is running the job now: this copy is acked without work.
+    /// Another copy of the same enqueue's message runs or ran the job: this copy is acked without work.
     Duplicate,
-    /// A newer run took the job over (a forced re-run, a redelivery): nothing written, acked.
+    /// A newer enqueue or run took the job over (a forced re-run, a redelivery), or the message is a
+    /// copy from an earlier enqueue: nothing written, acked.
     Superseded,
     /// Permanent failure: job `failed`, message in the DLQ.
     Failed(String),
@@ -168,6 +169,11 @@ impl<P: Pipeline> Worker<P> {
             Ok(Start::Duplicate) => {
                 ack(delivery).await;
                 return Outcome::Duplicate;
+            }
+            Ok(Start::Superseded) => {
+                tracing::info!("a copy from an earlier enqueue of this job: acked without work");
+                ack(delivery).await;
+                return Outcome::Superseded;
             }
             Ok(Start::DeadLetter { attempts, reason }) => {
                 self.route(delivery, &self.topology().dlq(msg.kind), &reason, attempts, None).await;

@@ -11,7 +11,7 @@ use heimdex_shared::jobs;
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology};
 use heimdex_shared::Settings;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use uuid::Uuid;
 
 #[derive(clap::Subcommand)]
@@ -64,16 +64,18 @@ pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCo
                     if !only.is_empty() && !job_id.is_some_and(|j| only.contains(&j)) {
                         continue;
                     }
-                    let Ok(task) = TaskMessage::parse(&message.delivery.data) else {
+                    let Ok(mut task) = TaskMessage::parse(&message.delivery.data) else {
                         println!("{kind:<6} job {job}  not replayable (not a valid task): {reason}");
                         continue;
                     };
                     // Reset first: a run of the replayed message may end before this command goes on,
-                    // and its outcome must not be overwritten back to `queued`.
-                    jobs::requeue(&pool, task.job_id).await?;
-                    let mut properties = topology::task_properties(&task, 1);
-                    properties = topology::with_headers(&properties, &[(ATTEMPT_HEADER, AMQPValue::LongUInt(1))]);
-                    topology::publish_confirmed(&channel, topo.exchange(), kind.as_str(), &message.delivery.data, properties).await?;
+                    // and its outcome must not be overwritten back to `queued`. The replay is a new
+                    // enqueue: the letter's copy of an earlier one would be superseded. (A foreign
+                    // message naming a job id Heimdex does not hold is simply a newer enqueue.)
+                    let requeued = jobs::requeue(&pool, task.job_id).await?;
+                    task.enqueued_at = requeued.map_or_else(chrono::Utc::now, |q| q.queued_at);
+                    let properties = topology::task_properties(&task, 1);
+                    topology::publish_confirmed(&channel, topo.exchange(), kind.as_str(), &task.to_body(), properties).await?;
                     message.delivery.ack(BasicAckOptions::default()).await?;
                     replayed += 1;
                     println!("{kind:<6} job {job}  replayed");

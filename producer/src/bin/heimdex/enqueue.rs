@@ -44,6 +44,11 @@ pub struct Args {
 }
 
 pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
+    let options = TaskOptions { language: args.language.clone(), frame_rate: args.frame_rate };
+    if let Err(e) = options.validate() {
+        eprintln!("refused: {e}\nnothing was enqueued");
+        return Ok(ExitCode::from(2));
+    }
     let mut valid = Vec::new();
     let mut refused = false;
     for input in &args.inputs {
@@ -64,7 +69,6 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
         Kinds::Vision => vec![TaskKind::Vision],
         Kinds::All => TaskKind::ALL.to_vec(),
     };
-    let options = TaskOptions { language: args.language.clone(), frame_rate: args.frame_rate };
     let producer = Producer::connect(settings).await?;
     let mut job_ids = Vec::new();
     for media in &valid {

@@ -3,11 +3,27 @@
 //!
 //! The server holds no model and never waits on one: enqueueing writes the job and its message,
 //! reading is SQL, and status is Redis, passive queue declares and SQL. Bad requests get a 4xx with
-//! the reason as JSON (`{"error": "..."}`); a database or broker that is down gets 503, and the broker
-//! connection is opened again on the next request.
+//! the reason as JSON (`{"error": "..."}`); a database or broker that is down, or that accepts a
+//! connection and never answers, gets 503 within the request timeout, and the broker connection is
+//! opened again on the next request (each request connects on its own: one hung connect blocks
+//! nobody else).
+//!
+//! Every surface is meant for strangers ([`ServeSettings`] holds the knobs):
+//! - with `serve.api_keys`, every route but `/healthz` needs `Authorization: Bearer KEY` (compared
+//!   through SHA-256 digests, so that timing tells nothing); without keys only loopback addresses
+//!   are bound, and `force` needs `serve.allow_force`;
+//! - the `Host` header must name one of `serve.allowed_hosts` (loopback names by default), so that a
+//!   browser led here by DNS rebinding is refused;
+//! - headers must arrive within `header_timeout_ms`, a request ends within `request_timeout_ms`
+//!   (its wait for one of `max_concurrent_requests` slots included), bodies are capped at
+//!   `max_body_bytes` and connections at `max_connections`;
+//! - answers show media URLs without user info or query ([`heimdex_shared::remote::redact`]), and
+//!   errors give a reason without database error chains, paths or the media root; a path outside
+//!   the media root gets the same answer as a missing one.
 //!
 //! | method and path | what |
 //! |---|---|
+//! | `GET /healthz` | `ok`, without a key or Host check (for orchestrators' probes) |
 //! | `GET /` | the status page (HTML; reads `/v1/status` every 2 s) |
 //! | `GET /v1/status` | [`Snapshot`] as JSON |
 //! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en"}` → 202 |
@@ -21,22 +37,28 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use heimdex_shared::Settings;
+use heimdex_shared::config::ServeSettings;
 use heimdex_shared::contract::{TaskKind, TaskOptions};
 use heimdex_shared::error::Disposition;
-use heimdex_shared::jobs;
+use heimdex_shared::jobs::{self, JobRow};
+use heimdex_shared::media::MediaError;
 use heimdex_shared::query::{QueryClient, QueryError};
+use heimdex_shared::remote;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
 use crate::search::{self, SearchError};
@@ -51,32 +73,221 @@ const STATUS_PAGE: &str = include_str!("status_page.html");
 struct App {
     settings: Settings,
     pool: PgPool,
+    /// The broker connections; each lock is held only to read or store one, never across a connect.
     producer: Mutex<Option<Arc<Producer>>>,
     queries: Mutex<Option<Arc<QueryClient>>>,
+    /// SHA-256 of each API key.
+    keys: Vec<[u8; 32]>,
+    /// Slots for requests in progress (`serve.max_concurrent_requests`).
+    slots: Semaphore,
+    /// Paths that no answer may show: the media root (as configured and resolved) and the temp folder.
+    hidden_paths: Vec<String>,
 }
 
 impl App {
-    /// The broker connection, opened again after a failure dropped it.
+    fn new(settings: &Settings, pool: PgPool) -> Self {
+        let root = &settings.media.root;
+        let mut hidden_paths = vec![root.display().to_string(), std::env::temp_dir().display().to_string()];
+        if let Ok(real) = root.canonicalize() {
+            hidden_paths.push(real.display().to_string());
+        }
+        hidden_paths.retain(|p| p.len() > 1);
+        Self {
+            settings: settings.clone(),
+            pool,
+            producer: Mutex::new(None),
+            queries: Mutex::new(None),
+            keys: settings.serve.api_keys.iter().map(|k| digest(k.expose())).collect(),
+            slots: Semaphore::new(settings.serve.max_concurrent_requests),
+            hidden_paths,
+        }
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.serve.connect_timeout_ms)
+    }
+
+    /// The broker connection, opened again after a failure dropped it. Concurrent requests during
+    /// an outage each try (and time out) on their own.
     async fn producer(&self) -> Result<Arc<Producer>, ApiError> {
-        let mut held = self.producer.lock().await;
-        if let Some(p) = held.as_ref().filter(|p| p.channel().status().connected()) {
+        if let Some(p) = self.producer.lock().await.as_ref().filter(|p| p.channel().status().connected()) {
             return Ok(p.clone());
         }
-        let p = Arc::new(Producer::connect(&self.settings).await.map_err(ApiError::from)?);
-        *held = Some(p.clone());
-        Ok(p)
+        let p = match tokio::time::timeout(self.connect_timeout(), Producer::connect(&self.settings)).await {
+            Ok(Ok(p)) => Arc::new(p),
+            Ok(Err(e)) => return Err(ApiError::unavailable("the broker", &e)),
+            Err(_) => return Err(ApiError::unavailable("the broker", &TimedOut(self.connect_timeout()))),
+        };
+        let mut held = self.producer.lock().await;
+        match held.as_ref().filter(|q| q.channel().status().connected()) {
+            Some(other) => Ok(other.clone()),
+            None => Ok(held.insert(p).clone()),
+        }
     }
 
     /// The query client (its own broker connection, for direct reply-to), opened again after a
     /// broker failure dropped it.
     async fn queries(&self) -> Result<Arc<QueryClient>, ApiError> {
-        let mut held = self.queries.lock().await;
-        if let Some(q) = held.as_ref() {
+        if let Some(q) = self.queries.lock().await.as_ref() {
             return Ok(q.clone());
         }
-        let q = Arc::new(QueryClient::connect(&self.settings).await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?);
-        *held = Some(q.clone());
-        Ok(q)
+        let q = match tokio::time::timeout(self.connect_timeout(), QueryClient::connect(&self.settings)).await {
+            Ok(Ok(q)) => Arc::new(q),
+            Ok(Err(e)) => return Err(ApiError::unavailable("the broker", &e)),
+            Err(_) => return Err(ApiError::unavailable("the broker", &TimedOut(self.connect_timeout()))),
+        };
+        Ok(self.queries.lock().await.get_or_insert(q).clone())
+    }
+
+    /// `text` with every path under a [hidden](Self::hidden_paths) folder replaced by `…`.
+    fn hide_paths(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        // Longest first: the resolved root may lie inside the temp folder (tests) or the other way round.
+        let mut hidden: Vec<&String> = self.hidden_paths.iter().collect();
+        hidden.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for path in hidden {
+            while let Some(at) = out.find(path.as_str()) {
+                let end = out[at..].find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | ')')).map_or(out.len(), |n| at + n);
+                out.replace_range(at..end, "…");
+            }
+        }
+        out
+    }
+
+    /// The answer for media that was refused: a reason, and never whether a path outside the media
+    /// root exists, nor where the media root or a download lies.
+    fn media_error(&self, e: &MediaError) -> ApiError {
+        match e {
+            MediaError::NotFound(_) | MediaError::OutsideRoot { .. } => {
+                ApiError(StatusCode::UNPROCESSABLE_ENTITY, "media file not found under the media root".into())
+            }
+            MediaError::Empty(_) => ApiError(StatusCode::UNPROCESSABLE_ENTITY, "the media file is empty".into()),
+            MediaError::Unreadable { uri, reason } => {
+                let reason = self.hide_paths(&reason.replace(uri.as_str(), "the media"));
+                ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("ffprobe cannot read the media: {reason}"))
+            }
+            MediaError::Tool(_) => ApiError::unavailable("ffprobe", e),
+            _ if e.disposition() == Disposition::Permanent => ApiError(StatusCode::UNPROCESSABLE_ENTITY, self.hide_paths(&e.to_string())),
+            _ => ApiError(StatusCode::SERVICE_UNAVAILABLE, self.hide_paths(&e.to_string())),
+        }
+    }
+
+    fn enqueue_error(&self, e: &ProducerError) -> ApiError {
+        match e {
+            ProducerError::Media(m) => self.media_error(m),
+            ProducerError::Read { .. } => ApiError(StatusCode::UNPROCESSABLE_ENTITY, "the media file cannot be read".into()),
+            ProducerError::Options(_) => bad_request(e.to_string()),
+            // The jobs are stored; the workers publish their messages (see `ProducerError::Outbox`).
+            ProducerError::Outbox(_) => ApiError(
+                StatusCode::ACCEPTED,
+                "the jobs are stored; their messages are published once the broker takes them".into(),
+            ),
+            ProducerError::Database(_) => ApiError::unavailable("the database", e),
+            ProducerError::Broker(_) | ProducerError::Publish(_) => ApiError::unavailable("the broker", e),
+        }
+    }
+}
+
+/// A connect that took longer than its bound.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {0:?}")]
+struct TimedOut(Duration);
+
+fn digest(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Whether `headers` carry exactly one `Authorization: Bearer KEY` with one of `keys` (digests).
+/// Every key is compared, byte by byte without an early exit, as digests: the time taken tells
+/// nothing about a key.
+fn authorized(keys: &[[u8; 32]], headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else { return false };
+    let Some((scheme, token)) = value.to_str().ok().and_then(|v| v.trim().split_once(|c: char| c.is_ascii_whitespace())) else {
+        return false;
+    };
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return false;
+    }
+    let given = digest(token);
+    let mut found = 0u8;
+    for key in keys {
+        let diff = key.iter().zip(&given).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        found |= u8::from(std::hint::black_box(diff) == 0);
+    }
+    found == 1
+}
+
+/// The host name of a `Host` value or URI authority (`name`, `name:port`, `[v6]`, `[v6]:port`),
+/// lowercased, without a trailing dot; `None` when it is malformed.
+fn host_name(value: &str) -> Option<String> {
+    let value = value.trim();
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        (host, after.strip_prefix(':').map_or((!after.is_empty()).then_some(""), Some))
+    } else {
+        match value.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (value, None),
+        }
+    };
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) || host.is_empty() {
+        return None;
+    }
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    (!host.is_empty() && !host.contains(['@', '/', '\\', ' '])).then_some(host)
+}
+
+/// An entry of `serve.allowed_hosts` as [`host_name`] gives names: `::1` or `[::1]`, any case, with
+/// or without a trailing dot.
+fn allowed_name(entry: &str) -> String {
+    let entry = entry.trim();
+    let entry = entry.strip_prefix('[').and_then(|e| e.strip_suffix(']')).unwrap_or(entry);
+    entry.strip_suffix('.').unwrap_or(entry).to_ascii_lowercase()
+}
+
+/// Refuses a request whose `Host` (one, and the request target's authority if it has one) is not
+/// an allowed name (DNS rebinding), or that lacks a valid API key when keys are set.
+async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let allowed = &app.settings.serve.allowed_hosts;
+    if !allowed.iter().any(|h| h.trim() == "*") {
+        let mut hosts = request.headers().get_all(header::HOST).iter();
+        let name = match (hosts.next(), hosts.next()) {
+            (Some(host), None) => host.to_str().ok().and_then(host_name),
+            _ => None,
+        };
+        let Some(name) = name else {
+            return ApiError(StatusCode::BAD_REQUEST, "one valid Host header is required".into()).into_response();
+        };
+        let target = request.uri().authority().map(|a| host_name(a.as_str()));
+        let is_allowed = |n: &str| allowed.iter().any(|h| allowed_name(h) == n);
+        if !is_allowed(&name) || target.is_some_and(|t| t.as_deref().is_none_or(|t| !is_allowed(t))) {
+            return ApiError(StatusCode::FORBIDDEN, "this host name is not served here (serve.allowed_hosts)".into()).into_response();
+        }
+    }
+    if !app.keys.is_empty() && !authorized(&app.keys, request.headers()) {
+        let mut response = ApiError(StatusCode::UNAUTHORIZED, "an API key is required: Authorization: Bearer KEY".into()).into_response();
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    next.run(request).await
+}
+
+/// Waits for a request slot, then runs the request; 503 when both together take longer than the
+/// request timeout.
+async fn bounded(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let limit = Duration::from_millis(app.settings.serve.request_timeout_ms);
+    let run = async {
+        let _slot = app.slots.acquire().await;
+        next.run(request).await
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(after = ?limit, "a request timed out (serve.request_timeout_ms)");
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {limit:?} (a database or broker that is slow or down)")).into_response()
+        }
     }
 }
 
@@ -84,47 +295,48 @@ impl App {
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+impl ApiError {
+    /// 503 for a dependency that is down; the cause goes to the log, not to the caller.
+    fn unavailable(what: &str, cause: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::warn!(error = %redact_text(&heimdex_shared::telemetry::chain(cause)), "{what} is unavailable");
+        Self(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is unavailable"))
     }
 }
 
-impl From<ProducerError> for ApiError {
-    fn from(e: ProducerError) -> Self {
-        let status = match &e {
-            ProducerError::Media(m) if m.disposition() == Disposition::Permanent => StatusCode::UNPROCESSABLE_ENTITY,
-            ProducerError::Read { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ProducerError::Options(_) => StatusCode::BAD_REQUEST,
-            // The jobs are stored; the workers publish their messages (see `ProducerError::Outbox`).
-            ProducerError::Outbox(_) => StatusCode::ACCEPTED,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        Self(status, e.to_string())
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // Reasons may quote the caller's input: a URL in it loses its secrets here too.
+        (self.0, Json(serde_json::json!({ "error": redact_text(&self.1) }))).into_response()
     }
 }
 
 impl From<SearchError> for ApiError {
     fn from(e: SearchError) -> Self {
-        let status = match &e {
-            SearchError::NoVideo(_) | SearchError::NoFrame { .. } => StatusCode::NOT_FOUND,
-            SearchError::BadFrameRef(_) => StatusCode::BAD_REQUEST,
-            SearchError::Query(q) if q.disposition() == Disposition::Permanent => StatusCode::BAD_REQUEST,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        Self(status, heimdex_shared::telemetry::chain(&e))
+        match &e {
+            SearchError::NoVideo(_) => Self(StatusCode::NOT_FOUND, "no video by that id, path or URL (as it was enqueued)".into()),
+            SearchError::NoFrame { .. } => Self(StatusCode::NOT_FOUND, e.to_string()),
+            SearchError::BadFrameRef(_) => Self(StatusCode::BAD_REQUEST, "similar_to is not VIDEO@SECONDS (for example talk.mp4@12.5)".into()),
+            SearchError::Query(q) if q.disposition() == Disposition::Permanent => Self(StatusCode::BAD_REQUEST, q.to_string()),
+            SearchError::Query(QueryError::Broker(_) | QueryError::Publish(_)) => Self::unavailable("the broker", &e),
+            SearchError::Query(q) => Self(StatusCode::SERVICE_UNAVAILABLE, q.to_string()),
+            SearchError::Database(_) => Self::unavailable("the database", &e),
+        }
     }
 }
 
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        Self(StatusCode::SERVICE_UNAVAILABLE, heimdex_shared::telemetry::chain(e.as_ref()))
+impl From<TranscriptError> for ApiError {
+    fn from(e: TranscriptError) -> Self {
+        match &e {
+            TranscriptError::NoVideo(_) => Self(StatusCode::NOT_FOUND, "no video by that id".into()),
+            TranscriptError::NotIndexed { .. } => Self(StatusCode::CONFLICT, e.to_string()),
+            TranscriptError::Database(_) => Self::unavailable("the database", &e),
+        }
     }
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        Self(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}"))
+        Self::unavailable("the database", &e)
     }
 }
 
@@ -132,14 +344,47 @@ fn bad_request(reason: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, reason.into())
 }
 
-/// The API's routes over `settings`' database and broker.
+/// `text` with every URL in it as [`remote::redact`] shows it (http and https) or with its password
+/// masked (other schemes): for reasons that quote a URL, and for stored errors.
+fn redact_text(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_string();
+    }
+    let delimiter = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | '(' | ')' | '[' | ']' | '{' | '}');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let start = rest[..at].rfind(delimiter).map_or(0, |i| i + rest[i..].chars().next().map_or(1, char::len_utf8));
+        let end = rest[at..].find(delimiter).map_or(rest.len(), |n| at + n);
+        out.push_str(&rest[..start]);
+        let url = &rest[start..end];
+        if remote::is_remote(url) {
+            out.push_str(&remote::redact(url));
+        } else {
+            out.push_str(&heimdex_shared::config::redact_url(url));
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A job row as answers show it: its URL redacted, in its URI and in its last error.
+fn shown(mut row: JobRow) -> JobRow {
+    row.uri = remote::redact(&row.uri);
+    row.last_error = row.last_error.map(|e| redact_text(&e));
+    row
+}
+
+/// The API's routes over `settings`' database and broker, with the key and Host checks and the
+/// limits of `serve` (but the connection limits, which [`serve`] applies).
 ///
 /// # Errors
 /// The database settings are invalid.
 pub fn router(settings: &Settings) -> anyhow::Result<Router> {
     let pool = heimdex_shared::db::pool(&settings.database)?;
-    let app = Arc::new(App { settings: settings.clone(), pool, producer: Mutex::new(None), queries: Mutex::new(None) });
-    Ok(Router::new()
+    let app = Arc::new(App::new(settings, pool));
+    let api = Router::new()
         .route("/", get(|| async { Html(STATUS_PAGE) }))
         .route("/v1/status", get(status_json))
         .route("/v1/videos", post(enqueue))
@@ -147,35 +392,115 @@ pub fn router(settings: &Settings) -> anyhow::Result<Router> {
         .route("/v1/videos/{id}/transcript", get(video_transcript))
         .route("/v1/search", get(search_handler))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route (see GET / and /v1/...)".into()) })
-        .with_state(app))
+        .layer(DefaultBodyLimit::max(settings.serve.max_body_bytes))
+        .layer(middleware::from_fn_with_state(app.clone(), bounded))
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
+        .with_state(app);
+    Ok(Router::new().route("/healthz", get(|| async { "ok" })).merge(api))
+}
+
+/// Why `heimdex serve` did not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The settings forbid this (a non-loopback address without API keys); nothing was bound.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Setup(#[from] anyhow::Error),
 }
 
 /// Serves the API on `addr` until `shutdown` completes; `bound` is told the address really bound
-/// (port 0 picks a free one).
+/// (port 0 picks a free one). In-flight requests get up to the request timeout to finish.
 ///
 /// # Errors
-/// The address cannot be bound.
+/// [`ServeError::Refused`] for a non-loopback address without `serve.api_keys`; the address cannot
+/// be bound.
 pub async fn serve(
     settings: &Settings,
     addr: SocketAddr,
     bound: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
+    let limits: &ServeSettings = &settings.serve;
+    if limits.api_keys.is_empty() && !addr.ip().is_loopback() {
+        return Err(ServeError::Refused(format!(
+            "refusing to listen on {addr} without serve.api_keys: set a key, or listen on a loopback address (127.0.0.1, [::1])"
+        )));
+    }
     let router = router(settings)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     bound(listener.local_addr()?);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut closed = closed.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = closed.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    let grace = Duration::from_millis(limits.request_timeout_ms);
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     Ok(())
 }
 
 async fn status_json(State(app): State<Arc<App>>) -> Result<Json<Snapshot>, ApiError> {
     let producer = app.producer().await?;
-    let snapshot = status::snapshot(&app.settings, &app.pool, producer.channel()).await;
-    if snapshot.is_err() {
-        // A channel error (the broker restarted) closes the channel: the next request reconnects.
-        app.producer.lock().await.take();
+    let snapshot = match status::snapshot(&app.settings, &app.pool, producer.channel()).await {
+        Ok(s) => s,
+        Err(e) => {
+            // A channel error (the broker restarted) closes the channel: the next request reconnects.
+            app.producer.lock().await.take();
+            return Err(ApiError::unavailable("the database or the broker", e.as_ref()));
+        }
+    };
+    let mut snapshot = snapshot;
+    if let Some(e) = snapshot.workers_error.take() {
+        tracing::warn!(error = %redact_text(&e), "live worker state is unavailable");
+        snapshot.workers_error = Some("live worker state is unavailable (Redis)".into());
     }
-    Ok(Json(snapshot?))
+    snapshot.recent = snapshot.recent.into_iter().map(shown).collect();
+    snapshot.failures = snapshot.failures.into_iter().map(shown).collect();
+    Ok(Json(snapshot))
 }
 
 /// The body of `POST /v1/videos`.
@@ -195,12 +520,19 @@ struct EnqueueBody {
 }
 
 async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, JsonRejection>) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
+    let Json(body) = body.map_err(|e| {
+        let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { e.status() } else { StatusCode::BAD_REQUEST };
+        ApiError(status, e.body_text())
+    })?;
     if body.uri.trim().is_empty() {
         return Err(bad_request("uri is empty"));
     }
     if body.frame_rate.is_some_and(|r| !(r > 0.0 && r <= 60.0)) {
         return Err(bad_request("frame_rate must be in (0, 60]"));
+    }
+    let serve = &app.settings.serve;
+    if body.force && serve.api_keys.is_empty() && !serve.allow_force {
+        return Err(ApiError(StatusCode::FORBIDDEN, "force needs an API key (serve.api_keys) or serve.allow_force".into()));
     }
     let mut request = EnqueueRequest::all(body.uri);
     if !body.kinds.is_empty() {
@@ -215,7 +547,7 @@ async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, Js
             if matches!(e, ProducerError::Broker(_) | ProducerError::Publish(_)) {
                 app.producer.lock().await.take();
             }
-            return Err(e.into());
+            return Err(app.enqueue_error(&e));
         }
     };
     let jobs: Vec<_> = enqueued
@@ -223,18 +555,18 @@ async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, Js
         .iter()
         .map(|j| serde_json::json!({ "kind": j.kind, "job_id": j.job_id, "published": j.published, "status": j.status }))
         .collect();
-    let body = serde_json::json!({ "video_id": enqueued.video_id, "uri": enqueued.uri, "jobs": jobs });
+    let body = serde_json::json!({ "video_id": enqueued.video_id, "uri": remote::redact(&enqueued.uri), "jobs": jobs });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|e| bad_request(format!("{id:?} is not a uuid: {e}")))
+    Uuid::parse_str(id).map_err(|_| bad_request("the id is not a uuid"))
 }
 
-async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<jobs::JobRow>, ApiError> {
+async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<JobRow>, ApiError> {
     let id = parse_id(&id)?;
     let row = jobs::jobs_by_id(&app.pool, &[id]).await?.into_iter().next();
-    row.map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))
+    row.map(|r| Json(shown(r))).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,16 +577,13 @@ struct TranscriptQuery {
 async fn video_transcript(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-    Query(query): Query<TranscriptQuery>,
+    query: Result<Query<TranscriptQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
     let id = parse_id(&id)?;
     let name = query.format.as_deref().unwrap_or("json");
-    let format: Format = clap::ValueEnum::from_str(name, true).map_err(|_| bad_request(format!("format {name:?}: use srt, vtt, json or txt")))?;
-    let t = transcript::load(&app.pool, &app.settings, &id.to_string()).await.map_err(|e| match e {
-        TranscriptError::NoVideo(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
-        TranscriptError::NotIndexed { .. } => ApiError(StatusCode::CONFLICT, e.to_string()),
-        TranscriptError::Database(e) => e.into(),
-    })?;
+    let format: Format = clap::ValueEnum::from_str(name, true).map_err(|_| bad_request("format: use srt, vtt, json or txt"))?;
+    let t = transcript::load(&app.pool, &app.settings, &id.to_string()).await?;
     let content_type = match format {
         Format::Srt => "application/x-subrip; charset=utf-8",
         Format::Vtt => "text/vtt; charset=utf-8",
@@ -276,7 +605,7 @@ struct SearchQuery {
 }
 
 async fn search_handler(State(app): State<Arc<App>>, query: Result<Query<SearchQuery>, QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
     let limit = query.limit.unwrap_or(10);
     if !(1..=1000).contains(&limit) {
         return Err(bad_request("limit must be in 1..=1000"));
@@ -292,23 +621,85 @@ async fn search_handler(State(app): State<Arc<App>>, query: Result<Query<SearchQ
         }
         let (of, at_s) = search::parse_frame_ref(frame)?;
         let (of, uri) = search::resolve_video(pool, settings, of).await?;
-        let hits = search::similar_frames(pool, settings, of, at_s, limit, video).await?;
-        let source = serde_json::json!({ "video_id": of, "uri": uri, "at_s": at_s });
+        let mut hits = search::similar_frames(pool, settings, of, at_s, limit, video).await?;
+        hits.iter_mut().for_each(|h| h.uri = remote::redact(&h.uri));
+        let source = serde_json::json!({ "video_id": of, "uri": remote::redact(&uri), "at_s": at_s });
         return Ok(Json(serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "similar_to": source, "hits": hits })));
     }
     let text = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()).ok_or_else(|| bad_request("q (the text to search for) or similar_to is required"))?;
+    let target = query.target.as_deref().unwrap_or("segments");
+    if !["segments", "frames"].contains(&target) {
+        return Err(bad_request("in: use segments or frames"));
+    }
     let queries = app.queries().await?;
-    let result = match query.target.as_deref().unwrap_or("segments") {
-        "segments" => search::segments(pool, &queries, settings, text, limit, video)
-            .await
-            .map(|hits| serde_json::json!({ "in": "segments", "model": settings.index.embed_model, "query": text, "hits": hits })),
-        "frames" => search::frames(pool, &queries, settings, text, limit, video)
-            .await
-            .map(|hits| serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "query": text, "hits": hits })),
-        other => return Err(bad_request(format!("in={other:?}: use segments or frames"))),
+    let result = if target == "segments" {
+        search::segments(pool, &queries, settings, text, limit, video).await.map(|mut hits| {
+            hits.iter_mut().for_each(|h| h.uri = remote::redact(&h.uri));
+            serde_json::json!({ "in": "segments", "model": settings.index.embed_model, "query": text, "hits": hits })
+        })
+    } else {
+        search::frames(pool, &queries, settings, text, limit, video).await.map(|mut hits| {
+            hits.iter_mut().for_each(|h| h.uri = remote::redact(&h.uri));
+            serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "query": text, "hits": hits })
+        })
     };
     if let Err(SearchError::Query(QueryError::Broker(_) | QueryError::Closed)) = &result {
         app.queries.lock().await.take();
     }
     Ok(Json(result?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_read_like_a_browser_sends_them() {
+        for (value, name) in [
+            ("localhost", Some("localhost")),
+            ("LOCALHOST:8080", Some("localhost")),
+            ("localhost.:80", Some("localhost")),
+            ("[::1]", Some("::1")),
+            ("[::1]:8080", Some("::1")),
+            ("127.0.0.1:1", Some("127.0.0.1")),
+            ("::1", None),
+            ("[::1]x", None),
+            ("localhost:", None),
+            ("localhost:80:80", None),
+            ("a@localhost", None),
+            ("", None),
+            (":80", None),
+        ] {
+            assert_eq!(host_name(value).as_deref(), name, "{value:?}");
+        }
+        assert_eq!(allowed_name("[::1]"), "::1");
+        assert_eq!(allowed_name(" Heimdex.Internal. "), "heimdex.internal");
+    }
+
+    #[test]
+    fn keys_match_exactly_with_a_bearer_scheme_in_any_case() {
+        let keys = [digest("k3y-0123456789abcdef"), digest("other-0123456789abcdef")];
+        let headers = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::AUTHORIZATION, v.parse().unwrap());
+            }
+            h
+        };
+        assert!(authorized(&keys, &headers(&["Bearer k3y-0123456789abcdef"])));
+        assert!(authorized(&keys, &headers(&["bearer\tother-0123456789abcdef "])));
+        for refused in [&["Bearer k3y-0123456789abcde"][..], &["Basic k3y-0123456789abcdef"], &["k3y-0123456789abcdef"], &["Bearer"], &[], &["Bearer x", "Bearer k3y-0123456789abcdef"]] {
+            assert!(!authorized(&keys, &headers(refused)), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn urls_in_text_lose_their_secrets() {
+        assert_eq!(
+            redact_text("ffprobe cannot read https://bob:pw@cdn.example/a.mp4?sig=1: 403 (\"http://u:p@h/x?y\")"),
+            "ffprobe cannot read https://cdn.example/a.mp4?… 403 (\"http://h/x?…\")"
+        );
+        assert_eq!(redact_text("broker amqp://guest:pw@10.0.0.1:5672/%2f down"), "broker amqp://guest:***@10.0.0.1:5672/%2f down");
+        assert_eq!(redact_text("no url here"), "no url here");
+    }
 }

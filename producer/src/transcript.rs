@@ -105,7 +105,9 @@ pub fn render(t: &Transcript, format: Format) -> String {
             }
         }
         Format::Json => {
-            out = serde_json::to_string_pretty(t).unwrap_or_default();
+            // A URL's user info and query (signatures, tokens) never leave in an export.
+            let shown = Transcript { uri: heimdex_shared::remote::redact(&t.uri), ..t.clone() };
+            out = serde_json::to_string_pretty(&shown).unwrap_or_default();
             out.push('\n');
         }
         Format::Txt => {

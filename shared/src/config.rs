@@ -37,7 +37,9 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("media.allow_hosts"),
+                .with_list_parse_key("media.allow_hosts")
+                .with_list_parse_key("serve.api_keys")
+                .with_list_parse_key("serve.allowed_hosts"),
         )
         .build()?
         .try_deserialize()?;
@@ -106,6 +108,7 @@ pub struct Settings {
     pub models: ModelSettings,
     pub vision: VisionSettings,
     pub index: IndexSettings,
+    pub serve: ServeSettings,
 }
 
 impl Settings {
@@ -119,6 +122,7 @@ impl Settings {
         if self.engine.max_batch == 0 {
             return Err(ConfigError::Value("engine.max_batch must be at least 1".into()));
         }
+        self.serve.validate()?;
         let v = &self.vision;
         if v.embed_dir.contains("standin") && !v.embed_model.contains("standin") {
             return Err(ConfigError::Value(format!(
@@ -226,6 +230,73 @@ impl Default for MediaSettings {
             remote_timeout_ms: 30_000,
             remote_deadline_ms: 3_600_000,
         }
+    }
+}
+
+/// `heimdex serve`: who may call the HTTP API, under which names, and how much it takes at once.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ServeSettings {
+    /// Bearer tokens (`Authorization: Bearer KEY`), at least 16 characters each. When set, every route
+    /// but `/healthz` needs one. Without any, the server listens on loopback addresses only.
+    pub api_keys: Vec<Secret>,
+    /// Names the `Host` header may carry (any port): a browser tricked by DNS rebinding sends the
+    /// attacker's name and is refused. `*` accepts any name (behind a proxy that checks it).
+    pub allowed_hosts: Vec<String>,
+    /// Let `force` re-run finished jobs without an API key (with keys, every caller has one).
+    pub allow_force: bool,
+    /// Longest wait for a request's headers; a connection that sends them slower is closed.
+    pub header_timeout_ms: u64,
+    /// Longest a request may take, its wait for a slot included; past it the answer is 503.
+    pub request_timeout_ms: u64,
+    /// Longest wait for a broker connection (a broker that accepts TCP and never answers).
+    pub connect_timeout_ms: u64,
+    /// Requests handled at once; more wait for a slot (within `request_timeout_ms`).
+    pub max_concurrent_requests: usize,
+    /// Open connections at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Largest request body (bytes); a larger one gets 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            allow_force: false,
+            header_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            connect_timeout_ms: 5_000,
+            max_concurrent_requests: 16,
+            max_connections: 256,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl ServeSettings {
+    /// Shortest API key accepted.
+    pub const MIN_KEY_LEN: usize = 16;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_keys.iter().any(|k| k.expose().trim().len() < Self::MIN_KEY_LEN || k.expose().chars().any(char::is_whitespace)) {
+            return Err(ConfigError::Value(format!(
+                "serve.api_keys: every key needs at least {} characters and no whitespace",
+                Self::MIN_KEY_LEN
+            )));
+        }
+        let zero = [
+            ("header_timeout_ms", self.header_timeout_ms == 0),
+            ("request_timeout_ms", self.request_timeout_ms == 0),
+            ("connect_timeout_ms", self.connect_timeout_ms == 0),
+            ("max_concurrent_requests", self.max_concurrent_requests == 0),
+            ("max_connections", self.max_connections == 0),
+        ];
+        if let Some((key, _)) = zero.iter().find(|(_, z)| *z) {
+            return Err(ConfigError::Value(format!("serve.{key} must be at least 1")));
+        }
+        Ok(())
     }
 }
 
@@ -537,5 +608,19 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("not a url"), "***");
+    }
+
+    #[test]
+    fn api_keys_are_secrets_and_must_be_long() {
+        let mut s = Settings::default();
+        s.serve.api_keys = vec![Secret::new("k3y-0123456789abcdef")];
+        assert!(s.validate().is_ok());
+        let shown = format!("{s:?} {}", s.serve.api_keys[0]);
+        assert!(!shown.contains("k3y-0123456789abcdef"), "{shown}");
+        s.serve.api_keys.push(Secret::new("short-key"));
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("serve.api_keys") && !e.contains("short-key"), "{e}");
+        s.serve.api_keys = vec![Secret::new("k3y 0123456789abcdef")];
+        assert!(s.validate().is_err(), "whitespace inside a key");
     }
 }

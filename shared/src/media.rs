@@ -70,10 +70,17 @@ pub fn resolve(uri: &str, root: &Path, allow_http: bool) -> Result<String, Media
     }
     let path = Path::new(uri);
     let path: PathBuf = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
-    let real = path.canonicalize().map_err(|_| MediaError::NotFound(path.display().to_string()))?;
     let real_root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let outside = || MediaError::OutsideRoot { path: path.display().to_string(), root: root.display().to_string() };
+    // A name outside the root is refused before the file system is asked, so that the answer never
+    // tells whether a file outside the root exists.
+    let named = lexical(&path);
+    if !named.starts_with(lexical(root)) && !named.starts_with(&real_root) {
+        return Err(outside());
+    }
+    let real = path.canonicalize().map_err(|_| MediaError::NotFound(path.display().to_string()))?;
     if !real.starts_with(&real_root) {
-        return Err(MediaError::OutsideRoot { path: path.display().to_string(), root: root.display().to_string() });
+        return Err(outside());
     }
     let meta = std::fs::metadata(&real).map_err(|_| MediaError::NotFound(path.display().to_string()))?;
     if !meta.is_file() {
@@ -83,6 +90,23 @@ pub fn resolve(uri: &str, root: &Path, allow_http: bool) -> Result<String, Media
         return Err(MediaError::Empty(path.display().to_string()));
     }
     Ok(real.display().to_string())
+}
+
+/// `path` with `.` and `..` resolved by name (a `..` above `/` stays at `/`), without asking the
+/// file system.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// What ffprobe reports about a media file.
@@ -210,6 +234,11 @@ mod tests {
         assert!(matches!(resolve("../outside.mp4", &root, false), Err(MediaError::OutsideRoot { .. })));
         assert!(matches!(resolve(dir.join("outside.mp4").to_str().unwrap(), &root, false), Err(MediaError::OutsideRoot { .. })));
         assert!(matches!(resolve("missing.mp4", &root, false), Err(MediaError::NotFound(_))));
+        // Outside the root, a file that exists and one that does not get the same answer.
+        for outside in ["../missing.mp4", "a/../../outside.mp4", "/etc/passwd", "/etc/no-such-file-4f1c"] {
+            let e = resolve(outside, &root, false).unwrap_err();
+            assert!(matches!(e, MediaError::OutsideRoot { .. }), "{outside}: {e}");
+        }
         assert!(matches!(resolve("empty.mp4", &root, false), Err(MediaError::Empty(_))));
         assert!(matches!(resolve("http://h/v.mp4", &root, false), Err(MediaError::HttpDisabled(_))));
         assert!(matches!(resolve("ftp://h/v.mp4", &root, true), Err(MediaError::Scheme(_))));

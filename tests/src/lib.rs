@@ -193,22 +193,38 @@ impl TestEnv {
         )
     }
 
-    /// Starts `heimdex serve` on a free port with this test's settings; returns the process (killed
-    /// on drop) and the address it printed.
+    /// Starts `heimdex serve` on a free loopback port with this test's settings; returns the process
+    /// (killed on drop) and the address it printed.
     pub async fn serve(&self) -> (Child, String) {
+        self.serve_with(&[], "127.0.0.1:0").await
+    }
+
+    /// Starts `heimdex serve --addr addr` with this test's settings plus `extra` variables (API keys,
+    /// limits); its stderr goes to [`TestEnv::serve_log`]. Panics when it prints no address.
+    pub async fn serve_with(&self, extra: &[(&str, &str)], addr: &str) -> (Child, String) {
         use tokio::io::AsyncBufReadExt;
-        let mut child = Command::new(binary("heimdex"))
-            .envs(self.env())
-            .args(["serve", "--addr", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn heimdex serve");
+        let log = std::fs::File::create(self.serve_log_path()).expect("serve log");
+        let mut cmd = Command::new(binary("heimdex"));
+        cmd.envs(self.env()).env("RUST_LOG", "debug");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child =
+            cmd.args(["serve", "--addr", addr]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).kill_on_drop(true).spawn().expect("spawn heimdex serve");
         let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.expect("serve started").expect("read").expect("a line");
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.expect("serve started").expect("read");
+        let line = line.unwrap_or_else(|| panic!("heimdex serve printed no address; its log:\n{}", self.serve_log()));
         let addr = line.strip_prefix("listening on http://").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
         (child, addr)
+    }
+
+    fn serve_log_path(&self) -> PathBuf {
+        self.media.path().join(".serve.log")
+    }
+
+    /// What the last `heimdex serve` of this test wrote to stderr.
+    pub fn serve_log(&self) -> String {
+        std::fs::read_to_string(self.serve_log_path()).unwrap_or_default()
     }
 
     pub async fn worker_status(&self, id: &str) -> Option<WorkerStatus> {
@@ -388,20 +404,35 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// One HTTP/1.1 request (`body` is sent as JSON); returns (status, body).
 pub async fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with(addr, method, path, &[], body).await
+}
+
+/// One HTTP/1.1 request with `Host: addr` and extra `headers` (`body` is sent as JSON); returns
+/// (status, body).
+pub async fn http_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, String) {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request += &format!("{name}: {value}\r\n");
+    }
+    if let Some(body) = body {
+        request += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    }
+    let (code, _, answer) = http_raw(addr, &format!("{request}Connection: close\r\n\r\n{}", body.unwrap_or_default())).await;
+    (code, answer)
+}
+
+/// Sends `request` as written (it should ask `Connection: close`) and reads to the end; returns
+/// (status, the head, the body). Status 0: no response.
+pub async fn http_raw(addr: &str, request: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(body) = body {
-        request += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    } else {
-        request += "\r\n";
-    }
     stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).into_owned();
     let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
+    let (head, body) = response.split_once("\r\n\r\n").map(|(h, b)| (h.to_string(), b.to_string())).unwrap_or((response.clone(), String::new()));
+    (code, head, body)
 }
 
 /// Publishes a raw body as a task of `kind`, as a foreign or broken producer would.

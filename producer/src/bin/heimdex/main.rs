@@ -49,7 +49,8 @@ enum Command {
     Migrate,
     /// Serve the HTTP API (enqueue, jobs, transcripts, status) and the status page at `/`.
     Serve {
-        /// Address to listen on (port 0 picks a free port; the address is printed).
+        /// Address to listen on (port 0 picks a free port; the address is printed). A non-loopback
+        /// address needs `serve.api_keys`.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
     },
@@ -115,7 +116,14 @@ async fn migrate(settings: &heimdex_shared::Settings) -> anyhow::Result<ExitCode
 }
 
 async fn serve(settings: &heimdex_shared::Settings, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    use heimdex_producer::serve::ServeError;
     let announce = |bound| println!("listening on http://{bound}");
-    heimdex_producer::serve::serve(settings, addr, announce, heimdex_shared::shutdown::shutdown_signal()).await?;
-    Ok(ExitCode::SUCCESS)
+    match heimdex_producer::serve::serve(settings, addr, announce, heimdex_shared::shutdown::shutdown_signal()).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e @ ServeError::Refused(_)) => {
+            eprintln!("heimdex: {e}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -393,12 +393,14 @@ impl WorkerSettings {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
-    /// The time bound of a task on `duration_s` of media (unknown until probed), below the broker's
-    /// consumer timeout so that the broker never takes a task away from a worker that is still on it.
-    pub fn task_timeout(&self, duration_s: Option<f64>, consumer_timeout_ms: u64) -> Duration {
+    /// The time bound of a task on `duration_s` of media (unknown until probed), plus the time it
+    /// may spend `fetching` remote media, below the broker's consumer timeout so that the broker never
+    /// takes a task away from a worker that is still on it.
+    pub fn task_timeout(&self, duration_s: Option<f64>, fetching: Duration, consumer_timeout_ms: u64) -> Duration {
         let per_media = duration_s.map_or(0, |d| (d.max(0.0) * self.task_ms_per_media_second as f64) as u64);
+        let fetching = u64::try_from(fetching.as_millis()).unwrap_or(u64::MAX);
         let cap = consumer_timeout_ms.saturating_sub(60_000).max(self.task_timeout_ms);
-        Duration::from_millis(self.task_timeout_ms.saturating_add(per_media).min(cap))
+        Duration::from_millis(self.task_timeout_ms.saturating_add(per_media).saturating_add(fetching).min(cap))
     }
 }
 
@@ -601,9 +603,11 @@ mod tests {
     fn secrets_are_redacted() {
         let s = Secret::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
         let worker = WorkerSettings::default();
-        assert_eq!(worker.task_timeout(None, 30 * 60_000), Duration::from_secs(300));
-        assert_eq!(worker.task_timeout(Some(600.0), 30 * 60_000), Duration::from_secs(900), "10 min of media: 5 + 10 min");
-        assert_eq!(worker.task_timeout(Some(3.0 * 3600.0), 30 * 60_000), Duration::from_secs(29 * 60), "capped below the broker");
+        let none = Duration::ZERO;
+        assert_eq!(worker.task_timeout(None, none, 30 * 60_000), Duration::from_secs(300));
+        assert_eq!(worker.task_timeout(Some(600.0), none, 30 * 60_000), Duration::from_secs(900), "10 min of media: 5 + 10 min");
+        assert_eq!(worker.task_timeout(Some(3.0 * 3600.0), none, 30 * 60_000), Duration::from_secs(29 * 60), "capped below the broker");
+        assert_eq!(worker.task_timeout(Some(60.0), Duration::from_secs(120), 30 * 60_000), Duration::from_secs(480), "a download's time is added");
         assert_eq!(s.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");

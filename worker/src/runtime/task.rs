@@ -205,7 +205,7 @@ impl<P: Pipeline> Worker<P> {
         let timings = StageTimings::default();
         // The time bound starts at the base and follows the media's duration once it is probed.
         let started = tokio::time::Instant::now();
-        let (bound_tx, mut bound) = tokio::sync::watch::channel(worker.task_timeout(None, self.settings.amqp.consumer_timeout_ms));
+        let (bound_tx, mut bound) = tokio::sync::watch::channel(worker.task_timeout(None, Duration::ZERO, self.settings.amqp.consumer_timeout_ms));
         let work = AssertUnwindSafe(self.execute(msg, &run, &timings, &bound_tx)).catch_unwind();
         tokio::pin!(work);
         let superseded = self.superseded(&run);
@@ -246,18 +246,23 @@ impl<P: Pipeline> Worker<P> {
         if self.settings.worker.failpoint == "panic" {
             panic!("failpoint panic: simulated bug in a task");
         }
+        let (worker, consumer_timeout_ms) = (&self.settings.worker, self.settings.amqp.consumer_timeout_ms);
         let media_settings = &self.settings.media;
         let mut uri = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)?;
-        // Remote media is downloaded first and read as a local file; the download goes with the task.
+        // Remote media is downloaded first and read as a local file; the download goes with the task,
+        // and its time (up to `media.remote_deadline_ms`) is added to the task's bound.
+        let fetch_started = tokio::time::Instant::now();
         let _download = if remote::is_remote(&uri) {
+            let _ = bound.send(worker.task_timeout(None, Duration::from_millis(media_settings.remote_deadline_ms), consumer_timeout_ms));
             let path = timings.time("fetch", remote::fetch(&uri, media_settings)).await?;
             uri = path.display().to_string();
             Some(path)
         } else {
             None
         };
+        let fetching = fetch_started.elapsed();
         let probe = timings.time("probe", media::probe(&uri)).await?;
-        let _ = bound.send(self.settings.worker.task_timeout(probe.duration_s, self.settings.amqp.consumer_timeout_ms));
+        let _ = bound.send(worker.task_timeout(probe.duration_s, fetching, consumer_timeout_ms));
         let input = TaskInput {
             run: *run,
             db: Some(self.pool.clone()),

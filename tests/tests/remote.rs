@@ -18,7 +18,7 @@ use heimdex_shared::error::Disposition;
 use heimdex_shared::fleet::WorkerState;
 use heimdex_shared::media::MediaError;
 use heimdex_shared::remote;
-use heimdex_tests::{TestEnv, wait_for};
+use heimdex_tests::TestEnv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -305,7 +305,7 @@ async fn remote_media_is_off_by_default_checked_at_enqueue_and_downloaded_by_the
     assert_eq!(frames, 25);
     let log = worker.log();
     assert!(!log.contains("topsecret") && !log.contains("hunter2"), "{log}");
-    wait_for("nothing in flight", Duration::from_secs(10), || async { (seen.in_flight.load(Ordering::SeqCst) == 0).then_some(()) }).await;
+    env.wait_for("nothing in flight", Duration::from_secs(10), || async { (seen.in_flight.load(Ordering::SeqCst) == 0).then_some(()) }).await;
     drop(worker);
     env.cleanup().await;
 }

@@ -47,7 +47,12 @@ pub async fn long_recording(speech_dir: &std::path::Path, seconds: f64, path: &s
     }
     audio.resize(total, 0.0);
     write_wav(path, &audio)?;
-    Ok(Recording { path: path.to_path_buf(), reference: words.join(" "), duration_s: audio.len() as f64 / RATE, speech_s: speech as f64 / RATE })
+    Ok(Recording {
+        path: path.to_path_buf(),
+        reference: words.join(" "),
+        duration_s: audio.len() as f64 / RATE,
+        speech_s: speech as f64 / RATE,
+    })
 }
 
 /// 16 kHz mono 16-bit PCM WAV.

@@ -6,10 +6,7 @@ pub fn normalise(s: &str) -> Vec<String> {
     let s = s.to_lowercase().replace("mr.", "mister").replace('-', " ");
     let cleaned: String = s.chars().map(|c| if c.is_alphanumeric() || c == '\'' || c == ' ' { c } else { ' ' }).collect();
     let nums = [("10", "ten"), ("1", "one"), ("2", "two"), ("3", "three"), ("4", "four"), ("5", "five")];
-    cleaned
-        .split_whitespace()
-        .map(|w| nums.iter().find(|(d, _)| *d == w).map_or(w.to_string(), |(_, n)| (*n).to_string()))
-        .collect()
+    cleaned.split_whitespace().map(|w| nums.iter().find(|(d, _)| *d == w).map_or(w.to_string(), |(_, n)| (*n).to_string())).collect()
 }
 
 /// Word edit distance of `hypothesis` against `reference`, and the reference's length in words.

@@ -28,13 +28,13 @@ pub mod transcript;
 
 use std::path::Path;
 
+use heimdex_shared::Settings;
 use heimdex_shared::contract::{ContractError, TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::jobs::{self, JobStatus};
-use heimdex_shared::outbox::{self, OutboxError};
 use heimdex_shared::media::{self, MediaError, Probe};
+use heimdex_shared::outbox::{self, OutboxError};
 use heimdex_shared::remote;
 use heimdex_shared::topology::{self, PublishError, Topology};
-use heimdex_shared::Settings;
 use lapin::{Channel, Connection};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -233,13 +233,11 @@ pub async fn validate(uri: &str, settings: &Settings) -> Result<ValidMedia, Prod
 /// The video row of a remote URL, created if new; an existing row keeps what a worker recorded of it
 /// (its probe), which an enqueue that did not read the media must not overwrite.
 async fn register_remote(tx: &mut sqlx::PgConnection, uri: &str) -> Result<Uuid, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT (uri) DO UPDATE SET updated_at = now() RETURNING id",
-    )
-    .bind(Uuid::new_v4())
-    .bind(uri)
-    .fetch_one(tx)
-    .await
+    sqlx::query_scalar("INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT (uri) DO UPDATE SET updated_at = now() RETURNING id")
+        .bind(Uuid::new_v4())
+        .bind(uri)
+        .fetch_one(tx)
+        .await
 }
 
 fn hash_file(path: &Path) -> std::io::Result<(String, i64)> {

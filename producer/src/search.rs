@@ -15,8 +15,8 @@ use heimdex_shared::error::Disposition;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use heimdex_shared::query::{QueryClient, QueryError};
 use crate::transcript::find_video;
+use heimdex_shared::query::{QueryClient, QueryError};
 
 /// A transcript segment found by [`segments`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize, sqlx::FromRow)]
@@ -161,7 +161,13 @@ pub async fn frames(
 ///
 /// # Errors
 /// A database error.
-pub async fn frames_by_vector(pool: &PgPool, vector: &[f32], model: &str, limit: u32, video: Option<Uuid>) -> Result<Vec<FrameHit>, sqlx::Error> {
+pub async fn frames_by_vector(
+    pool: &PgPool,
+    vector: &[f32],
+    model: &str,
+    limit: u32,
+    video: Option<Uuid>,
+) -> Result<Vec<FrameHit>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM heimdex_search_frames($1::vector, $2, $3, $4)")
         .bind(vector_literal(vector))
         .bind(model)

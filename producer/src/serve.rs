@@ -178,10 +178,9 @@ impl App {
             ProducerError::Read { .. } => ApiError(StatusCode::UNPROCESSABLE_ENTITY, "the media file cannot be read".into()),
             ProducerError::Options(_) => bad_request(e.to_string()),
             // The jobs are stored; the workers publish their messages (see `ProducerError::Outbox`).
-            ProducerError::Outbox(_) => ApiError(
-                StatusCode::ACCEPTED,
-                "the jobs are stored; their messages are published once the broker takes them".into(),
-            ),
+            ProducerError::Outbox(_) => {
+                ApiError(StatusCode::ACCEPTED, "the jobs are stored; their messages are published once the broker takes them".into())
+            }
             ProducerError::Database(_) => ApiError::unavailable("the database", e),
             ProducerError::Broker(_) | ProducerError::Publish(_) => ApiError::unavailable("the broker", e),
         }
@@ -286,7 +285,8 @@ async fn bounded(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         Ok(response) => response,
         Err(_) => {
             tracing::warn!(after = ?limit, "a request timed out (serve.request_timeout_ms)");
-            ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {limit:?} (a database or broker that is slow or down)")).into_response()
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {limit:?} (a database or broker that is slow or down)"))
+                .into_response()
         }
     }
 }
@@ -315,7 +315,9 @@ impl From<SearchError> for ApiError {
         match &e {
             SearchError::NoVideo(_) => Self(StatusCode::NOT_FOUND, "no video by that id, path or URL (as it was enqueued)".into()),
             SearchError::NoFrame { .. } => Self(StatusCode::NOT_FOUND, e.to_string()),
-            SearchError::BadFrameRef(_) => Self(StatusCode::BAD_REQUEST, "similar_to is not VIDEO@SECONDS (for example talk.mp4@12.5)".into()),
+            SearchError::BadFrameRef(_) => {
+                Self(StatusCode::BAD_REQUEST, "similar_to is not VIDEO@SECONDS (for example talk.mp4@12.5)".into())
+            }
             SearchError::Query(q) if q.disposition() == Disposition::Permanent => Self(StatusCode::BAD_REQUEST, q.to_string()),
             SearchError::Query(QueryError::Broker(_) | QueryError::Publish(_)) => Self::unavailable("the broker", &e),
             SearchError::Query(q) => Self(StatusCode::SERVICE_UNAVAILABLE, q.to_string()),
@@ -604,7 +606,10 @@ struct SearchQuery {
     limit: Option<u32>,
 }
 
-async fn search_handler(State(app): State<Arc<App>>, query: Result<Query<SearchQuery>, QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn search_handler(
+    State(app): State<Arc<App>>,
+    query: Result<Query<SearchQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
     let limit = query.limit.unwrap_or(10);
     if !(1..=1000).contains(&limit) {
@@ -626,7 +631,12 @@ async fn search_handler(State(app): State<Arc<App>>, query: Result<Query<SearchQ
         let source = serde_json::json!({ "video_id": of, "uri": remote::redact(&uri), "at_s": at_s });
         return Ok(Json(serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "similar_to": source, "hits": hits })));
     }
-    let text = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()).ok_or_else(|| bad_request("q (the text to search for) or similar_to is required"))?;
+    let text = query
+        .q
+        .as_deref()
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+        .ok_or_else(|| bad_request("q (the text to search for) or similar_to is required"))?;
     let target = query.target.as_deref().unwrap_or("segments");
     if !["segments", "frames"].contains(&target) {
         return Err(bad_request("in: use segments or frames"));
@@ -688,7 +698,14 @@ mod tests {
         };
         assert!(authorized(&keys, &headers(&["Bearer k3y-0123456789abcdef"])));
         assert!(authorized(&keys, &headers(&["bearer\tother-0123456789abcdef "])));
-        for refused in [&["Bearer k3y-0123456789abcde"][..], &["Basic k3y-0123456789abcdef"], &["k3y-0123456789abcdef"], &["Bearer"], &[], &["Bearer x", "Bearer k3y-0123456789abcdef"]] {
+        for refused in [
+            &["Bearer k3y-0123456789abcde"][..],
+            &["Basic k3y-0123456789abcdef"],
+            &["k3y-0123456789abcdef"],
+            &["Bearer"],
+            &[],
+            &["Bearer x", "Bearer k3y-0123456789abcdef"],
+        ] {
             assert!(!authorized(&keys, &headers(refused)), "{refused:?}");
         }
     }

@@ -53,10 +53,8 @@ pub enum TranscriptError {
 /// No such video, an index job that has not succeeded, or a database error.
 pub async fn load(pool: &PgPool, settings: &Settings, video: &str) -> Result<Transcript, TranscriptError> {
     let (video_id, uri) = find_video(pool, settings, video).await?.ok_or_else(|| TranscriptError::NoVideo(video.to_string()))?;
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE video_id = $1 AND kind = 'index'")
-        .bind(video_id)
-        .fetch_optional(pool)
-        .await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE video_id = $1 AND kind = 'index'").bind(video_id).fetch_optional(pool).await?;
     if status.as_deref() != Some("succeeded") {
         return Err(TranscriptError::NotIndexed { video: video_id, status: status.unwrap_or_else(|| "not enqueued".into()) });
     }

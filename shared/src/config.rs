@@ -150,11 +150,7 @@ pub struct AmqpSettings {
 
 impl Default for AmqpSettings {
     fn default() -> Self {
-        Self {
-            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            prefix: "heimdex".into(),
-            consumer_timeout_ms: 30 * 60 * 1000,
-        }
+        Self { url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"), prefix: "heimdex".into(), consumer_timeout_ms: 30 * 60 * 1000 }
     }
 }
 
@@ -429,11 +425,7 @@ impl Default for EngineSettings {
 impl EngineSettings {
     /// Effective intra-op thread count.
     pub fn threads(&self) -> usize {
-        if self.intra_threads > 0 {
-            self.intra_threads
-        } else {
-            std::thread::available_parallelism().map_or(1, usize::from)
-        }
+        if self.intra_threads > 0 { self.intra_threads } else { std::thread::available_parallelism().map_or(1, usize::from) }
     }
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)
@@ -451,9 +443,7 @@ pub struct ModelSettings {
 impl Default for ModelSettings {
     fn default() -> Self {
         let dir = std::env::var_os("HEIMDEX_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/heimdex/models"))
-                .unwrap_or_else(|| PathBuf::from("/models"))
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/heimdex/models")).unwrap_or_else(|| PathBuf::from("/models"))
         });
         Self { dir }
     }
@@ -607,7 +597,11 @@ mod tests {
         assert_eq!(worker.task_timeout(None, none, 30 * 60_000), Duration::from_secs(300));
         assert_eq!(worker.task_timeout(Some(600.0), none, 30 * 60_000), Duration::from_secs(900), "10 min of media: 5 + 10 min");
         assert_eq!(worker.task_timeout(Some(3.0 * 3600.0), none, 30 * 60_000), Duration::from_secs(29 * 60), "capped below the broker");
-        assert_eq!(worker.task_timeout(Some(60.0), Duration::from_secs(120), 30 * 60_000), Duration::from_secs(480), "a download's time is added");
+        assert_eq!(
+            worker.task_timeout(Some(60.0), Duration::from_secs(120), 30 * 60_000),
+            Duration::from_secs(480),
+            "a download's time is added"
+        );
         assert_eq!(s.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");

@@ -64,11 +64,11 @@ impl FromStr for TaskKind {
 
 /// The language codes Whisper knows (its tokenizer's language tokens, in its order).
 pub const WHISPER_LANGUAGES: [&str; 99] = [
-    "en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id", "hi", "fi", "vi",
-    "he", "uk", "el", "ms", "cs", "ro", "da", "hu", "ta", "no", "th", "ur", "hr", "bg", "lt", "la", "mi", "ml", "cy", "sk",
-    "te", "fa", "lv", "bn", "sr", "az", "sl", "kn", "et", "mk", "br", "eu", "is", "hy", "ne", "mn", "bs", "kk", "sq", "sw",
-    "gl", "mr", "pa", "si", "km", "sn", "yo", "so", "af", "oc", "ka", "be", "tg", "sd", "gu", "am", "yi", "lo", "uz", "fo",
-    "ht", "ps", "tk", "nn", "mt", "sa", "lb", "my", "bo", "tl", "mg", "as", "tt", "haw", "ln", "ha", "ba", "jw", "su",
+    "en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id", "hi", "fi", "vi", "he", "uk",
+    "el", "ms", "cs", "ro", "da", "hu", "ta", "no", "th", "ur", "hr", "bg", "lt", "la", "mi", "ml", "cy", "sk", "te", "fa", "lv", "bn",
+    "sr", "az", "sl", "kn", "et", "mk", "br", "eu", "is", "hy", "ne", "mn", "bs", "kk", "sq", "sw", "gl", "mr", "pa", "si", "km", "sn",
+    "yo", "so", "af", "oc", "ka", "be", "tg", "sd", "gu", "am", "yi", "lo", "uz", "fo", "ht", "ps", "tk", "nn", "mt", "sa", "lb", "my",
+    "bo", "tl", "mg", "as", "tt", "haw", "ln", "ha", "ba", "jw", "su",
 ];
 
 /// Per-task options; absent fields take the worker's configured defaults.
@@ -187,8 +187,7 @@ impl TaskMessage {
             return Err(ContractError::TooLarge(body.len()));
         }
         // Error texts are capped: serde repeats offending input (an unknown field's name) verbatim.
-        let value: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| ContractError::NotJson(cap(&e.to_string())))?;
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| ContractError::NotJson(cap(&e.to_string())))?;
         match value.get("v").and_then(serde_json::Value::as_u64) {
             None => return Err(ContractError::NoVersion),
             Some(v) if v != u64::from(CONTRACT_VERSION) => return Err(ContractError::Version(v)),

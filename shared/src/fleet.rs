@@ -115,7 +115,8 @@ impl Fleet {
     /// # Errors
     /// Redis is unreachable.
     pub async fn publish(&self, status: &WorkerStatus, ttl_ms: u64) -> Result<(), redis::RedisError> {
-        let json = serde_json::to_string(status).map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "serialise", e.to_string())))?;
+        let json =
+            serde_json::to_string(status).map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "serialise", e.to_string())))?;
         let mut conn = self.redis.clone();
         let _: () = redis::cmd("SET").arg(self.key(&status.id)).arg(json).arg("PX").arg(ttl_ms).query_async(&mut conn).await?;
         Ok(())
@@ -152,8 +153,7 @@ impl Fleet {
             return Ok(Vec::new());
         }
         let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
-        let mut workers: Vec<WorkerStatus> =
-            values.into_iter().flatten().filter_map(|v| serde_json::from_str(&v).ok()).collect();
+        let mut workers: Vec<WorkerStatus> = values.into_iter().flatten().filter_map(|v| serde_json::from_str(&v).ok()).collect();
         workers.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
         Ok(workers)
     }

@@ -201,23 +201,20 @@ pub async fn start_run(
     // PostgreSQL keeps microseconds: compare what it would store.
     let enqueued = msg.enqueued_at.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(msg.enqueued_at);
     let mut tx = pool.begin().await?;
-    let video_id: Uuid = sqlx::query_scalar(
-        "INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT (uri) DO UPDATE SET uri = EXCLUDED.uri RETURNING id",
-    )
-    .bind(msg.video_id)
-    .bind(&msg.media_uri)
-    .fetch_one(&mut *tx)
-    .await?;
+    let video_id: Uuid =
+        sqlx::query_scalar("INSERT INTO videos (id, uri) VALUES ($1, $2) ON CONFLICT (uri) DO UPDATE SET uri = EXCLUDED.uri RETURNING id")
+            .bind(msg.video_id)
+            .bind(&msg.media_uri)
+            .fetch_one(&mut *tx)
+            .await?;
     // The message's job id is used only when Heimdex holds no job for (video, kind) yet.
-    sqlx::query(
-        "INSERT INTO jobs (id, video_id, kind, status, queued_at) VALUES ($1, $2, $3, 'queued', $4) ON CONFLICT DO NOTHING",
-    )
-    .bind(msg.job_id)
-    .bind(video_id)
-    .bind(msg.kind.as_str())
-    .bind(enqueued)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("INSERT INTO jobs (id, video_id, kind, status, queued_at) VALUES ($1, $2, $3, 'queued', $4) ON CONFLICT DO NOTHING")
+        .bind(msg.job_id)
+        .bind(video_id)
+        .bind(msg.kind.as_str())
+        .bind(enqueued)
+        .execute(&mut *tx)
+        .await?;
     let (job_id, status, attempts, deaths, last_error, queued_at): (Uuid, JobStatus, i32, i32, Option<String>, DateTime<Utc>) =
         sqlx::query_as("SELECT id, status, attempts, deaths, last_error, queued_at FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
             .bind(video_id)
@@ -257,14 +254,12 @@ pub async fn start_run(
         } else {
             format!("gave up after {attempts} attempts")
         };
-        sqlx::query(
-            "UPDATE jobs SET status = 'dead', deaths = $2, last_error = $3, run_token = NULL, finished_at = now() WHERE id = $1",
-        )
-        .bind(job_id)
-        .bind(deaths as i32)
-        .bind(&reason)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE jobs SET status = 'dead', deaths = $2, last_error = $3, run_token = NULL, finished_at = now() WHERE id = $1")
+            .bind(job_id)
+            .bind(deaths as i32)
+            .bind(&reason)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         return Ok(Start::DeadLetter { attempts, reason });
     }
@@ -486,12 +481,10 @@ pub async fn jobs_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobRow>, sqlx
 /// # Errors
 /// Database errors.
 pub async fn recent_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs j JOIN videos v ON v.id = j.video_id ORDER BY j.queued_at DESC LIMIT $1"
-    ))
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs j JOIN videos v ON v.id = j.video_id ORDER BY j.queued_at DESC LIMIT $1"))
+        .bind(limit)
+        .fetch_all(pool)
+        .await
 }
 
 /// The most recent jobs that ended `dead` or `failed`, with their reasons.
@@ -513,7 +506,5 @@ pub async fn recent_failures(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>, s
 /// # Errors
 /// Database errors.
 pub async fn counts(pool: &PgPool) -> Result<Vec<(String, JobStatus, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status")
-        .fetch_all(pool)
-        .await
+    sqlx::query_as("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status").fetch_all(pool).await
 }

@@ -148,12 +148,8 @@ pub async fn probe(uri: &str) -> Result<Probe, MediaError> {
         let reason = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("unknown error");
         return Err(unreadable(reason.trim().to_string()));
     }
-    let raw: RawProbe =
-        serde_json::from_slice(&output.stdout).map_err(|e| unreadable(format!("unexpected ffprobe output: {e}")))?;
-    let mut probe = Probe {
-        duration_s: raw.format.and_then(|f| f.duration).and_then(|d| d.parse().ok()),
-        ..Probe::default()
-    };
+    let raw: RawProbe = serde_json::from_slice(&output.stdout).map_err(|e| unreadable(format!("unexpected ffprobe output: {e}")))?;
+    let mut probe = Probe { duration_s: raw.format.and_then(|f| f.duration).and_then(|d| d.parse().ok()), ..Probe::default() };
     for s in raw.streams {
         match s.codec_type.as_deref() {
             // Cover art is a video stream with a single picture; it is not video.

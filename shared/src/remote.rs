@@ -176,11 +176,8 @@ async fn download(uri: &str, settings: &MediaSettings) -> Result<tempfile::TempP
     let _ = url.set_username("");
     let _ = url.set_password(None);
     let timeout = Duration::from_millis(settings.remote_timeout_ms.max(1));
-    let mut client = reqwest::Client::builder()
-        .connect_timeout(timeout)
-        .read_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy();
+    let mut client =
+        reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).redirect(reqwest::redirect::Policy::none()).no_proxy();
     if let Some(Host::Domain(name)) = url.host() {
         client = client.resolve(name, address);
     }
@@ -202,7 +199,8 @@ async fn download(uri: &str, settings: &MediaSettings) -> Result<tempfile::TempP
     if response.content_length().is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let file = tempfile::Builder::new().prefix("heimdex-remote-").tempfile().map_err(|e| MediaError::Tool(format!("temporary file: {e}")))?;
+    let file =
+        tempfile::Builder::new().prefix("heimdex-remote-").tempfile().map_err(|e| MediaError::Tool(format!("temporary file: {e}")))?;
     let (file, path) = file.into_parts();
     let mut file = tokio::fs::File::from_std(file);
     let mut body = response.bytes_stream();
@@ -282,10 +280,10 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 
 /// IPv6 ranges inside `2000::/3` that are not public, as (network, prefix length).
 const REFUSED_V6: [(Ipv6Addr, u32); 4] = [
-    (Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 23),     // IETF assignments, Teredo, benchmarking, ORCHID
+    (Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 23), // IETF assignments, Teredo, benchmarking, ORCHID
     (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32), // documentation
-    (Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16),     // 6to4
-    (Ipv6Addr::new(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20),     // documentation
+    (Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16), // 6to4
+    (Ipv6Addr::new(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20), // documentation
 ];
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
@@ -308,12 +306,45 @@ mod tests {
     #[test]
     fn only_public_addresses_pass() {
         let refused = [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "0.1.2.3",
-            "198.18.0.1", "198.19.255.254", "240.0.0.1", "255.255.255.255", "192.0.0.1", "192.0.0.170", "192.0.2.1",
-            "192.88.99.1", "203.0.113.9", "224.0.0.1", "::1", "::", "fd00::1", "fe80::1", "ff02::1", "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1", "::127.0.0.1", "::1.1.1.1", "64:ff9b::7f00:1", "64:ff9b::101:101", "64:ff9b:1::1",
-            "2002:7f00:1::1", "2002:101:101::1", "2001::1", "2001:0:4136:e378::1", "2001:db8::1", "3fff::1", "100::1",
-            "fec0::1", "5f00::1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "198.18.0.1",
+            "198.19.255.254",
+            "240.0.0.1",
+            "255.255.255.255",
+            "192.0.0.1",
+            "192.0.0.170",
+            "192.0.2.1",
+            "192.88.99.1",
+            "203.0.113.9",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "::1.1.1.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::101:101",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2002:101:101::1",
+            "2001::1",
+            "2001:0:4136:e378::1",
+            "2001:db8::1",
+            "3fff::1",
+            "100::1",
+            "fec0::1",
+            "5f00::1",
         ];
         for ip in refused {
             assert!(!is_public(ip.parse().unwrap()), "{ip} must be refused");

@@ -35,11 +35,7 @@ pub fn init(settings: &LogSettings) {
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let out = output(settings.format, std::io::stderr().is_terminal(), no_color);
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(out.ansi);
-    let _ = if out.json {
-        builder.json().flatten_event(true).with_current_span(true).try_init()
-    } else {
-        builder.compact().try_init()
-    };
+    let _ = if out.json { builder.json().flatten_event(true).with_current_span(true).try_init() } else { builder.compact().try_init() };
 }
 
 /// Formats an error with its whole cause chain (`outer: inner: root`).

@@ -13,15 +13,14 @@
 //! expires messages at the head of a queue: a 32 s retry would hold back a 2 s one behind it.
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::config::{AmqpSettings, WorkerSettings};
-use crate::error::{Dependency, Disposition};
 use crate::contract::{TaskKind, TaskMessage};
+use crate::error::{Dependency, Disposition};
 
 /// Header carrying the delivery attempt (1 for the first delivery).
 pub const ATTEMPT_HEADER: &str = "x-heimdex-attempt";
@@ -168,14 +167,7 @@ pub fn task_properties(message: &TaskMessage, attempt: u32) -> BasicProperties {
 /// # Errors
 /// The broker is unreachable, or it nacked or returned the message.
 pub async fn publish_task(channel: &Channel, topology: &Topology, message: &TaskMessage) -> Result<(), PublishError> {
-    publish_confirmed(
-        channel,
-        topology.exchange(),
-        message.kind.as_str(),
-        &message.to_body(),
-        task_properties(message, 1),
-    )
-    .await
+    publish_confirmed(channel, topology.exchange(), message.kind.as_str(), &message.to_body(), task_properties(message, 1)).await
 }
 
 /// How long a publish may wait for the broker's confirm.

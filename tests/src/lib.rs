@@ -209,8 +209,14 @@ impl TestEnv {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let mut child =
-            cmd.args(["serve", "--addr", addr]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).kill_on_drop(true).spawn().expect("spawn heimdex serve");
+        let mut child = cmd
+            .args(["serve", "--addr", addr])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn heimdex serve");
         let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.expect("serve started").expect("read");
         let line = line.unwrap_or_else(|| panic!("heimdex serve printed no address; its log:\n{}", self.serve_log()));
@@ -251,11 +257,7 @@ impl TestEnv {
                 }
                 if tokio::time::Instant::now() >= deadline {
                     let cause = if deadline == self.deadline { "the test's deadline" } else { "its timeout" };
-                    panic!(
-                        "timed out after {:?} ({cause}) waiting for {what} ({caller})\n{}",
-                        started.elapsed(),
-                        self.report().await
-                    );
+                    panic!("timed out after {:?} ({cause}) waiting for {what} ({caller})\n{}", started.elapsed(), self.report().await);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -264,7 +266,12 @@ impl TestEnv {
 
     /// Waits until the worker reports `state` in Redis.
     #[track_caller]
-    pub fn wait_state<'a>(&'a self, worker: &'a WorkerProcess, state: WorkerState, timeout: Duration) -> impl Future<Output = WorkerStatus> + 'a {
+    pub fn wait_state<'a>(
+        &'a self,
+        worker: &'a WorkerProcess,
+        state: WorkerState,
+        timeout: Duration,
+    ) -> impl Future<Output = WorkerStatus> + 'a {
         let what = format!("{} to be {}", worker.id, state.as_str());
         self.wait_for(&what, timeout, move || async move { self.worker_status(&worker.id).await.filter(|s| s.state == state) })
     }
@@ -275,8 +282,10 @@ impl TestEnv {
     pub async fn report(&self) -> String {
         use std::fmt::Write;
         let mut out = String::from("--- the test's world now ---\n");
-        let by_status: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status").fetch_all(&self.pool).await.unwrap_or_default();
+        let by_status: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default();
         let _ = writeln!(out, "jobs by status: {by_status:?}");
         let open: Vec<(Uuid, String, String, i32, i32, Option<String>, Option<String>)> = sqlx::query_as(
             "SELECT id, kind, status, attempts, deaths, worker_id, last_error FROM jobs
@@ -286,12 +295,15 @@ impl TestEnv {
         .await
         .unwrap_or_default();
         for (id, kind, status, attempts, deaths, worker, error) in open {
-            let _ = writeln!(out, "  {kind} job {id}: {status}, attempts {attempts}, deaths {deaths}, worker {worker:?}, last error {error:?}");
+            let _ =
+                writeln!(out, "  {kind} job {id}: {status}, attempts {attempts}, deaths {deaths}, worker {worker:?}, last error {error:?}");
         }
         let topology = self.topology();
         for kind in TaskKind::ALL {
             let mut names = vec![topology.queue(kind), topology.dlq(kind)];
-            names.extend((1..self.settings.worker.max_attempts).map(|a| topology.retry_queue(kind, Topology::backoff_ms(&self.settings.worker, a))));
+            names.extend(
+                (1..self.settings.worker.max_attempts).map(|a| topology.retry_queue(kind, Topology::backoff_ms(&self.settings.worker, a))),
+            );
             for name in names {
                 // A passive declare of a missing queue closes its channel: one channel per look.
                 let depth = match self.connection.create_channel().await {
@@ -351,7 +363,9 @@ impl TestEnv {
     /// Waits until the job reaches `status`.
     #[track_caller]
     pub fn wait_job<'a>(&'a self, id: Uuid, status: &'a str, timeout: Duration) -> impl Future<Output = JobRow> + 'a {
-        self.wait_for(&format!("job {id} to be {status}"), timeout, move || async move { self.job(id).await.filter(|j| j.status.as_str() == status) })
+        self.wait_for(&format!("job {id} to be {status}"), timeout, move || async move {
+            self.job(id).await.filter(|j| j.status.as_str() == status)
+        })
     }
 
     pub async fn count(&self, sql: &str, video: Uuid) -> i64 {
@@ -431,7 +445,8 @@ pub async fn http_raw(addr: &str, request: &str) -> (u16, String, String) {
     let _ = stream.read_to_end(&mut response).await;
     let response = String::from_utf8_lossy(&response).into_owned();
     let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let (head, body) = response.split_once("\r\n\r\n").map(|(h, b)| (h.to_string(), b.to_string())).unwrap_or((response.clone(), String::new()));
+    let (head, body) =
+        response.split_once("\r\n\r\n").map(|(h, b)| (h.to_string(), b.to_string())).unwrap_or((response.clone(), String::new()));
     (code, head, body)
 }
 
@@ -516,9 +531,8 @@ pub fn speech_clips() -> Vec<(String, String)> {
 
 /// The share of the reference's words that occur in the hypothesis (case and punctuation ignored).
 pub fn words_found(reference: &str, hypothesis: &str) -> f64 {
-    let words = |s: &str| -> Vec<String> {
-        s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
-    };
+    let words =
+        |s: &str| -> Vec<String> { s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect() };
     let (reference, hypothesis) = (words(reference), words(hypothesis));
     let found = reference.iter().filter(|w| hypothesis.contains(w)).count();
     found as f64 / reference.len().max(1) as f64
@@ -601,7 +615,8 @@ pub async fn assert_load_succeeded(env: &TestEnv, load: &[LoadJob]) -> i32 {
             }
         }
     }
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind IN ('index', 'vision')").fetch_one(&env.pool).await.expect("count");
+    let jobs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind IN ('index', 'vision')").fetch_one(&env.pool).await.expect("count");
     assert!(jobs as usize >= load.len(), "no job lost");
     deaths
 }

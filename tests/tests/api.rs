@@ -45,7 +45,8 @@ async fn without_a_key_the_server_listens_on_loopback_only() {
             .output();
         let out = tokio::time::timeout(Duration::from_secs(20), serve).await;
         let out = out.unwrap_or_else(|_| panic!("heimdex serve --addr {addr} without a key kept running")).unwrap();
-        let (code, stdout, stderr) = (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let (code, stdout, stderr) =
+            (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert_eq!(code, 2, "{addr}: {stdout} {stderr}");
         assert!(!stdout.contains("listening"), "{addr}: {stdout}");
         assert!(stderr.contains("serve.api_keys"), "{addr}: the refusal names the setting: {stderr}");
@@ -127,7 +128,15 @@ async fn only_allowed_host_names_reach_the_api() {
         Some(host) => format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
         None => format!("GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n"),
     };
-    for host in [format!("localhost:{port}"), "localhost".into(), "LocalHost".into(), format!("127.0.0.1:{port}"), "[::1]".into(), format!("[::1]:{port}"), "localhost.".into()] {
+    for host in [
+        format!("localhost:{port}"),
+        "localhost".into(),
+        "LocalHost".into(),
+        format!("127.0.0.1:{port}"),
+        "[::1]".into(),
+        format!("[::1]:{port}"),
+        "localhost.".into(),
+    ] {
         let (code, _, body) = http_raw(&addr, &request(Some(&host), NO_JOB)).await;
         assert_eq!(code, 404, "Host: {host}: {body}");
     }
@@ -189,7 +198,8 @@ async fn force_needs_a_key_or_the_switch() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_headers_and_requests_are_bounded() {
     let env = TestEnv::new().await;
-    let (_server, addr) = env.serve_with(&[("HEIMDEX__SERVE__HEADER_TIMEOUT_MS", "1000"), ("HEIMDEX__SERVE__MAX_BODY_BYTES", "4096")], "127.0.0.1:0").await;
+    let (_server, addr) =
+        env.serve_with(&[("HEIMDEX__SERVE__HEADER_TIMEOUT_MS", "1000"), ("HEIMDEX__SERVE__MAX_BODY_BYTES", "4096")], "127.0.0.1:0").await;
     let big = format!(r#"{{"uri": "{}"}}"#, "a".repeat(8000));
     let (code, body) = http(&addr, "POST", "/v1/videos", Some(&big)).await;
     assert_eq!(code, 413, "{body}");
@@ -227,23 +237,32 @@ async fn secret_video(env: &TestEnv, uri: &str) -> (Uuid, Uuid) {
         .execute(pool)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text, language) VALUES ($1, 0, 0, 2, 'hello there', 'en')")
+    sqlx::query(
+        "INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text, language) VALUES ($1, 0, 0, 2, 'hello there', 'en')",
+    )
+    .bind(video)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO scenes (video_id, idx, start_s, end_s, frame_count) VALUES ($1, 0, 0, 2, 2)")
         .bind(video)
         .execute(pool)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO scenes (video_id, idx, start_s, end_s, frame_count) VALUES ($1, 0, 0, 2, 2)").bind(video).execute(pool).await.unwrap();
     let dim = env.settings.vision.embed_dim;
-    let vector = |head: &[f32]| format!("[{}]", (0..dim).map(|i| head.get(i).copied().unwrap_or(0.0).to_string()).collect::<Vec<_>>().join(","));
+    let vector =
+        |head: &[f32]| format!("[{}]", (0..dim).map(|i| head.get(i).copied().unwrap_or(0.0).to_string()).collect::<Vec<_>>().join(","));
     for (idx, v) in [(0, vector(&[1.0])), (1, vector(&[0.9, 0.1]))] {
-        sqlx::query("INSERT INTO frames (video_id, idx, ts_s, scene_idx, embedding, embedding_model) VALUES ($1, $2, $2, 0, $3::vector, $4)")
-            .bind(video)
-            .bind(idx)
-            .bind(v)
-            .bind(&env.settings.vision.embed_model)
-            .execute(pool)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO frames (video_id, idx, ts_s, scene_idx, embedding, embedding_model) VALUES ($1, $2, $2, 0, $3::vector, $4)",
+        )
+        .bind(video)
+        .bind(idx)
+        .bind(v)
+        .bind(&env.settings.vision.embed_model)
+        .execute(pool)
+        .await
+        .unwrap();
     }
     (video, job)
 }
@@ -295,7 +314,15 @@ async fn errors_reveal_no_path_no_existence_and_no_database_detail() {
     let (_server, addr) = env.serve().await;
     let enqueue = |uri: &str| format!(r#"{{"uri": "{uri}"}}"#);
     let mut answers = Vec::new();
-    for uri in ["/etc/passwd", "/etc/no-such-file-4f1c", "../../../../etc/passwd", "../../../../etc/no-such-file-4f1c", "missing.mp4", "/proc/self/environ", &format!("{root}/../../etc/hostname")] {
+    for uri in [
+        "/etc/passwd",
+        "/etc/no-such-file-4f1c",
+        "../../../../etc/passwd",
+        "../../../../etc/no-such-file-4f1c",
+        "missing.mp4",
+        "/proc/self/environ",
+        &format!("{root}/../../etc/hostname"),
+    ] {
         let (code, body) = http(&addr, "POST", "/v1/videos", Some(&enqueue(uri))).await;
         assert_eq!(code, 422, "{uri}: {body}");
         assert!(!body.contains(&root) && !body.contains("/tmp") && !body.contains(env.media.path().to_str().unwrap()), "{uri}: {body}");
@@ -307,8 +334,15 @@ async fn errors_reveal_no_path_no_existence_and_no_database_detail() {
     assert!(!body.contains(&root) && !body.contains("/tmp/"), "{body}");
 
     // A database that refuses us: 503 with a reason, no driver chain.
-    let (_broken, addr) = env.serve_with(&[("HEIMDEX__DATABASE__URL", "postgres://postgres:pw-x9@127.0.0.1:5432/heimdex_no_such_db_4f1c")], "127.0.0.1:0").await;
-    for path in [NO_JOB, "/v1/search?similar_to=8f0e7c57-2f4b-4d7e-9a55-1b2a3c4d5e6f@1", "/v1/videos/8f0e7c57-2f4b-4d7e-9a55-1b2a3c4d5e6f/transcript", "/v1/status"] {
+    let (_broken, addr) = env
+        .serve_with(&[("HEIMDEX__DATABASE__URL", "postgres://postgres:pw-x9@127.0.0.1:5432/heimdex_no_such_db_4f1c")], "127.0.0.1:0")
+        .await;
+    for path in [
+        NO_JOB,
+        "/v1/search?similar_to=8f0e7c57-2f4b-4d7e-9a55-1b2a3c4d5e6f@1",
+        "/v1/videos/8f0e7c57-2f4b-4d7e-9a55-1b2a3c4d5e6f/transcript",
+        "/v1/status",
+    ] {
         let (code, body) = http_get(&addr, path).await;
         assert_eq!(code, 503, "{path}: {body}");
         let error = json(&body)["error"].as_str().unwrap().to_string();
@@ -326,7 +360,11 @@ async fn a_broker_or_database_that_never_answers_gets_503_in_time_and_blocks_nob
     let (_hole, port) = black_hole().await;
     let broker = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     // Each connect gives up after 1.5 s: four at once all answer then, none waits for another's connect.
-    let limits = [("HEIMDEX__AMQP__URL", broker.as_str()), ("HEIMDEX__SERVE__CONNECT_TIMEOUT_MS", "1500"), ("HEIMDEX__SERVE__REQUEST_TIMEOUT_MS", "4000")];
+    let limits = [
+        ("HEIMDEX__AMQP__URL", broker.as_str()),
+        ("HEIMDEX__SERVE__CONNECT_TIMEOUT_MS", "1500"),
+        ("HEIMDEX__SERVE__REQUEST_TIMEOUT_MS", "4000"),
+    ];
     let (_server, addr) = env.serve_with(&limits, "127.0.0.1:0").await;
     let started = Instant::now();
     let hung: Vec<_> = (0..4)
@@ -343,7 +381,9 @@ async fn a_broker_or_database_that_never_answers_gets_503_in_time_and_blocks_nob
         })
         .collect();
     // While those wait on the broker, a request that needs only the database answers at once.
-    let (code, body) = tokio::time::timeout(Duration::from_secs(2), http_get(&addr, NO_JOB)).await.expect("a database request waited on a hung broker connect");
+    let (code, body) = tokio::time::timeout(Duration::from_secs(2), http_get(&addr, NO_JOB))
+        .await
+        .expect("a database request waited on a hung broker connect");
     assert_eq!(code, 404, "{body}");
     let database_only = started.elapsed();
     for h in hung {
@@ -359,7 +399,8 @@ async fn a_broker_or_database_that_never_answers_gets_503_in_time_and_blocks_nob
 
     // A database that never answers: 503 within the pool's acquire timeout; health stays up.
     let db = format!("postgres://postgres@127.0.0.1:{port}/heimdex");
-    let (_server, addr) = env.serve_with(&[("HEIMDEX__DATABASE__URL", db.as_str()), ("HEIMDEX__SERVE__REQUEST_TIMEOUT_MS", "4000")], "127.0.0.1:0").await;
+    let (_server, addr) =
+        env.serve_with(&[("HEIMDEX__DATABASE__URL", db.as_str()), ("HEIMDEX__SERVE__REQUEST_TIMEOUT_MS", "4000")], "127.0.0.1:0").await;
     let started = Instant::now();
     let (code, body) = tokio::time::timeout(Duration::from_secs(15), http_get(&addr, NO_JOB)).await.expect("hung on the database");
     assert_eq!(code, 503, "{body}");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::{TestEnv};
+use heimdex_tests::TestEnv;
 
 const WARM: Duration = Duration::from_secs(120);
 

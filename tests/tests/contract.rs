@@ -73,7 +73,8 @@ fn schema_says_what_the_worker_accepts() {
 
     // The same fields, and the required ones are exactly those a body cannot leave out.
     assert_eq!(keys(&schema["properties"]), keys(&body), "{schema:#}");
-    let required: BTreeSet<String> = schema["required"].as_array().expect("required").iter().filter_map(|v| v.as_str().map(String::from)).collect();
+    let required: BTreeSet<String> =
+        schema["required"].as_array().expect("required").iter().filter_map(|v| v.as_str().map(String::from)).collect();
     for field in keys(&body) {
         let mut without = body.clone();
         without.as_object_mut().expect("object").remove(&field);
@@ -119,7 +120,8 @@ fn python_jsonschema_and_the_worker_agree_on_bodies() {
     let python = repo().join(".deps/venv/bin/python");
     assert!(python.is_file(), "{} missing: run scripts/setup", python.display());
     let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0) };
-    let full = serde_json::to_value(TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Index, "/m/a.wav".into(), options)).expect("json");
+    let full =
+        serde_json::to_value(TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Index, "/m/a.wav".into(), options)).expect("json");
     let variant = |edit: &dyn Fn(&mut Value)| {
         let mut b = full.clone();
         edit(&mut b);
@@ -211,17 +213,30 @@ async fn tasks_published_from_python_and_node_are_processed_by_a_worker() {
     let node = node_example();
     // Heimdex holds known.mp4 under its own video id (enqueued for index only: no index worker runs here).
     let (held_video, _) = env.enqueue("known.mp4", TaskKind::Index, false).await.expect("enqueue");
-    let held_uri: String = sqlx::query_scalar("SELECT uri FROM videos WHERE id = $1").bind(held_video).fetch_one(&env.pool).await.expect("uri");
+    let held_uri: String =
+        sqlx::query_scalar("SELECT uri FROM videos WHERE id = $1").bind(held_video).fetch_one(&env.pool).await.expect("uri");
     let worker = env.spawn_worker("vision", "v1", &[]);
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
 
     // 1. A task whose own video id is not the one Heimdex holds for its URI.
     let (foreign_video, foreign_job) = (Uuid::new_v4(), Uuid::new_v4());
     let (video_arg, job_arg) = (foreign_video.to_string(), foreign_job.to_string());
-    let sent = publish_with(&env, &python, &python_script, &["--kind", "vision", "--media-uri", &held_uri, "--video-id", &video_arg, "--job-id", &job_arg]).await;
+    let sent = publish_with(
+        &env,
+        &python,
+        &python_script,
+        &["--kind", "vision", "--media-uri", &held_uri, "--video-id", &video_arg, "--job-id", &job_arg],
+    )
+    .await;
     assert_eq!((id(&sent, "video_id"), id(&sent, "job_id")), (foreign_video, foreign_job), "{sent}");
     // 2. A task for a video Heimdex has never seen, with the ids the example makes up.
-    let sent_fresh = publish_with(&env, &python, &python_script, &["--kind", "vision", "--media-uri", &fresh.display().to_string(), "--frame-rate", "2"]).await;
+    let sent_fresh = publish_with(
+        &env,
+        &python,
+        &python_script,
+        &["--kind", "vision", "--media-uri", &fresh.display().to_string(), "--frame-rate", "2"],
+    )
+    .await;
     // 3. A task that names a video Heimdex holds by a path relative to the media root.
     let (relative_video, _) = {
         env.add_media("video/silent.mp4", "relative.mp4");
@@ -229,7 +244,13 @@ async fn tasks_published_from_python_and_node_are_processed_by_a_worker() {
     };
     let relative_job = Uuid::new_v4();
     let (other_video, relative_arg) = (Uuid::new_v4().to_string(), relative_job.to_string());
-    publish_with(&env, &python, &python_script, &["--kind", "vision", "--media-uri", "relative.mp4", "--video-id", &other_video, "--job-id", &relative_arg]).await;
+    publish_with(
+        &env,
+        &python,
+        &python_script,
+        &["--kind", "vision", "--media-uri", "relative.mp4", "--video-id", &other_video, "--job-id", &relative_arg],
+    )
+    .await;
     // 4. The same from Node, when it is there.
     let sent_node = match &node {
         Ok((node, script)) => {

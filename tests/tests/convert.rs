@@ -40,8 +40,7 @@ fn read_json(path: &Path) -> Value {
 fn whisper_from_faster_whisper_base_is_byte_identical_to_the_bundle() {
     let src = sources_dir("whisper-base");
     let out = tempfile::tempdir().unwrap();
-    convert::whisper(&src.join("model.bin"), &src.join("config.json"), &src.join("tokenizer.json"), out.path())
-        .expect("conversion");
+    convert::whisper(&src.join("model.bin"), &src.join("config.json"), &src.join("tokenizer.json"), out.path()).expect("conversion");
 
     for name in ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "mel_filters.f32"] {
         assert_eq!(sha256_file(&out.path().join(name)), manifest_sha256(&format!("whisper-base/{name}")), "{name}");
@@ -60,10 +59,7 @@ fn whisper_from_faster_whisper_base_is_byte_identical_to_the_bundle() {
     let mut names: Vec<String> =
         std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(
-        names,
-        ["config.json", "decoder_model.onnx", "decoder_with_past_model.onnx", "encoder_model.onnx", "mel_filters.f32"]
-    );
+    assert_eq!(names, ["config.json", "decoder_model.onnx", "decoder_with_past_model.onnx", "encoder_model.onnx", "mel_filters.f32"]);
 }
 
 /// This process's peak resident set (`VmHWM`), KiB.
@@ -107,8 +103,7 @@ fn whisper_conversion_in_a_child_process() {
     let src = sources_dir("whisper-base");
     let out = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    convert::whisper(&src.join("model.bin"), &src.join("config.json"), &src.join("tokenizer.json"), out.path())
-        .expect("conversion");
+    convert::whisper(&src.join("model.bin"), &src.join("config.json"), &src.join("tokenizer.json"), out.path()).expect("conversion");
     println!("peak_rss_kib={} seconds={:.2}", peak_rss_kib(), started.elapsed().as_secs_f64());
 }
 

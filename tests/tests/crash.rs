@@ -48,7 +48,9 @@ async fn sixty_jobs_survive_random_sigkills_a_poison_message_and_a_killer_video(
     let mut req = EnqueueRequest::all("killer.mp4");
     req.kinds = vec![TaskKind::Vision];
     let killer = Producer::connect(&env.settings).await.unwrap().enqueue(&req).await.unwrap().jobs[0].job_id;
-    let mut poison = serde_json::to_value(TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Vision, "v00.mp4".into(), TaskOptions::default())).unwrap();
+    let mut poison =
+        serde_json::to_value(TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Vision, "v00.mp4".into(), TaskOptions::default()))
+            .unwrap();
     poison["p".repeat(200_000)] = 1.into();
     let poison_id = Uuid::new_v4();
     publish_raw(&env, "vision", &serde_json::to_vec(&poison).unwrap(), Some(poison_id)).await;

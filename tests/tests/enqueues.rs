@@ -56,7 +56,8 @@ async fn only_the_latest_enqueue_runs_and_with_its_options() {
     let worker = env.spawn_worker("vision", "latest", &[]);
     let status = env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let row = env.wait_job(job, "succeeded", TASK).await;
-    env.wait_for("both messages handled", TASK, || async { (outcomes(&status.health_addr, "superseded").await == 1.0).then_some(()) }).await;
+    env.wait_for("both messages handled", TASK, || async { (outcomes(&status.health_addr, "superseded").await == 1.0).then_some(()) })
+        .await;
     // 4 s at the forced enqueue's 2 fps, once.
     let frames = env.count("SELECT count(*) FROM frames WHERE video_id = $1", first.video_id).await;
     assert_eq!(frames, 8, "the latest enqueue's options ran: {row:?}");
@@ -101,7 +102,8 @@ async fn a_copy_from_an_earlier_enqueue_never_runs_an_ended_job_again() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_outbox_forgets_only_the_message_it_published() {
     let env = TestEnv::new().await;
-    let msg = |queued: &jobs::Queued, video| TaskMessage::of_enqueue(queued, video, TaskKind::Vision, "o.mp4".into(), TaskOptions::default());
+    let msg =
+        |queued: &jobs::Queued, video| TaskMessage::of_enqueue(queued, video, TaskKind::Vision, "o.mp4".into(), TaskOptions::default());
     let video = uuid::Uuid::new_v4();
     sqlx::query("INSERT INTO videos (id, uri) VALUES ($1, 'o.mp4')").bind(video).execute(&env.pool).await.unwrap();
     let mut tx = env.pool.begin().await.unwrap();

@@ -84,7 +84,11 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_worker_keeps_ser
             let (video, job) = (Uuid::new_v4(), Uuid::new_v4());
             sqlx::query("INSERT INTO videos (id, uri) VALUES ($1, $2)").bind(video).bind(uri).execute(&pool).await.unwrap();
             sqlx::query("INSERT INTO jobs (id, video_id, kind, status) VALUES ($1, $2, 'vision', 'queued')")
-                .bind(job).bind(video).execute(&pool).await.unwrap();
+                .bind(job)
+                .bind(video)
+                .execute(&pool)
+                .await
+                .unwrap();
             (video, job)
         }
     };
@@ -140,11 +144,8 @@ async fn database_outage_pauses_consuming_and_everything_completes_after_recover
     for n in &names {
         env.add_media("video/silent.mp4", n);
     }
-    let worker = env.spawn_worker(
-        "vision",
-        "cutoff",
-        &[("HEIMDEX__DATABASE__URL", &via_proxy), ("HEIMDEX__DATABASE__ACQUIRE_TIMEOUT_MS", "500")],
-    );
+    let worker =
+        env.spawn_worker("vision", "cutoff", &[("HEIMDEX__DATABASE__URL", &via_proxy), ("HEIMDEX__DATABASE__ACQUIRE_TIMEOUT_MS", "500")]);
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
     proxy.cut();
     let mut jobs = Vec::new();
@@ -153,10 +154,8 @@ async fn database_outage_pauses_consuming_and_everything_completes_after_recover
     }
     env.wait_state(&worker, WorkerState::Paused, TASK).await;
     let queue = env.topology().queue(TaskKind::Vision);
-    env.wait_for("the messages back in the queue, nobody consuming", TASK, || async {
-        (env.queue(&queue).await == (3, 0)).then_some(())
-    })
-    .await;
+    env.wait_for("the messages back in the queue, nobody consuming", TASK, || async { (env.queue(&queue).await == (3, 0)).then_some(()) })
+        .await;
     assert_eq!(env.queue(&env.topology().dlq(TaskKind::Vision)).await.0, 0, "nothing dead-lettered");
 
     proxy.restore();

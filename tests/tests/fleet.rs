@@ -118,11 +118,12 @@ async fn a_worker_takes_no_message_before_it_is_warm() {
     assert_eq!((code, body.trim()), (200, "warm"));
     env.wait_job(job, "succeeded", TASK).await;
     // The job row commits before the ack; the counter moves after it.
-    let metrics = env.wait_for("the task counted in /metrics", TASK, || async {
-        let (code, metrics) = http_get(&status.health_addr, "/metrics").await;
-        (code == 200 && metrics.contains("heimdex_tasks_total{kind=\"vision\",outcome=\"succeeded\"} 1")).then_some(metrics)
-    })
-    .await;
+    let metrics = env
+        .wait_for("the task counted in /metrics", TASK, || async {
+            let (code, metrics) = http_get(&status.health_addr, "/metrics").await;
+            (code == 200 && metrics.contains("heimdex_tasks_total{kind=\"vision\",outcome=\"succeeded\"} 1")).then_some(metrics)
+        })
+        .await;
     assert!(metrics.contains("heimdex_worker_state{state=\"warm\"} 1"), "{metrics}");
     assert!(metrics.contains("heimdex_inference_batch_size_count"), "{metrics}");
     env.wait_for("queue to drain", TASK, || async { (env.queue(&queue).await == (0, 1)).then_some(()) }).await;

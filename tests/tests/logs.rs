@@ -66,7 +66,8 @@ async fn colours_reach_a_terminal_only_and_a_failing_worker_still_logs_json_to_a
     assert!(fatal["error"].as_str().is_some_and(|e| e.contains("no-models-here")), "the error names the model folder: {fatal}");
 
     // A file, `pretty` forced: plain compact lines, still no escapes.
-    let mut worker = env.spawn_worker("vision", "no-models-pretty", &[("HEIMDEX__MODELS__DIR", missing), ("HEIMDEX__LOG__FORMAT", "pretty")]);
+    let mut worker =
+        env.spawn_worker("vision", "no-models-pretty", &[("HEIMDEX__MODELS__DIR", missing), ("HEIMDEX__LOG__FORMAT", "pretty")]);
     assert_eq!(worker.wait_exit(Duration::from_secs(60)).await, Some(1), "{}", worker.log());
     let log = worker.log();
     assert!(!log.as_bytes().contains(&ESC), "colour escapes in a file:\n{log}");
@@ -89,7 +90,10 @@ async fn colours_reach_a_terminal_only_and_a_failing_worker_still_logs_json_to_a
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("no-models-here"), "the terminal shows the error:\n{text}");
         assert_eq!(out.stdout.contains(&ESC), coloured, "NO_COLOR={no_color:?}: colour on a terminal is {coloured}:\n{text}");
-        assert!(text.lines().all(|l| serde_json::from_str::<Value>(l.trim_end_matches('\r')).is_err()), "a terminal gets lines for people:\n{text}");
+        assert!(
+            text.lines().all(|l| serde_json::from_str::<Value>(l.trim_end_matches('\r')).is_err()),
+            "a terminal gets lines for people:\n{text}"
+        );
     }
     env.cleanup().await;
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::{TestEnv};
+use heimdex_tests::TestEnv;
 
 const WARM: Duration = Duration::from_secs(120);
 const TASK: Duration = Duration::from_secs(240);
@@ -84,11 +84,12 @@ async fn metrics_are_openmetrics_with_build_process_and_media_series() {
 
     let (_, job) = env.enqueue("clip.mp4", TaskKind::Vision, false).await.expect("enqueue");
     env.wait_job(job, "succeeded", TASK).await;
-    let after = env.wait_for("the task counted in /metrics", TASK, || async {
-        let (_, _, text) = get(&addr, "/metrics").await;
-        text.contains(r#"heimdex_tasks_total{kind="vision",outcome="succeeded"} 1"#).then_some(text)
-    })
-    .await;
+    let after = env
+        .wait_for("the task counted in /metrics", TASK, || async {
+            let (_, _, text) = get(&addr, "/metrics").await;
+            text.contains(r#"heimdex_tasks_total{kind="vision",outcome="succeeded"} 1"#).then_some(text)
+        })
+        .await;
     assert_well_formed(&after);
 
     // silent.mp4 is 4.0 s long.
@@ -113,7 +114,8 @@ async fn metrics_are_openmetrics_with_build_process_and_media_series() {
     assert!(start >= spawned_at - 2.0 && start <= now, "started at {start}, spawned at {spawned_at}, now {now}");
 
     // Every worker series the Grafana dashboard queries is served.
-    let dashboard = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/heimdex.json")).expect("dashboard");
+    let dashboard =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/heimdex.json")).expect("dashboard");
     let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
     let queried = dashboard_series(&dashboard);
     assert!(queried.len() >= 10, "{queried:?}");

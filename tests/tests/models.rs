@@ -109,9 +109,7 @@ async fn segments(env: &TestEnv, video: Uuid) -> Vec<(String, Vec<f32>)> {
             .fetch_all(&env.pool)
             .await
             .expect("segments");
-    rows.into_iter()
-        .map(|(text, v)| (text, v.trim_matches(['[', ']']).split(',').map(|x| x.parse().unwrap()).collect()))
-        .collect()
+    rows.into_iter().map(|(text, v)| (text, v.trim_matches(['[', ']']).split(',').map(|x| x.parse().unwrap()).collect())).collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -182,11 +180,8 @@ async fn a_source_that_does_not_match_its_pin_is_refused_and_nothing_is_installe
 async fn a_built_file_that_does_not_match_its_pin_is_refused_and_nothing_is_installed() {
     let (url, _mirror) = start_mirror(None).await;
     let minilm = MODELS.iter().find(|m| m.build == Build::MiniLm).unwrap();
-    let files: Vec<File> = minilm
-        .files
-        .iter()
-        .map(|f| if f.path.ends_with(".onnx") { catalog::File { path: f.path, sha256: "00" } } else { *f })
-        .collect();
+    let files: Vec<File> =
+        minilm.files.iter().map(|f| if f.path.ends_with(".onnx") { catalog::File { path: f.path, sha256: "00" } } else { *f }).collect();
     let wrong = Model { files: Box::leak(files.into_boxed_slice()), ..*minilm };
     let dir = tempfile::tempdir().unwrap();
     let err = install(dir.path(), &wrong, Some(&url)).await.unwrap_err();

@@ -131,7 +131,13 @@ async fn a_playlist_cannot_reach_outside_the_media_root() {
     let worker = env.spawn_worker("index", "fenced", &[]);
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let (video, job) = (Uuid::new_v4(), Uuid::new_v4());
-    publish_raw(&env, "index", &TaskMessage::new(job, video, TaskKind::Index, "p.m3u8".into(), TaskOptions::default()).to_body(), Some(job)).await;
+    publish_raw(
+        &env,
+        "index",
+        &TaskMessage::new(job, video, TaskKind::Index, "p.m3u8".into(), TaskOptions::default()).to_body(),
+        Some(job),
+    )
+    .await;
     let row = env.wait_job(job, "failed", TASK).await;
     assert!(row.last_error.as_deref().unwrap_or("").contains("ffprobe cannot read"), "{row:?}");
     let segments: i64 = sqlx::query_scalar("SELECT count(*) FROM transcript_segments").fetch_one(&env.pool).await.unwrap();
@@ -181,7 +187,8 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
         ("HEIMDEX__DATABASE__ACQUIRE_TIMEOUT_MS", "500"),
         ("HEIMDEX__REDIS__URL", redis_url.as_str()),
     ];
-    let mut workers = vec![env.spawn_worker("vision", "v1", &via), env.spawn_worker("vision", "v2", &via), env.spawn_worker("index", "i1", &via)];
+    let mut workers =
+        vec![env.spawn_worker("vision", "v1", &via), env.spawn_worker("vision", "v2", &via), env.spawn_worker("index", "i1", &via)];
     for w in &workers {
         env.wait_state(w, WorkerState::Warm, WARM).await;
     }
@@ -189,10 +196,12 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
     let started = std::time::Instant::now();
     let done = || heimdex_tests::count_jobs_in(&env, &[heimdex_shared::jobs::JobStatus::Succeeded]);
     let mut faults = Vec::new();
-    for (i, (name, proxy)) in [("broker", &broker), ("database", &database), ("redis", &redis), ("broker", &broker)].into_iter().enumerate() {
+    for (i, (name, proxy)) in [("broker", &broker), ("database", &database), ("redis", &redis), ("broker", &broker)].into_iter().enumerate()
+    {
         // Each fault starts once a sixth more of the jobs are done.
         let target = (i + 1) * load.len() / 6;
-        env.wait_for(&format!("{target} jobs done before the {name} fault"), TASK, || async { (done().await >= target).then_some(()) }).await;
+        env.wait_for(&format!("{target} jobs done before the {name} fault"), TASK, || async { (done().await >= target).then_some(()) })
+            .await;
         proxy.cut();
         if name == "broker" {
             for w in &workers {

@@ -41,7 +41,8 @@ async fn a_huge_field_name_is_dead_lettered_with_a_short_reason_and_the_worker_s
     // the old worker put that into a header, RabbitMQ closed the connection (frame_too_large), the
     // worker exited and the next one died on the same message.
     let job = Uuid::new_v4();
-    let mut body = serde_json::to_value(TaskMessage::new(job, Uuid::new_v4(), TaskKind::Vision, "good.mp4".into(), TaskOptions::default())).unwrap();
+    let mut body =
+        serde_json::to_value(TaskMessage::new(job, Uuid::new_v4(), TaskKind::Vision, "good.mp4".into(), TaskOptions::default())).unwrap();
     body["f".repeat(200_000)] = 1.into();
     publish_raw(&env, "vision", &serde_json::to_vec(&body).unwrap(), Some(job)).await;
     let (video, good) = (Uuid::new_v4(), Uuid::new_v4());
@@ -54,7 +55,12 @@ async fn a_huge_field_name_is_dead_lettered_with_a_short_reason_and_the_worker_s
     env.wait_for("the dead letter", TASK, || async { (env.queue(&dlq).await.0 == 1).then_some(()) }).await;
     let letters = drain_dlq(&env, &dlq).await;
     assert_eq!(letters[0].0.as_deref(), Some(job.to_string().as_str()));
-    assert!(letters[0].1.contains("over the contract's limit") && letters[0].1.len() <= 1024, "{} bytes: {:.200}", letters[0].1.len(), letters[0].1);
+    assert!(
+        letters[0].1.contains("over the contract's limit") && letters[0].1.len() <= 1024,
+        "{} bytes: {:.200}",
+        letters[0].1.len(),
+        letters[0].1
+    );
     assert_eq!(env.worker_status("sturdy").await.expect("still in the fleet").state, WorkerState::Warm, "{}", worker.log());
     env.cleanup().await;
 }
@@ -191,7 +197,13 @@ async fn a_job_whose_message_was_never_published_is_repaired() {
     let (exchange, key) = (env.topology().exchange().to_string(), "vision");
     let unbind = || env.channel.queue_unbind(queue.as_str().into(), exchange.as_str().into(), key.into(), FieldTable::default());
     let bind = || {
-        env.channel.queue_bind(queue.as_str().into(), exchange.as_str().into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+        env.channel.queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
     };
     // The broker refuses both publishes (unroutable) after the jobs were committed.
     let producer = Producer::connect(&env.settings).await.unwrap();
@@ -310,13 +322,18 @@ async fn force_on_a_running_job_supersedes_the_old_run() {
     let row = env.wait_job(job, "succeeded", TASK).await;
     let frames = frames(&env, video).await;
     assert!(frames >= 100 && row.summary.unwrap()["frames"].as_i64() == Some(frames), "exactly one set of results: {frames} rows");
-    let metrics = env.wait_for("the superseded run to stop", TASK, || async {
-        let (_, body) = http_get(&status.health_addr, "/metrics").await;
-        (body.contains(r#"outcome="superseded""#) && body.contains(r#"outcome="succeeded""#)).then_some(body)
-    })
-    .await;
+    let metrics = env
+        .wait_for("the superseded run to stop", TASK, || async {
+            let (_, body) = http_get(&status.health_addr, "/metrics").await;
+            (body.contains(r#"outcome="superseded""#) && body.contains(r#"outcome="succeeded""#)).then_some(body)
+        })
+        .await;
     let counted = |outcome: &str| {
-        metrics.lines().filter(|l| l.contains(&format!(r#"outcome="{outcome}""#))).filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok()).sum::<f64>()
+        metrics
+            .lines()
+            .filter(|l| l.contains(&format!(r#"outcome="{outcome}""#)))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>()
     };
     assert_eq!((counted("superseded"), counted("succeeded")), (1.0, 1.0), "{metrics}");
     assert!(worker.log().contains("a newer run took this job over"), "{}", worker.log());

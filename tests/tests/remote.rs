@@ -61,7 +61,8 @@ async fn answer(mut socket: TcpStream, video: Arc<Vec<u8>>, seen: Arc<Seen>) {
     let head = String::from_utf8_lossy(&head).into_owned();
     seen.heads.lock().unwrap().push(head.clone());
     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let reply = |status: &str, extra: &str, len: usize| format!("HTTP/1.1 {status}\r\n{extra}Content-Length: {len}\r\nConnection: close\r\n\r\n");
+    let reply =
+        |status: &str, extra: &str, len: usize| format!("HTTP/1.1 {status}\r\n{extra}Content-Length: {len}\r\nConnection: close\r\n\r\n");
     if path.starts_with("/hang") {
         std::future::pending::<()>().await;
     } else if path.starts_with("/sample.mp4") {
@@ -137,7 +138,11 @@ async fn every_spelling_of_a_refused_address_is_refused_for_good() {
         assert_refused(remote::check(url, &open).await, "not a URL", url);
     }
     // A listed host that is not the URL's host does not let it through.
-    assert_refused(remote::check(&format!("http://2130706433:{port}/a.mp4"), &settings(&["localhost"])).await, "not in media.allow_hosts", "listed");
+    assert_refused(
+        remote::check(&format!("http://2130706433:{port}/a.mp4"), &settings(&["localhost"])).await,
+        "not in media.allow_hosts",
+        "listed",
+    );
     assert!(seen.heads.lock().unwrap().is_empty(), "nothing reached the server");
 }
 
@@ -179,15 +184,20 @@ async fn a_download_has_an_overall_deadline_and_a_size_cap() {
 
     // A byte every 50 ms never trips the read timeout; the deadline stops it.
     let started = Instant::now();
-    let drip = tokio::time::timeout(Duration::from_secs(30), remote::fetch(&format!("{base}/drip"), &limits)).await.expect("a drip is cut off");
+    let drip =
+        tokio::time::timeout(Duration::from_secs(30), remote::fetch(&format!("{base}/drip"), &limits)).await.expect("a drip is cut off");
     unavailable(drip, "media.remote_deadline_ms");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     // Silence: the read timeout.
-    let hang = tokio::time::timeout(Duration::from_secs(30), remote::fetch(&format!("{base}/hang.mp4"), &limits)).await.expect("silence is cut off");
+    let hang = tokio::time::timeout(Duration::from_secs(30), remote::fetch(&format!("{base}/hang.mp4"), &limits))
+        .await
+        .expect("silence is cut off");
     unavailable(hang, "timed out");
 
     // No length and no end: cut at the cap. A length above the cap: refused before the body.
-    too_large(tokio::time::timeout(Duration::from_secs(30), remote::fetch(&format!("{base}/endless"), &limits)).await.expect("cut at the cap"));
+    too_large(
+        tokio::time::timeout(Duration::from_secs(30), remote::fetch(&format!("{base}/endless"), &limits)).await.expect("cut at the cap"),
+    );
     let started = Instant::now();
     too_large(remote::fetch(&format!("{base}/huge"), &limits).await);
     assert!(started.elapsed() < Duration::from_millis(900), "refused on the header: {:?}", started.elapsed());
@@ -265,7 +275,11 @@ async fn remote_media_is_off_by_default_checked_at_enqueue_and_downloaded_by_the
     assert!(seen.heads.lock().unwrap().is_empty(), "enqueue downloaded: {:?}", seen.heads.lock().unwrap());
     assert!(!out.contains("hunter2") && !out.contains("topsecret") && !err.contains("hunter2"), "{out}{err}");
     let (hash, size, probed): (Option<String>, Option<i64>, Option<bool>) =
-        sqlx::query_as("SELECT content_hash, size_bytes, has_video FROM videos WHERE uri = $1").bind(&secret).fetch_one(&env.pool).await.unwrap();
+        sqlx::query_as("SELECT content_hash, size_bytes, has_video FROM videos WHERE uri = $1")
+            .bind(&secret)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert_eq!((hash, size, probed), (None, None, None), "a remote video is its canonical URL until a worker reads it");
 
     // The worker downloads, at most worker.concurrency at once, directly (HTTP_PROXY is ignored:
@@ -305,7 +319,8 @@ async fn remote_media_is_off_by_default_checked_at_enqueue_and_downloaded_by_the
     assert_eq!(frames, 25);
     let log = worker.log();
     assert!(!log.contains("topsecret") && !log.contains("hunter2"), "{log}");
-    env.wait_for("nothing in flight", Duration::from_secs(10), || async { (seen.in_flight.load(Ordering::SeqCst) == 0).then_some(()) }).await;
+    env.wait_for("nothing in flight", Duration::from_secs(10), || async { (seen.in_flight.load(Ordering::SeqCst) == 0).then_some(()) })
+        .await;
     drop(worker);
     env.cleanup().await;
 }

@@ -86,13 +86,12 @@ async fn a_paraphrase_finds_the_sample_videos_sentence() {
     env.add_media("video/sample.mp4", "sample.mp4");
     let worker = warm_worker(&env, TaskKind::Index, "search-i", &[]).await;
     let video = indexed(&env, "sample.mp4", TaskKind::Index).await;
-    let stored: Vec<(i32, f64, f64, String, String)> = sqlx::query_as(
-        "SELECT idx, start_s, end_s, text, embedding::text FROM transcript_segments WHERE video_id = $1 ORDER BY idx",
-    )
-    .bind(video)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let stored: Vec<(i32, f64, f64, String, String)> =
+        sqlx::query_as("SELECT idx, start_s, end_s, text, embedding::text FROM transcript_segments WHERE video_id = $1 ORDER BY idx")
+            .bind(video)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     let transcript: Vec<_> = stored.iter().map(|s| (s.1, s.2, s.3.as_str())).collect();
 
     // Said otherwise, sharing no word with it that full-text search would match as a whole.
@@ -254,8 +253,11 @@ async fn frames_by_text_and_similar_frames_through_the_siglip_stand_in() {
     let worker = warm_worker(&env, TaskKind::Vision, "search-v", &[]).await;
     let video = indexed(&env, "sample.mp4", TaskKind::Vision).await;
     let model = env.settings.vision.embed_model.clone();
-    let stored: Vec<(i32, f64, String)> =
-        sqlx::query_as("SELECT idx, ts_s, embedding::text FROM frames WHERE video_id = $1 ORDER BY idx").bind(video).fetch_all(&env.pool).await.unwrap();
+    let stored: Vec<(i32, f64, String)> = sqlx::query_as("SELECT idx, ts_s, embedding::text FROM frames WHERE video_id = $1 ORDER BY idx")
+        .bind(video)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(stored.len(), 25);
 
     // The query vector is the text tower's output for the text (plumbing: the stand-in's towers are
@@ -281,7 +283,8 @@ async fn frames_by_text_and_similar_frames_through_the_siglip_stand_in() {
         assert!((score - exact[idx]).abs() < 1e-4, "frame {idx}: score {score}, cosine {}", exact[idx]);
         assert!(score <= previous + 1e-12, "ordered by cosine: {json:#}");
         previous = score;
-        let (ts, start, end) = (hit["ts_s"].as_f64().unwrap(), hit["scene_start_s"].as_f64().unwrap(), hit["scene_end_s"].as_f64().unwrap());
+        let (ts, start, end) =
+            (hit["ts_s"].as_f64().unwrap(), hit["scene_start_s"].as_f64().unwrap(), hit["scene_end_s"].as_f64().unwrap());
         assert!(start <= ts && ts <= end, "the frame lies in its scene's range: {hit}");
     }
     let best = exact.iter().cloned().fold(f64::MIN, f64::max);

@@ -83,14 +83,15 @@ async fn the_api_enqueues_reads_jobs_searches_exports_transcripts_and_the_status
     let job_ids: Vec<String> = enqueued["jobs"].as_array().unwrap().iter().map(|j| j["job_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(job_ids.len(), 2, "{answer}");
     for id in &job_ids {
-        let job = env.wait_for("the job to succeed", TASK, || async {
-            let (code, body) = http_get(&addr, &format!("/v1/jobs/{id}")).await;
-            assert_eq!(code, 200, "{body}");
-            let job = json(&body);
-            assert!(!["failed", "dead"].contains(&job["status"].as_str().unwrap()), "{job}");
-            (job["status"] == "succeeded").then_some(job)
-        })
-        .await;
+        let job = env
+            .wait_for("the job to succeed", TASK, || async {
+                let (code, body) = http_get(&addr, &format!("/v1/jobs/{id}")).await;
+                assert_eq!(code, 200, "{body}");
+                let job = json(&body);
+                assert!(!["failed", "dead"].contains(&job["status"].as_str().unwrap()), "{job}");
+                (job["status"] == "succeeded").then_some(job)
+            })
+            .await;
         assert!(job["stage_timings"].as_object().is_some_and(|stages| !stages.is_empty()), "stage timings: {job}");
     }
     let (code, srt) = http_get(&addr, &format!("/v1/videos/{video}/transcript?format=srt")).await;

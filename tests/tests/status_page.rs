@@ -87,7 +87,10 @@ async fn measuring_proxy(server: String) -> String {
         let (code, body) = http_get(&server, "/v1/status").await;
         (StatusCode::from_u16(code).expect("status code"), [(header::CONTENT_TYPE, "application/json")], body)
     }
-    let app = axum::Router::new().route("/", axum::routing::get(page)).route("/v1/status", axum::routing::get(status)).with_state(Arc::new(server));
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(page))
+        .route("/v1/status", axum::routing::get(status))
+        .with_state(Arc::new(server));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -181,7 +184,10 @@ async fn every_job_and_worker_state_has_a_badge_whose_text_is_readable_on_the_sc
         let state = b["state"].as_str().expect("state").to_string();
         let (x, y, w, h) = (b["x"].as_f64().unwrap(), b["y"].as_f64().unwrap(), b["w"].as_f64().unwrap(), b["h"].as_f64().unwrap());
         let (x0, y0, x1, y1) = (x.ceil() as usize, y.ceil() as usize, (x + w).floor() as usize, (y + h).floor() as usize);
-        assert!(x1 > x0 + 4 && y1 > y0 + 4 && x1 <= WIDTH as usize && y1 <= HEIGHT as usize, "{state}: its text box {b} is not on the screenshot");
+        assert!(
+            x1 > x0 + 4 && y1 > y0 + 4 && x1 <= WIDTH as usize && y1 <= HEIGHT as usize,
+            "{state}: its text box {b} is not on the screenshot"
+        );
         // The badge's background is the commonest colour in its text box (the gaps between letters);
         // text pixels are those that stand out from it by the AA ratio.
         let mut colours: HashMap<[u8; 3], usize> = HashMap::new();

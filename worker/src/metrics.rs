@@ -241,7 +241,12 @@ impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = ProcessStats::read();
         if let Some(v) = stats.cpu_seconds {
-            let mut m = encoder.encode_descriptor("process_cpu_seconds", "Total user and system CPU time spent in seconds", None, MetricType::Counter)?;
+            let mut m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                MetricType::Counter,
+            )?;
             m.encode_counter::<NoLabelSet, _, u64>(&v, None)?;
         }
         let gauges = [

@@ -75,11 +75,7 @@ impl StageTimings {
 pub trait Persist: Send + 'static {
     /// Deletes this video's earlier results of the same kind and inserts these, on `conn`, which is
     /// inside the task's transaction (so a redelivered task replaces, never duplicates).
-    fn write(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        video_id: Uuid,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    fn write(&self, conn: &mut sqlx::PgConnection, video_id: Uuid) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// A short summary for logs and `jobs.summary` (`{"frames": 25, "faces": 2}`).
     fn summary(&self) -> serde_json::Value;
@@ -99,11 +95,7 @@ pub trait Pipeline: Send + Sync + 'static {
     fn warm_up(&self) -> impl Future<Output = Result<Vec<WarmupReport>, TaskError>> + Send;
 
     /// Processes one task.
-    fn process(
-        &self,
-        input: &TaskInput,
-        timings: &StageTimings,
-    ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
+    fn process(&self, input: &TaskInput, timings: &StageTimings) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
 
     /// Embeds search queries (see `heimdex_shared::query`) with the model whose vectors this kind
     /// stores, on the same model thread as tasks (so they share batches with them), and names that

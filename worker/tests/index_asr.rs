@@ -18,7 +18,10 @@ async fn greedy_tokens_match_fixture_and_kv_cache_matches_no_cache() {
     let fixture = json("speech/whisper_base_greedy.json");
     let prompt: Vec<u64> = fixture["prompt"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     let sp = &t.cfg.special_tokens;
-    assert_eq!(prompt, vec![u64::from(sp.sot), u64::from(t.language_token("en").unwrap()), u64::from(sp.transcribe), u64::from(sp.notimestamps)]);
+    assert_eq!(
+        prompt,
+        vec![u64::from(sp.sot), u64::from(t.language_token("en").unwrap()), u64::from(sp.transcribe), u64::from(sp.notimestamps)]
+    );
     let clips = fixture["clips"].as_object().unwrap();
     assert_eq!(clips.len(), 8);
     let en = t.language_token("en").unwrap();
@@ -33,12 +36,12 @@ async fn greedy_tokens_match_fixture_and_kv_cache_matches_no_cache() {
         audio.push((name.clone(), pcm, ids));
     }
     // All clips at once: batched KV-cache decoding and batched no-cache decoding give the same tokens.
-    let batched = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false)))
-        .await
-        .unwrap();
-    let nocache = futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window_without_cache(pcm.clone(), Some(en), false)))
-        .await
-        .unwrap();
+    let batched =
+        futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false))).await.unwrap();
+    let nocache =
+        futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window_without_cache(pcm.clone(), Some(en), false)))
+            .await
+            .unwrap();
     for (((name, _, ids), b), n) in audio.iter().zip(&batched).zip(&nocache) {
         assert_eq!(&b.tokens, ids, "{name}: batched KV cache");
         assert_eq!(&n.tokens, ids, "{name}: no KV cache");

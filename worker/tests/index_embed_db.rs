@@ -60,10 +60,8 @@ async fn embeddings_match_reference_and_rank_similarity() {
     let texts: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
     let batched = p.embedder().embed(texts.clone()).await.unwrap();
     let dir = bundle().join(&s.index.embed_dir);
-    let reference = python_reference(
-        &dir.join(&s.index.embed_file).display().to_string(),
-        &dir.join("tokenizer.json").display().to_string(),
-    );
+    let reference =
+        python_reference(&dir.join(&s.index.embed_file).display().to_string(), &dir.join("tokenizer.json").display().to_string());
     for (i, (got, want)) in batched.iter().zip(&reference).enumerate() {
         assert_eq!(got.len(), 384);
         let c = cosine(got, want);

@@ -162,7 +162,9 @@ async fn faces_at_the_frames_own_size_match_the_square_input() {
         let (a, b) = (square.run(vec![frame.clone()]).unwrap().remove(0), free.run(vec![frame.clone()]).unwrap().remove(0));
         // Only the padding below the frame differs, so a face near the threshold and the bottom edge
         // can tip either way (one at frame 49, a cross-fade: 0.615 in the square, under 0.6 here).
-        let clear = |faces: Vec<heimdex_worker::vision::Face>| faces.into_iter().filter(|f| f.score >= s.vision.face_score_threshold + 0.1).collect::<Vec<_>>();
+        let clear = |faces: Vec<heimdex_worker::vision::Face>| {
+            faces.into_iter().filter(|f| f.score >= s.vision.face_score_threshold + 0.1).collect::<Vec<_>>()
+        };
         let (a, b) = (clear(a), clear(b));
         assert_eq!(a.len(), b.len(), "frame {}: {a:?} vs {b:?}", frame.index);
         for (x, y) in a.iter().zip(&b) {
@@ -205,7 +207,13 @@ fn pillow_bicubic(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u
     const BITS: u32 = 22;
     fn filter(x: f64) -> f64 {
         let (a, x) = (-0.5, x.abs());
-        if x < 1.0 { ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0 } else if x < 2.0 { (((x - 5.0) * x + 8.0) * x - 4.0) * a } else { 0.0 }
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * a
+        } else {
+            0.0
+        }
     }
     fn coeffs(input: usize, output: usize) -> Vec<(usize, Vec<i64>)> {
         let scale = input as f64 / output as f64;
@@ -335,7 +343,19 @@ async fn one_pixel_video_is_permanent() {
 async fn eight_k_video_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("8k.mp4");
-    ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=7680x4320:rate=1", "-t", "1", "-c:v", "libx264", "-preset", "ultrafast", path.to_str().unwrap()]);
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=7680x4320:rate=1",
+        "-t",
+        "1",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        path.to_str().unwrap(),
+    ]);
     expect_permanent(path.to_str().unwrap(), "7680x4320: larger than the accepted maximum side").await;
 }
 
@@ -343,7 +363,19 @@ async fn eight_k_video_is_refused() {
 async fn a_ten_minute_video_streams_with_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("long.mp4");
-    ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=320x240:rate=5", "-t", "600", "-c:v", "libx264", "-preset", "ultrafast", path.to_str().unwrap()]);
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=320x240:rate=5",
+        "-t",
+        "600",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        path.to_str().unwrap(),
+    ]);
     let vision = load();
     let input = task(path.to_str().unwrap()).await;
     let gauge = Arc::new(FrameGauge::default());
@@ -435,11 +467,12 @@ async fn writing_twice_leaves_one_set_of_rows() {
     assert_eq!(count(&db.pool, "faces", video).await, out.faces.len() as i64);
     assert!(!out.faces.is_empty());
     // Vectors round-trip, the model is recorded, and nearest-neighbour search finds a frame itself.
-    let (model, dims): (String, i32) = sqlx::query_as("SELECT embedding_model, vector_dims(embedding) FROM frames WHERE video_id = $1 AND idx = 3")
-        .bind(video)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let (model, dims): (String, i32) =
+        sqlx::query_as("SELECT embedding_model, vector_dims(embedding) FROM frames WHERE video_id = $1 AND idx = 3")
+            .bind(video)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!((model.as_str(), dims), (Settings::default().vision.embed_model.as_str(), 768));
     let query = heimdex_shared::db::vector_literal(&out.frames[20].embedding);
     let nearest: i32 = sqlx::query_scalar("SELECT idx FROM frames WHERE video_id = $1 ORDER BY embedding <=> $2::vector, idx LIMIT 1")
@@ -458,7 +491,6 @@ async fn writing_twice_leaves_one_set_of_rows() {
     assert_eq!(landmarks, out.faces[0].face.landmarks.to_vec());
     db.drop_now().await;
 }
-
 
 #[tokio::test]
 async fn every_model_has_one_name_and_a_timed_warm_up() {
@@ -511,8 +543,27 @@ async fn cover_art_listed_first_is_neither_decoded_nor_a_way_past_max_side() {
     let tagged = dir.path().join("tagged.mp4");
     let sample = media("video/sample.mp4");
     ffmpeg(&[
-        "-i", &sample, "-i", cover.to_str().unwrap(), "-map", "0:v", "-map", "0:a", "-map", "1", "-c:v:0", "copy", "-c:a", "copy",
-        "-c:v:1", "png", "-disposition:v:1", "attached_pic", "-movflags", "+faststart", tagged.to_str().unwrap(),
+        "-i",
+        &sample,
+        "-i",
+        cover.to_str().unwrap(),
+        "-map",
+        "0:v",
+        "-map",
+        "0:a",
+        "-map",
+        "1",
+        "-c:v:0",
+        "copy",
+        "-c:a",
+        "copy",
+        "-c:v:1",
+        "png",
+        "-disposition:v:1",
+        "attached_pic",
+        "-movflags",
+        "+faststart",
+        tagged.to_str().unwrap(),
     ]);
     cover_art_first(&tagged);
     let input = task(tagged.to_str().unwrap()).await;

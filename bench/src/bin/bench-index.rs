@@ -128,7 +128,9 @@ async fn rss_child(concurrency: usize, settings: &Settings, engine: &Engine, sam
             r.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    Ok(json!({"concurrency": concurrency, "vm_hwm_mb": peak_rss_mib(), "vm_hwm_after_load_mb": after_load, "vm_hwm_after_warmup_mb": after_warm, "ms": ms(t), "audio": sample}))
+    Ok(
+        json!({"concurrency": concurrency, "vm_hwm_mb": peak_rss_mib(), "vm_hwm_after_load_mb": after_load, "vm_hwm_after_warmup_mb": after_warm, "ms": ms(t), "audio": sample}),
+    )
 }
 
 /// One fresh process on the Heimdex side of the peer comparison: load and warm up (timed), then
@@ -209,7 +211,10 @@ async fn main() -> Result<()> {
     let threads = settings.engine.threads();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let whisper_int8 = settings.index.whisper_int8;
-    results.insert("machine".into(), json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch, "whisper_int8": whisper_int8}));
+    results.insert(
+        "machine".into(),
+        json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch, "whisper_int8": whisper_int8}),
+    );
     let exe = std::env::current_exe()?;
     let dir = TempDir::new()?;
     let rec = long_recording(&bundle.join("media/speech"), args.long_s, &dir.path().join("long.wav")).await?;
@@ -232,8 +237,11 @@ async fn main() -> Result<()> {
         let audio_s = pick("audio_s");
         results.insert("cold_start".into(), json!({"load_ms": pick("load_ms"), "warmup_ms": pick("warmup_ms"),
             "total_ms": pick("load_ms") + pick("warmup_ms"), "target_total_ms": 5000, "warmup": cold[0]["warmup"], "processes": cold.len()}));
-        results.insert("first_task".into(), json!({"first_ms": pick("first_ms"), "steady_median_ms": steady, "ratio": pick("ratio"),
-            "target_ratio": 1.10, "processes": cold.len(), "runs": cold}));
+        results.insert(
+            "first_task".into(),
+            json!({"first_ms": pick("first_ms"), "steady_median_ms": steady, "ratio": pick("ratio"),
+            "target_ratio": 1.10, "processes": cold.len(), "runs": cold}),
+        );
         results.insert("rtf_sample".into(), json!({"audio_s": audio_s, "median_ms": steady, "rtf": steady / 1000.0 / audio_s}));
     }
 
@@ -273,7 +281,8 @@ async fn main() -> Result<()> {
         // Decoder tokens/s with and without the KV cache (one clip, one window, batch 1; the token loop
         // only, timed by the model thread, so the encoder is not counted).
         if args.wants("decoder") {
-            let clip = decode_all(&bundle.join("media/speech/sense_and_sensibility_01_austen_64kb-0870.wav").display().to_string(), 60.0).await?;
+            let clip =
+                decode_all(&bundle.join("media/speech/sense_and_sensibility_01_austen_64kb-0870.wav").display().to_string(), 60.0).await?;
             let mut kv = Vec::new();
             for cache in [true, false] {
                 let mut times = Vec::new();
@@ -332,7 +341,10 @@ async fn main() -> Result<()> {
     if args.wants("rss-long") {
         let c = args.rss_long.max(1).to_string();
         let run = child_json(Command::new(&exe).args(["--rss-child", &c, "--wav", &long]))?;
-        results.insert("peak_rss_long".into(), json!({"run": run, "concurrency": args.rss_long, "audio_s": rec.duration_s, "target_mb": 1000}));
+        results.insert(
+            "peak_rss_long".into(),
+            json!({"run": run, "concurrency": args.rss_long, "audio_s": rec.duration_s, "target_mb": 1000}),
+        );
     }
 
     let results = Value::Object(results);
@@ -561,10 +573,19 @@ fn print_table(r: &Value) {
     for (name, v) in rows {
         println!("{name:<46} {:>14}", f(v));
     }
-    println!("\n{:<18} {:>10} {:>10} {:>8}   (session.run, fresh processes, median of rounds)", "ORT model/batch", "rust ms", "python ms", "rust/py");
+    println!(
+        "\n{:<18} {:>10} {:>10} {:>8}   (session.run, fresh processes, median of rounds)",
+        "ORT model/batch", "rust ms", "python ms", "rust/py"
+    );
     if let Some(models) = r["rust_vs_python"]["models"].as_object() {
         for (k, v) in models {
-            println!("{:<18} {:>10} {:>10} {:>8}", k.trim_end_matches("_ms"), f(&v["rust_ms"]), f(&v["python_ms"]), f(&v["rust_over_python"]));
+            println!(
+                "{:<18} {:>10} {:>10} {:>8}",
+                k.trim_end_matches("_ms"),
+                f(&v["rust_ms"]),
+                f(&v["python_ms"]),
+                f(&v["rust_over_python"])
+            );
         }
     }
 }

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use heimdex_bench::measure::{ms, quantile, write_report};
+use heimdex_bench::scratch::ScratchDb;
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::query::QueryClient;
 use heimdex_shared::topology::{self, Topology};
-use heimdex_bench::measure::{ms, quantile, write_report};
-use heimdex_bench::scratch::ScratchDb;
 use serde_json::{Value, json};
 
 #[derive(Parser)]

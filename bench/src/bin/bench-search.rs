@@ -26,10 +26,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use heimdex_shared::Settings;
-use heimdex_shared::db::vector_literal;
 use heimdex_bench::measure::{median, ms, quantile, write_report};
 use heimdex_bench::scratch::ScratchDb;
+use heimdex_shared::Settings;
+use heimdex_shared::db::vector_literal;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
@@ -69,27 +69,244 @@ const K: usize = 10;
 
 /// Content words, most frequent first (sampled with weight 1/rank).
 const WORDS: &[&str] = &[
-    "time", "people", "year", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state",
-    "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system",
-    "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother",
-    "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business",
-    "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end",
-    "member", "law", "car", "city", "community", "name", "president", "team", "minute", "idea", "kid", "body",
-    "information", "back", "parent", "face", "others", "level", "office", "door", "health", "person", "art", "war",
-    "history", "party", "result", "change", "morning", "reason", "research", "girl", "guy", "moment", "air",
-    "teacher", "force", "education", "budget", "market", "weather", "river", "mountain", "garden", "kitchen",
-    "engine", "bridge", "forest", "ocean", "island", "winter", "summer", "music", "camera", "picture", "dog", "cat",
-    "horse", "train", "station", "letter", "doctor", "hospital", "election", "policy", "energy", "climate",
-    "village", "church", "castle", "king", "queen", "soldier", "ship", "harbour", "storm", "rain", "snow", "fire",
-    "stone", "gold", "silver", "bread", "coffee", "dinner", "breakfast", "window", "street", "road", "field",
-    "farm", "machine", "computer", "network", "server", "database", "search", "video", "recording", "speaker",
-    "audience", "lecture", "interview", "meeting", "report", "review", "quarter", "revenue", "growth", "inflation",
-    "interest", "rate", "bank", "loan", "tax", "price", "cost", "value", "risk", "plan", "strategy", "product",
-    "customer", "design", "language", "science", "theory", "experiment", "museum", "painting", "poem", "novel",
-    "chapter", "song", "dance", "film", "theatre", "stage", "beach", "holiday", "journey", "travel", "bicycle",
-    "tyre", "wheel", "engineer", "keynote", "distributed", "fellow", "young", "old", "happy", "quiet", "bright",
-    "dark", "cold", "warm", "strong", "gentle", "careful", "sudden", "ancient", "modern", "distant", "narrow",
-    "speak", "listen", "walk", "run", "build", "write", "read", "remember", "forget", "travel", "explain",
+    "time",
+    "people",
+    "year",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+    "story",
+    "fact",
+    "month",
+    "lot",
+    "right",
+    "study",
+    "book",
+    "eye",
+    "job",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "house",
+    "service",
+    "friend",
+    "father",
+    "power",
+    "hour",
+    "game",
+    "line",
+    "end",
+    "member",
+    "law",
+    "car",
+    "city",
+    "community",
+    "name",
+    "president",
+    "team",
+    "minute",
+    "idea",
+    "kid",
+    "body",
+    "information",
+    "back",
+    "parent",
+    "face",
+    "others",
+    "level",
+    "office",
+    "door",
+    "health",
+    "person",
+    "art",
+    "war",
+    "history",
+    "party",
+    "result",
+    "change",
+    "morning",
+    "reason",
+    "research",
+    "girl",
+    "guy",
+    "moment",
+    "air",
+    "teacher",
+    "force",
+    "education",
+    "budget",
+    "market",
+    "weather",
+    "river",
+    "mountain",
+    "garden",
+    "kitchen",
+    "engine",
+    "bridge",
+    "forest",
+    "ocean",
+    "island",
+    "winter",
+    "summer",
+    "music",
+    "camera",
+    "picture",
+    "dog",
+    "cat",
+    "horse",
+    "train",
+    "station",
+    "letter",
+    "doctor",
+    "hospital",
+    "election",
+    "policy",
+    "energy",
+    "climate",
+    "village",
+    "church",
+    "castle",
+    "king",
+    "queen",
+    "soldier",
+    "ship",
+    "harbour",
+    "storm",
+    "rain",
+    "snow",
+    "fire",
+    "stone",
+    "gold",
+    "silver",
+    "bread",
+    "coffee",
+    "dinner",
+    "breakfast",
+    "window",
+    "street",
+    "road",
+    "field",
+    "farm",
+    "machine",
+    "computer",
+    "network",
+    "server",
+    "database",
+    "search",
+    "video",
+    "recording",
+    "speaker",
+    "audience",
+    "lecture",
+    "interview",
+    "meeting",
+    "report",
+    "review",
+    "quarter",
+    "revenue",
+    "growth",
+    "inflation",
+    "interest",
+    "rate",
+    "bank",
+    "loan",
+    "tax",
+    "price",
+    "cost",
+    "value",
+    "risk",
+    "plan",
+    "strategy",
+    "product",
+    "customer",
+    "design",
+    "language",
+    "science",
+    "theory",
+    "experiment",
+    "museum",
+    "painting",
+    "poem",
+    "novel",
+    "chapter",
+    "song",
+    "dance",
+    "film",
+    "theatre",
+    "stage",
+    "beach",
+    "holiday",
+    "journey",
+    "travel",
+    "bicycle",
+    "tyre",
+    "wheel",
+    "engineer",
+    "keynote",
+    "distributed",
+    "fellow",
+    "young",
+    "old",
+    "happy",
+    "quiet",
+    "bright",
+    "dark",
+    "cold",
+    "warm",
+    "strong",
+    "gentle",
+    "careful",
+    "sudden",
+    "ancient",
+    "modern",
+    "distant",
+    "narrow",
+    "speak",
+    "listen",
+    "walk",
+    "run",
+    "build",
+    "write",
+    "read",
+    "remember",
+    "forget",
+    "travel",
+    "explain",
 ];
 const STOP: &[&str] = &["the", "a", "and", "of", "to", "in", "was", "is", "that", "it", "with", "for", "on", "we"];
 
@@ -163,7 +380,16 @@ struct Words(Vec<f64>);
 impl Words {
     fn new() -> Self {
         let mut acc = 0.0;
-        Self(WORDS.iter().enumerate().map(|(r, _)| { acc += 1.0 / (r as f64 + 1.0); acc }).collect())
+        Self(
+            WORDS
+                .iter()
+                .enumerate()
+                .map(|(r, _)| {
+                    acc += 1.0 / (r as f64 + 1.0);
+                    acc
+                })
+                .collect(),
+        )
     }
     fn content(&self, rng: &mut Rng) -> &'static str {
         let x = rng.unit() * self.0.last().copied().unwrap_or(1.0);
@@ -317,7 +543,8 @@ async fn load(pool: &PgPool, settings: &Settings, args: &Args) -> Result<Library
                 let content: Vec<&str> = text.trim_end_matches('.').split(' ').filter(|w| !STOP.contains(w)).collect();
                 let pick = [content.first(), content.last()].map(|w| w.copied().unwrap_or("time")).join(" ");
                 segment_words.insert(q, pick);
-                queries[q] = Some(Query { video: videos[v], text_vec: perturb(&mut qrng, &vec), frame_vec: String::new(), words: String::new() });
+                queries[q] =
+                    Some(Query { video: videos[v], text_vec: perturb(&mut qrng, &vec), frame_vec: String::new(), words: String::new() });
             }
             c.row(9);
             c.uuid(videos[v]);
@@ -433,7 +660,10 @@ fn plan(url: &str, call: &str) -> Result<Vec<String>> {
         "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
          SET auto_explain.log_level = notice; SET client_min_messages = notice; {call};"
     );
-    let out = std::process::Command::new("psql").args([url, "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-c", &script]).output().context("psql")?;
+    let out = std::process::Command::new("psql")
+        .args([url, "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-c", &script])
+        .output()
+        .context("psql")?;
     anyhow::ensure!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
     let keep = ["Limit", "CTE ", "Scan", "Order By", "Index Cond", "Sort Key"];
     Ok(String::from_utf8_lossy(&out.stderr)
@@ -497,7 +727,9 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         loadavg()
     );
 
-    let one = |table: &str, model: &str| format!("(SELECT embedding FROM {table} WHERE embedding_model = '{model}' ORDER BY video_id, idx LIMIT 1)");
+    let one = |table: &str, model: &str| {
+        format!("(SELECT embedding FROM {table} WHERE embedding_model = '{model}' ORDER BY video_id, idx LIMIT 1)")
+    };
     let plans = json!({
         "segments": plan(db.url(), &format!(
             "SELECT count(*) FROM heimdex_search_segments({}, 'budget review', '{}', 10)",
@@ -571,7 +803,13 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
 
     println!(
         "search end to end through sqlx, one client: {} segments ({}), {} frames ({}), {} videos; {} queries × {} passes",
-        counts.0, scratch.index.embed_model, counts.1, scratch.vision.embed_model, args.videos, library.queries.len(), args.runs
+        counts.0,
+        scratch.index.embed_model,
+        counts.1,
+        scratch.vision.embed_model,
+        args.videos,
+        library.queries.len(),
+        args.runs
     );
     println!("{:<22} {:>9} {:>9} {:>9} {:>10} {:>10}", "search", "p50 ms", "p99 ms", "max ms", "recall@10", "exact p50");
     let mut rows = Vec::new();

@@ -63,9 +63,6 @@ impl Args {
     }
 }
 
-
-
-
 fn sample_path(settings: &Settings) -> String {
     settings.models.dir.join("media/video/sample.mp4").display().to_string()
 }
@@ -204,7 +201,8 @@ async fn rust_inference(vision: &VisionPipeline, engine: &Engine, settings: &Set
     // The production path: the owner thread, batch assembly and the runner's own input preparation
     // (f32 conversion; for YuNet the letterbox of a 640x360 working frame), from inputs that are
     // already at working size as they are in a task.
-    let working = Arc::new(Frame::from_rgb(0, 0.0, 640, 360, pillow_bicubic(&frame.rgb, frame.width as usize, frame.height as usize, 640, 360)));
+    let working =
+        Arc::new(Frame::from_rgb(0, 0.0, 640, 360, pillow_bicubic(&frame.rgb, frame.width as usize, frame.height as usize, 640, 360)));
     let pixels = siglip_pixels(&frame.rgb, frame.width, frame.height, settings.vision.embed_image_size)?;
     let image = vision.image_model();
     let yunet_pipe = time_async(iters, || async { Ok(vision.face_model().run_exact(vec![working.clone()]).await.map(drop)?) }).await?;
@@ -243,7 +241,12 @@ fn python_inference(python: &Path, settings: &Settings, batch: usize, iters: usi
                 .arg(&script)
                 .args(["--yunet", &settings.models.dir.join(&settings.vision.face_model).display().to_string()])
                 .args(["--siglip", &settings.models.dir.join(&settings.vision.embed_dir).join("vision_model.onnx").display().to_string()])
-                .args(["--threads", &settings.engine.threads().to_string(), "--spin", if settings.engine.allow_spinning { "1" } else { "0" }])
+                .args([
+                    "--threads",
+                    &settings.engine.threads().to_string(),
+                    "--spin",
+                    if settings.engine.allow_spinning { "1" } else { "0" },
+                ])
                 .args(["--batch", &batch.to_string(), "--iters", &iters.to_string()]),
         )?);
     }
@@ -366,7 +369,12 @@ async fn main() -> Result<()> {
             if round % 2 == 0 {
                 alone.push(siglip_alone(&args.python, &settings, &args.alone_batches)?);
             }
-            eprintln!("throughput round {}: {} | SigLIP alone {}", round + 1, Value::from(rounds[round].clone()), alone[round]["images_per_s"]);
+            eprintln!(
+                "throughput round {}: {} | SigLIP alone {}",
+                round + 1,
+                Value::from(rounds[round].clone()),
+                alone[round]["images_per_s"]
+            );
         }
         let fps = |r: &Vec<Value>, i: usize| r[i]["frames_per_s"].as_f64().unwrap_or(f64::NAN);
         let best_alone = |r: usize| alone[r]["best_images_per_s"].as_f64().unwrap_or(f64::NAN);
@@ -456,12 +464,23 @@ fn print_table(r: &Value) {
     println!("{:<44} {:>12}", "median of next 10 tasks ms", f(&r["first_task"]["steady_median_ms"]));
     println!("{:<44} {:>12}", "first / steady (target <= 1.15)", format!("{:.3}", r["first_task"]["ratio"].as_f64().unwrap_or(f64::NAN)));
     for t in r["throughput"].as_array().into_iter().flatten() {
-        println!("{:<44} {:>12}", format!("concurrency {}: frames/s | faces/s", t["concurrency"]), format!("{} | {}", f(&t["frames_per_s"]), f(&t["faces_per_s"])));
+        println!(
+            "{:<44} {:>12}",
+            format!("concurrency {}: frames/s | faces/s", t["concurrency"]),
+            format!("{} | {}", f(&t["frames_per_s"]), f(&t["faces_per_s"]))
+        );
         let pct = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{:.0} %", x * 100.0));
         println!(
             "{:<44} {:>12}",
             "  CPU ms/frame | SigLIP busy, ms/image | YuNet busy, ms/frame",
-            format!("{} | {}, {} | {}, {}", f(&t["cpu_ms_per_frame"]), pct(&t["siglip_busy"]), f(&t["siglip_ms_per_image"]), pct(&t["yunet_busy"]), f(&t["yunet_ms_per_frame"]))
+            format!(
+                "{} | {}, {} | {}, {}",
+                f(&t["cpu_ms_per_frame"]),
+                pct(&t["siglip_busy"]),
+                f(&t["siglip_ms_per_image"]),
+                pct(&t["yunet_busy"]),
+                f(&t["yunet_ms_per_frame"])
+            )
         );
     }
     if let Some(m) = r["siglip_alone"]["images_per_s"].as_object() {
@@ -469,24 +488,55 @@ fn print_table(r: &Value) {
         println!("{:<44} {:>12}", "SigLIP alone (Python ORT) images/s", sweep.join(" | "));
         println!("{:<44} {:>12}", "SigLIP alone: best images/s", f(&r["siglip_alone"]["best_images_per_s"]));
         let v = &r["pipeline_over_siglip_alone"];
-        println!("{:<44} {:>12}", "pipeline / SigLIP alone, c1 | c2 | c4", format!("{:.2} | {:.2} | {:.2}", v["c1"].as_f64().unwrap_or(f64::NAN), v["c2"].as_f64().unwrap_or(f64::NAN), v["c4"].as_f64().unwrap_or(f64::NAN)));
+        println!(
+            "{:<44} {:>12}",
+            "pipeline / SigLIP alone, c1 | c2 | c4",
+            format!(
+                "{:.2} | {:.2} | {:.2}",
+                v["c1"].as_f64().unwrap_or(f64::NAN),
+                v["c2"].as_f64().unwrap_or(f64::NAN),
+                v["c4"].as_f64().unwrap_or(f64::NAN)
+            )
+        );
         println!("{:<44} {:>12}", "best pipeline / SigLIP alone (target >= 0.9)", format!("{:.2}", v["best"].as_f64().unwrap_or(f64::NAN)));
     }
     println!("{:<44} {:>12}", "SigLIP batch histogram (index = size)", r["siglip_batch_histogram"].to_string());
-    println!("{:<44} {:>12}", "peak RSS MiB, concurrency 1 | 8", format!("{} | {}", f(&r["peak_rss"]["c1_mib"]), f(&r["peak_rss"]["c8_mib"])));
+    println!(
+        "{:<44} {:>12}",
+        "peak RSS MiB, concurrency 1 | 8",
+        format!("{} | {}", f(&r["peak_rss"]["c1_mib"]), f(&r["peak_rss"]["c8_mib"]))
+    );
     println!("{:<44} {:>12}", "RSS c8 / c1 (target <= 1.15)", format!("{:.3}", r["peak_rss"]["ratio"].as_f64().unwrap_or(f64::NAN)));
     if let Some(rows) = r["decode_vs_task"].as_array() {
-        println!("{:<28} {:>7} {:>12} {:>10} {:>9} {:>12}", "video (concurrency 1)", "frames", "decode ms", "task ms", "decode %", "task wait ms");
+        println!(
+            "{:<28} {:>7} {:>12} {:>10} {:>9} {:>12}",
+            "video (concurrency 1)", "frames", "decode ms", "task ms", "decode %", "task wait ms"
+        );
         for v in rows {
             let name = v["media"].as_str().and_then(|m| m.rsplit('/').next()).unwrap_or("-");
             let share = v["decode_share"].as_f64().map_or("-".into(), |x| format!("{:.1}", x * 100.0));
-            println!("{:<28} {:>7} {:>12} {:>10} {:>9} {:>12}", name, v["frames"], f(&v["decode_alone_ms"]), f(&v["task_ms"]), share, f(&v["task_waiting_for_decode_ms"]));
+            println!(
+                "{:<28} {:>7} {:>12} {:>10} {:>9} {:>12}",
+                name,
+                v["frames"],
+                f(&v["decode_alone_ms"]),
+                f(&v["task_ms"]),
+                share,
+                f(&v["task_waiting_for_decode_ms"])
+            );
         }
     }
     println!("{:<22} {:>10} {:>12} {:>10} {:>8}", "model/batch", "rust ms", "rust+thread", "python ms", "rust/py");
     if let Some(m) = r["inference"].as_object() {
         for (k, v) in m {
-            println!("{:<22} {:>10} {:>12} {:>10} {:>8}", k, f(&v["rust_session_ms"]), f(&v["rust_pipeline_ms"]), f(&v["python_ms"]), format!("{:.2}", v["rust_over_python"].as_f64().unwrap_or(f64::NAN)));
+            println!(
+                "{:<22} {:>10} {:>12} {:>10} {:>8}",
+                k,
+                f(&v["rust_session_ms"]),
+                f(&v["rust_pipeline_ms"]),
+                f(&v["python_ms"]),
+                format!("{:.2}", v["rust_over_python"].as_f64().unwrap_or(f64::NAN))
+            );
         }
     }
 }

@@ -18,12 +18,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use super::{EmbedReply, EmbedRequest, Embeddings, Refusal};
 use crate::Settings;
 use crate::contract::TaskKind;
 use crate::error::{Dependency, Disposition};
 use crate::topology::{self, PublishError, Topology};
+use futures::StreamExt;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -121,7 +121,14 @@ impl QueryClient {
             // The channel is gone: every caller still waiting learns it now, not at its timeout.
             waiting.lock().expect("pending lock").clear();
         });
-        Ok(Self { _connection: connection, channel, topology: Topology::new(&settings.amqp), pending, timeout: DEFAULT_TIMEOUT, dispatcher })
+        Ok(Self {
+            _connection: connection,
+            channel,
+            topology: Topology::new(&settings.amqp),
+            pending,
+            timeout: DEFAULT_TIMEOUT,
+            dispatcher,
+        })
     }
 
     /// The same client with another timeout per query.
@@ -139,7 +146,8 @@ impl QueryClient {
     pub async fn embed(&self, kind: TaskKind, model: Option<&str>, texts: Vec<String>) -> Result<Embeddings, QueryError> {
         let request = EmbedRequest::new(texts, model.map(str::to_string));
         request.check().map_err(QueryError::Request)?;
-        let embeddings = self.request(kind, &request.to_body()).await?.into_result().map_err(|refusal| QueryError::Refused { kind, refusal })?;
+        let embeddings =
+            self.request(kind, &request.to_body()).await?.into_result().map_err(|refusal| QueryError::Refused { kind, refusal })?;
         let bad = |reason: String| QueryError::Reply { kind, reason };
         if embeddings.vectors.len() != request.texts.len() {
             return Err(bad(format!("{} vectors for {} texts", embeddings.vectors.len(), request.texts.len())));

@@ -133,10 +133,8 @@ impl SafeTensors {
     /// # Errors
     /// The tensor is missing, not F32, or of another shape.
     pub fn f32s(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ConvertError> {
-        let (dtype, have, range) = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ConvertError::format(&self.path, format!("tensor {name} is missing")))?;
+        let (dtype, have, range) =
+            self.tensors.get(name).ok_or_else(|| ConvertError::format(&self.path, format!("tensor {name} is missing")))?;
         if dtype != "F32" || have != shape || range.len() != 4 * shape.iter().product::<usize>() {
             return Err(ConvertError::format(
                 &self.path,
@@ -182,11 +180,7 @@ impl Bert<'_> {
         let h = self.c.hidden;
         let gamma = self.constant(g, &format!("{p}.weight"), &[h])?;
         let beta = self.constant(g, &format!("{p}.bias"), &[h])?;
-        Ok(g.op(
-            "LayerNormalization",
-            &[x, &gamma, &beta],
-            vec![("axis", int(-1)), ("epsilon", Attr::Float(self.c.layer_norm_eps as f32))],
-        ))
+        Ok(g.op("LayerNormalization", &[x, &gamma, &beta], vec![("axis", int(-1)), ("epsilon", Attr::Float(self.c.layer_norm_eps as f32))]))
     }
 
     /// [B,S,hidden] -> [B,heads,S,head_dim], transposed with `perm`.
@@ -250,10 +244,7 @@ impl Bert<'_> {
         }
         g.op_to("Identity", &[&x], "last_hidden_state", vec![]);
         let bs = || vec![Dim::from("batch"), Dim::from("sequence")];
-        let inputs = ["input_ids", "attention_mask", "token_type_ids"]
-            .into_iter()
-            .map(|n| ValueInfo::new(n, INT64, bs()))
-            .collect();
+        let inputs = ["input_ids", "attention_mask", "token_type_ids"].into_iter().map(|n| ValueInfo::new(n, INT64, bs())).collect();
         let mut out_shape = bs();
         out_shape.push(Dim::Value(h as i64));
         Ok(builder.model("minilm", inputs, vec![ValueInfo::new("last_hidden_state", FLOAT, out_shape)]))

@@ -71,9 +71,11 @@ struct Cursor<'a> {
 
 impl Cursor<'_> {
     fn take(&mut self, n: usize, what: &str) -> Result<Range<usize>, String> {
-        let end = self.o.checked_add(n).filter(|e| *e <= self.b.len()).ok_or_else(|| {
-            format!("truncated: {what} needs {n} bytes at offset {} but the file has {}", self.o, self.b.len())
-        })?;
+        let end = self
+            .o
+            .checked_add(n)
+            .filter(|e| *e <= self.b.len())
+            .ok_or_else(|| format!("truncated: {what} needs {n} bytes at offset {} but the file has {}", self.o, self.b.len()))?;
         let r = self.o..end;
         self.o = end;
         Ok(r)

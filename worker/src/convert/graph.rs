@@ -123,12 +123,7 @@ impl Builder {
 
     /// Adds an op with a fixed output name (a graph output or a cache tensor); returns it.
     pub fn op_to(&mut self, op_type: &'static str, inputs: &[&str], out: &str, attrs: Vec<(&'static str, Attr)>) -> String {
-        self.nodes.push(Node {
-            op_type,
-            inputs: inputs.iter().map(|s| (*s).to_string()).collect(),
-            outputs: vec![out.to_string()],
-            attrs,
-        });
+        self.nodes.push(Node { op_type, inputs: inputs.iter().map(|s| (*s).to_string()).collect(), outputs: vec![out.to_string()], attrs });
         out.to_string()
     }
 

@@ -12,10 +12,8 @@ pub(crate) fn filters(sr: u32, n_fft: usize, n_mels: usize) -> Vec<f32> {
     let min_log_hz = 1000.0;
     let min_log_mel = min_log_hz / f_sp;
     let logstep = 6.4f64.ln() / 27.0;
-    let hz_to_mel =
-        |f: f64| if f >= min_log_hz { min_log_mel + (f / min_log_hz).ln() / logstep } else { f / f_sp };
-    let mel_to_hz =
-        |m: f64| if m >= min_log_mel { min_log_hz * (logstep * (m - min_log_mel)).exp() } else { f_sp * m };
+    let hz_to_mel = |f: f64| if f >= min_log_hz { min_log_mel + (f / min_log_hz).ln() / logstep } else { f / f_sp };
+    let mel_to_hz = |m: f64| if m >= min_log_mel { min_log_hz * (logstep * (m - min_log_mel)).exp() } else { f_sp * m };
     // numpy's maximum/minimum: the first operand only when strictly greater/smaller.
     let maximum = |a: f64, b: f64| if a > b { a } else { b };
     let minimum = |a: f64, b: f64| if a < b { a } else { b };
@@ -28,8 +26,7 @@ pub(crate) fn filters(sr: u32, n_fft: usize, n_mels: usize) -> Vec<f32> {
     let (start, stop) = (hz_to_mel(0.0), hz_to_mel(f64::from(sr) / 2.0));
     let n = n_mels + 2;
     let step = (stop - start) / (n - 1) as f64;
-    let mel_f: Vec<f64> =
-        (0..n).map(|i| if i == n - 1 { stop } else { i as f64 * step + start }).map(mel_to_hz).collect();
+    let mel_f: Vec<f64> = (0..n).map(|i| if i == n - 1 { stop } else { i as f64 * step + start }).map(mel_to_hz).collect();
     let fdiff: Vec<f64> = mel_f.windows(2).map(|w| w[1] - w[0]).collect();
 
     let mut w = vec![0f32; n_mels * bins];

@@ -140,11 +140,7 @@ fn whisper_config(dm: &whisper::Dims, ct2_config_json: &Path, tokenizer_json: &P
         })
         .collect::<Result<_, _>>()?;
     let id = |content: &str| {
-        added
-            .iter()
-            .find(|(c, _)| c == content)
-            .map(|(_, id)| *id)
-            .ok_or_else(|| bad_tok(format!("no added token {content}")))
+        added.iter().find(|(c, _)| c == content).map(|(_, id)| *id).ok_or_else(|| bad_tok(format!("no added token {content}")))
     };
     let sot = id("<|startoftranscript|>")?;
     let translate = id("<|translate|>")?;
@@ -181,10 +177,7 @@ fn whisper_config(dm: &whisper::Dims, ct2_config_json: &Path, tokenizer_json: &P
     ct2_langs.sort_unstable();
     lang_ids.sort_unstable();
     if ct2_langs != lang_ids {
-        return Err(bad_ct2(&format!(
-            "lang_ids disagree with the language tokens of {}",
-            tokenizer_json.display()
-        )));
+        return Err(bad_ct2(&format!("lang_ids disagree with the language tokens of {}", tokenizer_json.display())));
     }
     let en = langs.get("en").cloned().ok_or_else(|| bad_tok("no <|en|> token".into()))?;
     let max_id = added.iter().map(|(_, id)| *id).max().unwrap_or(0);

@@ -56,10 +56,7 @@ impl<'a> Whisper<'a> {
     /// The spec is not `WhisperSpec`, or a variable the graphs need is missing or inconsistent.
     pub fn new(m: &'a Ct2Model) -> Result<Self, ConvertError> {
         if m.spec != "WhisperSpec" {
-            return Err(ConvertError::format(
-                m.path(),
-                format!("a CTranslate2 {:?} model, not a WhisperSpec (Whisper) one", m.spec),
-            ));
+            return Err(ConvertError::format(m.path(), format!("a CTranslate2 {:?} model, not a WhisperSpec (Whisper) one", m.spec)));
         }
         let bad = |reason: String| ConvertError::format(m.path(), reason);
         let emb = m.dims("decoder/embeddings/weight")?;
@@ -206,11 +203,7 @@ impl<'a> Whisper<'a> {
         let conv = |g: &mut Builder, x: &str, n: u32, stride: i64| -> Result<String, ConvertError> {
             let w = self.var_const(g, &format!("encoder/conv{n}/weight"))?;
             let b = self.var_const(g, &format!("encoder/conv{n}/bias"))?;
-            Ok(g.op(
-                "Conv",
-                &[x, &w, &b],
-                vec![("pads", ints(&[1, 1])), ("strides", ints(&[stride])), ("kernel_shape", ints(&[3]))],
-            ))
+            Ok(g.op("Conv", &[x, &w, &b], vec![("pads", ints(&[1, 1])), ("strides", ints(&[stride])), ("kernel_shape", ints(&[3]))]))
         };
         let x = conv(g, "input_features", 1, 1)?;
         let x = g.gelu(&x);
@@ -238,16 +231,8 @@ impl<'a> Whisper<'a> {
         let b = || Dim::from("batch_size");
         let model = builder.model(
             "whisper_encoder",
-            vec![ValueInfo::new(
-                "input_features",
-                FLOAT,
-                vec![b(), Dim::Value(dm.n_mels as i64), Dim::Value(2 * dm.n_audio_ctx as i64)],
-            )],
-            vec![ValueInfo::new(
-                "last_hidden_state",
-                FLOAT,
-                vec![b(), Dim::Value(dm.n_audio_ctx as i64), Dim::Value(dm.d as i64)],
-            )],
+            vec![ValueInfo::new("input_features", FLOAT, vec![b(), Dim::Value(dm.n_mels as i64), Dim::Value(2 * dm.n_audio_ctx as i64)])],
+            vec![ValueInfo::new("last_hidden_state", FLOAT, vec![b(), Dim::Value(dm.n_audio_ctx as i64), Dim::Value(dm.d as i64)])],
         );
         Ok(model)
     }
@@ -286,8 +271,7 @@ impl<'a> Whisper<'a> {
         let mut x = g.op("Add", &[&tok, &pos], vec![]);
         // causal mask [T, P+T]: query i (absolute position P+i) may see keys j <= P+i
         let shape = g.op("Concat", &[&t, &pt], vec![("axis", int(0))]);
-        let one_tensor =
-            Tensor { name: "one".into(), dims: vec![1], data_type: FLOAT, data: TensorData::Floats(vec![1.0]) };
+        let one_tensor = Tensor { name: "one".into(), dims: vec![1], data_type: FLOAT, data: TensorData::Floats(vec![1.0]) };
         let ones = g.op("ConstantOfShape", &[&shape], vec![("value", Attr::Tensor(one_tensor))]);
         let c1 = g.i64s(&[1]);
         let p1 = g.op("Add", &[&p, &c1], vec![]);
@@ -312,18 +296,8 @@ impl<'a> Whisper<'a> {
                 let k_new = self.split_heads(g, &k_new, None);
                 let v_new = self.lin(g, &y, &qkv, self.sl(2, 3))?;
                 let v_new = self.split_heads(g, &v_new, None);
-                let k = g.op_to(
-                    "Concat",
-                    &[&format!("past_key_values.{i}.decoder.key"), &k_new],
-                    &pk_out,
-                    vec![("axis", int(2))],
-                );
-                let v = g.op_to(
-                    "Concat",
-                    &[&format!("past_key_values.{i}.decoder.value"), &v_new],
-                    &pv_out,
-                    vec![("axis", int(2))],
-                );
+                let k = g.op_to("Concat", &[&format!("past_key_values.{i}.decoder.key"), &k_new], &pk_out, vec![("axis", int(2))]);
+                let v = g.op_to("Concat", &[&format!("past_key_values.{i}.decoder.value"), &v_new], &pv_out, vec![("axis", int(2))]);
                 (k, v)
             } else {
                 let k = self.lin(g, &y, &qkv, self.sl(1, 2))?;
@@ -385,10 +359,7 @@ impl<'a> Whisper<'a> {
             }
             "past_decoder_sequence_length + 1"
         } else {
-            inputs.push(f32_info(
-                "encoder_hidden_states",
-                vec![b(), "encoder_sequence_length".into(), Dim::Value(dm.d as i64)],
-            ));
+            inputs.push(f32_info("encoder_hidden_states", vec![b(), "encoder_sequence_length".into(), Dim::Value(dm.d as i64)]));
             t_name
         };
         let mut outputs = vec![f32_info("logits", vec![b(), t_name.into(), Dim::Value(dm.vocab as i64)])];

@@ -186,7 +186,9 @@ fn serve<R: BatchRunner>(
                 }
                 continue;
             }
-            Ok(outputs) => InferenceError::Model { model: model.into(), message: format!("returned {} outputs for a batch of {n}", outputs.len()) },
+            Ok(outputs) => {
+                InferenceError::Model { model: model.into(), message: format!("returned {} outputs for a batch of {n}", outputs.len()) }
+            }
             Err(e) => e,
         };
         tracing::warn!(model, batch = n, error = %failure, "batch failed");

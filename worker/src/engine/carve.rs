@@ -39,7 +39,6 @@ fn strings(msg: &[u8], field: u64) -> Result<Vec<String>, CarveError> {
     Ok(out)
 }
 
-
 /// Names of the graph outputs of `model`.
 ///
 /// # Errors
@@ -167,8 +166,12 @@ mod tests {
             _ => None,
         });
         let g = g.unwrap();
-        let names: Vec<String> =
-            Fields(&g).filter_map(|f| match f.unwrap() { (GRAPH_NODE, Field::Bytes(b), _) => strings(b, 3).unwrap().pop(), _ => None }).collect();
+        let names: Vec<String> = Fields(&g)
+            .filter_map(|f| match f.unwrap() {
+                (GRAPH_NODE, Field::Bytes(b), _) => strings(b, 3).unwrap().pop(),
+                _ => None,
+            })
+            .collect();
         assert_eq!(names, ["A", "B"]);
         assert!(matches!(carve(&model, &[], &["z".into()]), Err(CarveError::Unresolved(n)) if n == "x"));
     }

@@ -106,9 +106,27 @@ pub const MODELS: &[Model] = &[
         folder: "whisper-base",
         kind: TaskKind::Index,
         sources: &[
-            hf("Systran/faster-whisper-base", WHISPER_REV, "model.bin", "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9", 145_217_532),
-            hf("Systran/faster-whisper-base", WHISPER_REV, "config.json", "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a", 2_309),
-            hf("Systran/faster-whisper-base", WHISPER_REV, "tokenizer.json", "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab", 2_203_239),
+            hf(
+                "Systran/faster-whisper-base",
+                WHISPER_REV,
+                "model.bin",
+                "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+                145_217_532,
+            ),
+            hf(
+                "Systran/faster-whisper-base",
+                WHISPER_REV,
+                "config.json",
+                "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+                2_309,
+            ),
+            hf(
+                "Systran/faster-whisper-base",
+                WHISPER_REV,
+                "tokenizer.json",
+                "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+                2_203_239,
+            ),
         ],
         build: Build::Whisper,
         files: &[
@@ -124,9 +142,27 @@ pub const MODELS: &[Model] = &[
         folder: "minilm-l6-v2",
         kind: TaskKind::Index,
         sources: &[
-            hf("sentence-transformers/all-MiniLM-L6-v2", MINILM_REV, "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90_868_376),
-            hf("sentence-transformers/all-MiniLM-L6-v2", MINILM_REV, "config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
-            hf("sentence-transformers/all-MiniLM-L6-v2", MINILM_REV, "tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466_247),
+            hf(
+                "sentence-transformers/all-MiniLM-L6-v2",
+                MINILM_REV,
+                "model.safetensors",
+                "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                90_868_376,
+            ),
+            hf(
+                "sentence-transformers/all-MiniLM-L6-v2",
+                MINILM_REV,
+                "config.json",
+                "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                612,
+            ),
+            hf(
+                "sentence-transformers/all-MiniLM-L6-v2",
+                MINILM_REV,
+                "tokenizer.json",
+                "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                466_247,
+            ),
         ],
         build: Build::MiniLm,
         files: &[
@@ -164,9 +200,27 @@ pub const MODELS: &[Model] = &[
         folder: "siglip-base-patch16-224",
         kind: TaskKind::Vision,
         sources: &[
-            hf("Xenova/siglip-base-patch16-224", SIGLIP_REV, "onnx/vision_model.onnx", "f89d41bac7f4d4b87e010a467d93f98689d708916ed22f5a07f96fdfa26f475f", 371_819_850),
-            hf("Xenova/siglip-base-patch16-224", SIGLIP_REV, "onnx/text_model.onnx", "3aa7fdbd20eaa8740cce17bf82913de641fcb632a768fed59f661cdcd0c32553", 441_332_132),
-            hf("Xenova/siglip-base-patch16-224", SIGLIP_REV, "tokenizer.json", "4a17c975210be5ab4c36b47d8dae4eefb866dbfb1e676e394aad85dc30a3ae08", 2_398_744),
+            hf(
+                "Xenova/siglip-base-patch16-224",
+                SIGLIP_REV,
+                "onnx/vision_model.onnx",
+                "f89d41bac7f4d4b87e010a467d93f98689d708916ed22f5a07f96fdfa26f475f",
+                371_819_850,
+            ),
+            hf(
+                "Xenova/siglip-base-patch16-224",
+                SIGLIP_REV,
+                "onnx/text_model.onnx",
+                "3aa7fdbd20eaa8740cce17bf82913de641fcb632a768fed59f661cdcd0c32553",
+                441_332_132,
+            ),
+            hf(
+                "Xenova/siglip-base-patch16-224",
+                SIGLIP_REV,
+                "tokenizer.json",
+                "4a17c975210be5ab4c36b47d8dae4eefb866dbfb1e676e394aad85dc30a3ae08",
+                2_398_744,
+            ),
         ],
         build: Build::Copy,
         files: &[

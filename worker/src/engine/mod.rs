@@ -162,11 +162,7 @@ impl Engine {
         ModelHandle::spawn(
             name,
             runner,
-            batcher::BatchConfig {
-                max_batch: max_batch.max(1),
-                max_wait,
-                queue_capacity: self.settings.queue_capacity.max(1),
-            },
+            batcher::BatchConfig { max_batch: max_batch.max(1), max_wait, queue_capacity: self.settings.queue_capacity.max(1) },
             self.metrics.clone(),
             self.panic_next.clone(),
         )

@@ -57,8 +57,7 @@ impl ModelRegistry {
     /// The manifest exists but cannot be read.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let dir = dir.to_path_buf();
-        let mut expected: HashMap<String, String> =
-            catalog::files().map(|f| (f.path.to_string(), f.sha256.to_string())).collect();
+        let mut expected: HashMap<String, String> = catalog::files().map(|f| (f.path.to_string(), f.sha256.to_string())).collect();
         let manifest = dir.join(MANIFEST);
         if manifest.is_file() {
             let text = std::fs::read_to_string(&manifest).map_err(|e| io(&manifest, &e))?;

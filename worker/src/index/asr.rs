@@ -14,7 +14,7 @@ use futures::{StreamExt, TryFutureExt};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
-use super::checkpoint::{WindowText, Checkpoints};
+use super::checkpoint::{Checkpoints, WindowText};
 use super::chunker::{ChunkParams, SpeechChunk, StreamStats, stream_chunks};
 use super::decode::{WhisperConfig, covered, segments};
 use super::mel::LogMel;
@@ -71,11 +71,9 @@ impl Transcriber {
     /// # Errors
     /// [`TaskError::Permanent`] for a code Whisper does not know.
     pub fn language_token(&self, code: &str) -> Result<u32, TaskError> {
-        self.cfg
-            .language_ids
-            .get(code)
-            .copied()
-            .ok_or_else(|| TaskError::permanent(format!("unknown language code {code:?} (Whisper knows {} languages)", self.cfg.language_ids.len())))
+        self.cfg.language_ids.get(code).copied().ok_or_else(|| {
+            TaskError::permanent(format!("unknown language code {code:?} (Whisper knows {} languages)", self.cfg.language_ids.len()))
+        })
     }
 
     /// ISO code of a language token.

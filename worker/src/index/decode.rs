@@ -139,8 +139,7 @@ impl Row {
 
     /// Detects a text loop at the end of the row; removes all but one occurrence when found.
     fn strip_loop(&mut self, timestamp_begin: u32) -> bool {
-        let text: Vec<usize> =
-            self.tokens.iter().enumerate().filter(|(_, t)| **t < timestamp_begin).map(|(i, _)| i).collect();
+        let text: Vec<usize> = self.tokens.iter().enumerate().filter(|(_, t)| **t < timestamp_begin).map(|(i, _)| i).collect();
         for n in 1..=16usize {
             let reps = LOOP_REPEATS.max(LOOP_MIN_TOKENS.div_ceil(n));
             if text.len() < n * reps {

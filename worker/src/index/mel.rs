@@ -62,8 +62,7 @@ impl LogMel {
 
     fn from_filters(filters: Vec<f32>) -> Self {
         // Periodic Hann, as torch.hann_window(400): the denominator is N, not N − 1.
-        let window =
-            (0..N_FFT).map(|i| (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos()) as f32).collect();
+        let window = (0..N_FFT).map(|i| (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos()) as f32).collect();
         let fft = FftPlanner::<f32>::new().plan_fft_forward(N_FFT);
         Self { filters: Arc::new(filters), window: Arc::new(window), fft }
     }

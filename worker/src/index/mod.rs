@@ -79,8 +79,8 @@ impl IndexPipeline {
         let session =
             |rel: &str, path: &std::path::Path| ctx.engine.session_with(path, Memory::Bounded).with_context(|| format!("loading {rel}"));
         let cfg: decode::WhisperConfig = serde_json::from_slice(&std::fs::read(wfile("config.json")?)?).context("whisper config.json")?;
-        let text = tokenizers::Tokenizer::from_file(wfile("tokenizer.json")?)
-            .map_err(|e| anyhow::anyhow!("whisper tokenizer.json: {e}"))?;
+        let text =
+            tokenizers::Tokenizer::from_file(wfile("tokenizer.json")?).map_err(|e| anyhow::anyhow!("whisper tokenizer.json: {e}"))?;
         let mel = mel::LogMel::load(&wfile("mel_filters.f32")?)?;
         // decoder_model.onnx is read only for the small cross-attention part the with-past decoder
         // lacks, first, so that its bytes are freed before the other sessions' weights arrive.
@@ -167,7 +167,11 @@ impl IndexPipeline {
         };
         let transcript = timings.time("asr", t.transcribe(uri, lang, t.asr.max_batch(), checkpoints.as_mut())).await?;
         if transcript.resumed_windows > 0 {
-            tracing::info!(resumed = transcript.resumed_windows, windows = transcript.windows, "resumed from the checkpoints of an earlier run");
+            tracing::info!(
+                resumed = transcript.resumed_windows,
+                windows = transcript.windows,
+                "resumed from the checkpoints of an earlier run"
+            );
         }
         let mut segments = transcript.segments.clone();
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
@@ -183,10 +187,8 @@ impl IndexPipeline {
                 None => by_lang.push((l, d)),
             }
         }
-        let language = lang
-            .or_else(|| by_lang.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| x.0))
-            .map(|l| t.language_code(l))
-            .unwrap_or_default();
+        let language =
+            lang.or_else(|| by_lang.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| x.0)).map(|l| t.language_code(l)).unwrap_or_default();
         let output = IndexOutput {
             segments,
             language,

@@ -60,11 +60,8 @@ impl Persist for IndexOutput {
         let ends: Vec<f64> = self.segments.iter().map(|s| s.end_s).collect();
         let texts: Vec<String> = self.segments.iter().map(|s| s.text.clone()).collect();
         let conf: Vec<f32> = self.segments.iter().map(|s| s.confidence).collect();
-        let vectors: Vec<Option<String>> = self
-            .segments
-            .iter()
-            .map(|s| (!s.embedding.is_empty()).then(|| heimdex_shared::db::vector_literal(&s.embedding)))
-            .collect();
+        let vectors: Vec<Option<String>> =
+            self.segments.iter().map(|s| (!s.embedding.is_empty()).then(|| heimdex_shared::db::vector_literal(&s.embedding))).collect();
         let language = (!self.language.is_empty()).then_some(self.language.as_str());
         sqlx::query(
             "INSERT INTO transcript_segments \

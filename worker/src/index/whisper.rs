@@ -104,7 +104,8 @@ pub struct WhisperRunner {
 /// # Errors
 /// The file is not ONNX, or has no `present.*.encoder.*` output computed from `encoder_hidden_states`.
 pub fn cross_cache_model(decoder_model: &[u8]) -> Result<Vec<u8>, InferenceError> {
-    let carve = |e: crate::engine::carve::CarveError| model_err(format!("carving the cross-attention cache out of decoder_model.onnx: {e}"));
+    let carve =
+        |e: crate::engine::carve::CarveError| model_err(format!("carving the cross-attention cache out of decoder_model.onnx: {e}"));
     let outputs: Vec<String> = crate::engine::carve::outputs(decoder_model)
         .map_err(carve)?
         .into_iter()
@@ -152,7 +153,9 @@ impl WhisperRunner {
             .ok_or_else(|| model_err("decoder_with_past_model has no past_key_values.*.decoder.key input".into()))?;
         let heads = match dims.as_slice() {
             [_, h, _, d] if *h > 0 && *d > 0 => (*h as usize, *d as usize),
-            other => return Err(model_err(format!("past_key_values.*.decoder.key has shape {other:?}, expected [b, heads, past, head size]"))),
+            other => {
+                return Err(model_err(format!("past_key_values.*.decoder.key has shape {other:?}, expected [b, heads, past, head size]")));
+            }
         };
         let cross_outputs: Vec<String> = cross.outputs().iter().map(|o| o.name().replacen("present", "past_key_values", 1)).collect();
         if let Some(missing) = past_inputs.iter().find(|n| n.contains(".encoder.") && !cross_outputs.contains(n)) {
@@ -284,14 +287,7 @@ impl WhisperRunner {
         Ok(rows
             .into_iter()
             .zip(langs)
-            .map(|(row, language)| AsrResult {
-                tokens: row.tokens,
-                probs: row.probs,
-                language,
-                looped: row.looped,
-                encode_s,
-                decode_s,
-            })
+            .map(|(row, language)| AsrResult { tokens: row.tokens, probs: row.probs, language, looped: row.looped, encode_s, decode_s })
             .collect())
     }
 

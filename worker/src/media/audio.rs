@@ -10,10 +10,8 @@ use std::process::Stdio;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdout, Command};
 
-
 /// Whisper's and Silero's sample rate.
 pub const SAMPLE_RATE: u32 = 16_000;
-
 
 /// Why audio could not be decoded.
 #[derive(Debug, thiserror::Error)]

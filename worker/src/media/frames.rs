@@ -284,9 +284,7 @@ impl FrameStream {
 /// # Errors
 /// As [`heimdex_shared::media::probe`] and [`FrameStream::next`].
 pub async fn decode_still(path: &str, max_side: u32, work_side: u32) -> Result<Frame, FrameError> {
-    let probe = heimdex_shared::media::probe(path)
-        .await
-        .map_err(|e| FrameError::Corrupt { frames: 0, reason: e.to_string() })?;
+    let probe = heimdex_shared::media::probe(path).await.map_err(|e| FrameError::Corrupt { frames: 0, reason: e.to_string() })?;
     let options = FrameOptions { rate: None, max_side, work_side };
     let mut stream = FrameStream::open(path, &probe, options, Arc::new(FrameGauge::default()))?;
     let frame = stream.next().await?.ok_or_else(|| FrameError::NoFrames { media: path.to_string(), reason: String::new() })?;

@@ -7,11 +7,11 @@
 //! broker connection makes it `disconnected` (models kept warm) until it has reconnected; SIGTERM stops
 //! it in any state. While warm it also answers query embeddings ([`query`]) beside its tasks.
 
+pub mod broker;
 pub mod consume;
 pub mod health;
 pub mod heartbeat;
 pub mod lifecycle;
-pub mod broker;
 pub mod query;
 pub mod task;
 
@@ -30,8 +30,8 @@ use crate::engine::registry::ModelRegistry;
 use crate::metrics::Metrics;
 use crate::pipeline::{LoadContext, Pipeline};
 
-pub use lifecycle::Lifecycle;
 pub use broker::Broker;
+pub use lifecycle::Lifecycle;
 pub use task::{Outcome, Worker};
 
 /// Runs a worker until `shutdown` resolves.

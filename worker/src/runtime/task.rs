@@ -15,8 +15,8 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskMessage;
 use heimdex_shared::error::{Dependency, Disposition, cap};
 use heimdex_shared::jobs::{self, JobStatus, Run, Start};
-use heimdex_shared::{media, remote};
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology, WORKER_HEADER};
+use heimdex_shared::{media, remote};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
@@ -25,8 +25,8 @@ use tokio::sync::RwLock;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::lifecycle::Lifecycle;
 use super::broker::Broker;
+use super::lifecycle::Lifecycle;
 use crate::error::TaskError;
 use crate::metrics::Metrics;
 use crate::pipeline::{Persist, Pipeline, StageTimings, TaskInput};
@@ -205,7 +205,8 @@ impl<P: Pipeline> Worker<P> {
         let timings = StageTimings::default();
         // The time bound starts at the base and follows the media's duration once it is probed.
         let started = tokio::time::Instant::now();
-        let (bound_tx, mut bound) = tokio::sync::watch::channel(worker.task_timeout(None, Duration::ZERO, self.settings.amqp.consumer_timeout_ms));
+        let (bound_tx, mut bound) =
+            tokio::sync::watch::channel(worker.task_timeout(None, Duration::ZERO, self.settings.amqp.consumer_timeout_ms));
         let work = AssertUnwindSafe(self.execute(msg, &run, &timings, &bound_tx)).catch_unwind();
         tokio::pin!(work);
         let superseded = self.superseded(&run);
@@ -242,7 +243,13 @@ impl<P: Pipeline> Worker<P> {
     }
 
     /// Everything up to and including the commit; false when the run no longer holds the job.
-    async fn execute(&self, msg: &TaskMessage, run: &Run, timings: &StageTimings, bound: &tokio::sync::watch::Sender<Duration>) -> Result<bool, TaskError> {
+    async fn execute(
+        &self,
+        msg: &TaskMessage,
+        run: &Run,
+        timings: &StageTimings,
+        bound: &tokio::sync::watch::Sender<Duration>,
+    ) -> Result<bool, TaskError> {
         if self.settings.worker.failpoint == "panic" {
             panic!("failpoint panic: simulated bug in a task");
         }
@@ -263,14 +270,7 @@ impl<P: Pipeline> Worker<P> {
         let fetching = fetch_started.elapsed();
         let probe = timings.time("probe", media::probe(&uri)).await?;
         let _ = bound.send(worker.task_timeout(probe.duration_s, fetching, consumer_timeout_ms));
-        let input = TaskInput {
-            run: *run,
-            db: Some(self.pool.clone()),
-            kind: msg.kind,
-            media: uri,
-            probe,
-            options: msg.options.clone(),
-        };
+        let input = TaskInput { run: *run, db: Some(self.pool.clone()), kind: msg.kind, media: uri, probe, options: msg.options.clone() };
         let output = self.pipeline.process(&input, timings).await?;
         let persist_started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;

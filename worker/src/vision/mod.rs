@@ -86,8 +86,7 @@ impl VisionPipeline {
         let tokenizer_path = ctx.models.file(&format!("{dir}/{}", siglip::TOKENIZER_FILE))?;
         let face_path = ctx.models.file(&settings.face_model)?;
 
-        let image = ImageRunner::new(ctx.engine.session(&vision_path)?, SIGLIP_VISION, &settings)
-            .context("SigLIP image tower")?;
+        let image = ImageRunner::new(ctx.engine.session(&vision_path)?, SIGLIP_VISION, &settings).context("SigLIP image tower")?;
         let (tokenizer, pad_id) = siglip::load_tokenizer(&tokenizer_path, settings.text_max_len)?;
         let text = TextRunner::new(ctx.engine.session(&text_path)?, SIGLIP_TEXT, pad_id, settings.text_max_len, settings.embed_dim)
             .context("SigLIP text tower")?;
@@ -99,11 +98,7 @@ impl VisionPipeline {
         let faces = YunetRunner::new(faces, settings.face_score_threshold, settings.face_nms_iou).context("YuNet face detector")?;
 
         let info = |name: &str, path: &std::path::Path| ModelInfo { name: name.into(), path: path.display().to_string() };
-        let models = vec![
-            info(SIGLIP_VISION, &vision_path),
-            info(SIGLIP_TEXT, &text_path),
-            info(YUNET, &face_path),
-        ];
+        let models = vec![info(SIGLIP_VISION, &vision_path), info(SIGLIP_TEXT, &text_path), info(YUNET, &face_path)];
         Ok(Self {
             image: ctx.engine.spawn(SIGLIP_VISION, image, max_batch),
             // Text queries come one at a time (search); batch 1 is the only shape, and it is warmed.
@@ -143,7 +138,8 @@ impl VisionPipeline {
     /// The frame has no pixels.
     pub fn siglip_tensor(&self, frame: &Frame) -> Result<Vec<f32>, TaskError> {
         let size = self.settings.embed_image_size;
-        let pixels = preprocess::siglip_pixels(&frame.rgb, frame.width, frame.height, size).map_err(|e| TaskError::permanent(e.to_string()))?;
+        let pixels =
+            preprocess::siglip_pixels(&frame.rgb, frame.width, frame.height, size).map_err(|e| TaskError::permanent(e.to_string()))?;
         let mut out = vec![0.0; pixels.len()];
         ImageRunner::tensor_of(&pixels, self.settings.embed_mean, self.settings.embed_std, &mut out);
         Ok(out)
@@ -218,7 +214,12 @@ impl VisionPipeline {
     /// # Errors
     /// [`TaskError::Permanent`] for unusable video (no video stream, size out of range, corrupt or
     /// truncated, no frames); [`TaskError::Retryable`] for model or tool failures.
-    pub async fn process_with_gauge(&self, input: &TaskInput, timings: &StageTimings, gauge: Arc<FrameGauge>) -> Result<VisionOutput, TaskError> {
+    pub async fn process_with_gauge(
+        &self,
+        input: &TaskInput,
+        timings: &StageTimings,
+        gauge: Arc<FrameGauge>,
+    ) -> Result<VisionOutput, TaskError> {
         let rate = input.options.frame_rate.unwrap_or(self.settings.frame_rate);
         let options = FrameOptions { rate: Some(rate), max_side: self.settings.max_side, work_side: DEFAULT_WORK_SIDE };
         let mut stream = FrameStream::open(&input.media, &input.probe, options, gauge)?;
@@ -252,7 +253,12 @@ impl VisionPipeline {
         }
     }
 
-    async fn warm(&self, model: &str, batch_sizes: Vec<usize>, run: impl Future<Output = Result<(), InferenceError>>) -> Result<WarmupReport, TaskError> {
+    async fn warm(
+        &self,
+        model: &str,
+        batch_sizes: Vec<usize>,
+        run: impl Future<Output = Result<(), InferenceError>>,
+    ) -> Result<WarmupReport, TaskError> {
         let started = Instant::now();
         run.await?;
         let duration = started.elapsed();
@@ -270,7 +276,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// A 640×360 frame with gradients and edges, so warm-up runs every layer on realistic values.
 fn warmup_frame() -> Frame {
     let (w, h) = (DEFAULT_WORK_SIDE, DEFAULT_WORK_SIDE * 9 / 16);
-    let rgb = (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x % 256) as u8, (y % 256) as u8, ((x / 40 + y / 40) % 2 * 255) as u8])).collect();
+    let rgb =
+        (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x % 256) as u8, (y % 256) as u8, ((x / 40 + y / 40) % 2 * 255) as u8])).collect();
     Frame::from_rgb(0, 0.0, w, h, rgb)
 }
 

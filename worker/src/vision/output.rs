@@ -51,10 +51,7 @@ fn to_i32(v: u32) -> i32 {
 impl Persist for VisionOutput {
     async fn write(&self, conn: &mut sqlx::PgConnection, video_id: Uuid) -> Result<(), sqlx::Error> {
         for table in ["faces", "frames", "scenes"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE video_id = $1"))
-                .bind(video_id)
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(&format!("DELETE FROM {table} WHERE video_id = $1")).bind(video_id).execute(&mut *conn).await?;
         }
 
         for scenes in self.scenes.chunks(ROWS_PER_INSERT) {
@@ -102,11 +99,7 @@ impl Persist for VisionOutput {
         let mut face_idx = Vec::with_capacity(self.faces.len());
         let mut per_frame = (u32::MAX, 0i32);
         for f in &self.faces {
-            per_frame = if per_frame.0 == f.frame {
-                (f.frame, per_frame.1 + 1)
-            } else {
-                (f.frame, 0)
-            };
+            per_frame = if per_frame.0 == f.frame { (f.frame, per_frame.1 + 1) } else { (f.frame, 0) };
             face_idx.push(per_frame.1);
         }
         for (faces, face_idx) in self.faces.chunks(ROWS_PER_INSERT).zip(face_idx.chunks(ROWS_PER_INSERT)) {

@@ -210,10 +210,7 @@ pub fn grey_thumbnail(rgb: &[u8], width: u32, height: u32) -> Result<Vec<f32>, R
     let tw = THUMB_WIDTH.min(width);
     let th = ((u64::from(height) * u64::from(tw)) / u64::from(width)).max(1) as u32;
     let small = resize(rgb, (width, height), (tw, th), ResizeAlg::Convolution(FilterType::Box))?;
-    Ok(small
-        .chunks_exact(3)
-        .map(|p| (0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2])) / 255.0)
-        .collect())
+    Ok(small.chunks_exact(3).map(|p| (0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2])) / 255.0).collect())
 }
 
 /// Mean absolute difference of two thumbnails of the same size (0 = identical, 1 = black vs white).

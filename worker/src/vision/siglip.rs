@@ -35,14 +35,12 @@ pub fn l2_normalise(v: &mut [f32]) {
 /// None of them is an output of the model.
 pub fn pick_output(session: &Session, model: &str, wanted: &str, fallbacks: &[&str]) -> Result<String, InferenceError> {
     let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-    std::iter::once(wanted)
-        .chain(fallbacks.iter().copied())
-        .find(|n| names.contains(n))
-        .map(str::to_string)
-        .ok_or_else(|| InferenceError::Model {
+    std::iter::once(wanted).chain(fallbacks.iter().copied()).find(|n| names.contains(n)).map(str::to_string).ok_or_else(|| {
+        InferenceError::Model {
             model: model.into(),
             message: format!("has no output {wanted:?} (outputs: {names:?}); set vision.embed_output"),
-        })
+        }
+    })
 }
 
 /// Splits a `[n, dim]` output into `n` unit vectors, checking `dim`.
@@ -197,15 +195,8 @@ pub fn load_tokenizer(path: &Path, len: usize) -> Result<(Tokenizer, u32), Infer
             .find_map(|t| tokenizer.token_to_id(t).map(|id| (id, (*t).to_string())))
             .unwrap_or((0, "<pad>".to_string())),
     };
-    tokenizer.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::Fixed(len),
-        pad_id,
-        pad_token,
-        ..PaddingParams::default()
-    }));
-    tokenizer
-        .with_truncation(Some(TruncationParams { max_length: len, ..TruncationParams::default() }))
-        .map_err(|e| err(e.to_string()))?;
+    tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::Fixed(len), pad_id, pad_token, ..PaddingParams::default() }));
+    tokenizer.with_truncation(Some(TruncationParams { max_length: len, ..TruncationParams::default() })).map_err(|e| err(e.to_string()))?;
     Ok((tokenizer, pad_id))
 }
 

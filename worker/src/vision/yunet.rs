@@ -129,7 +129,8 @@ impl YunetRunner {
     /// The model lacks an input or one of the twelve outputs, or its input is fixed at another size.
     pub fn new(session: Session, score_threshold: f32, nms_iou: f32) -> Result<Self, InferenceError> {
         let model = "yunet";
-        let first = session.inputs().first().ok_or_else(|| InferenceError::Model { model: model.into(), message: "has no inputs".into() })?;
+        let first =
+            session.inputs().first().ok_or_else(|| InferenceError::Model { model: model.into(), message: "has no inputs".into() })?;
         let input = first.name().to_string();
         let side = i64::from(INPUT_SIDE);
         let multiple = match first.dtype().tensor_shape().map(|s| s.to_vec()).as_deref() {

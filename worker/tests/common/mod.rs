@@ -13,7 +13,11 @@ use heimdex_worker::pipeline::LoadContext;
 
 pub fn bundle() -> PathBuf {
     let dir = Settings::default().models.dir;
-    assert!(dir.join("whisper-base/encoder_model.onnx").is_file(), "model bundle missing at {}: run ../shared/models/prepare", dir.display());
+    assert!(
+        dir.join("whisper-base/encoder_model.onnx").is_file(),
+        "model bundle missing at {}: run ../shared/models/prepare",
+        dir.display()
+    );
     dir
 }
 
@@ -63,8 +67,7 @@ pub struct Clip {
 /// Every clip of transcripts.tsv, decoded.
 pub async fn speech_clips() -> Vec<Clip> {
     let refs = transcripts();
-    let librivox: Vec<String> =
-        refs.iter().filter(|(f, _)| f.starts_with("sense_and_sensibility")).map(|(_, t)| t.clone()).collect();
+    let librivox: Vec<String> = refs.iter().filter(|(f, _)| f.starts_with("sense_and_sensibility")).map(|(_, t)| t.clone()).collect();
     assert_eq!(librivox.len(), 5, "transcripts.tsv: the five LibriVox clips");
     let mut clips = Vec::new();
     for (file, text) in refs {
@@ -140,12 +143,7 @@ pub fn write_recording(path: &std::path::Path, clips: &[Clip], plan: &[(usize, P
     wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
     wav.extend_from_slice(&data);
     std::fs::write(path, wav).expect("writing the recording");
-    Recording {
-        path: path.display().to_string(),
-        sentences,
-        duration_s: audio.len() as f64 / 16_000.0,
-        speech_s: speech as f64 / 16_000.0,
-    }
+    Recording { path: path.display().to_string(), sentences, duration_s: audio.len() as f64 / 16_000.0, speech_s: speech as f64 / 16_000.0 }
 }
 
 /// A recording plan with at least `speech_s` seconds of speech, deterministic in `seed`: the single

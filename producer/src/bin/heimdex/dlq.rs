@@ -6,10 +6,10 @@
 
 use std::process::ExitCode;
 
+use heimdex_shared::Settings;
 use heimdex_shared::contract::{TaskKind, TaskMessage};
 use heimdex_shared::jobs;
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology};
-use heimdex_shared::Settings;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use uuid::Uuid;

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use heimdex_producer::{EnqueueRequest, Producer};
+use heimdex_shared::Settings;
 use heimdex_shared::contract::{TaskKind, TaskOptions};
 use heimdex_shared::jobs::{self, JobRow, JobStatus};
-use heimdex_shared::Settings;
 use heimdex_shared::remote;
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
@@ -119,7 +119,13 @@ async fn print_results(pool: &sqlx::PgPool, rows: &[JobRow]) -> anyhow::Result<(
             (Some(s), Some(f)) => format!("{:.1}s", (f - s).num_milliseconds() as f64 / 1000.0),
             _ => "-".into(),
         };
-        println!("{} {:<6} {:<9} {secs:>7}  {}", remote::redact(&row.uri), row.kind, row.status, row.summary.as_ref().map(ToString::to_string).unwrap_or_default());
+        println!(
+            "{} {:<6} {:<9} {secs:>7}  {}",
+            remote::redact(&row.uri),
+            row.kind,
+            row.status,
+            row.summary.as_ref().map(ToString::to_string).unwrap_or_default()
+        );
         if let Some(err) = &row.last_error {
             println!("    reason: {err}");
         }
@@ -127,12 +133,11 @@ async fn print_results(pool: &sqlx::PgPool, rows: &[JobRow]) -> anyhow::Result<(
             continue;
         }
         if row.kind == "index" {
-            let segments: Vec<(f64, f64, String)> = sqlx::query_as(
-                "SELECT start_s, end_s, text FROM transcript_segments WHERE video_id = $1 ORDER BY idx LIMIT 12",
-            )
-            .bind(row.video_id)
-            .fetch_all(pool)
-            .await?;
+            let segments: Vec<(f64, f64, String)> =
+                sqlx::query_as("SELECT start_s, end_s, text FROM transcript_segments WHERE video_id = $1 ORDER BY idx LIMIT 12")
+                    .bind(row.video_id)
+                    .fetch_all(pool)
+                    .await?;
             for (start, end, text) in segments {
                 println!("    [{start:6.2} → {end:6.2}] {}", text.trim());
             }

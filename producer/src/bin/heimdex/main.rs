@@ -87,7 +87,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn transcript(settings: &heimdex_shared::Settings, video: &str, format: heimdex_producer::transcript::Format) -> anyhow::Result<ExitCode> {
+async fn transcript(
+    settings: &heimdex_shared::Settings,
+    video: &str,
+    format: heimdex_producer::transcript::Format,
+) -> anyhow::Result<ExitCode> {
     use heimdex_producer::transcript::{self, TranscriptError};
     let pool = heimdex_shared::db::pool(&settings.database)?;
     match transcript::load(&pool, settings, video).await {

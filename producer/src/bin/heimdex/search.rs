@@ -5,9 +5,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use heimdex_shared::query::{QueryClient, QueryError};
 use heimdex_producer::search::{self, FrameHit, SearchError, SegmentHit};
 use heimdex_shared::Settings;
+use heimdex_shared::query::{QueryClient, QueryError};
 use heimdex_shared::remote::redact;
 
 /// What to search.

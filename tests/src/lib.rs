@@ -287,16 +287,16 @@ impl TestEnv {
             .await
             .unwrap_or_default();
         let _ = writeln!(out, "jobs by status: {by_status:?}");
-        let open: Vec<(Uuid, String, String, i32, i32, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT id, kind, status, attempts, deaths, worker_id, last_error FROM jobs
-             WHERE status NOT IN ('succeeded', 'failed', 'dead') ORDER BY queued_at LIMIT 20",
+        let open: Vec<String> = sqlx::query_scalar(
+            "SELECT format('  %s job %s: %s, attempts %s, deaths %s, worker %s, last error %s',
+                           kind, id, status, attempts, deaths, coalesce(worker_id, '-'), coalesce(last_error, '-'))
+             FROM jobs WHERE status NOT IN ('succeeded', 'failed', 'dead') ORDER BY queued_at LIMIT 20",
         )
         .fetch_all(&self.pool)
         .await
         .unwrap_or_default();
-        for (id, kind, status, attempts, deaths, worker, error) in open {
-            let _ =
-                writeln!(out, "  {kind} job {id}: {status}, attempts {attempts}, deaths {deaths}, worker {worker:?}, last error {error:?}");
+        for line in open {
+            let _ = writeln!(out, "{line}");
         }
         let topology = self.topology();
         for kind in TaskKind::ALL {

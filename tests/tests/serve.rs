@@ -2,7 +2,6 @@
 //! refuses bad requests with a 4xx and a reason, and its status page, rendered by headless Chromium
 //! (Debian's package), shows the fleet.
 
-use std::process::Command;
 use std::time::Duration;
 
 use heimdex_shared::fleet::WorkerState;
@@ -16,32 +15,6 @@ const WARM_RGB: [u8; 3] = [0x1a, 0x7f, 0x37];
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-/// Headless Chromium on `url`: (the DOM after its scripts ran, the screenshot's RGB pixels).
-fn render(url: &str, dir: &std::path::Path) -> (String, Vec<u8>) {
-    let chromium = |extra: &[&str]| {
-        let out = Command::new("chromium")
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1000"])
-            .args(["--virtual-time-budget=5000", &format!("--user-data-dir={}", dir.join("profile").display())])
-            .args(extra)
-            .arg(url)
-            .output()
-            .expect("chromium (scripts/setup installs it)");
-        assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
-    };
-    let dom = String::from_utf8(chromium(&["--dump-dom"])).unwrap();
-    let shot = dir.join("status.png");
-    chromium(&[&format!("--screenshot={}", shot.display())]);
-    let rgb = Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(&shot)
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
-        .output()
-        .expect("ffmpeg");
-    assert!(rgb.status.success() && rgb.stdout.len() == 1400 * 1000 * 3, "screenshot of {} bytes", rgb.stdout.len());
-    (dom, rgb.stdout)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,7 +113,7 @@ async fn the_api_enqueues_reads_jobs_searches_exports_transcripts_and_the_status
     assert_eq!(status["recent"].as_array().unwrap().len(), 2, "{status}");
 
     let shots = tempfile::tempdir().unwrap();
-    let (dom, rgb) = render(&format!("http://{addr}/"), shots.path());
+    let (dom, rgb) = heimdex_tests::render_page(&format!("http://{addr}/"), &shots.path().join("status.png"), 1400, 1000);
     for text in ["api-index", "api-vision", "talk.mp4", &env.topology().dlq(heimdex_shared::contract::TaskKind::Vision), "succeeded"] {
         assert!(dom.contains(text), "the rendered page lacks {text:?}:\n{dom}");
     }

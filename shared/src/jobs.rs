@@ -187,7 +187,8 @@ pub enum Start {
 ///   without a message): it goes to the dead-letter queue with the stored reason. A first delivery
 ///   of a job that is running or ended is a second copy (a relay and a producer racing): acked.
 /// - newer: a publisher other than our producer enqueued the job again; it becomes the latest
-///   enqueue, and a job that ended badly starts a new series of attempts.
+///   enqueue, and a job that ended badly starts a new series of attempts (for a running job it is a
+///   duplicate, and its redelivery a death, as for the latest enqueue's message).
 ///
 /// # Errors
 /// Database errors (a connection error means the database is down).
@@ -225,9 +226,9 @@ pub async fn start_run(
     let verdict = match (enqueued.cmp(&queued_at), status) {
         (Ordering::Less, _) => Some(Start::Superseded),
         (_, JobStatus::Succeeded) => Some(Start::AlreadyDone),
-        (Ordering::Greater, JobStatus::Running) => Some(Start::Duplicate),
-        (Ordering::Equal, JobStatus::Running) if !redelivered => Some(Start::Duplicate),
-        (Ordering::Equal, JobStatus::Running) => {
+        (_, JobStatus::Running) if !redelivered => Some(Start::Duplicate),
+        // Also a newer message: one its run did not stamp (started by a worker of an older version).
+        (_, JobStatus::Running) => {
             deaths += 1;
             None
         }

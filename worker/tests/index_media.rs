@@ -79,26 +79,12 @@ async fn three_hour_file_streams_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let long = dir.path().join("long.flac").display().to_string();
     // 90 min of silence, 3 s of speech, 90 min of silence.
+    #[rustfmt::skip]
     ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-t",
-        "5400",
-        "-i",
-        "anullsrc=r=16000:cl=mono",
-        "-i",
-        &media("speech/goforward.wav"),
-        "-f",
-        "lavfi",
-        "-t",
-        "5400",
-        "-i",
-        "anullsrc=r=16000:cl=mono",
-        "-filter_complex",
-        "[0][1][2]concat=n=3:v=0:a=1",
-        "-c:a",
-        "flac",
-        &long,
+        "-f", "lavfi", "-t", "5400", "-i", "anullsrc=r=16000:cl=mono",
+        "-i", &media("speech/goforward.wav"),
+        "-f", "lavfi", "-t", "5400", "-i", "anullsrc=r=16000:cl=mono",
+        "-filter_complex", "[0][1][2]concat=n=3:v=0:a=1", "-c:a", "flac", &long,
     ]);
     let mut s = settings();
     s.index.language = "en".into();

@@ -138,6 +138,25 @@ def probe_path(container, probe):
     return get.get("path")
 
 
+def check_api(deployment, by_kind):
+    """The HTTP API (serve.yaml): `heimdex serve` with its keys from a Secret only it reads, probed on
+    /readyz and /healthz, non-root, behind a Service."""
+    expect(deployment is not None, "the API Deployment heimdex-api (serve.yaml)")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    expect(container["command"][:2] == ["heimdex", "serve"], f"heimdex-api: runs {container['command']}")
+    refs = [(s.get("secretRef") or {}).get("name") for s in container.get("envFrom", [])]
+    expect("heimdex-api" in refs, "heimdex-api: API keys from the Secret heimdex-api")
+    api_secret = by_kind.get("Secret", {}).get("heimdex-api", {}).get("stringData", {})
+    expect("HEIMDEX__SERVE__API_KEYS" in api_secret, "the Secret heimdex-api defines HEIMDEX__SERVE__API_KEYS")
+    expect(probe_path(container, "readinessProbe") == "/readyz", "heimdex-api: readinessProbe on /readyz")
+    expect(probe_path(container, "livenessProbe") == "/healthz", "heimdex-api: livenessProbe on /healthz")
+    expect(pod["securityContext"].get("runAsNonRoot") is True, "heimdex-api: runs as non-root")
+    services = [s for s in by_kind.get("Service", {}).values() if s["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()]
+    expect(len(services) == 1, "heimdex-api: one Service selects it")
+    print("check: api: ok (heimdex serve, keys from heimdex-api, /readyz and /healthz probes, a Service)")
+
+
 def check_k8s():
     docs = {}
     for path in sorted(K8S.glob("*.yaml")):
@@ -152,7 +171,8 @@ def check_k8s():
         by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
     configmap = by_kind["ConfigMap"]["heimdex"]["data"]
     secret_keys = set(by_kind["Secret"]["heimdex"]["stringData"])
-    deployments = by_kind.get("Deployment", {})
+    deployments = dict(by_kind.get("Deployment", {}))
+    check_api(deployments.pop("heimdex-api", None), by_kind)
     expect(set(deployments) == {"worker-index", "worker-vision"}, f"deployments: {sorted(deployments)}")
     scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in by_kind.get("ScaledObject", {}).values()}
     auths = by_kind.get("TriggerAuthentication", {})

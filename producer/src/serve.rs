@@ -386,6 +386,7 @@ fn shown(mut row: JobRow) -> JobRow {
 pub fn router(settings: &Settings) -> anyhow::Result<Router> {
     let pool = heimdex_shared::db::pool(&settings.database)?;
     let app = Arc::new(App::new(settings, pool));
+    let ready = app.clone();
     let api = Router::new()
         .route("/", get(|| async { Html(STATUS_PAGE) }))
         .route("/v1/status", get(status_json))
@@ -398,7 +399,28 @@ pub fn router(settings: &Settings) -> anyhow::Result<Router> {
         .layer(middleware::from_fn_with_state(app.clone(), bounded))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app);
-    Ok(Router::new().route("/healthz", get(|| async { "ok" })).merge(api))
+    // The probes are outside the guard: a kubelet calls them by the pod's address, without a key.
+    let probes = Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).with_state(ready);
+    Ok(probes.merge(api))
+}
+
+/// `/readyz`: 200 when the database and the broker answer, each within `serve.connect_timeout_ms`,
+/// else 503 (a load balancer or Kubernetes then sends requests elsewhere). The answer names no
+/// dependency; the log says which failed.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let database = tokio::time::timeout(app.connect_timeout(), sqlx::query("SELECT 1").execute(&app.pool)).await;
+    let unready = match database {
+        Err(_) => Some(format!("the database did not answer within {:?}", app.connect_timeout())),
+        Ok(Err(e)) => Some(format!("the database: {e}")),
+        Ok(Ok(_)) => app.producer().await.err().map(|e| e.1),
+    };
+    match unready {
+        None => (StatusCode::OK, "ready").into_response(),
+        Some(reason) => {
+            tracing::warn!(reason, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+        }
+    }
 }
 
 /// Why `heimdex serve` did not serve.

@@ -116,6 +116,9 @@ impl Settings {
         if self.worker.concurrency == 0 {
             return Err(ConfigError::Value("worker.concurrency must be at least 1".into()));
         }
+        if !(self.worker.query_share > 0.0 && self.worker.query_share <= 1.0) {
+            return Err(ConfigError::Value(format!("worker.query_share must be in (0, 1], not {}", self.worker.query_share)));
+        }
         if self.worker.max_attempts == 0 {
             return Err(ConfigError::Value("worker.max_attempts must be at least 1".into()));
         }
@@ -331,6 +334,11 @@ pub struct WorkerSettings {
     pub id: String,
     /// Tasks in flight at once; also the AMQP prefetch.
     pub concurrency: usize,
+    /// The share of model time that query embeddings may take while tasks run (0 < share <= 1):
+    /// after a query's inference took `t`, the next query waits `t * (1 - share) / share`, so that
+    /// a flood of queries slows a task by about this share at most. An idle worker answers queries
+    /// at full speed.
+    pub query_share: f64,
     /// Address of `/healthz`, `/readyz`, `/metrics`; port 0 picks a free one (published in Redis).
     pub health_addr: String,
     /// A file the worker writes the health address it bound into (empty: none), for a container
@@ -367,6 +375,7 @@ impl Default for WorkerSettings {
         Self {
             id: String::new(),
             concurrency: 2,
+            query_share: 0.2,
             health_addr: "0.0.0.0:8080".into(),
             health_addr_file: String::new(),
             heartbeat_interval_ms: 2_000,

@@ -6,7 +6,9 @@
 //!                                                         dead-letters back into {p}.{kind}
 //!                                 {p}.{kind}.dlq          dead letters, with the reason in a header
 //! default exchange ---------------> {p}.{kind}.query      query embeddings (see `query`): transient,
-//!                                                         consumed only by warm workers of the kind
+//!                                                         bounded (length, bytes, TTL; a publish into
+//!                                                         a full one is refused), consumed only by
+//!                                                         warm workers of the kind
 //! ```
 //!
 //! One retry queue per backoff step (rather than per-message TTLs in one queue) because RabbitMQ only
@@ -65,12 +67,24 @@ impl Topology {
 
     /// Declares the query queue of `kind` and returns its declaration, whose consumer count is the
     /// number of warm workers of that kind serving queries now. Not durable: a query outlives
-    /// neither its caller's timeout nor a broker restart. Safe to call from any process.
+    /// neither its caller's timeout nor a broker restart. Bounded: at most
+    /// [`query::QUEUE_MAX_LENGTH`](crate::query::QUEUE_MAX_LENGTH) requests and
+    /// [`query::QUEUE_MAX_BYTES`](crate::query::QUEUE_MAX_BYTES), each for at most
+    /// [`query::QUEUE_TTL`](crate::query::QUEUE_TTL); a publish into a full queue is nacked
+    /// (`reject-publish`), so the caller learns it, where the default (`drop-head`) would silently
+    /// drop the oldest caller's query. Safe to call from any process.
     ///
     /// # Errors
-    /// The broker refuses the declaration.
+    /// The broker refuses the declaration (a queue of this name declared with other bounds, by a
+    /// release before these bounds: delete it once, it holds nothing that lasts).
     pub async fn declare_query_queue(&self, channel: &Channel, kind: TaskKind) -> Result<lapin::Queue, lapin::Error> {
-        channel.queue_declare(self.query_queue(kind).as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await
+        use crate::query::{QUEUE_MAX_BYTES, QUEUE_MAX_LENGTH, QUEUE_TTL};
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(i64::from(QUEUE_MAX_LENGTH)));
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(i64::from(QUEUE_MAX_BYTES)));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(QUEUE_TTL.as_millis()).unwrap_or(i64::MAX)));
+        channel.queue_declare(self.query_queue(kind).as_str().into(), QueueDeclareOptions::default(), args).await
     }
 
     /// Backoff before the next delivery after `attempt` failed: `base * 2^(attempt-1)`, capped.

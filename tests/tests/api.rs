@@ -396,6 +396,9 @@ async fn a_broker_or_database_that_never_answers_gets_503_in_time_and_blocks_nob
         println!("black-hole broker: {code} after {took:?}");
     }
     println!("black-hole broker: a database-only request answered after {database_only:?}");
+    // Not ready (the probe a load balancer or Kubernetes uses), within the connect timeout, naming nothing.
+    let (code, body) = tokio::time::timeout(Duration::from_secs(5), http_get(&addr, "/readyz")).await.expect("readyz hung");
+    assert_eq!((code, body.as_str()), (503, "not ready"));
 
     // A database that never answers: 503 within the pool's acquire timeout; health stays up.
     let db = format!("postgres://postgres@127.0.0.1:{port}/heimdex");
@@ -407,6 +410,12 @@ async fn a_broker_or_database_that_never_answers_gets_503_in_time_and_blocks_nob
     println!("black-hole database: 503 after {:?}", started.elapsed());
     let (code, _) = tokio::time::timeout(Duration::from_secs(2), http_get(&addr, "/healthz")).await.expect("health hung");
     assert_eq!(code, 200);
+    let (code, body) = tokio::time::timeout(Duration::from_secs(15), http_get(&addr, "/readyz")).await.expect("readyz hung");
+    assert_eq!((code, body.as_str()), (503, "not ready"));
+    // With both answering, ready, by any Host name and without a key (a kubelet probes the pod's address).
+    let (_server, addr) = env.serve().await;
+    let (code, _, body) = http_raw(&addr, "GET /readyz HTTP/1.1\r\nHost: 10.1.2.3:8000\r\nConnection: close\r\n\r\n").await;
+    assert_eq!((code, body.as_str()), (200, "ready"));
     env.cleanup().await;
 }
 

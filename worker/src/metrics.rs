@@ -1,5 +1,5 @@
 //! Metrics served on `/metrics` in the OpenMetrics text format ([`CONTENT_TYPE`]): tasks by kind and
-//! outcome, media seconds processed by kind, stage latencies, inference batch sizes and latencies,
+//! outcome, query embeddings by kind and outcome, media seconds processed by kind, stage latencies, inference batch sizes and latencies,
 //! warm-up duration, worker state, in-flight tasks, `heimdex_build_info`, and the standard `process_*`
 //! series (resident memory, CPU seconds, open file descriptors, start time), read from `/proc/self`
 //! at each scrape.
@@ -78,6 +78,7 @@ impl BuildLabels {
 pub struct Metrics {
     registry: Registry,
     tasks: Family<TaskLabels, Counter>,
+    queries: Family<TaskLabels, Counter>,
     media_seconds: Family<KindLabels, Counter<f64, AtomicU64>>,
     stage_seconds: Family<StageLabels, Histogram>,
     batch_size: Family<ModelLabels, Histogram>,
@@ -97,6 +98,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let tasks = Family::<TaskLabels, Counter>::default();
+        let queries = Family::<TaskLabels, Counter>::default();
         let media_seconds = Family::<KindLabels, Counter<f64, AtomicU64>>::default();
         let stage_seconds = Family::<StageLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.005, 2.0, 16))) as fn() -> Histogram,
@@ -114,6 +116,11 @@ impl Metrics {
             let heimdex = registry.sub_registry_with_prefix("heimdex");
             heimdex.register("build", "Version, commit and contract of the running binary", Info::new(BuildLabels::current()));
             heimdex.register("tasks", "Tasks finished, by kind and outcome", tasks.clone());
+            heimdex.register(
+                "queries",
+                "Query embeddings taken, by kind and outcome (answered, bad_request, wrong_model, failed, unanswerable)",
+                queries.clone(),
+            );
             heimdex.register("media_seconds", "Seconds of media in tasks that succeeded, by kind", media_seconds.clone());
             heimdex.register("stage_seconds", "Time spent in each task stage", stage_seconds.clone());
             heimdex.register("inference_batch_size", "Requests per inference batch", batch_size.clone());
@@ -123,11 +130,15 @@ impl Metrics {
             heimdex.register("tasks_in_flight", "Tasks being processed now", in_flight.clone());
         }
         registry.register_collector(Box::new(ProcessCollector));
-        Self { registry, tasks, media_seconds, stage_seconds, batch_size, inference_seconds, warmup_seconds, state, in_flight }
+        Self { registry, tasks, queries, media_seconds, stage_seconds, batch_size, inference_seconds, warmup_seconds, state, in_flight }
     }
 
     pub fn task_finished(&self, kind: &str, outcome: &str) {
         self.tasks.get_or_create(&TaskLabels { kind: kind.into(), outcome: outcome.into() }).inc();
+    }
+
+    pub fn query_finished(&self, kind: &str, outcome: &str) {
+        self.queries.get_or_create(&TaskLabels { kind: kind.into(), outcome: outcome.into() }).inc();
     }
 
     /// Counts the media of a task that succeeded (its probed duration; nothing when unknown).

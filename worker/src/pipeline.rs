@@ -97,6 +97,10 @@ pub trait Pipeline: Send + Sync + 'static {
     /// Processes one task.
     fn process(&self, input: &TaskInput, timings: &StageTimings) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
 
+    /// The name of the model [`Pipeline::embed_query`] embeds with, as it is stored beside the
+    /// vectors (checked against a query's expected model before any inference).
+    fn query_model(&self) -> &str;
+
     /// Embeds search queries (see `heimdex_shared::query`) with the model whose vectors this kind
     /// stores, on the same model thread as tasks (so they share batches with them), and names that
     /// model as it is stored beside the vectors.

@@ -12,7 +12,8 @@
 //! That is the broker's own view, current to the moment, where Redis fleet state lags by a heartbeat;
 //! a publish with `mandatory` would only tell a missing queue, not a queue nobody consumes. A worker
 //! that dies between the check and its answer is covered by the timeout, and the request carries an
-//! `expiration` equal to the timeout so that nobody answers a query its caller has given up on.
+//! `expiration` equal to the timeout so that nobody answers a query its caller has given up on. A
+//! full queue is told at once too: the broker nacks the publish ([`QueryError::Overloaded`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,9 @@ pub enum QueryError {
     NoWarmWorker { kind: TaskKind, queue: String },
     #[error("no {kind} worker answered within {after:?}")]
     Timeout { kind: TaskKind, after: Duration },
+    /// The broker refused the request: the kind's query queue is full (see [`super::QUEUE_MAX_LENGTH`]).
+    #[error("the {kind} workers are overloaded with queries (queue {queue} is full): ask again later")]
+    Overloaded { kind: TaskKind, queue: String },
     /// The request was refused before it was sent (see the bounds in [`super`]).
     #[error("query refused before sending: {0}")]
     Request(#[source] Refusal),
@@ -70,7 +74,7 @@ impl QueryError {
         match self {
             QueryError::Request(_) | QueryError::Reply { .. } => Disposition::Permanent,
             QueryError::Refused { refusal, .. } => refusal.code.disposition(),
-            QueryError::NoWarmWorker { .. } | QueryError::Timeout { .. } => Disposition::Retryable,
+            QueryError::NoWarmWorker { .. } | QueryError::Timeout { .. } | QueryError::Overloaded { .. } => Disposition::Retryable,
             QueryError::Broker(_) | QueryError::Closed => Disposition::Unavailable(Dependency::Broker),
             QueryError::Publish(e) => e.disposition(),
         }
@@ -183,7 +187,11 @@ impl QueryClient {
             .with_reply_to(REPLY_TO.into())
             .with_correlation_id(id.into())
             .with_expiration(self.timeout.as_millis().to_string().as_str().into());
-        topology::publish_confirmed(&self.channel, "", queue.name().as_str(), body, properties).await?;
+        // The queue was declared just now, so a nack is its overflow policy refusing the request.
+        topology::publish_confirmed(&self.channel, "", queue.name().as_str(), body, properties).await.map_err(|e| match e {
+            PublishError::Nacked => QueryError::Overloaded { kind, queue: queue.name().to_string() },
+            other => QueryError::Publish(other),
+        })?;
         reply.await.map_err(|_| QueryError::Closed)
     }
 }

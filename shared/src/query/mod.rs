@@ -17,7 +17,19 @@
 //!
 //! Requests are bounded ([`MAX_REQUEST_BYTES`], [`MAX_TEXTS`], [`MAX_TEXT_CHARS`]) so that one
 //! request cannot hold a model thread for long; a request out of bounds, malformed or for another
-//! model gets an error reply and the worker keeps serving.
+//! model gets an error reply, before any inference, and the worker keeps serving.
+//!
+//! The query queue is reachable by anyone who may publish on the broker, so it is treated as
+//! hostile:
+//! - A worker replies only to a direct reply-to address ([`is_direct_reply_to`]). Any other
+//!   `reply_to` is a queue name, and the default exchange would deliver the reply into it (a task
+//!   queue, another application's queue): such a request, or one without `reply_to`, is acked
+//!   unanswered and costs no inference.
+//! - The queue holds at most [`QUEUE_MAX_LENGTH`] requests and [`QUEUE_MAX_BYTES`], and a caller
+//!   publishing into a full queue is refused by the broker (`x-overflow: reject-publish`), which
+//!   [`QueryClient`] reports as [`QueryError::Overloaded`]; a request waits at most [`QUEUE_TTL`].
+//! - Queries take a bounded share of the models while tasks run (`worker.query_share`), so that a
+//!   flood of queries slows tasks by at most that share.
 
 mod client;
 
@@ -35,6 +47,19 @@ pub const MAX_TEXTS: usize = 32;
 pub const MAX_TEXT_CHARS: usize = 2_000;
 /// Largest request body; a larger one is refused before it is parsed.
 pub const MAX_REQUEST_BYTES: usize = 128 * 1024;
+/// Most requests waiting in a kind's query queue; a publish beyond is refused by the broker.
+pub const QUEUE_MAX_LENGTH: u32 = 1_000;
+/// Most bytes of requests waiting in a kind's query queue (a few hundred maximal requests).
+pub const QUEUE_MAX_BYTES: u32 = 32 * 1024 * 1024;
+/// Longest a request waits in the queue, whatever expiration its publisher set (the client's own
+/// default timeout is [`DEFAULT_TIMEOUT`]): nobody waits longer for a query embedding.
+pub const QUEUE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `reply_to` is a direct reply-to address (the broker rewrites a publisher's
+/// [`REPLY_TO`] into `amq.rabbitmq.reply-to.<token>`), the only kind of address a worker replies to.
+pub fn is_direct_reply_to(reply_to: &str) -> bool {
+    reply_to.strip_prefix(REPLY_TO).is_some_and(|token| token.len() > 1 && token.starts_with('.'))
+}
 
 /// What a caller asks for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,6 +169,15 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
+    /// The code as it is written in replies (`bad_request`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::BadRequest => "bad_request",
+            RefusalCode::WrongModel => "wrong_model",
+            RefusalCode::Failed => "failed",
+        }
+    }
+
     /// Whether asking again may help.
     pub fn disposition(self) -> Disposition {
         match self {
@@ -227,11 +261,29 @@ mod tests {
     }
 
     #[test]
+    fn only_direct_reply_to_addresses_are_answered() {
+        assert!(is_direct_reply_to("amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxMjM0NTY3OAAAAAAAAAAAAAAAAAAA"));
+        for refused in [
+            "",
+            "heimdex.index",
+            "amq.rabbitmq.reply-to",
+            "amq.rabbitmq.reply-to.",
+            "amq.rabbitmq.reply-tox.a",
+            "x.amq.rabbitmq.reply-to.a",
+        ] {
+            assert!(!is_direct_reply_to(refused), "{refused:?}");
+        }
+    }
+
+    #[test]
     fn replies_are_tagged_by_status() {
         let ok = EmbedReply::ok(Embeddings { model: "m".into(), dim: 2, vectors: vec![vec![0.5, -0.25]] });
         let json: serde_json::Value = serde_json::from_slice(&ok.to_body()).unwrap();
         assert_eq!(json, serde_json::json!({"v": 1, "status": "ok", "model": "m", "dim": 2, "vectors": [[0.5, -0.25]]}));
         assert_eq!(serde_json::from_slice::<EmbedReply>(&ok.to_body()).unwrap(), ok);
+        for code in [RefusalCode::BadRequest, RefusalCode::WrongModel, RefusalCode::Failed] {
+            assert_eq!(serde_json::to_value(code).unwrap(), serde_json::json!(code.as_str()));
+        }
         let refused = EmbedReply::refused(Refusal::bad_request("no"));
         let json: serde_json::Value = serde_json::from_slice(&refused.to_body()).unwrap();
         assert_eq!(json, serde_json::json!({"v": 1, "status": "error", "code": "bad_request", "reason": "no"}));

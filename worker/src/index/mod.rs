@@ -316,8 +316,12 @@ impl Pipeline for IndexPipeline {
         Ok(output)
     }
 
+    fn query_model(&self) -> &str {
+        &self.settings.embed_model
+    }
+
     async fn embed_query(&self, texts: Vec<String>) -> Result<Embeddings, TaskError> {
         let vectors = self.embedder.embed(texts).await?;
-        Ok(Embeddings { model: self.settings.embed_model.clone(), dim: self.settings.embed_dim, vectors })
+        Ok(Embeddings { model: self.query_model().to_string(), dim: self.settings.embed_dim, vectors })
     }
 }

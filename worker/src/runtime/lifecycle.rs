@@ -78,6 +78,11 @@ impl Lifecycle {
         self.in_flight.lock().expect("lifecycle lock").insert(job.to_string());
     }
 
+    /// Whether a task is in flight now.
+    pub fn busy(&self) -> bool {
+        !self.in_flight.lock().expect("lifecycle lock").is_empty()
+    }
+
     pub fn task_finished(&self, job: &str) {
         self.in_flight.lock().expect("lifecycle lock").remove(job);
         self.tasks_done.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,7 @@ pub mod health;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod query;
+pub mod share;
 pub mod task;
 
 use std::future::Future;

@@ -2,7 +2,10 @@
 //! `{prefix}.{kind}.query` queue on a channel of its own, with its own prefetch and permits
 //! ([`QUERY_CONCURRENCY`]), so that a query never waits for a task permit (a long video holds one for
 //! minutes). The texts are embedded by the pipeline on the same model thread as tasks, batched with
-//! their requests, and the reply goes to the request's `reply_to` (RabbitMQ's direct reply-to).
+//! their requests, within the queries' bounded share of the models ([`QueryShare`]), and the reply
+//! goes to the request's `reply_to`, which must be a direct reply-to address: a request that names
+//! any other is acked unanswered, as is one without (see `heimdex_shared::query`). Each query is
+//! counted in `heimdex_queries_total` by outcome.
 //!
 //! It consumes only while the worker is warm (or paused: a database outage does not stop a model),
 //! so the queue's consumer count is the number of workers that can answer now: that is how a caller
@@ -16,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use heimdex_shared::error::{Dependency, Disposition};
 use heimdex_shared::fleet::WorkerState;
-use heimdex_shared::query::{EmbedReply, EmbedRequest, Refusal, RefusalCode};
+use heimdex_shared::query::{EmbedReply, EmbedRequest, Outcome, Refusal, RefusalCode, is_direct_reply_to};
 use heimdex_shared::telemetry::chain;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
@@ -26,6 +29,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::consume::stop_consuming;
+use super::share::QueryShare;
 use super::task::Worker;
 use crate::pipeline::Pipeline;
 
@@ -49,6 +53,7 @@ fn ended(state: WorkerState) -> bool {
 pub async fn serve<P: Pipeline>(worker: Arc<Worker<P>>, stop: CancellationToken) {
     let mut states = worker.lifecycle.subscribe();
     let permits = Arc::new(Semaphore::new(QUERY_CONCURRENCY));
+    let share = Arc::new(QueryShare::new(worker.settings.worker.query_share));
     let mut retry = Duration::from_millis(100);
     loop {
         let state = tokio::select! {
@@ -60,7 +65,7 @@ pub async fn serve<P: Pipeline>(worker: Arc<Worker<P>>, stop: CancellationToken)
             break;
         }
         let Some(channel) = worker.broker.consume_channel(&stop).await else { break };
-        let left_warm = consume(&worker, &channel, &permits, &mut states, &stop).await;
+        let left_warm = consume(&worker, &channel, &permits, &share, &mut states, &stop).await;
         // The queries taken on this channel are answered on it before it is dropped.
         if tokio::time::timeout(ANSWER_TIMEOUT, wait_idle(&permits)).await.is_err() {
             tracing::warn!("queries still unanswered after {ANSWER_TIMEOUT:?}");
@@ -93,6 +98,7 @@ async fn consume<P: Pipeline>(
     worker: &Arc<Worker<P>>,
     channel: &Channel,
     permits: &Arc<Semaphore>,
+    share: &Arc<QueryShare>,
     states: &mut watch::Receiver<WorkerState>,
     stop: &CancellationToken,
 ) -> bool {
@@ -125,9 +131,9 @@ async fn consume<P: Pipeline>(
             _ = states.wait_for(|s| !answers(*s)) => break,
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    let (worker, channel) = (worker.clone(), channel.clone());
+                    let (worker, channel, share) = (worker.clone(), channel.clone(), share.clone());
                     tokio::spawn(async move {
-                        answer(&worker, &channel, delivery).await;
+                        answer(&worker, &channel, &share, delivery).await;
                         drop(permit);
                     });
                 }
@@ -144,17 +150,23 @@ async fn consume<P: Pipeline>(
     true
 }
 
-/// Answers one query (an error reply for anything wrong with it) and acks it; never fails.
-async fn answer<P: Pipeline>(worker: &Worker<P>, channel: &Channel, delivery: Delivery) {
-    let reply = match EmbedRequest::parse(&delivery.data) {
-        Ok(request) => embed(worker, request).await,
-        Err(refusal) => EmbedReply::refused(refusal),
-    };
-    if let heimdex_shared::query::Outcome::Error(refusal) = &reply.outcome {
-        tracing::info!(code = %refusal.code, reason = refusal.reason, "query refused");
-    }
-    match delivery.properties.reply_to() {
+/// Answers one query (an error reply for anything wrong with it) and acks it; never fails. A query
+/// without a direct reply-to address is acked unanswered, before it is even parsed.
+async fn answer<P: Pipeline>(worker: &Worker<P>, channel: &Channel, share: &QueryShare, delivery: Delivery) {
+    let reply_to = delivery.properties.reply_to().as_ref().map(|r| r.as_str().to_string()).filter(|r| is_direct_reply_to(r));
+    let outcome = match reply_to {
+        None => {
+            tracing::warn!(
+                reply_to = delivery.properties.reply_to().is_some(),
+                "a query without a direct reply-to address: not answered (nowhere safe to reply)"
+            );
+            "unanswerable"
+        }
         Some(reply_to) => {
+            let reply = match EmbedRequest::parse(&delivery.data) {
+                Ok(request) => embed(worker, share, request).await,
+                Err(refusal) => EmbedReply::refused(refusal),
+            };
             let mut properties = BasicProperties::default().with_content_type("application/json".into());
             if let Some(id) = delivery.properties.correlation_id() {
                 properties = properties.with_correlation_id(id.clone());
@@ -166,9 +178,16 @@ async fn answer<P: Pipeline>(worker: &Worker<P>, channel: &Channel, delivery: De
             if let Err(e) = published {
                 tracing::warn!(error = %e, "cannot send a query reply");
             }
+            match &reply.outcome {
+                Outcome::Ok(_) => "answered",
+                Outcome::Error(refusal) => {
+                    tracing::info!(code = %refusal.code, reason = refusal.reason, "query refused");
+                    refusal.code.as_str()
+                }
+            }
         }
-        None => tracing::warn!("a query without reply_to: nowhere to answer"),
-    }
+    };
+    worker.metrics.query_finished(worker.pipeline.kind().as_str(), outcome);
     // Acked either way: a query is answered once, by whoever took it (the caller's timeout covers
     // a worker that dies first, and the message's expiration a query nobody took in time).
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
@@ -176,15 +195,18 @@ async fn answer<P: Pipeline>(worker: &Worker<P>, channel: &Channel, delivery: De
     }
 }
 
-async fn embed<P: Pipeline>(worker: &Worker<P>, request: EmbedRequest) -> EmbedReply {
-    match worker.pipeline.embed_query(request.texts).await {
-        Ok(embeddings) => match request.model {
-            Some(expected) if expected != embeddings.model => EmbedReply::refused(Refusal::new(
-                RefusalCode::WrongModel,
-                format!("this worker embeds with {:?}, the request expects {expected:?}", embeddings.model),
-            )),
-            _ => EmbedReply::ok(embeddings),
-        },
+/// Embeds a parsed request, after checking the model it expects, within the queries' share.
+async fn embed<P: Pipeline>(worker: &Worker<P>, share: &QueryShare, request: EmbedRequest) -> EmbedReply {
+    let serves = worker.pipeline.query_model();
+    if let Some(expected) = request.model.as_deref().filter(|m| *m != serves) {
+        return EmbedReply::refused(Refusal::new(
+            RefusalCode::WrongModel,
+            format!("this worker embeds with {serves:?}, the request expects {expected:?}"),
+        ));
+    }
+    let texts = request.texts.len();
+    match share.run(texts, || worker.lifecycle.busy(), worker.pipeline.embed_query(request.texts)).await {
+        Ok(embeddings) => EmbedReply::ok(embeddings),
         Err(e) => {
             let reason = chain(&e);
             if e.disposition() == Disposition::Unavailable(Dependency::Model) {

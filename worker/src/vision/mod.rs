@@ -320,10 +320,14 @@ impl Pipeline for VisionPipeline {
         self.process_with_gauge(input, timings, self.gauge.clone()).await
     }
 
+    fn query_model(&self) -> &str {
+        &self.settings.embed_model
+    }
+
     /// The SigLIP text tower, whose vectors share the space of the frames' image embeddings (with
     /// the stand-in only nominally: it is not a trained two-tower model).
     async fn embed_query(&self, texts: Vec<String>) -> Result<Embeddings, TaskError> {
         let vectors = futures::future::try_join_all(texts.iter().map(|t| self.embed_text(t))).await?;
-        Ok(Embeddings { model: self.settings.embed_model.clone(), dim: self.settings.embed_dim, vectors })
+        Ok(Embeddings { model: self.query_model().to_string(), dim: self.settings.embed_dim, vectors })
     }
 }

@@ -45,13 +45,13 @@ pub struct Args {
 }
 
 /// Exit codes: 0 hits or none; 2 input refused (unknown video, bad `VIDEO@SECONDS`); 3 no worker of
-/// the kind answered (none warm, or none within the timeout); 1 anything else.
+/// the kind answered (none warm, none within the timeout, or all overloaded); 1 anything else.
 pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     match search(settings, &args).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             let code = match &e {
-                SearchError::Query(QueryError::NoWarmWorker { .. } | QueryError::Timeout { .. }) => 3,
+                SearchError::Query(QueryError::NoWarmWorker { .. } | QueryError::Timeout { .. } | QueryError::Overloaded { .. }) => 3,
                 SearchError::NoVideo(_) | SearchError::NoFrame { .. } | SearchError::BadFrameRef(_) => 2,
                 _ => return Err(e.into()),
             };

@@ -14,7 +14,8 @@
 //! non-empty, and be readable by ffprobe (it is hashed too); an http(s) URL must be allowed and point
 //! at a public address (`heimdex_shared::remote::check`), and is neither downloaded nor probed here, so
 //! that enqueue answers at once: the worker downloads it once, and its canonical URL identifies the
-//! video (no content hash, size or probe until a worker has read it). Then one transaction upserts the
+//! video (no content hash, size or probe until a worker has read it). An `s3://bucket/key` URI is
+//! checked the same way, for its syntax only (`heimdex_shared::s3::check`): the worker reads it. Then one transaction upserts the
 //! video, its jobs and their messages (the outbox), and each message is published with publisher
 //! confirms and removed from the outbox. If the publish fails, or this process dies first, the message
 //! stays in the outbox and the workers publish it: a job is never `queued` without a message.
@@ -33,8 +34,8 @@ use heimdex_shared::contract::{ContractError, TaskKind, TaskMessage, TaskOptions
 use heimdex_shared::jobs::{self, JobStatus};
 use heimdex_shared::media::{self, MediaError, Probe};
 use heimdex_shared::outbox::{self, OutboxError};
-use heimdex_shared::remote;
 use heimdex_shared::topology::{self, PublishError, Topology};
+use heimdex_shared::{remote, s3};
 use lapin::{Channel, Connection};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -211,7 +212,8 @@ impl Producer {
 
 /// Validation without a broker connection (the CLI validates every input before connecting). A
 /// local file is probed and hashed; a URL is only checked (scheme, allowed host, public addresses;
-/// bounded by `media.remote_timeout_ms`), never downloaded: the worker does that, once.
+/// bounded by `media.remote_timeout_ms`), and an `s3://` URI only parsed, never downloaded: the worker
+/// does that, once.
 ///
 /// # Errors
 /// [`ProducerError::Media`] naming the problem.
@@ -220,6 +222,10 @@ pub async fn validate(uri: &str, settings: &Settings) -> Result<ValidMedia, Prod
     if remote::is_remote(&resolved) {
         let checked = remote::check(&resolved, &settings.media).await?;
         return Ok(ValidMedia { uri: checked.url, probe: None, content_hash: None, size_bytes: None });
+    }
+    if s3::is_s3(&resolved) {
+        let object = s3::check(&resolved, &settings.s3)?;
+        return Ok(ValidMedia { uri: object.to_string(), probe: None, content_hash: None, size_bytes: None });
     }
     let probe = media::probe(&resolved).await?;
     let path = resolved.clone();

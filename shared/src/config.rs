@@ -102,6 +102,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub media: MediaSettings,
+    pub s3: S3Settings,
     pub log: LogSettings,
     pub worker: WorkerSettings,
     pub engine: EngineSettings,
@@ -126,6 +127,7 @@ impl Settings {
             return Err(ConfigError::Value("engine.max_batch must be at least 1".into()));
         }
         self.serve.validate()?;
+        self.s3.validate()?;
         let v = &self.vision;
         if v.embed_dir.contains("standin") && !v.embed_model.contains("standin") {
             return Err(ConfigError::Value(format!(
@@ -229,6 +231,74 @@ impl Default for MediaSettings {
             remote_timeout_ms: 30_000,
             remote_deadline_ms: 3_600_000,
         }
+    }
+}
+
+/// The S3-compatible object store that `s3://bucket/key` media URIs are read from (by the workers
+/// only: enqueue checks the URI's syntax and reads nothing). Downloads follow `media`'s limits
+/// (`remote_timeout_ms`, `remote_deadline_ms`, `max_remote_bytes`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct S3Settings {
+    /// The store's base URL (`https://s3.eu-west-1.amazonaws.com`, `http://minio:9000`); empty: `s3://`
+    /// URIs are refused. The operator names it, so it may be on a private or loopback address (no
+    /// public-address check, unlike http(s) media, whose URL comes from whoever enqueues).
+    pub endpoint: String,
+    /// The region requests are signed for (MinIO and most other stores accept `us-east-1`).
+    pub region: String,
+    /// Access key id; with `secret_access_key` empty too, requests are sent unsigned (a public bucket).
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+    /// For temporary credentials (STS); empty otherwise.
+    pub session_token: Secret,
+    /// `endpoint/bucket/key` (true: MinIO, Ceph, most self-hosted stores, any endpoint that is an IP
+    /// address) or `bucket.endpoint/key` (false: AWS's virtual-hosted style).
+    pub path_style: bool,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: Secret::new(""),
+            secret_access_key: Secret::new(""),
+            session_token: Secret::new(""),
+            path_style: true,
+        }
+    }
+}
+
+impl S3Settings {
+    /// Whether `s3://` media URIs are accepted (an endpoint is configured).
+    pub fn enabled(&self) -> bool {
+        !self.endpoint.trim().is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let invalid = |why: &str| ConfigError::Value(format!("s3.endpoint {:?}: {why}", redact_url(&self.endpoint)));
+        let url = url::Url::parse(&self.endpoint).map_err(|e| invalid(&e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(invalid("must be an http(s) URL with a host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "must not carry credentials, a query or a fragment (credentials go in s3.access_key_id and s3.secret_access_key)",
+            ));
+        }
+        if !self.path_style && !matches!(url.host(), Some(url::Host::Domain(_))) {
+            return Err(invalid("is an IP address, which has no virtual-hosted buckets: set s3.path_style = true"));
+        }
+        if self.region.trim().is_empty() || !self.region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(ConfigError::Value(format!("s3.region {:?} is not a region name", self.region)));
+        }
+        if self.access_key_id.expose().is_empty() != self.secret_access_key.expose().is_empty() {
+            return Err(ConfigError::Value("s3.access_key_id and s3.secret_access_key go together: set both, or neither".into()));
+        }
+        Ok(())
     }
 }
 
@@ -615,6 +685,36 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("not a url"), "***");
+    }
+
+    #[test]
+    fn s3_settings_are_checked_and_their_credentials_redacted() {
+        let mut s = Settings::default();
+        assert!(!s.s3.enabled() && s.validate().is_ok(), "off by default");
+        s.s3.endpoint = "http://127.0.0.1:9000".into();
+        s.s3.access_key_id = Secret::new("AKIAEXAMPLEKEYID");
+        s.s3.secret_access_key = Secret::new("wJalrXUtnFEMI/K7MDENG");
+        assert!(s.validate().is_ok());
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("AKIAEXAMPLEKEYID") && !shown.contains("wJalrXUtnFEMI"), "{shown}");
+        let refused = |s: &Settings, needle: &str| {
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains(needle) && !e.contains("wJalrXUtnFEMI"), "{e}");
+        };
+        s.s3.path_style = false;
+        refused(&s, "s3.path_style");
+        s.s3.path_style = true;
+        s.s3.endpoint = "http://key:wJalrXUtnFEMI@minio:9000".into();
+        refused(&s, "must not carry credentials");
+        s.s3.endpoint = "ftp://minio".into();
+        refused(&s, "http(s) URL");
+        s.s3.endpoint = "https://minio.internal".into();
+        s.s3.secret_access_key = Secret::new("");
+        refused(&s, "go together");
+        s.s3.access_key_id = Secret::new("");
+        assert!(s.validate().is_ok(), "anonymous: a public bucket");
+        s.s3.region = "eu west".into();
+        refused(&s, "s3.region");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
 //! - [`query`]: query embeddings from the warm workers: the request/reply contract and the caller.
 //! - [`media`]: ffprobe, shared by the producer's validation and the workers; [`remote`]: http(s)
-//!   media downloaded under an allowlist, address checks, timeouts and a size cap.
+//!   media downloaded under an allowlist, address checks, timeouts and a size cap; [`s3`]: `s3://`
+//!   media read from an S3-compatible store (SigV4), under the same limits.
 //! - [`telemetry`] and [`shutdown`]: tracing set-up and the one shutdown signal.
 
 pub mod config;
@@ -22,6 +23,7 @@ pub mod media;
 pub mod outbox;
 pub mod query;
 pub mod remote;
+pub mod s3;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

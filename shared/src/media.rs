@@ -23,6 +23,8 @@ pub enum MediaError {
     RemoteTooLarge { uri: String, limit: u64 },
     #[error("remote media {uri} unavailable: {reason}")]
     RemoteUnavailable { uri: String, reason: String },
+    #[error("s3:// media URIs are off (s3.endpoint is not set): {0}")]
+    S3Disabled(String),
     #[error("unsupported media URI scheme: {0}")]
     Scheme(String),
     #[error("ffprobe cannot read {uri}: {reason}")]
@@ -55,7 +57,8 @@ impl MediaError {
 /// Resolves a media URI against the media root: local paths must exist, be non-empty and lie under
 /// `root` after resolving `..` and symlinks; http(s) URLs, when allowed, become their canonical form
 /// ([`crate::remote::canonical`]; [`crate::remote::check`] then checks where they point and
-/// [`crate::remote::fetch`] downloads them under its rules).
+/// [`crate::remote::fetch`] downloads them under its rules); `s3://bucket/key` URIs are checked for
+/// syntax ([`crate::s3::canonical`]; [`crate::s3::fetch`] reads them from the configured store).
 ///
 /// # Errors
 /// [`MediaError`] naming the problem.
@@ -64,6 +67,7 @@ pub fn resolve(uri: &str, root: &Path, allow_http: bool) -> Result<String, Media
         return match scheme.to_ascii_lowercase().as_str() {
             "http" | "https" if allow_http => crate::remote::canonical(uri),
             "http" | "https" => Err(MediaError::HttpDisabled(crate::remote::redact(uri))),
+            "s3" => crate::s3::canonical(uri),
             "file" => resolve(&uri[scheme.len() + "://".len()..], root, allow_http),
             _ => Err(MediaError::Scheme(scheme.to_string())),
         };

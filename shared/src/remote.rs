@@ -194,8 +194,18 @@ async fn download(uri: &str, settings: &MediaSettings) -> Result<tempfile::TempP
     if !status.is_success() {
         return Err(refused(format!("the server answered {status}")));
     }
-    let limit = settings.max_remote_bytes;
-    let too_large = || MediaError::RemoteTooLarge { uri: shown.clone(), limit };
+    save(response, settings.max_remote_bytes, &shown).await
+}
+
+/// Writes the body of a successful `response` to a temporary file (deleted when the returned path is
+/// dropped), refusing more than `limit` bytes: `Content-Length` is checked first, then every chunk.
+/// `shown` names the media in errors.
+///
+/// # Errors
+/// [`MediaError::RemoteTooLarge`], [`MediaError::Empty`], [`MediaError::RemoteUnavailable`] when the
+/// transfer breaks off, or [`MediaError::Tool`] when the temporary file cannot be written.
+pub(crate) async fn save(response: reqwest::Response, limit: u64, shown: &str) -> Result<tempfile::TempPath, MediaError> {
+    let too_large = || MediaError::RemoteTooLarge { uri: shown.to_string(), limit };
     if response.content_length().is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -206,7 +216,7 @@ async fn download(uri: &str, settings: &MediaSettings) -> Result<tempfile::TempP
     let mut body = response.bytes_stream();
     let mut received = 0u64;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| unavailable(describe(&e)))?;
+        let chunk = chunk.map_err(|e| MediaError::RemoteUnavailable { uri: shown.to_string(), reason: describe(&e) })?;
         received += chunk.len() as u64;
         if received > limit {
             return Err(too_large());
@@ -215,13 +225,13 @@ async fn download(uri: &str, settings: &MediaSettings) -> Result<tempfile::TempP
     }
     file.flush().await.map_err(|e| MediaError::Tool(format!("writing the download: {e}")))?;
     if received == 0 {
-        return Err(MediaError::Empty(shown));
+        return Err(MediaError::Empty(shown.to_string()));
     }
     Ok(path)
 }
 
 /// A reqwest error without the URL it carries (which may hold a query string).
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

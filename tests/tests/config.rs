@@ -12,7 +12,10 @@ fn example_config_loads_and_env_wins() {
             .env("HEIMDEX_CONFIG_CHILD", "1")
             .env("HEIMDEX__WORKER__CONCURRENCY", "7")
             .env("HEIMDEX__INDEX__EMBED_POOLING", "cls")
-            .env("HEIMDEX__DATABASE__URL", "postgres://u:secret@db/x")
+            .env("HEIMDEX__DATABASE__URL", "postgres://u:hunter2@db/x")
+            .env("HEIMDEX__S3__ENDPOINT", "http://minio:9000")
+            .env("HEIMDEX__S3__ACCESS_KEY_ID", "AKIDHUNTER3")
+            .env("HEIMDEX__S3__SECRET_ACCESS_KEY", "hunter3/s3")
             .status()
             .unwrap();
         assert!(status.success());
@@ -23,5 +26,7 @@ fn example_config_loads_and_env_wins() {
     assert_eq!(settings.worker.retry_base_ms, 2000);
     assert_eq!(settings.index.embed_pooling, heimdex_shared::config::Pooling::Cls);
     assert_eq!(settings.models.dir, Path::new("/models"));
-    assert!(!format!("{settings:?}").contains("secret"), "secrets are redacted");
+    assert_eq!((settings.s3.endpoint.as_str(), settings.s3.secret_access_key.expose()), ("http://minio:9000", "hunter3/s3"));
+    let shown = format!("{settings:?}");
+    assert!(!shown.contains("hunter2") && !shown.contains("hunter3") && !shown.contains("AKIDHUNTER3"), "secrets are redacted");
 }

@@ -16,7 +16,7 @@ use heimdex_shared::contract::TaskMessage;
 use heimdex_shared::error::{Dependency, Disposition, cap};
 use heimdex_shared::jobs::{self, JobStatus, Run, Start};
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology, WORKER_HEADER};
-use heimdex_shared::{media, remote};
+use heimdex_shared::{media, remote, s3};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
@@ -256,12 +256,17 @@ impl<P: Pipeline> Worker<P> {
         let (worker, consumer_timeout_ms) = (&self.settings.worker, self.settings.amqp.consumer_timeout_ms);
         let media_settings = &self.settings.media;
         let mut uri = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)?;
-        // Remote media is downloaded first and read as a local file; the download goes with the task,
-        // and its time (up to `media.remote_deadline_ms`) is added to the task's bound.
+        // Remote media (http(s), or s3:// from the object store) is downloaded first and read as a
+        // local file; the download goes with the task, and its time (up to `media.remote_deadline_ms`)
+        // is added to the task's bound.
         let fetch_started = tokio::time::Instant::now();
-        let _download = if remote::is_remote(&uri) {
+        let _download = if remote::is_remote(&uri) || s3::is_s3(&uri) {
             let _ = bound.send(worker.task_timeout(None, Duration::from_millis(media_settings.remote_deadline_ms), consumer_timeout_ms));
-            let path = timings.time("fetch", remote::fetch(&uri, media_settings)).await?;
+            let path = if s3::is_s3(&uri) {
+                timings.time("fetch", s3::fetch(&uri, &self.settings.s3, media_settings)).await?
+            } else {
+                timings.time("fetch", remote::fetch(&uri, media_settings)).await?
+            };
             uri = path.display().to_string();
             Some(path)
         } else {

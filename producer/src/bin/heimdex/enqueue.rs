@@ -21,7 +21,7 @@ pub enum Kinds {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Video paths (absolute or relative to the media root) or http(s) URLs.
+    /// Video paths (absolute or relative to the media root), http(s) URLs or s3://bucket/key URIs.
     #[arg(required = true)]
     inputs: Vec<String>,
     #[arg(long, value_enum, default_value = "all")]

@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate and enqueue videos (paths under the media root, or http(s) URLs).
+    /// Validate and enqueue videos (paths under the media root, http(s) URLs, s3://bucket/key).
     Enqueue(enqueue::Args),
     /// Live workers, queue depths, job counts, or one job's stage timings.
     Status(status::Args),

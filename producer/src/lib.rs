@@ -30,7 +30,7 @@ pub mod transcript;
 use std::path::Path;
 
 use heimdex_shared::Settings;
-use heimdex_shared::contract::{ContractError, TaskKind, TaskMessage, TaskOptions};
+use heimdex_shared::contract::{self, ContractError, Metadata, TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::jobs::{self, JobStatus};
 use heimdex_shared::media::{self, MediaError, Probe};
 use heimdex_shared::outbox::{self, OutboxError};
@@ -72,12 +72,33 @@ pub struct EnqueueRequest {
     /// Re-run jobs that are queued, running or done.
     pub force: bool,
     pub options: TaskOptions,
+    /// The caller's own id for the jobs (1 to 256 characters): stored on them, returned by the API
+    /// and the CLI, carried by their events, looked up with `GET /v1/jobs?external_id=`.
+    pub external_id: Option<String>,
+    /// The caller's own JSON object (at most 8 KiB), stored and returned like `external_id`.
+    pub metadata: Option<Metadata>,
 }
 
 impl EnqueueRequest {
-    /// Every task kind, default options.
+    /// Every task kind, default options, no caller fields.
     pub fn all(uri: impl Into<String>) -> Self {
-        Self { uri: uri.into(), kinds: TaskKind::ALL.to_vec(), force: false, options: TaskOptions::default() }
+        Self {
+            uri: uri.into(),
+            kinds: TaskKind::ALL.to_vec(),
+            force: false,
+            options: TaskOptions::default(),
+            external_id: None,
+            metadata: None,
+        }
+    }
+
+    /// Checks the options and the caller's fields (nothing is written when they are refused).
+    ///
+    /// # Errors
+    /// [`ContractError::Shape`] naming the field.
+    pub fn validate(&self) -> Result<(), ContractError> {
+        self.options.validate()?;
+        contract::check_caller_fields(self.external_id.as_deref(), self.metadata.as_ref())
     }
 }
 
@@ -159,7 +180,7 @@ impl Producer {
     /// # Errors
     /// Refused input (nothing written), or the database/broker failing.
     pub async fn enqueue(&self, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
-        request.options.validate()?;
+        request.validate()?;
         let media = self.validate(&request.uri).await?;
         self.enqueue_valid(&media, request).await
     }
@@ -170,7 +191,7 @@ impl Producer {
     /// The database or the broker failing. When the broker fails after the commit
     /// ([`ProducerError::Outbox`]), the jobs stay `queued` and the workers publish their messages.
     pub async fn enqueue_valid(&self, media: &ValidMedia, request: &EnqueueRequest) -> Result<Enqueued, ProducerError> {
-        request.options.validate()?;
+        request.validate()?;
         let mut tx = self.pool.begin().await?;
         let video_id = match &media.probe {
             Some(probe) => jobs::upsert_video(&mut tx, &media.uri, media.content_hash.as_deref(), media.size_bytes, probe).await?,
@@ -180,7 +201,10 @@ impl Producer {
         for &kind in &request.kinds {
             let message = match jobs::queue_job(&mut tx, video_id, kind, request.force).await? {
                 Some(queued) => {
-                    let message = TaskMessage::of_enqueue(&queued, video_id, kind, media.uri.clone(), request.options.clone());
+                    let mut message = TaskMessage::of_enqueue(&queued, video_id, kind, media.uri.clone(), request.options.clone());
+                    message.external_id.clone_from(&request.external_id);
+                    message.metadata.clone_from(&request.metadata);
+                    jobs::set_caller_fields(&mut tx, queued.job_id, request.external_id.as_deref(), request.metadata.as_ref()).await?;
                     outbox::store(&mut tx, queued.job_id, &message).await?;
                     Some(message)
                 }

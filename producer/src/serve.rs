@@ -26,8 +26,9 @@
 //! | `GET /healthz` | `ok`, without a key or Host check (for orchestrators' probes) |
 //! | `GET /` | the status page (HTML; reads `/v1/status` every 2 s) |
 //! | `GET /v1/status` | [`Snapshot`] as JSON |
-//! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en"}` → 202 |
-//! | `GET /v1/jobs/{id}` | one job, with its stage timings and summary |
+//! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en", "external_id": "order-7", "metadata": {...}}` → 202 |
+//! | `GET /v1/jobs/{id}` | one job, with its stage timings, summary, `external_id` and `metadata` |
+//! | `GET /v1/jobs?external_id=ID` | `{"jobs": [...]}`: the jobs that carry the caller's id, newest first (at most 100) |
 //! | `GET /v1/videos/{id}/transcript?format=srt` | the transcript as srt, vtt, json or txt |
 //! | `GET /v1/search?q=TEXT&in=segments\|frames&video=V&limit=10` | segments or frames by text (query vector from a warm worker) |
 //! | `GET /v1/search?similar_to=VIDEO@SECONDS&video=V&limit=10` | frames like a stored frame |
@@ -49,7 +50,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use heimdex_shared::Settings;
 use heimdex_shared::config::ServeSettings;
-use heimdex_shared::contract::{TaskKind, TaskOptions};
+use heimdex_shared::contract::{self, Metadata, TaskKind, TaskOptions};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::jobs::{self, JobRow};
 use heimdex_shared::media::MediaError;
@@ -391,6 +392,7 @@ pub fn router(settings: &Settings) -> anyhow::Result<Router> {
         .route("/", get(|| async { Html(STATUS_PAGE) }))
         .route("/v1/status", get(status_json))
         .route("/v1/videos", post(enqueue))
+        .route("/v1/jobs", get(jobs_of_caller))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/videos/{id}/transcript", get(video_transcript))
         .route("/v1/search", get(search_handler))
@@ -541,6 +543,10 @@ struct EnqueueBody {
     language: Option<String>,
     #[serde(default)]
     frame_rate: Option<f32>,
+    #[serde(default)]
+    external_id: Option<String>,
+    #[serde(default)]
+    metadata: Option<Metadata>,
 }
 
 async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, JsonRejection>) -> Result<Response, ApiError> {
@@ -564,6 +570,9 @@ async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, Js
     }
     request.force = body.force;
     request.options = TaskOptions { language: body.language, frame_rate: body.frame_rate };
+    request.external_id = body.external_id;
+    request.metadata = body.metadata;
+    request.validate().map_err(|e| bad_request(e.to_string()))?;
     let producer = app.producer().await?;
     let enqueued = match producer.enqueue(&request).await {
         Ok(e) => e,
@@ -591,6 +600,24 @@ async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json
     let id = parse_id(&id)?;
     let row = jobs::jobs_by_id(&app.pool, &[id]).await?.into_iter().next();
     row.map(|r| Json(shown(r))).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsQuery {
+    external_id: Option<String>,
+}
+
+/// The jobs that carry the caller's `external_id`.
+async fn jobs_of_caller(
+    State(app): State<Arc<App>>,
+    query: Result<Query<JobsQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let external_id = query.external_id.ok_or_else(|| bad_request("external_id is required (GET /v1/jobs?external_id=ID)"))?;
+    contract::check_caller_fields(Some(&external_id), None).map_err(|e| bad_request(e.to_string()))?;
+    let rows = jobs::jobs_by_external_id(&app.pool, &external_id).await?;
+    Ok(Json(serde_json::json!({ "jobs": rows.into_iter().map(shown).collect::<Vec<_>>() })))
 }
 
 #[derive(Debug, Deserialize)]

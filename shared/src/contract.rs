@@ -3,6 +3,17 @@
 //! Parsing checks the version before the shape, so that a message from a newer producer is reported
 //! as "unsupported contract version 2", not as a confusing missing-field error.
 //!
+//! # Versions
+//!
+//! `v` names the contract version ([`CONTRACT_VERSION`]). It stays the same when a change keeps every
+//! body that was valid valid, with the same meaning: a new **optional** field (as `external_id` and
+//! `metadata` were added to version 1). Such a field is left out of a body that does not use it
+//! (`skip_serializing_if`), so a producer that does not set it sends bytes an older worker accepts.
+//! A body that uses a new field is refused by a worker older than the field (unknown fields stay
+//! refused): upgrade the workers before the producers that set it; a refused task waits in the
+//! dead-letter queue for `heimdex dlq replay`. Anything else (a field removed, renamed, made
+//! required, or read differently) is a new version, and a worker refuses every version but its own.
+//!
 //! Services in other languages publish against [`json_schema`], the JSON Schema generated from these
 //! types; its committed copy is `deploy/contract/task.schema.json`, and `tests/tests/contract.rs`
 //! fails when it is out of date (`HEIMDEX_WRITE_SCHEMA=1` in that test's environment rewrites it).
@@ -23,6 +34,15 @@ pub const CONTRACT_VERSION: u32 = 1;
 /// Largest task message body accepted (bytes), checked before parsing. A task is a few hundred bytes;
 /// without a bound an 80 MB body took a worker from 110 MB to 1.5 GB while serde built its tree.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Longest `external_id`, in characters (what JSON Schema's `maxLength` counts).
+pub const MAX_EXTERNAL_ID_CHARS: usize = 256;
+
+/// Largest `metadata` object, in bytes of its compact JSON.
+pub const MAX_METADATA_BYTES: usize = 8 * 1024;
+
+/// The caller's own JSON object attached to a job (stored, returned and sent back in its events).
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
 
 /// What a task does; each kind has its own queue and worker binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -131,6 +151,38 @@ pub struct TaskMessage {
     pub options: TaskOptions,
     /// When the task was enqueued (RFC 3339).
     pub enqueued_at: DateTime<Utc>,
+    /// The caller's own id for this job (1 to 256 characters), stored on the job, returned by the API
+    /// and the CLI, carried by the job's events, and looked up with `GET /v1/jobs?external_id=`. Not
+    /// unique: Heimdex never interprets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub external_id: Option<String>,
+    /// The caller's own JSON object (at most 8 KiB as compact JSON), stored and returned like
+    /// `external_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-heimdex-max-bytes" = MAX_METADATA_BYTES))]
+    pub metadata: Option<Metadata>,
+}
+
+/// Checks the caller's fields as the schema and the worker do: the same check at enqueue (library,
+/// CLI, API) and in the worker.
+///
+/// # Errors
+/// [`ContractError::Shape`] naming the field and its bound.
+pub fn check_caller_fields(external_id: Option<&str>, metadata: Option<&Metadata>) -> Result<(), ContractError> {
+    if let Some(id) = external_id {
+        let chars = id.chars().count();
+        if chars == 0 || chars > MAX_EXTERNAL_ID_CHARS {
+            return Err(ContractError::Shape(format!("external_id has {chars} characters; it must have 1 to {MAX_EXTERNAL_ID_CHARS}")));
+        }
+    }
+    if let Some(metadata) = metadata {
+        let bytes = serde_json::to_vec(metadata).map_or(usize::MAX, |b| b.len());
+        if bytes > MAX_METADATA_BYTES {
+            return Err(ContractError::Shape(format!("metadata is {bytes} bytes as JSON, over the limit of {MAX_METADATA_BYTES}")));
+        }
+    }
+    Ok(())
 }
 
 /// The JSON Schema of a task message body, generated from [`TaskMessage`]: what a worker accepts
@@ -169,7 +221,7 @@ impl ContractError {
 
 impl TaskMessage {
     pub fn new(job_id: Uuid, video_id: Uuid, kind: TaskKind, media_uri: String, options: TaskOptions) -> Self {
-        Self { v: CONTRACT_VERSION, job_id, video_id, kind, media_uri, options, enqueued_at: Utc::now() }
+        Self { v: CONTRACT_VERSION, job_id, video_id, kind, media_uri, options, enqueued_at: Utc::now(), external_id: None, metadata: None }
     }
 
     /// The message of one enqueue of a job: `enqueued_at` is the enqueue's `queued_at`, by which a
@@ -198,6 +250,7 @@ impl TaskMessage {
             return Err(ContractError::Shape("media_uri is empty".into()));
         }
         msg.options.validate()?;
+        check_caller_fields(msg.external_id.as_deref(), msg.metadata.as_ref())?;
         Ok(msg)
     }
 
@@ -247,6 +300,27 @@ mod tests {
         let mut m = sample();
         m.options = with("english", None);
         assert!(matches!(TaskMessage::parse(&m.to_body()), Err(ContractError::Shape(_))));
+    }
+
+    #[test]
+    fn caller_fields_are_optional_and_bounded() {
+        let old = sample().to_body();
+        assert!(!String::from_utf8_lossy(&old).contains("external_id"), "absent fields are left out of the body");
+        assert_eq!(TaskMessage::parse(&old).unwrap().external_id, None);
+        let mut m = sample();
+        m.external_id = Some("é".repeat(MAX_EXTERNAL_ID_CHARS));
+        m.metadata = Some(serde_json::json!({ "order": 7, "tags": ["a"] }).as_object().unwrap().clone());
+        assert_eq!(TaskMessage::parse(&m.to_body()).unwrap(), m);
+        m.external_id = Some("x".repeat(MAX_EXTERNAL_ID_CHARS + 1));
+        assert!(TaskMessage::parse(&m.to_body()).unwrap_err().to_string().contains("external_id has 257 characters"));
+        m.external_id = Some(String::new());
+        assert!(matches!(TaskMessage::parse(&m.to_body()), Err(ContractError::Shape(_))));
+        m.external_id = None;
+        m.metadata = Some(serde_json::json!({ "blob": "x".repeat(MAX_METADATA_BYTES) }).as_object().unwrap().clone());
+        assert!(TaskMessage::parse(&m.to_body()).unwrap_err().to_string().contains("metadata is 8203 bytes"));
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["metadata"] = serde_json::json!([1, 2]);
+        assert!(matches!(TaskMessage::parse(&serde_json::to_vec(&v).unwrap()), Err(ContractError::Shape(_))), "an array is not an object");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::contract::{TaskKind, TaskMessage};
+use crate::contract::{Metadata, TaskKind, TaskMessage};
 use crate::media::Probe;
 
 /// A job's state, as stored in `jobs.status`.
@@ -139,6 +139,26 @@ pub async fn queue_job(conn: &mut PgConnection, video_id: Uuid, kind: TaskKind, 
     Ok(row.map(|(job_id, queued_at)| Queued { job_id, queued_at }))
 }
 
+/// Stores the caller's fields of an enqueue on its job (inside the enqueue's transaction, after
+/// [`queue_job`] returned it): every enqueue names them anew, so an enqueue without them clears them.
+///
+/// # Errors
+/// Database errors.
+pub async fn set_caller_fields(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    external_id: Option<&str>,
+    metadata: Option<&Metadata>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET external_id = $2, metadata = $3 WHERE id = $1")
+        .bind(job_id)
+        .bind(external_id)
+        .bind(metadata.map(sqlx::types::Json))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// A run of a job: the token that fences its writes, and its attempt number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
@@ -209,13 +229,18 @@ pub async fn start_run(
             .fetch_one(&mut *tx)
             .await?;
     // The message's job id is used only when Heimdex holds no job for (video, kind) yet.
-    sqlx::query("INSERT INTO jobs (id, video_id, kind, status, queued_at) VALUES ($1, $2, $3, 'queued', $4) ON CONFLICT DO NOTHING")
-        .bind(msg.job_id)
-        .bind(video_id)
-        .bind(msg.kind.as_str())
-        .bind(enqueued)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO jobs (id, video_id, kind, status, queued_at, external_id, metadata) VALUES ($1, $2, $3, 'queued', $4, $5, $6)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(msg.job_id)
+    .bind(video_id)
+    .bind(msg.kind.as_str())
+    .bind(enqueued)
+    .bind(msg.external_id.as_deref())
+    .bind(msg.metadata.as_ref().map(sqlx::types::Json))
+    .execute(&mut *tx)
+    .await?;
     let (job_id, status, attempts, deaths, last_error, queued_at): (Uuid, JobStatus, i32, i32, Option<String>, DateTime<Utc>) =
         sqlx::query_as("SELECT id, status, attempts, deaths, last_error, queued_at FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
             .bind(video_id)
@@ -265,9 +290,10 @@ pub async fn start_run(
         return Ok(Start::DeadLetter { attempts, reason });
     }
     let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1, deaths };
+    // The caller's fields are the latest enqueue's: this message's (our producer stored the same).
     sqlx::query(
         "UPDATE jobs SET status = 'running', attempts = $2, deaths = $3, run_token = $4, worker_id = $5,
-             started_at = now(), finished_at = NULL, queued_at = $6
+             started_at = now(), finished_at = NULL, queued_at = $6, external_id = $7, metadata = $8
          WHERE id = $1",
     )
     .bind(job_id)
@@ -276,6 +302,8 @@ pub async fn start_run(
     .bind(run.token)
     .bind(worker_id)
     .bind(enqueued.max(queued_at))
+    .bind(msg.external_id.as_deref())
+    .bind(msg.metadata.as_ref().map(sqlx::types::Json))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -459,10 +487,32 @@ pub struct JobRow {
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub stage_timings: serde_json::Value,
     pub summary: Option<serde_json::Value>,
+    /// The caller's own id and JSON object, from the latest enqueue (see `contract::TaskMessage`).
+    pub external_id: Option<String>,
+    pub metadata: Option<serde_json::Value>,
 }
 
 const JOB_COLUMNS: &str = "j.id, j.video_id, v.uri, j.kind, j.status, j.attempts, j.deaths, j.last_error, j.worker_id, \
-     j.queued_at, j.started_at, j.finished_at, j.stage_timings, j.summary";
+     j.queued_at, j.started_at, j.finished_at, j.stage_timings, j.summary, j.external_id, j.metadata";
+
+/// Most jobs one lookup by `external_id` returns.
+pub const MAX_BY_EXTERNAL_ID: i64 = 100;
+
+/// The jobs that carry the caller's `external_id`, most recently queued first, at most
+/// [`MAX_BY_EXTERNAL_ID`].
+///
+/// # Errors
+/// Database errors.
+pub async fn jobs_by_external_id(pool: &PgPool, external_id: &str) -> Result<Vec<JobRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j JOIN videos v ON v.id = j.video_id WHERE j.external_id = $1
+         ORDER BY j.queued_at DESC, j.id LIMIT $2"
+    ))
+    .bind(external_id)
+    .bind(MAX_BY_EXTERNAL_ID)
+    .fetch_all(pool)
+    .await
+}
 
 /// Jobs by id.
 ///

@@ -5,6 +5,8 @@
 //! - [`topology`]: exchange, work, retry and dead-letter queue names and their idempotent declaration.
 //! - [`db`]: the connection pool, migrations and job bookkeeping; [`outbox`]: task messages stored with
 //!   their jobs, so that no job is ever `queued` without a message.
+//! - [`events`]: job events (a job reached `succeeded`, `failed` or `dead`), written with the job's
+//!   final state and relayed to the `{prefix}.events` exchange.
 //! - [`error`]: dispositions (permanent, retryable, unavailable) and the cap on error texts.
 //! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
 //! - [`query`]: query embeddings from the warm workers: the request/reply contract and the caller.
@@ -17,6 +19,7 @@ pub mod config;
 pub mod contract;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod fleet;
 pub mod jobs;
 pub mod media;

@@ -9,6 +9,8 @@
 //!                                                         bounded (length, bytes, TTL; a publish into
 //!                                                         a full one is refused), consumed only by
 //!                                                         warm workers of the kind
+//! exchange {p}.events (topic) --{kind}.{status}-->        job events (see `events`): bound by
+//!                                                         whoever wants them, never by Heimdex
 //! ```
 //!
 //! One retry queue per backoff step (rather than per-message TTLs in one queue) because RabbitMQ only
@@ -46,6 +48,11 @@ impl Topology {
 
     pub fn exchange(&self) -> &str {
         &self.prefix
+    }
+
+    /// The topic exchange of job events (see [`crate::events`]).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
     }
 
     pub fn queue(&self, kind: TaskKind) -> String {
@@ -107,6 +114,14 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        channel
+            .exchange_declare(
+                self.events_exchange().as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
         for kind in TaskKind::ALL {
             let queue = self.queue(kind);
             channel.queue_declare(self.dlq(kind).as_str().into(), durable, FieldTable::default()).await?;
@@ -148,6 +163,7 @@ impl Topology {
                 channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
             }
         }
+        channel.exchange_delete(self.events_exchange().as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await?;
         channel.exchange_delete(self.exchange().into(), lapin::options::ExchangeDeleteOptions::default()).await
     }
 }

@@ -3,8 +3,9 @@
 //! accepts, and tasks published by `examples/python` (pika) and `examples/node` (amqplib) are processed
 //! by a real worker, including one whose own `video_id` differs from the one Heimdex holds for its URI.
 //!
-//! Regenerate the schema after changing `shared/src/contract.rs`:
-//! `HEIMDEX_WRITE_SCHEMA=1 cargo nextest run -p heimdex-tests --test contract committed_schema_is_current`.
+//! The same holds for the job events' schema (`deploy/contract/event.schema.json`, from
+//! `shared/src/events.rs`). Regenerate both after changing the types:
+//! `HEIMDEX_WRITE_SCHEMA=1 cargo nextest run -p heimdex-tests --test contract committed_`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -25,8 +26,18 @@ fn repo() -> PathBuf {
 
 #[test]
 fn committed_schema_is_current() {
-    let path = repo().join("deploy/contract/task.schema.json");
-    let generated = serde_json::to_string_pretty(&contract::json_schema()).expect("schema as JSON") + "\n";
+    assert_committed("deploy/contract/task.schema.json", &contract::json_schema());
+}
+
+#[test]
+fn committed_event_schema_is_current() {
+    assert_committed("deploy/contract/event.schema.json", &heimdex_shared::events::json_schema());
+}
+
+/// The committed copy of a generated schema is the generated one (rewritten with `HEIMDEX_WRITE_SCHEMA`).
+fn assert_committed(file: &str, schema: &Value) {
+    let path = repo().join(file);
+    let generated = serde_json::to_string_pretty(schema).expect("schema as JSON") + "\n";
     if std::env::var_os("HEIMDEX_WRITE_SCHEMA").is_some() {
         std::fs::write(&path, &generated).expect("write the schema");
     }
@@ -34,8 +45,8 @@ fn committed_schema_is_current() {
     let first_difference = committed.lines().zip(generated.lines()).position(|(a, b)| a != b);
     assert!(
         committed == generated,
-        "{} is out of date with shared/src/contract.rs (first differing line: {:?}); regenerate it with\n  \
-         HEIMDEX_WRITE_SCHEMA=1 cargo nextest run -p heimdex-tests --test contract committed_schema_is_current",
+        "{} is out of date with the Rust types (first differing line: {:?}); regenerate it with\n  \
+         HEIMDEX_WRITE_SCHEMA=1 cargo nextest run -p heimdex-tests --test contract committed_",
         path.display(),
         first_difference.map(|i| i + 1),
     );
@@ -68,7 +79,9 @@ fn keys(object: &Value) -> BTreeSet<String> {
 fn schema_says_what_the_worker_accepts() {
     let schema = contract::json_schema();
     let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0) };
-    let full = TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Vision, "/media/a.mp4".into(), options);
+    let mut full = TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Vision, "/media/a.mp4".into(), options);
+    full.external_id = Some("order-7".into());
+    full.metadata = serde_json::json!({ "customer": "acme" }).as_object().cloned();
     let body = serde_json::to_value(&full).expect("message as JSON");
 
     // The same fields, and the required ones are exactly those a body cannot leave out.
@@ -111,6 +124,32 @@ fn schema_says_what_the_worker_accepts() {
     assert_eq!([with("media_uri", " \t".into()), with("media_uri", "x".into())], [false, true]);
     assert_eq!([with("v", 2.into()), with("kind", "audio".into())], [false, false]);
     assert_eq!(schema["x-heimdex-max-body-bytes"], Value::from(contract::MAX_MESSAGE_BYTES));
+
+    // The caller's fields: optional, an id of 1 to 256 characters, an object of at most 8 KiB.
+    let id = &schema["properties"]["external_id"];
+    assert_eq!((id["minLength"].as_u64(), id["maxLength"].as_u64()), (Some(1), Some(contract::MAX_EXTERNAL_ID_CHARS as u64)), "{schema:#}");
+    assert_eq!(schema["properties"]["metadata"]["x-heimdex-max-bytes"], Value::from(contract::MAX_METADATA_BYTES), "{schema:#}");
+    assert_eq!(
+        [with("external_id", "x".repeat(256).into()), with("external_id", "x".repeat(257).into()), with("external_id", "".into())],
+        [true, false, false]
+    );
+    assert_eq!(
+        [with("metadata", serde_json::json!({})), with("metadata", serde_json::json!([1])), with("metadata", "x".into())],
+        [true, false, false]
+    );
+}
+
+/// A body written before the caller's fields existed (the README's example) is still a valid task.
+#[test]
+fn messages_without_the_callers_fields_stay_valid() {
+    let old = br#"{"v": 1, "job_id": "6f1c2b0e-1d3a-4c55-9a37-0d2f3f0a9b11", "video_id": "0b7d5c8e-5f61-4d0e-8f7e-2c9a4a1f3e22",
+        "kind": "vision", "media_uri": "/srv/heimdex/media/talk.mp4", "options": { "frame_rate": 2.0 },
+        "enqueued_at": "2026-12-01T19:22:23.123456+00:00"}"#;
+    let parsed = TaskMessage::parse(old).expect("a version-1 body from before");
+    assert!(parsed.external_id.is_none() && parsed.metadata.is_none(), "{parsed:?}");
+    // And a message that does not use them is written without them, as an older worker reads it.
+    let written = String::from_utf8(parsed.to_body()).expect("utf-8");
+    assert!(!written.contains("external_id") && !written.contains("metadata"), "{written}");
 }
 
 /// An independent validator (Python's jsonschema, in .deps/venv) and the worker's parser give the same
@@ -145,6 +184,11 @@ fn python_jsonschema_and_the_worker_agree_on_bodies() {
         variant(&|b| {
             b.as_object_mut().expect("object").remove("enqueued_at");
         }),
+        variant(&|b| b["external_id"] = "order-7".into()),
+        variant(&|b| b["metadata"] = serde_json::json!({ "a": [1, { "b": null }] })),
+        variant(&|b| b["external_id"] = "x".repeat(257).into()),
+        variant(&|b| b["external_id"] = "".into()),
+        variant(&|b| b["metadata"] = serde_json::json!(["a"])),
     ];
     let script = r#"
 import json, sys, jsonschema
@@ -168,7 +212,10 @@ print(json.dumps([validator.is_valid(body) for body in json.load(sys.stdin)]))
     assert!(out.status.success(), "python jsonschema failed");
     let python_says: Vec<bool> = serde_json::from_slice(&out.stdout).expect("verdicts");
     let worker_says: Vec<bool> = bodies.iter().map(|b| TaskMessage::parse(&serde_json::to_vec(b).expect("body")).is_ok()).collect();
-    assert_eq!(worker_says, [true, true, true, false, false, false, false, false, false, false, false, false, false]);
+    assert_eq!(
+        worker_says,
+        [true, true, true, false, false, false, false, false, false, false, false, false, false, true, true, false, false, false]
+    );
     assert_eq!(python_says, worker_says, "jsonschema vs TaskMessage::parse on {bodies:#?}");
 }
 

@@ -5,10 +5,12 @@
 //! verified) → warming (every model at every production batch shape) → warm (`basic_consume`) →
 //! draining (SIGTERM). Only a warm worker consumes, so no task ever pays for a model load. A lost
 //! broker connection makes it `disconnected` (models kept warm) until it has reconnected; SIGTERM stops
-//! it in any state. While warm it also answers query embeddings ([`query`]) beside its tasks.
+//! it in any state. While warm it also answers query embeddings ([`query`]) beside its tasks, and
+//! relays task messages and job events from their outboxes ([`events`]).
 
 pub mod broker;
 pub mod consume;
+pub mod events;
 pub mod health;
 pub mod heartbeat;
 pub mod lifecycle;
@@ -125,6 +127,7 @@ where
                 isolation: Arc::default(),
             });
             tokio::spawn(relay_outbox(worker.clone(), background.clone()));
+            tokio::spawn(events::relay(worker.clone(), background.clone()));
             let queries = tokio::spawn(query::serve(worker.clone(), stop.clone()));
             let result = consume::run(worker.clone(), stop).await;
             // Queries stop with the warm state; those taken are answered before the connection closes.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use heimdex_producer::{EnqueueRequest, Producer};
 use heimdex_shared::Settings;
-use heimdex_shared::contract::{TaskKind, TaskOptions};
+use heimdex_shared::contract::{self, Metadata, TaskKind, TaskOptions};
 use heimdex_shared::jobs::{self, JobRow, JobStatus};
 use heimdex_shared::remote;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,11 +41,26 @@ pub struct Args {
     /// Frames per second to sample (vision).
     #[arg(long)]
     frame_rate: Option<f32>,
+    /// Your own id for these jobs (1 to 256 characters): shown by `heimdex status`, returned by the
+    /// API (`GET /v1/jobs?external_id=`) and carried by the jobs' events.
+    #[arg(long)]
+    external_id: Option<String>,
+    /// Your own JSON object for these jobs (at most 8 KiB), returned like `--external-id`.
+    #[arg(long, value_name = "JSON")]
+    metadata: Option<String>,
 }
 
 pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     let options = TaskOptions { language: args.language.clone(), frame_rate: args.frame_rate };
-    if let Err(e) = options.validate() {
+    let metadata = match args.metadata.as_deref().map(serde_json::from_str::<Metadata>).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("refused: --metadata is not a JSON object ({e})\nnothing was enqueued");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let checked = options.validate().and_then(|()| contract::check_caller_fields(args.external_id.as_deref(), metadata.as_ref()));
+    if let Err(e) = checked {
         eprintln!("refused: {e}\nnothing was enqueued");
         return Ok(ExitCode::from(2));
     }
@@ -72,7 +87,14 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     let producer = Producer::connect(settings).await?;
     let mut job_ids = Vec::new();
     for media in &valid {
-        let request = EnqueueRequest { uri: media.uri.clone(), kinds: kinds.clone(), force: args.force, options: options.clone() };
+        let request = EnqueueRequest {
+            uri: media.uri.clone(),
+            kinds: kinds.clone(),
+            force: args.force,
+            options: options.clone(),
+            external_id: args.external_id.clone(),
+            metadata: metadata.clone(),
+        };
         let enqueued = producer.enqueue_valid(media, &request).await?;
         for job in &enqueued.jobs {
             let what = if job.published { "enqueued".to_string() } else { format!("already {}", job.status) };
@@ -128,6 +150,9 @@ async fn print_results(pool: &sqlx::PgPool, rows: &[JobRow]) -> anyhow::Result<(
         );
         if let Some(err) = &row.last_error {
             println!("    reason: {err}");
+        }
+        if let Some(id) = &row.external_id {
+            println!("    external id: {id}");
         }
         if row.status != JobStatus::Succeeded {
             continue;

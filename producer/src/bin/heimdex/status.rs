@@ -1,5 +1,5 @@
 //! `heimdex status`: the fleet's [`status::Snapshot`] as a table (live workers with their models and
-//! warm-up, queue depths, job counts) or JSON; or one job's stage timings.
+//! warm-up, queue depths, job counts) or JSON; one job's stage timings; or the jobs of an external id.
 
 use std::process::ExitCode;
 
@@ -16,6 +16,9 @@ pub struct Args {
     /// Show one job: status, attempts, error and stage timings.
     #[arg(long)]
     job: Option<Uuid>,
+    /// Show the jobs that carry this external id (given at enqueue), most recent first.
+    #[arg(long, conflicts_with = "job")]
+    external_id: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -23,6 +26,20 @@ pub struct Args {
 
 pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     let pool = heimdex_shared::db::pool(&settings.database)?;
+    if let Some(external_id) = &args.external_id {
+        let rows = jobs::jobs_by_external_id(&pool, external_id).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else if rows.is_empty() {
+            println!("no job has external id {external_id:?}");
+        } else {
+            for row in &rows {
+                let uri = heimdex_shared::remote::redact(&row.uri);
+                println!("job {} {:<6} {:<9} {uri}", row.id, row.kind, row.status);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(job) = args.job {
         let Some(row) = jobs::jobs_by_id(&pool, &[job]).await?.into_iter().next() else {
             eprintln!("no job {job}");
@@ -41,6 +58,12 @@ pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
             );
             if let Some(e) = &row.last_error {
                 println!("  error  {e}");
+            }
+            if let Some(id) = &row.external_id {
+                println!("  external id {id}");
+            }
+            if let Some(metadata) = &row.metadata {
+                println!("  metadata {metadata}");
             }
             println!("  stage timings (ms):");
             for (stage, ms) in row.stage_timings.as_object().into_iter().flatten() {

@@ -20,7 +20,8 @@ What it checks (and what it cannot: no cluster, no KEDA, no image registry here)
   HEIMDEX__WORKER__CONCURRENCY, authenticated by a TriggerAuthentication whose http(s) URL is in an
   example Secret that no worker reads, trigger metadata all strings (as KEDA's CRD requires);
   a Job runs `heimdex migrate` with the owner's URL from a Secret no worker reads and grants the worker role, a Job
-  downloads the models; kustomization.yaml lists files that exist. With
+  downloads the models; a CronJob runs the retention sweep (`heimdex sweep`, retention.days set);
+  kustomization.yaml lists files that exist. With
   `kubernetes-validate` installed, the built-in kinds are also validated against Kubernetes' OpenAPI
   schemas (the KEDA kinds cannot be: their CRD schemas are not available offline).
 Prints one line per check group and exits 1 on the first failure.
@@ -237,6 +238,9 @@ def check_k8s():
     expect(ref.get("name") != "heimdex" and ref.get("key") in owner_secret, f"the migrate Job reads the owner's URL from its own Secret: {ref}")
     expect(configmap.get("HEIMDEX__DATABASE__WORKER_ROLE"), "the migrate Job grants a worker role")
     expect(any(c["command"][:2] == ["heimdex-models", "download"] for c in jobs.values()), "a Job downloads the models")
+    crons = [o["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0] for o in by_kind.get("CronJob", {}).values()]
+    expect(any(c["command"] == ["heimdex", "sweep"] and int(env_of(c, configmap).get("HEIMDEX__RETENTION__DAYS", "0")) > 0 for c in crons),
+           "a CronJob runs `heimdex sweep` with HEIMDEX__RETENTION__DAYS set")
     print(f"check: k8s: ok ({len(objects)} objects: probes, drain = task time limit < grace period, cpu = threads, "
           "KEDA on ready + unacked with value = concurrency, references)")
     try:

@@ -5,6 +5,8 @@
 //! - [`topology`]: exchange, work, retry and dead-letter queue names and their idempotent declaration.
 //! - [`db`]: the connection pool, migrations and job bookkeeping; [`outbox`]: task messages stored with
 //!   their jobs, so that no job is ever `queued` without a message.
+//! - [`delete`]: deleting a video and all its rows (CLI, API, retention sweep), with a tombstone that
+//!   keeps queued messages from bringing it back.
 //! - [`error`]: dispositions (permanent, retryable, unavailable) and the cap on error texts.
 //! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
 //! - [`query`]: query embeddings from the warm workers: the request/reply contract and the caller.
@@ -15,6 +17,7 @@
 pub mod config;
 pub mod contract;
 pub mod db;
+pub mod delete;
 pub mod error;
 pub mod fleet;
 pub mod jobs;

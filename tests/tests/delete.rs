@@ -78,13 +78,13 @@ async fn insert_ten_minutes(pool: &PgPool, uri: &str) -> Uuid {
             "INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text, language, confidence, embedding, embedding_model)
              SELECT $1, i, i * 3.0, i * 3.0 + 2.9, 'segment ' || i || ' of the talk about video indexing', 'en', 0.9, e.v, $2
              FROM generate_series(0, 199) i
-             CROSS JOIN LATERAL (SELECT array_agg(random() + i * 0)::real[]::vector AS v FROM generate_series(1, $3)) e",
+             CROSS JOIN LATERAL (SELECT array_agg(random() + 0 * g)::real[]::vector AS v FROM generate_series(1, $3) g WHERE i >= 0) e",
             Some((index_model, index_dim)),
         ),
         (
             "INSERT INTO frames (video_id, idx, ts_s, scene_idx, embedding, embedding_model)
              SELECT $1, i, i, i / 15, e.v, $2 FROM generate_series(0, 599) i
-             CROSS JOIN LATERAL (SELECT array_agg(random() + i * 0)::real[]::vector AS v FROM generate_series(1, $3)) e",
+             CROSS JOIN LATERAL (SELECT array_agg(random() + 0 * g)::real[]::vector AS v FROM generate_series(1, $3) g WHERE i >= 0) e",
             Some((vision_model, vision_dim)),
         ),
         (
@@ -96,7 +96,7 @@ async fn insert_ten_minutes(pool: &PgPool, uri: &str) -> Uuid {
         (
             "INSERT INTO scenes (video_id, idx, start_s, end_s, frame_count, embedding, embedding_model)
              SELECT $1, i, i * 15, i * 15 + 15, 15, e.v, $2 FROM generate_series(0, 39) i
-             CROSS JOIN LATERAL (SELECT array_agg(random() + i * 0)::real[]::vector AS v FROM generate_series(1, $3)) e",
+             CROSS JOIN LATERAL (SELECT array_agg(random() + 0 * g)::real[]::vector AS v FROM generate_series(1, $3) g WHERE i >= 0) e",
             Some((vision_model, vision_dim)),
         ),
         (

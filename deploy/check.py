@@ -12,12 +12,16 @@ What it checks (and what it cannot: no cluster, no KEDA, no image registry here)
   CPU limit equal to its ONNX Runtime threads; a stop grace period above the drain timeout; JSON logs.
 - k8s: every file parses; each worker Deployment has startupProbe and readinessProbe on /readyz and a
   livenessProbe on /healthz at the health port, terminationGracePeriodSeconds above
-  HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS, JSON logs, CPU requests = limits = HEIMDEX__ENGINE__INTRA_THREADS, memory
-  requests <= limits, read-only models; one KEDA ScaledObject per Deployment on its queue with
-  mode QueueLength and value = HEIMDEX__WORKER__CONCURRENCY, authenticated by a TriggerAuthentication
-  whose secret key the example Secret defines, trigger metadata all strings (as KEDA's CRD requires);
+  HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS, which is at least the task time limit (a minute below
+  HEIMDEX__AMQP__CONSUMER_TIMEOUT_MS), so a busy pod scaled down drains instead of being killed; JSON
+  logs, CPU requests = limits = HEIMDEX__ENGINE__INTRA_THREADS, memory requests <= limits, read-only
+  models; one KEDA ScaledObject per Deployment on its queue with mode QueueLength over the management
+  API (protocol http, unacknowledged messages counted: ready + in flight) and value =
+  HEIMDEX__WORKER__CONCURRENCY, authenticated by a TriggerAuthentication whose http(s) URL is in an
+  example Secret that no worker reads, trigger metadata all strings (as KEDA's CRD requires);
   a Job runs `heimdex migrate` with the owner's URL from a Secret no worker reads and grants the worker role, a Job
-  downloads the models; kustomization.yaml lists files that exist. With
+  downloads the models; a CronJob runs the retention sweep (`heimdex sweep`, retention.days set);
+  kustomization.yaml lists files that exist. With
   `kubernetes-validate` installed, the built-in kinds are also validated against Kubernetes' OpenAPI
   schemas (the KEDA kinds cannot be: their CRD schemas are not available offline).
 Prints one line per check group and exits 1 on the first failure.
@@ -35,6 +39,16 @@ DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 K8S = DEPLOY / "k8s"
 DEFAULT_DRAIN_MS = 30_000  # WorkerSettings::shutdown_timeout_ms default (shared/src/config.rs)
+DEFAULT_TASK_TIMEOUT_MS = 300_000  # WorkerSettings::task_timeout_ms default
+DEFAULT_CONSUMER_TIMEOUT_MS = 1_800_000  # AmqpSettings::consumer_timeout_ms default (RabbitMQ's)
+
+
+def task_time_limit_ms(env):
+    """The longest a task may run: WorkerSettings::task_timeout's cap, a minute below the broker's
+    consumer timeout (or the base bound, if that is longer)."""
+    consumer = int(env.get("HEIMDEX__AMQP__CONSUMER_TIMEOUT_MS", DEFAULT_CONSUMER_TIMEOUT_MS))
+    base = int(env.get("HEIMDEX__WORKER__TASK_TIMEOUT_MS", DEFAULT_TASK_TIMEOUT_MS))
+    return max(consumer - 60_000, base)
 
 
 def fail(message):
@@ -170,9 +184,9 @@ def check_k8s():
         expect(o.get("apiVersion") and o.get("kind") and o.get("metadata", {}).get("name"), f"apiVersion, kind, metadata.name: {o}")
         by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
     configmap = by_kind["ConfigMap"]["heimdex"]["data"]
-    secret_keys = set(by_kind["Secret"]["heimdex"]["stringData"])
     deployments = dict(by_kind.get("Deployment", {}))
     check_api(deployments.pop("heimdex-api", None), by_kind)
+    secrets = {name: secret.get("stringData", {}) for name, secret in by_kind["Secret"].items()}
     expect(set(deployments) == {"worker-index", "worker-vision"}, f"deployments: {sorted(deployments)}")
     scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in by_kind.get("ScaledObject", {}).values()}
     auths = by_kind.get("TriggerAuthentication", {})
@@ -196,6 +210,9 @@ def check_k8s():
         drain_ms = int(env.get("HEIMDEX__WORKER__SHUTDOWN_TIMEOUT_MS", DEFAULT_DRAIN_MS))
         grace = pod["terminationGracePeriodSeconds"]
         expect(grace * 1000 > drain_ms, f"{name}: terminationGracePeriodSeconds {grace} s not above the drain timeout {drain_ms} ms")
+        # A pod scaled down while busy drains: its tasks in flight may run up to the task time limit.
+        limit_ms = task_time_limit_ms(env)
+        expect(drain_ms >= limit_ms, f"{name}: drain timeout {drain_ms} ms below the task time limit {limit_ms} ms: a scale-down would cut tasks off")
         threads = int(env["HEIMDEX__ENGINE__INTRA_THREADS"])
         resources = container["resources"]
         expect(quantity(resources["requests"]["cpu"]) == threads == quantity(resources["limits"]["cpu"]),
@@ -215,14 +232,22 @@ def check_k8s():
         meta = trigger["metadata"]
         kind = name.removeprefix("worker-")
         expect(trigger["type"] == "rabbitmq" and meta["mode"] == "QueueLength", f"{name}: rabbitmq trigger, mode QueueLength: {trigger}")
+        # Over AMQP KEDA sees only ready messages; the management API (http) counts ready + unacked,
+        # so the tasks in flight keep their workers.
+        expect(meta.get("protocol") == "http", f"{name}: the trigger must read the management API (protocol: http), not AMQP: {meta}")
+        expect(meta.get("excludeUnacknowledged", "false") == "false", f"{name}: unacknowledged messages (tasks in flight) must count: {meta}")
         expect(all(isinstance(v, str) for v in meta.values()), f"{name}: KEDA trigger metadata values must be strings: {meta}")
         expect(meta["queueName"] == f"{prefix}.{kind}", f"{name}: scales on {meta['queueName']}, not {prefix}.{kind}")
         expect(int(meta["value"]) == int(env["HEIMDEX__WORKER__CONCURRENCY"]), f"{name}: value {meta['value']} != concurrency {env['HEIMDEX__WORKER__CONCURRENCY']}")
         expect(so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"], f"{name}: replica bounds")
         auth = auths.get(trigger["authenticationRef"]["name"])
         expect(auth is not None, f"{name}: TriggerAuthentication {trigger['authenticationRef']} exists")
+        worker_secrets = {(s.get("secretRef") or {}).get("name") for s in container.get("envFrom", [])}
         for ref in auth["spec"]["secretTargetRef"]:
-            expect(ref["name"] == "heimdex" and ref["key"] in secret_keys, f"TriggerAuthentication reads {ref}, which the Secret lacks")
+            expect(ref["key"] in secrets.get(ref["name"], {}), f"TriggerAuthentication reads {ref}, which the example Secrets lack")
+            expect(ref["name"] not in worker_secrets, f"{name}: the management URL is in {ref['name']}, a Secret the workers read")
+            if ref["parameter"] == "host":
+                expect(secrets[ref["name"]][ref["key"]].startswith(("http://", "https://")), f"KEDA's host must be the management API's http(s) URL: {ref}")
     expect(not any(k.endswith("MIGRATE_ON_START") for k in configmap), "workers no longer migrate (database.migrate_on_start is gone)")
     jobs = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0] for o in by_kind.get("Job", {}).values()}
     migrate = [c for c in jobs.values() if c["command"] == ["heimdex", "migrate"]]
@@ -233,7 +258,11 @@ def check_k8s():
     expect(ref.get("name") != "heimdex" and ref.get("key") in owner_secret, f"the migrate Job reads the owner's URL from its own Secret: {ref}")
     expect(configmap.get("HEIMDEX__DATABASE__WORKER_ROLE"), "the migrate Job grants a worker role")
     expect(any(c["command"][:2] == ["heimdex-models", "download"] for c in jobs.values()), "a Job downloads the models")
-    print(f"check: k8s: ok ({len(objects)} objects: probes, grace period, cpu = threads, KEDA value = concurrency, references)")
+    crons = [o["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0] for o in by_kind.get("CronJob", {}).values()]
+    expect(any(c["command"] == ["heimdex", "sweep"] and int(env_of(c, configmap).get("HEIMDEX__RETENTION__DAYS", "0")) > 0 for c in crons),
+           "a CronJob runs `heimdex sweep` with HEIMDEX__RETENTION__DAYS set")
+    print(f"check: k8s: ok ({len(objects)} objects: probes, drain = task time limit < grace period, cpu = threads, "
+          "KEDA on ready + unacked with value = concurrency, references)")
     try:
         import kubernetes_validate  # noqa: F401
     except ImportError:

@@ -11,7 +11,7 @@
 //! Every surface is meant for strangers ([`ServeSettings`] holds the knobs):
 //! - with `serve.api_keys`, every route but `/healthz` needs `Authorization: Bearer KEY` (compared
 //!   through SHA-256 digests, so that timing tells nothing); without keys only loopback addresses
-//!   are bound, and `force` needs `serve.allow_force`;
+//!   are bound, `force` needs `serve.allow_force`, and deleting is refused;
 //! - the `Host` header must name one of `serve.allowed_hosts` (loopback names by default), so that a
 //!   browser led here by DNS rebinding is refused;
 //! - headers must arrive within `header_timeout_ms`, a request ends within `request_timeout_ms`
@@ -29,6 +29,7 @@
 //! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en", "external_id": "order-7", "metadata": {...}}` → 202 |
 //! | `GET /v1/jobs/{id}` | one job, with its stage timings, summary, `external_id` and `metadata` |
 //! | `GET /v1/jobs?external_id=ID` | `{"jobs": [...]}`: the jobs that carry the caller's id, newest first (at most 100) |
+//! | `DELETE /v1/videos/{id}?force=false` | delete the video and all its rows (needs an API key; 409 while a job runs, unless `force`) → 200 with row counts |
 //! | `GET /v1/videos/{id}/transcript?format=srt` | the transcript as srt, vtt, json or txt |
 //! | `GET /v1/search?q=TEXT&in=segments\|frames&video=V&limit=10` | segments or frames by text (query vector from a warm worker) |
 //! | `GET /v1/search?similar_to=VIDEO@SECONDS&video=V&limit=10` | frames like a stored frame |
@@ -47,10 +48,11 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use heimdex_shared::Settings;
 use heimdex_shared::config::ServeSettings;
 use heimdex_shared::contract::{self, Metadata, TaskKind, TaskOptions};
+use heimdex_shared::delete::{self as deletion, DeleteError};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::jobs::{self, JobRow};
 use heimdex_shared::media::MediaError;
@@ -393,6 +395,7 @@ pub fn router(settings: &Settings) -> anyhow::Result<Router> {
         .route("/v1/status", get(status_json))
         .route("/v1/videos", post(enqueue))
         .route("/v1/jobs", get(jobs_of_caller))
+        .route("/v1/videos/{id}", delete(delete_video))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/videos/{id}/transcript", get(video_transcript))
         .route("/v1/search", get(search_handler))
@@ -618,6 +621,36 @@ async fn jobs_of_caller(
     contract::check_caller_fields(Some(&external_id), None).map_err(|e| bad_request(e.to_string()))?;
     let rows = jobs::jobs_by_external_id(&app.pool, &external_id).await?;
     Ok(Json(serde_json::json!({ "jobs": rows.into_iter().map(shown).collect::<Vec<_>>() })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Deletes a video and its rows (see `heimdex_shared::delete`). Only callers with an API key may: a
+/// server without keys refuses every delete.
+async fn delete_video(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    query: Result<Query<DeleteQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    if app.keys.is_empty() {
+        return Err(ApiError(StatusCode::FORBIDDEN, "deleting needs an API key (serve.api_keys)".into()));
+    }
+    let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let id = parse_id(&id)?;
+    match deletion::delete_video(&app.pool, id, query.force).await {
+        Ok(mut deleted) => {
+            deleted.uri = remote::redact(&deleted.uri);
+            Ok((StatusCode::OK, Json(deleted)).into_response())
+        }
+        Err(DeleteError::NoVideo(_) | DeleteError::NotExpired(_)) => Err(ApiError(StatusCode::NOT_FOUND, format!("no video {id}"))),
+        Err(e @ DeleteError::Running { .. }) => Err(ApiError(StatusCode::CONFLICT, format!("{e}; nothing was deleted (?force=true)"))),
+        Err(DeleteError::Database(e)) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Deserialize)]

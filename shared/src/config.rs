@@ -110,6 +110,7 @@ pub struct Settings {
     pub vision: VisionSettings,
     pub index: IndexSettings,
     pub serve: ServeSettings,
+    pub retention: RetentionSettings,
 }
 
 impl Settings {
@@ -300,6 +301,15 @@ impl S3Settings {
         }
         Ok(())
     }
+}
+
+/// How long Heimdex keeps what it indexed: `heimdex sweep` deletes videos whose jobs all ended more
+/// than `days` days ago (see `heimdex_shared::delete::sweep`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RetentionSettings {
+    /// Days a finished video's rows are kept; 0 keeps them forever (the sweep does nothing).
+    pub days: u32,
 }
 
 /// `heimdex serve`: who may call the HTTP API, under which names, and how much it takes at once.

@@ -184,7 +184,8 @@ pub enum Start {
     /// copy; the other copy's own message covers the job.
     Duplicate,
     /// The message is a copy from an earlier enqueue of the job (a `--force`, a re-enqueue or a DLQ
-    /// replay published a newer one since): ack it; only the latest enqueue's message runs the job.
+    /// replay published a newer one since), or from before the video was deleted: ack it; only the
+    /// latest enqueue's message runs the job.
     Superseded,
     /// The message goes to the dead-letter queue with `reason`: the job has had `max_attempts` runs and
     /// is now `dead`, or an earlier delivery of this message already ended it (`dead` or `failed`) and
@@ -196,6 +197,7 @@ pub enum Start {
 /// `video_id` differs from the one Heimdex holds for its URI runs under the held one), counts the
 /// attempt, writes a fresh run token.
 ///
+/// A message enqueued before its video was deleted is superseded (the video stays deleted).
 /// Which enqueue a message belongs to is its `enqueued_at` against the job's `queued_at`:
 /// - older: a stale copy (superseded by a later enqueue), acked whatever state the job is in;
 /// - equal: the latest enqueue's message (our producer sets `enqueued_at` from `queued_at`; retry
@@ -228,6 +230,11 @@ pub async fn start_run(
             .bind(&msg.media_uri)
             .fetch_one(&mut *tx)
             .await?;
+    // A message from before the video was deleted must not bring it back (see `crate::delete`).
+    if crate::delete::deleted_since(&mut tx, &msg.media_uri, enqueued).await? {
+        tx.rollback().await?;
+        return Ok(Start::Superseded);
+    }
     // The message's job id is used only when Heimdex holds no job for (video, kind) yet.
     sqlx::query(
         "INSERT INTO jobs (id, video_id, kind, status, queued_at, external_id, metadata) VALUES ($1, $2, $3, 'queued', $4, $5, $6)

@@ -7,6 +7,8 @@
 //!   their jobs, so that no job is ever `queued` without a message.
 //! - [`events`]: job events (a job reached `succeeded`, `failed` or `dead`), written with the job's
 //!   final state and relayed to the `{prefix}.events` exchange.
+//! - [`delete`]: deleting a video and all its rows (CLI, API, retention sweep), with a tombstone that
+//!   keeps queued messages from bringing it back.
 //! - [`error`]: dispositions (permanent, retryable, unavailable) and the cap on error texts.
 //! - [`fleet`]: live worker state in Redis (heartbeat with a TTL).
 //! - [`query`]: query embeddings from the warm workers: the request/reply contract and the caller.
@@ -18,6 +20,7 @@
 pub mod config;
 pub mod contract;
 pub mod db;
+pub mod delete;
 pub mod error;
 pub mod events;
 pub mod fleet;

@@ -1,11 +1,18 @@
-//! `heimdex dlq list|replay`: what is dead-lettered and why, and putting it back to work.
+//! `heimdex dlq list|replay|purge`: what is dead-lettered and why, putting it back to work, and
+//! dropping it.
 //!
 //! Messages are read with `basic.get` and left unacknowledged while we look; closing the channel hands
-//! every one we did not replay back to its queue, so listing never loses a message. Only the letters
-//! present when the command starts are read.
+//! every one we did not replay or purge back to its queue, so listing never loses a message. Only the
+//! letters present when the command starts are read.
+//!
+//! A letter's age, for `purge --older-than`, runs from when its job ended (`jobs.finished_at`, the
+//! moment it was dead-lettered); a letter whose job Heimdex does not hold (deleted, or a foreign id)
+//! counts from its enqueue (the message's timestamp), and one with neither is kept. Purging leaves the
+//! jobs as they are (`dead` or `failed`, with their reasons).
 
 use std::process::ExitCode;
 
+use chrono::{DateTime, TimeDelta, Utc};
 use heimdex_shared::Settings;
 use heimdex_shared::contract::{TaskKind, TaskMessage};
 use heimdex_shared::jobs;
@@ -28,22 +35,77 @@ pub enum Command {
         #[arg(long, value_parser = parse_kind)]
         kind: Option<TaskKind>,
     },
+    /// Drop dead letters for good (their jobs keep their status and reason).
+    Purge {
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<TaskKind>,
+        /// Only letters dead-lettered longer ago than this: `30d`, `12h`, `45m`, `90s`, or a sum (`1d12h`).
+        #[arg(long, value_parser = parse_age)]
+        older_than: Option<TimeDelta>,
+    },
 }
 
 fn parse_kind(s: &str) -> Result<TaskKind, String> {
     s.parse()
 }
 
+/// `30d`, `12h`, `45m`, `90s`, or a sum of them (`1d12h`).
+fn parse_age(text: &str) -> Result<TimeDelta, String> {
+    let bad = || format!("{text:?} is not an age like 30d, 12h, 45m, 90s or 1d12h");
+    let mut total = TimeDelta::zero();
+    let mut number = String::new();
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: i64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        let part = match c {
+            'd' => TimeDelta::try_days(n),
+            'h' => TimeDelta::try_hours(n),
+            'm' => TimeDelta::try_minutes(n),
+            's' => TimeDelta::try_seconds(n),
+            _ => None,
+        };
+        total = total.checked_add(&part.ok_or_else(bad)?).ok_or_else(bad)?;
+    }
+    if !number.is_empty() || total <= TimeDelta::zero() {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+/// What the command does with each letter.
+enum Action {
+    List,
+    Replay(Vec<Uuid>),
+    Purge(Option<TimeDelta>),
+}
+
+/// When a letter was dead-lettered: its job's end, or else its enqueue (see the module's docs).
+async fn dead_since(pool: &sqlx::PgPool, job: Option<Uuid>, props: &lapin::BasicProperties) -> anyhow::Result<Option<DateTime<Utc>>> {
+    if let Some(job) = job {
+        let ended: Option<Option<DateTime<Utc>>> =
+            sqlx::query_scalar("SELECT finished_at FROM jobs WHERE id = $1").bind(job).fetch_optional(pool).await?;
+        if let Some(Some(ended)) = ended {
+            return Ok(Some(ended));
+        }
+    }
+    Ok((*props.timestamp()).and_then(|t| DateTime::from_timestamp(i64::try_from(t).ok()?, 0)))
+}
+
 pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCode> {
     let (connection, channel) = topology::connect(&settings.amqp, "heimdex-dlq").await?;
     let topo = Topology::new(&settings.amqp);
-    let (kind_filter, replay) = match &command {
-        Command::List { kind } => (*kind, None),
-        Command::Replay { jobs, kind } => (*kind, Some(jobs.clone())),
+    let (kind_filter, action) = match command {
+        Command::List { kind } => (kind, Action::List),
+        Command::Replay { jobs, kind } => (kind, Action::Replay(jobs)),
+        Command::Purge { kind, older_than } => (kind, Action::Purge(older_than)),
     };
     let pool = heimdex_shared::db::pool(&settings.database)?;
     let mut total = 0usize;
-    let mut replayed = 0usize;
+    let mut done = 0usize;
     for kind in TaskKind::ALL.into_iter().filter(|k| kind_filter.is_none_or(|f| f == *k)) {
         let dlq = topo.dlq(kind);
         // Only the letters there now: a replayed task that fails again within milliseconds lands
@@ -57,9 +119,20 @@ pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCo
             let job = props.message_id().as_ref().map(|m| m.to_string()).unwrap_or_else(|| "-".into());
             let reason = topology::header_str(props, ERROR_HEADER).unwrap_or_else(|| "(no reason recorded)".into());
             let attempts = topology::header_u32(props, ATTEMPT_HEADER).unwrap_or(1);
-            match &replay {
-                None => println!("{kind:<6} job {job}  attempts {attempts}  {reason}"),
-                Some(only) => {
+            match &action {
+                Action::List => println!("{kind:<6} job {job}  attempts {attempts}  {reason}"),
+                Action::Purge(older_than) => {
+                    if let Some(age) = older_than {
+                        let since = dead_since(&pool, Uuid::parse_str(&job).ok(), props).await?;
+                        if !since.is_some_and(|t| Utc::now() - t > *age) {
+                            continue;
+                        }
+                    }
+                    message.delivery.ack(BasicAckOptions::default()).await?;
+                    done += 1;
+                    println!("{kind:<6} job {job}  purged  ({reason})");
+                }
+                Action::Replay(only) => {
                     let job_id = Uuid::parse_str(&job).ok();
                     if !only.is_empty() && !job_id.is_some_and(|j| only.contains(&j)) {
                         continue;
@@ -77,7 +150,7 @@ pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCo
                     let properties = topology::task_properties(&task, 1);
                     topology::publish_confirmed(&channel, topo.exchange(), kind.as_str(), &task.to_body(), properties).await?;
                     message.delivery.ack(BasicAckOptions::default()).await?;
-                    replayed += 1;
+                    done += 1;
                     println!("{kind:<6} job {job}  replayed");
                 }
             }
@@ -85,9 +158,26 @@ pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCo
     }
     // Unacked messages go back to their dead-letter queue.
     connection.close(200, "done".into()).await?;
-    match replay {
-        None => println!("{total} dead letter(s)"),
-        Some(_) => println!("{replayed} replayed, {} left", total - replayed),
+    match action {
+        Action::List => println!("{total} dead letter(s)"),
+        Action::Replay(_) => println!("{done} replayed, {} left", total - done),
+        Action::Purge(_) => println!("{done} purged, {} left", total - done),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_sums_of_days_hours_minutes_and_seconds() {
+        assert_eq!(parse_age("30d"), Ok(TimeDelta::days(30)));
+        assert_eq!(parse_age("1d12h"), Ok(TimeDelta::hours(36)));
+        assert_eq!(parse_age("90s"), Ok(TimeDelta::seconds(90)));
+        assert_eq!(parse_age("45m"), Ok(TimeDelta::minutes(45)));
+        for bad in ["", "0s", "12", "d", "3w", "-1d", "1.5h", "99999999999999d"] {
+            assert!(parse_age(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

@@ -1,9 +1,11 @@
-//! `heimdex`: enqueue videos, watch the fleet, search, export transcripts, inspect and replay dead
-//! letters, migrate the schema, serve the HTTP API and status page.
+//! `heimdex`: enqueue videos, watch the fleet, search, export transcripts, delete videos (one, or those
+//! past the retention period), inspect, replay and purge dead letters, migrate the schema, serve the
+//! HTTP API and status page.
 //!
 //! Exit codes: 0 success; 1 a job failed (with `--wait`) or an operation failed; 2 input refused
 //! (nothing was written); 3 no worker answered a search's query (none warm, or none in time).
 
+mod delete;
 mod dlq;
 mod enqueue;
 mod search;
@@ -33,11 +35,16 @@ enum Command {
     /// Transcript segments or frames by a text (query vectors from the warm workers), or frames like
     /// a stored frame.
     Search(search::Args),
-    /// Dead-letter queues: list what is there and why, or replay it.
+    /// Dead-letter queues: list what is there and why, replay it, or purge it.
     Dlq {
         #[command(subcommand)]
         command: dlq::Command,
     },
+    /// Delete a video and all its rows (results, checkpoints, jobs); refused while a job of it runs,
+    /// unless --force.
+    Delete(delete::DeleteArgs),
+    /// Delete every video whose jobs all ended more than `retention.days` days ago.
+    Sweep(delete::SweepArgs),
     /// Export a video's transcript (by video id, or its path or URL as enqueued).
     Transcript {
         video: String,
@@ -74,6 +81,8 @@ async fn main() -> ExitCode {
         Command::Status(args) => status::run(&settings, args).await,
         Command::Search(args) => search::run(&settings, args).await,
         Command::Dlq { command } => dlq::run(&settings, command).await,
+        Command::Delete(args) => delete::delete(&settings, args).await,
+        Command::Sweep(args) => delete::sweep(&settings, args).await,
         Command::Transcript { video, format } => transcript(&settings, &video, format).await,
         Command::Migrate => migrate(&settings).await,
         Command::Serve { addr } => serve(&settings, addr).await,

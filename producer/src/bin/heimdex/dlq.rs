@@ -124,7 +124,7 @@ pub async fn run(settings: &Settings, command: Command) -> anyhow::Result<ExitCo
                 Action::Purge(older_than) => {
                     if let Some(age) = older_than {
                         let since = dead_since(&pool, Uuid::parse_str(&job).ok(), props).await?;
-                        if !since.is_some_and(|t| Utc::now() - t > *age) {
+                        if since.is_none_or(|t| Utc::now() - t <= *age) {
                             continue;
                         }
                     }

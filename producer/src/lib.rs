@@ -116,7 +116,7 @@ pub struct ValidMedia {
 }
 
 /// One job of an enqueue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct EnqueuedJob {
     pub kind: TaskKind,
     pub job_id: Uuid,
@@ -125,7 +125,8 @@ pub struct EnqueuedJob {
     pub status: JobStatus,
 }
 
-#[derive(Debug, Clone)]
+/// What an enqueue wrote: the video (its id, and its URI as stored) and one job per kind.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct Enqueued {
     pub video_id: Uuid,
     pub uri: String,

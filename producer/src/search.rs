@@ -19,7 +19,7 @@ use crate::transcript::find_video;
 use heimdex_shared::query::{QueryClient, QueryError};
 
 /// A transcript segment found by [`segments`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct SegmentHit {
     pub video_id: Uuid,
     pub uri: String,
@@ -39,7 +39,7 @@ pub struct SegmentHit {
 }
 
 /// A frame found by [`frames`] or [`similar_frames`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct FrameHit {
     pub video_id: Uuid,
     pub uri: String,

@@ -23,12 +23,14 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `GET /healthz` | `ok`, without a key or Host check (for orchestrators' probes) |
+//! | `GET /healthz`, `GET /readyz` | `ok` / `ready` (503 when the database or the broker does not answer), without a key or Host check (for orchestrators' probes) |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of everything below ([`openapi`]), without a key or Host check |
 //! | `GET /` | the status page (HTML; reads `/v1/status` every 2 s) |
 //! | `GET /v1/status` | [`Snapshot`] as JSON |
 //! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en", "external_id": "order-7", "metadata": {...}}` → 202 |
+//! | `GET /v1/videos?limit=&cursor=` | `{"videos": [...], "next_cursor": ...}`: videos with their jobs, newest first |
 //! | `GET /v1/jobs/{id}` | one job, with its stage timings, summary, `external_id` and `metadata` |
-//! | `GET /v1/jobs?external_id=ID` | `{"jobs": [...]}`: the jobs that carry the caller's id, newest first (at most 100) |
+//! | `GET /v1/jobs?status=&kind=&external_id=&limit=&cursor=` | `{"jobs": [...], "next_cursor": ...}`: the jobs matching every filter given, newest first |
 //! | `DELETE /v1/videos/{id}?force=false` | delete the video and all its rows (needs an API key; 409 while a job runs, unless `force`) → 200 with row counts |
 //! | `GET /v1/videos/{id}/transcript?format=srt` | the transcript as srt, vtt, json or txt |
 //! | `GET /v1/search?q=TEXT&in=segments\|frames&video=V&limit=10` | segments or frames by text (query vector from a warm worker) |
@@ -36,11 +38,21 @@
 //!
 //! A search whose query vector no warm worker gives (none warm, or none in time) gets 503 at once or
 //! after the query timeout (10 s); the server itself never embeds anything.
+//!
+//! Lists page by keyset: a page holds up to `limit` rows (default [`PAGE_DEFAULT`], at most
+//! [`PAGE_MAX`]) and, when more follow, a `next_cursor` to pass as `cursor` for the next page. The
+//! order is creation order, newest first, and a row's place in it never changes, so paging while
+//! videos are enqueued neither repeats nor skips a row (new ones appear on the first page).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::{delete_with, get_with, post_with};
+use aide::generate::GenContext;
+use aide::openapi::{self, OpenApi, SecurityScheme};
+use aide::transform::{TransformOpenApi, TransformOperation};
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -48,26 +60,27 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use heimdex_shared::Settings;
 use heimdex_shared::config::ServeSettings;
 use heimdex_shared::contract::{self, Metadata, TaskKind, TaskOptions};
-use heimdex_shared::delete::{self as deletion, DeleteError};
+use heimdex_shared::delete::{self as deletion, DeleteError, Deleted};
 use heimdex_shared::error::Disposition;
-use heimdex_shared::jobs::{self, JobRow};
+use heimdex_shared::jobs::{self, JobFilter, JobRow, JobStatus, VideoRow};
 use heimdex_shared::media::MediaError;
 use heimdex_shared::query::{QueryClient, QueryError};
 use heimdex_shared::remote;
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
-use crate::search::{self, SearchError};
+use crate::search::{self, FrameHit, SearchError, SegmentHit};
 use crate::status::{self, Snapshot};
 use crate::transcript::{self, Format, TranscriptError};
-use crate::{EnqueueRequest, Producer, ProducerError};
+use crate::{EnqueueRequest, Enqueued, Producer, ProducerError};
 
 /// The status page: static HTML whose script renders `/v1/status`.
 const STATUS_PAGE: &str = include_str!("status_page.html");
@@ -306,10 +319,35 @@ impl ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ErrorBody {
+    /// Why the request was refused or failed: a reason, never a database error, a path or a secret.
+    pub error: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // Reasons may quote the caller's input: a URL in it loses its secrets here too.
-        (self.0, Json(serde_json::json!({ "error": redact_text(&self.1) }))).into_response()
+        (self.0, Json(ErrorBody { error: redact_text(&self.1) })).into_response()
+    }
+}
+
+/// Every operation documents its errors as the default answer: any 4xx or 5xx, with an [`ErrorBody`].
+impl aide::OperationOutput for ApiError {
+    type Inner = ErrorBody;
+
+    fn operation_response(ctx: &mut GenContext, operation: &mut openapi::Operation) -> Option<openapi::Response> {
+        let mut response = Json::<ErrorBody>::operation_response(ctx, operation)?;
+        response.description = "An error (4xx, 5xx), with its reason".into();
+        Some(response)
+    }
+
+    fn inferred_responses(
+        ctx: &mut GenContext,
+        operation: &mut openapi::Operation,
+    ) -> Vec<(Option<openapi::StatusCode>, openapi::Response)> {
+        Self::operation_response(ctx, operation).map(|r| vec![(None, r)]).unwrap_or_default()
     }
 }
 
@@ -389,24 +427,129 @@ fn shown(mut row: JobRow) -> JobRow {
 pub fn router(settings: &Settings) -> anyhow::Result<Router> {
     let pool = heimdex_shared::db::pool(&settings.database)?;
     let app = Arc::new(App::new(settings, pool));
-    let ready = app.clone();
-    let api = Router::new()
+    let (router, document) = finish(|| {
+        let api = api_routes()
+            .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route (see GET / and /openapi.json)".into()) })
+            .layer(DefaultBodyLimit::max(settings.serve.max_body_bytes))
+            .layer(middleware::from_fn_with_state(app.clone(), bounded))
+            .layer(middleware::from_fn_with_state(app.clone(), guard));
+        probe_routes().merge(api)
+    });
+    let document = serde_json::to_string(&document)?;
+    let router = router.route("/openapi.json", get(move || async move { ([(header::CONTENT_TYPE, "application/json")], document) }));
+    Ok(router.with_state(app))
+}
+
+/// The OpenAPI 3.1 document of the API: the routes below with their parameters, bodies and answers,
+/// generated from the handlers' Rust types (the same ones that parse and answer requests).
+/// `GET /openapi.json` serves it; its committed copy is `deploy/contract/openapi.json`.
+pub fn openapi() -> OpenApi {
+    finish(|| probe_routes().merge(api_routes())).1
+}
+
+/// The probes: outside the guard, as a kubelet calls them by the pod's address, without a key.
+fn probe_routes() -> ApiRouter<Arc<App>> {
+    ApiRouter::new()
+        .api_route("/healthz", get_with(|| async { "ok" }, |o| o.summary("Liveness: `ok` while the process serves").tag("probes")))
+        .api_route(
+            "/readyz",
+            get_with(readyz, |o| {
+                o.summary("Readiness: whether the database and the broker answer")
+                    .tag("probes")
+                    .response_with::<200, String, _>(|r| r.description("`ready`"))
+                    .response_with::<503, String, _>(|r| r.description("`not ready`: the log says which dependency failed"))
+            }),
+        )
+}
+
+/// The routes behind the guard, each with what its documentation says beyond its types.
+fn api_routes() -> ApiRouter<Arc<App>> {
+    ApiRouter::new()
         .route("/", get(|| async { Html(STATUS_PAGE) }))
-        .route("/v1/status", get(status_json))
-        .route("/v1/videos", post(enqueue))
-        .route("/v1/jobs", get(jobs_of_caller))
-        .route("/v1/videos/{id}", delete(delete_video))
-        .route("/v1/jobs/{id}", get(job))
-        .route("/v1/videos/{id}/transcript", get(video_transcript))
-        .route("/v1/search", get(search_handler))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route (see GET / and /v1/...)".into()) })
-        .layer(DefaultBodyLimit::max(settings.serve.max_body_bytes))
-        .layer(middleware::from_fn_with_state(app.clone(), bounded))
-        .layer(middleware::from_fn_with_state(app.clone(), guard))
-        .with_state(app);
-    // The probes are outside the guard: a kubelet calls them by the pod's address, without a key.
-    let probes = Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).with_state(ready);
-    Ok(probes.merge(api))
+        .api_route(
+            "/v1/status",
+            get_with(status_json, |o| keyed(o, "The fleet at a glance: live workers, queue depths, job counts, recent jobs and failures")),
+        )
+        .api_route(
+            "/v1/videos",
+            post_with(enqueue, |o| {
+                keyed(o, "Enqueue a video for one or more kinds of work (index, vision)")
+                    .description(
+                        "Checks the media (a path under the media root, an http(s) URL when allowed, or s3://bucket/key), \
+                         writes the video and its jobs, and publishes one task per kind. `force` re-runs jobs that are \
+                         queued, running or done (it needs an API key or `serve.allow_force`).",
+                    )
+                    .response_with::<202, Json<Enqueued>, _>(|r| r.description("The jobs are stored and their tasks published"))
+                    .with(|mut o| {
+                        // A body axum refuses is answered as every other error (`ErrorBody`), not
+                        // with the plain text aide infers for `Json`'s rejections.
+                        if let Some(responses) = o.inner_mut().responses.as_mut() {
+                            responses.responses.retain(|code, _| *code == openapi::StatusCode::Code(202));
+                        }
+                        o
+                    })
+            })
+            .get_with(list_videos, |o| keyed(o, "Videos with their jobs, newest first, a page at a time")),
+        )
+        .api_route(
+            "/v1/videos/{id}",
+            delete_with(delete_video, |o| {
+                keyed(o, "Delete a video and all its rows in one transaction")
+                    .description("Needs an API key. 409 while one of its jobs runs, unless `force` (which supersedes the run first).")
+            }),
+        )
+        .api_route(
+            "/v1/videos/{id}/transcript",
+            get_with(video_transcript, |o| {
+                keyed(o, "A video's transcript")
+                    .response_with::<200, String, _>(|r| r.description("The transcript as SubRip, WebVTT, JSON (segments) or plain text"))
+            }),
+        )
+        .api_route("/v1/jobs", get_with(list_jobs, |o| keyed(o, "Jobs matching every filter given, newest first, a page at a time")))
+        .api_route("/v1/jobs/{id}", get_with(job, |o| keyed(o, "One job: status, attempts, last error, stage timings, summary")))
+        .api_route(
+            "/v1/search",
+            get_with(search_handler, |o| {
+                keyed(o, "Search transcript segments or frames by text, or frames like a stored frame").description(
+                    "Give `q` (with `in`) or `similar_to`. The query vector comes from a warm worker of the kind; \
+                     503 when none answers within the query timeout.",
+                )
+            }),
+        )
+}
+
+/// An operation behind the API key (when `serve.api_keys` is set).
+fn keyed<'a>(operation: TransformOperation<'a>, summary: &str) -> TransformOperation<'a> {
+    operation.summary(summary).tag("api").security_requirement("apiKey")
+}
+
+/// The router and the document of the routes `routes` builds.
+fn finish(routes: impl FnOnce() -> ApiRouter<Arc<App>>) -> (Router<Arc<App>>, OpenApi) {
+    // aide generates each route's documentation as the route is added, into a per-thread context
+    // that merging into the document resets to its defaults (schemas under `#/components/schemas`,
+    // inferred responses); only the error handler must be set again before the routes are built.
+    aide::generate::on_error(|e| tracing::error!(error = %e, "the OpenAPI document is incomplete"));
+    let mut document = OpenApi::default();
+    let router = routes().finish_api_with(&mut document, describe);
+    (router, document)
+}
+
+fn describe(api: TransformOpenApi<'_>) -> TransformOpenApi<'_> {
+    api.title("Heimdex API")
+        .version(env!("CARGO_PKG_VERSION"))
+        .description(
+            "Enqueue videos, follow their jobs, read transcripts, search, delete. Errors are JSON \
+             (`{\"error\": \"...\"}`). Lists page by keyset: pass a page's `next_cursor` as `cursor`.",
+        )
+        .security_scheme(
+            "apiKey",
+            SecurityScheme::Http {
+                scheme: "bearer".into(),
+                bearer_format: None,
+                description: Some("One of `serve.api_keys`; required by every operation but the probes when keys are set".into()),
+                extensions: Default::default(),
+            },
+        )
 }
 
 /// `/readyz`: 200 when the database and the broker answer, each within `serve.connect_timeout_ms`,
@@ -533,26 +676,36 @@ async fn status_json(State(app): State<Arc<App>>) -> Result<Json<Snapshot>, ApiE
 }
 
 /// The body of `POST /v1/videos`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct EnqueueBody {
+    /// A path (absolute, or relative to the media root), an http(s) URL (when `media.allow_http`), or
+    /// `s3://bucket/key`.
     uri: String,
-    /// Default: every kind.
+    /// The kinds of work; default: every kind.
     #[serde(default)]
     kinds: Vec<TaskKind>,
+    /// Re-run jobs that are queued, running or done.
     #[serde(default)]
     force: bool,
+    /// The spoken language (ISO 639-1), instead of detecting it (index).
     #[serde(default)]
     language: Option<String>,
+    /// Frames per second to embed, in (0, 60] (vision).
     #[serde(default)]
     frame_rate: Option<f32>,
+    /// Your own id for the jobs (1 to 256 characters), returned and sent back in their events.
     #[serde(default)]
     external_id: Option<String>,
+    /// Your own JSON object (at most 8 KiB), stored and returned like `external_id`.
     #[serde(default)]
     metadata: Option<Metadata>,
 }
 
-async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, JsonRejection>) -> Result<Response, ApiError> {
+async fn enqueue(
+    State(app): State<Arc<App>>,
+    body: Result<Json<EnqueueBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<Enqueued>), ApiError> {
     let Json(body) = body.map_err(|e| {
         let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { e.status() } else { StatusCode::BAD_REQUEST };
         ApiError(status, e.body_text())
@@ -586,46 +739,124 @@ async fn enqueue(State(app): State<Arc<App>>, body: Result<Json<EnqueueBody>, Js
             return Err(app.enqueue_error(&e));
         }
     };
-    let jobs: Vec<_> = enqueued
-        .jobs
-        .iter()
-        .map(|j| serde_json::json!({ "kind": j.kind, "job_id": j.job_id, "published": j.published, "status": j.status }))
-        .collect();
-    let body = serde_json::json!({ "video_id": enqueued.video_id, "uri": remote::redact(&enqueued.uri), "jobs": jobs });
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    let mut enqueued = enqueued;
+    enqueued.uri = remote::redact(&enqueued.uri);
+    Ok((StatusCode::ACCEPTED, Json(enqueued)))
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| bad_request("the id is not a uuid"))
 }
 
-async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<JobRow>, ApiError> {
+/// The `{id}` of a path.
+#[derive(Debug, Deserialize, JsonSchema)]
+struct IdPath {
+    #[schemars(with = "Uuid")]
+    id: String,
+}
+
+async fn job(State(app): State<Arc<App>>, Path(IdPath { id }): Path<IdPath>) -> Result<Json<JobRow>, ApiError> {
     let id = parse_id(&id)?;
     let row = jobs::jobs_by_id(&app.pool, &[id]).await?.into_iter().next();
     row.map(|r| Json(shown(r))).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))
 }
 
-#[derive(Debug, Deserialize)]
+/// Default rows of a list page.
+pub const PAGE_DEFAULT: u32 = 50;
+/// Most rows of a list page.
+pub const PAGE_MAX: u32 = 500;
+
+/// Where a list page starts: the `seq` of the last row of the page before, as an opaque string.
+fn page_start(cursor: Option<&str>, limit: Option<u32>) -> Result<(Option<i64>, i64), ApiError> {
+    let limit = limit.unwrap_or(PAGE_DEFAULT);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(bad_request(format!("limit must be in 1..={PAGE_MAX}")));
+    }
+    let before = match cursor {
+        None => None,
+        Some(c) => Some(c.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| bad_request("cursor is not one this API gave"))?),
+    };
+    Ok((before, i64::from(limit)))
+}
+
+/// A page of `rows` fetched with one row beyond `limit`: the rows to show and the cursor of the next
+/// page, if there is one.
+fn page<T>(mut rows: Vec<T>, limit: i64, seq: impl Fn(&T) -> i64) -> (Vec<T>, Option<String>) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next = if more { rows.last().map(|r| seq(r).to_string()) } else { None };
+    (rows, next)
+}
+
+/// The query of `GET /v1/jobs`: every filter given must match.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct JobsQuery {
+    status: Option<JobStatus>,
+    kind: Option<TaskKind>,
+    /// The caller's id given at enqueue.
     external_id: Option<String>,
+    /// Rows per page (default 50, at most 500).
+    #[schemars(range(min = 1, max = 500))]
+    limit: Option<u32>,
+    /// The `next_cursor` of the page before.
+    cursor: Option<String>,
 }
 
-/// The jobs that carry the caller's `external_id`.
-async fn jobs_of_caller(
-    State(app): State<Arc<App>>,
-    query: Result<Query<JobsQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+/// A page of jobs.
+#[derive(Debug, Serialize, JsonSchema)]
+struct JobsPage {
+    jobs: Vec<JobRow>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+async fn list_jobs(State(app): State<Arc<App>>, query: Result<Query<JobsQuery>, QueryRejection>) -> Result<Json<JobsPage>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
-    let external_id = query.external_id.ok_or_else(|| bad_request("external_id is required (GET /v1/jobs?external_id=ID)"))?;
-    contract::check_caller_fields(Some(&external_id), None).map_err(|e| bad_request(e.to_string()))?;
-    let rows = jobs::jobs_by_external_id(&app.pool, &external_id).await?;
-    Ok(Json(serde_json::json!({ "jobs": rows.into_iter().map(shown).collect::<Vec<_>>() })))
+    if let Some(external_id) = &query.external_id {
+        contract::check_caller_fields(Some(external_id), None).map_err(|e| bad_request(e.to_string()))?;
+    }
+    let (before, limit) = page_start(query.cursor.as_deref(), query.limit)?;
+    let filter = JobFilter { status: query.status, kind: query.kind, external_id: query.external_id };
+    let rows = jobs::list_jobs(&app.pool, &filter, before, limit + 1).await?;
+    let (rows, next_cursor) = page(rows, limit, |r| r.seq);
+    Ok(Json(JobsPage { jobs: rows.into_iter().map(shown).collect(), next_cursor }))
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of `GET /v1/videos`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct VideosQuery {
+    /// Rows per page (default 50, at most 500).
+    #[schemars(range(min = 1, max = 500))]
+    limit: Option<u32>,
+    /// The `next_cursor` of the page before.
+    cursor: Option<String>,
+}
+
+/// A page of videos.
+#[derive(Debug, Serialize, JsonSchema)]
+struct VideosPage {
+    videos: Vec<VideoRow>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+async fn list_videos(State(app): State<Arc<App>>, query: Result<Query<VideosQuery>, QueryRejection>) -> Result<Json<VideosPage>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let (before, limit) = page_start(query.cursor.as_deref(), query.limit)?;
+    let rows = jobs::list_videos(&app.pool, before, limit + 1).await?;
+    let (mut rows, next_cursor) = page(rows, limit, |r| r.seq);
+    rows.iter_mut().for_each(|v| v.uri = remote::redact(&v.uri));
+    Ok(Json(VideosPage { videos: rows, next_cursor }))
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct DeleteQuery {
+    /// Supersede a running job first instead of refusing.
     #[serde(default)]
     force: bool,
 }
@@ -634,9 +865,9 @@ struct DeleteQuery {
 /// server without keys refuses every delete.
 async fn delete_video(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
     query: Result<Query<DeleteQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     if app.keys.is_empty() {
         return Err(ApiError(StatusCode::FORBIDDEN, "deleting needs an API key (serve.api_keys)".into()));
     }
@@ -645,7 +876,7 @@ async fn delete_video(
     match deletion::delete_video(&app.pool, id, query.force).await {
         Ok(mut deleted) => {
             deleted.uri = remote::redact(&deleted.uri);
-            Ok((StatusCode::OK, Json(deleted)).into_response())
+            Ok(Json(deleted))
         }
         Err(DeleteError::NoVideo(_) | DeleteError::NotExpired(_)) => Err(ApiError(StatusCode::NOT_FOUND, format!("no video {id}"))),
         Err(e @ DeleteError::Running { .. }) => Err(ApiError(StatusCode::CONFLICT, format!("{e}; nothing was deleted (?force=true)"))),
@@ -653,14 +884,15 @@ async fn delete_video(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 struct TranscriptQuery {
+    /// srt, vtt, json (default) or txt.
     format: Option<String>,
 }
 
 async fn video_transcript(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
     query: Result<Query<TranscriptQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
@@ -677,21 +909,59 @@ async fn video_transcript(
     Ok(([(header::CONTENT_TYPE, content_type)], transcript::render(&t, format)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SearchQuery {
+    /// The text to search for.
     q: Option<String>,
+    /// What `q` searches: segments (default) or frames.
     #[serde(rename = "in")]
     target: Option<String>,
+    /// `VIDEO@SECONDS` (a video id, path or URL as enqueued): frames like that stored frame.
     similar_to: Option<String>,
+    /// Only hits in this video (id, path or URL as enqueued).
     video: Option<String>,
+    /// Hits to return, 1 to 1000 (default 10).
+    #[schemars(range(min = 1, max = 1000))]
     limit: Option<u32>,
+}
+
+/// The answer of `GET /v1/search`.
+#[derive(Debug, Serialize, JsonSchema)]
+struct SearchAnswer {
+    /// What was searched: segments or frames.
+    #[serde(rename = "in")]
+    target: String,
+    /// The embedding model of the vectors compared.
+    model: String,
+    /// The text searched for (`q`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<String>,
+    /// The frame searched from (`similar_to`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    similar_to: Option<FrameSource>,
+    hits: Hits,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(untagged)]
+enum Hits {
+    Segments(Vec<SegmentHit>),
+    Frames(Vec<FrameHit>),
+}
+
+/// The stored frame a `similar_to` search starts from.
+#[derive(Debug, Serialize, JsonSchema)]
+struct FrameSource {
+    video_id: Uuid,
+    uri: String,
+    at_s: f64,
 }
 
 async fn search_handler(
     State(app): State<Arc<App>>,
     query: Result<Query<SearchQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<SearchAnswer>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError(e.status(), e.body_text()))?;
     let limit = query.limit.unwrap_or(10);
     if !(1..=1000).contains(&limit) {
@@ -710,8 +980,13 @@ async fn search_handler(
         let (of, uri) = search::resolve_video(pool, settings, of).await?;
         let mut hits = search::similar_frames(pool, settings, of, at_s, limit, video).await?;
         hits.iter_mut().for_each(|h| h.uri = remote::redact(&h.uri));
-        let source = serde_json::json!({ "video_id": of, "uri": remote::redact(&uri), "at_s": at_s });
-        return Ok(Json(serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "similar_to": source, "hits": hits })));
+        return Ok(Json(SearchAnswer {
+            target: "frames".into(),
+            model: settings.vision.embed_model.clone(),
+            query: None,
+            similar_to: Some(FrameSource { video_id: of, uri: remote::redact(&uri), at_s }),
+            hits: Hits::Frames(hits),
+        }));
     }
     let text = query
         .q
@@ -727,18 +1002,19 @@ async fn search_handler(
     let result = if target == "segments" {
         search::segments(pool, &queries, settings, text, limit, video).await.map(|mut hits| {
             hits.iter_mut().for_each(|h| h.uri = remote::redact(&h.uri));
-            serde_json::json!({ "in": "segments", "model": settings.index.embed_model, "query": text, "hits": hits })
+            (settings.index.embed_model.clone(), Hits::Segments(hits))
         })
     } else {
         search::frames(pool, &queries, settings, text, limit, video).await.map(|mut hits| {
             hits.iter_mut().for_each(|h| h.uri = remote::redact(&h.uri));
-            serde_json::json!({ "in": "frames", "model": settings.vision.embed_model, "query": text, "hits": hits })
+            (settings.vision.embed_model.clone(), Hits::Frames(hits))
         })
     };
     if let Err(SearchError::Query(QueryError::Broker(_) | QueryError::Closed)) = &result {
         app.queries.lock().await.take();
     }
-    Ok(Json(result?))
+    let (model, hits) = result?;
+    Ok(Json(SearchAnswer { target: target.into(), model, query: Some(text.into()), similar_to: None, hits }))
 }
 
 #[cfg(test)]

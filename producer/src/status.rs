@@ -19,7 +19,7 @@ use sqlx::PgPool;
 pub const RECENT: i64 = 20;
 
 /// One queue's depth; `None` when the broker does not know the queue.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct QueueDepth {
     pub name: String,
     pub kind: TaskKind,
@@ -29,7 +29,7 @@ pub struct QueueDepth {
 }
 
 /// Jobs of one kind in one state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct JobCount {
     pub kind: String,
     pub status: JobStatus,
@@ -37,7 +37,7 @@ pub struct JobCount {
 }
 
 /// Everything the status views show, read at one moment.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Snapshot {
     /// Live workers; empty with `workers_error` set when Redis (optional) cannot be read.
     pub workers: Vec<WorkerStatus>,

@@ -34,7 +34,7 @@ use crate::jobs::JobStatus;
 const DEADLOCK_RETRIES: u32 = 3;
 
 /// What a delete removed, row counts by table.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Deleted {
     pub video_id: Uuid,
     pub uri: String,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::RedisSettings;
 
 /// Lifecycle of a worker process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerState {
     Cold,
@@ -55,7 +55,7 @@ impl WorkerState {
 }
 
 /// A model as shown in fleet status.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelStatus {
     pub name: String,
     pub path: String,
@@ -64,7 +64,7 @@ pub struct ModelStatus {
 }
 
 /// What one worker publishes about itself.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WorkerStatus {
     pub id: String,
     pub kind: String,

@@ -21,7 +21,7 @@ use crate::contract::{Metadata, TaskKind, TaskMessage};
 use crate::media::Probe;
 
 /// A job's state, as stored in `jobs.status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema, sqlx::Type)]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -476,8 +476,8 @@ pub async fn requeue(pool: &PgPool, job_id: Uuid) -> Result<Option<Queued>, sqlx
     Ok(queued_at.map(|queued_at| Queued { job_id, queued_at }))
 }
 
-/// A job as the CLI shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// A job as the CLI and the API show it.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct JobRow {
     pub id: Uuid,
     pub video_id: Uuid,
@@ -497,26 +497,98 @@ pub struct JobRow {
     /// The caller's own id and JSON object, from the latest enqueue (see `contract::TaskMessage`).
     pub external_id: Option<String>,
     pub metadata: Option<serde_json::Value>,
+    /// The job's place in creation order (see [`list_jobs`]); not shown.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub seq: i64,
 }
 
 const JOB_COLUMNS: &str = "j.id, j.video_id, v.uri, j.kind, j.status, j.attempts, j.deaths, j.last_error, j.worker_id, \
-     j.queued_at, j.started_at, j.finished_at, j.stage_timings, j.summary, j.external_id, j.metadata";
+     j.queued_at, j.started_at, j.finished_at, j.stage_timings, j.summary, j.external_id, j.metadata, j.seq";
 
-/// Most jobs one lookup by `external_id` returns.
-pub const MAX_BY_EXTERNAL_ID: i64 = 100;
+/// Which jobs [`list_jobs`] returns: those matching every filter that is set.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub kind: Option<TaskKind>,
+    pub external_id: Option<String>,
+}
 
-/// The jobs that carry the caller's `external_id`, most recently queued first, at most
-/// [`MAX_BY_EXTERNAL_ID`].
+/// Up to `limit` jobs matching `filter`, newest first (by creation, which a forced re-run does not
+/// change), starting after the job whose `seq` is `before` when given: a page of a keyset
+/// pagination, stable while jobs are added.
 ///
 /// # Errors
 /// Database errors.
-pub async fn jobs_by_external_id(pool: &PgPool, external_id: &str) -> Result<Vec<JobRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs j JOIN videos v ON v.id = j.video_id WHERE j.external_id = $1
-         ORDER BY j.queued_at DESC, j.id LIMIT $2"
-    ))
-    .bind(external_id)
-    .bind(MAX_BY_EXTERNAL_ID)
+pub async fn list_jobs(pool: &PgPool, filter: &JobFilter, before: Option<i64>, limit: i64) -> Result<Vec<JobRow>, sqlx::Error> {
+    let mut query = sqlx::QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs j JOIN videos v ON v.id = j.video_id WHERE true"));
+    // Only the filters that are set are written, so that each combination gets its own plan (an
+    // `$1 IS NULL OR …` predicate would keep a generic plan off the indexes).
+    if let Some(status) = filter.status {
+        query.push(" AND j.status = ").push_bind(status.as_str());
+    }
+    if let Some(kind) = filter.kind {
+        query.push(" AND j.kind = ").push_bind(kind.as_str());
+    }
+    if let Some(external_id) = &filter.external_id {
+        query.push(" AND j.external_id = ").push_bind(external_id.clone());
+    }
+    if let Some(before) = before {
+        query.push(" AND j.seq < ").push_bind(before);
+    }
+    query.push(" ORDER BY j.seq DESC LIMIT ").push_bind(limit);
+    query.build_query_as().fetch_all(pool).await
+}
+
+/// A video as the API lists it: what the producer or the worker's probe recorded, and its jobs.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema, sqlx::FromRow)]
+pub struct VideoRow {
+    pub id: Uuid,
+    pub uri: String,
+    /// sha256 of a local file's bytes (none for remote media until a worker has read it).
+    pub content_hash: Option<String>,
+    pub size_bytes: Option<i64>,
+    pub duration_s: Option<f64>,
+    pub width: Option<i32>,
+    pub height: Option<i32>,
+    pub fps: Option<f64>,
+    pub has_audio: Option<bool>,
+    pub has_video: Option<bool>,
+    pub created_at: DateTime<Utc>,
+    /// The video's jobs, by kind.
+    #[schemars(with = "Vec<VideoJob>")]
+    pub jobs: sqlx::types::Json<Vec<VideoJob>>,
+    /// The video's place in creation order (see [`list_videos`]); not shown.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub seq: i64,
+}
+
+/// One job of a [`VideoRow`].
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VideoJob {
+    pub job_id: Uuid,
+    pub kind: TaskKind,
+    pub status: JobStatus,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Up to `limit` videos, newest first, after the video whose `seq` is `before` when given (as
+/// [`list_jobs`] pages).
+///
+/// # Errors
+/// Database errors.
+pub async fn list_videos(pool: &PgPool, before: Option<i64>, limit: i64) -> Result<Vec<VideoRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT v.id, v.uri, v.content_hash, v.size_bytes, v.duration_s, v.width, v.height, v.fps, v.has_audio, v.has_video,
+                v.created_at, v.seq,
+                coalesce((SELECT jsonb_agg(jsonb_build_object('job_id', j.id, 'kind', j.kind, 'status', j.status,
+                                                              'finished_at', j.finished_at) ORDER BY j.kind)
+                          FROM jobs j WHERE j.video_id = v.id), '[]') AS jobs
+         FROM videos v WHERE v.seq < coalesce($1, 9223372036854775807) ORDER BY v.seq DESC LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
     .fetch_all(pool)
     .await
 }

@@ -4,7 +4,9 @@
 //! by a real worker, including one whose own `video_id` differs from the one Heimdex holds for its URI.
 //!
 //! The same holds for the job events' schema (`deploy/contract/event.schema.json`, from
-//! `shared/src/events.rs`). Regenerate both after changing the types:
+//! `shared/src/events.rs`) and the API's OpenAPI document (`deploy/contract/openapi.json`, from
+//! `producer/src/serve.rs`; `tests/tests/api_lists.rs` checks it against the server's answers).
+//! Regenerate them after changing the types:
 //! `HEIMDEX_WRITE_SCHEMA=1 cargo nextest run -p heimdex-tests --test contract committed_`.
 
 use std::collections::BTreeSet;
@@ -32,6 +34,12 @@ fn committed_schema_is_current() {
 #[test]
 fn committed_event_schema_is_current() {
     assert_committed("deploy/contract/event.schema.json", &heimdex_shared::events::json_schema());
+}
+
+#[test]
+fn committed_openapi_is_current() {
+    let document = serde_json::to_value(heimdex_producer::serve::openapi()).expect("the document as JSON");
+    assert_committed("deploy/contract/openapi.json", &document);
 }
 
 /// The committed copy of a generated schema is the generated one (rewritten with `HEIMDEX_WRITE_SCHEMA`).

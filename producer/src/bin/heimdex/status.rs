@@ -24,10 +24,14 @@ pub struct Args {
     json: bool,
 }
 
+/// Most jobs `--external-id` lists.
+const BY_EXTERNAL_ID: i64 = 100;
+
 pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
     let pool = heimdex_shared::db::pool(&settings.database)?;
     if let Some(external_id) = &args.external_id {
-        let rows = jobs::jobs_by_external_id(&pool, external_id).await?;
+        let filter = jobs::JobFilter { external_id: Some(external_id.clone()), ..jobs::JobFilter::default() };
+        let rows = jobs::list_jobs(&pool, &filter, None, BY_EXTERNAL_ID).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&rows)?);
         } else if rows.is_empty() {

@@ -9,13 +9,18 @@
 //! - Shutdown: stop consuming, drain in-flight tasks within the timeout, hand back what is left.
 //!
 //! The permits outlive consumers and connections, so tasks still running from before a pause or a
-//! reconnect count against the concurrency; the prefetch is the channel's (`global`), so deliveries a
-//! cancelled consumer left unacked count against the resumed one's prefetch too.
+//! reconnect count against the concurrency. On classic queues the prefetch is the channel's
+//! (`global`), so deliveries a cancelled consumer left unacked count against the resumed one's
+//! prefetch too. Quorum queues refuse a global prefetch (the broker closes the connection), so there
+//! it is the consumer's: for as long as tasks from before a pause run on, the resumed consumer may
+//! hold up to that many deliveries more than the concurrency (buffered, not started: the permits
+//! still bound what runs).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use heimdex_shared::config::QueueType;
 use heimdex_shared::fleet::WorkerState;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -97,7 +102,8 @@ async fn consume<P: Pipeline>(
     let queue = worker.topology().queue(worker.pipeline.kind());
     let tag = format!("{}-{}", worker.lifecycle.id, uuid::Uuid::new_v4().simple());
     let prefetch = u16::try_from(worker.settings.worker.concurrency).unwrap_or(u16::MAX);
-    if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global: true }).await {
+    let global = worker.settings.amqp.queue_type == QueueType::Classic;
+    if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global }).await {
         tracing::warn!(error = %e, "cannot set the prefetch");
         return Ended::Disconnected;
     }

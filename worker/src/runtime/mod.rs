@@ -103,7 +103,7 @@ where
     );
     let broker = Broker::connect(&settings.amqp, &settings.worker, &id)
         .await
-        .with_context(|| format!("connecting to rabbitmq at {}", settings.amqp.url))?;
+        .with_context(|| format!("connecting to rabbitmq at {}", settings.amqp.urls.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")))?;
 
     // Loading and warming; a shutdown signal stops the worker here too (no model is needed to stop).
     let ready = tokio::select! {

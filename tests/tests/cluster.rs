@@ -1,0 +1,126 @@
+//! Past one broker (issue 27): quorum queues on a real three-node RabbitMQ cluster on loopback
+//! (tests/src/cluster.rs), a node lost mid-run, nothing lost.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use heimdex_shared::contract::TaskKind;
+use heimdex_shared::fleet::WorkerState;
+use heimdex_shared::jobs::JobStatus;
+use heimdex_shared::topology;
+use heimdex_tests::TestEnv;
+use heimdex_tests::cluster::Cluster;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+
+const WARM: Duration = Duration::from_secs(180);
+const TASK: Duration = Duration::from_secs(240);
+const JOBS: usize = 60;
+
+/// Ready messages in `queue`, asked of whichever node of the cluster answers.
+async fn ready(env: &TestEnv, queue: &str) -> u32 {
+    let (connection, channel) = topology::connect(&env.settings.amqp, "heimdex-tests-look").await.expect("a node answers");
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let q = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.expect("queue exists");
+    let _ = connection.close(200, "".into()).await;
+    q.message_count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixty_jobs_ride_out_the_loss_of_the_node_that_leads_their_queue() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(Duration::from_secs(120))).await.expect("cluster");
+    let mut env = TestEnv::on_brokers(&cluster.urls_from(0)).await;
+    // The lost node hands the deliveries in flight on it to a redelivery, which counts as a death.
+    env.settings.worker.max_attempts = 6;
+    let queue = env.topology().queue(TaskKind::Vision);
+    let (leader, online) = cluster.leader(0, &queue).expect("the work queue is a quorum queue with a leader");
+    assert_eq!(online.matches("@localhost").count(), 3, "replicated on the three nodes: {online}");
+    let follower = (leader + 1) % 3;
+    // q1 prefers the leader's node and loses its connection with it; q2 prefers a follower's and
+    // only sees the queue's leader move.
+    let workers = [
+        env.spawn_worker("vision", "q1", &[("HEIMDEX__AMQP__URLS", &cluster.urls_from(leader))]),
+        env.spawn_worker("vision", "q2", &[("HEIMDEX__AMQP__URLS", &cluster.urls_from(follower))]),
+    ];
+    for w in &workers {
+        env.wait_state(w, WorkerState::Warm, WARM).await;
+    }
+    let load = heimdex_tests::enqueue_load(&env, JOBS, 0).await;
+    let started = Instant::now();
+    let done = || heimdex_tests::count_jobs_in(&env, &[JobStatus::Succeeded]);
+    env.wait_for(&format!("{} jobs done before the node is lost", JOBS / 3), TASK, || async { (done().await >= JOBS / 3).then_some(()) })
+        .await;
+
+    let lost_at = Utc::now();
+    let lost_node = cluster.nodes[leader].name.clone();
+    tokio::task::block_in_place(|| cluster.ctl_ok(leader, &["stop_app"]));
+    let done_at_loss = done().await;
+    let (new_leader, _) = env
+        .wait_for("a new leader of the work queue", TASK, || async {
+            tokio::task::block_in_place(|| cluster.leader(follower, &queue)).filter(|(l, _)| *l != leader)
+        })
+        .await;
+    env.wait_for("every job done", TASK, || async { (done().await == JOBS).then_some(()) }).await;
+    let took = started.elapsed();
+
+    // Nothing lost, nothing done twice, nothing dead-lettered.
+    let deaths = heimdex_tests::assert_load_succeeded(&env, &load).await;
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(jobs as usize, JOBS, "one job per video");
+    let duplicated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT j.id FROM jobs j JOIN frames f ON f.video_id = j.video_id
+          GROUP BY j.id HAVING count(*) <> max((j.summary->>'frames')::bigint)) d",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(duplicated, 0, "a job whose frames are not its one result set");
+    let lost = JOBS - heimdex_tests::count_jobs_in(&env, &[JobStatus::Succeeded]).await;
+    assert_eq!(ready(&env, &env.topology().dlq(TaskKind::Vision)).await, 0, "nothing dead-lettered");
+    assert_eq!(ready(&env, &queue).await, 0, "nothing left behind");
+
+    // The workers rode it out warm: one model load each, and q1 reconnected to another node.
+    let mut loads = Vec::new();
+    for w in &workers {
+        let log = w.log();
+        assert_eq!(env.worker_status(&w.id).await.map(|s| s.state), Some(WorkerState::Warm), "{} is warm: {log}", w.id);
+        loads.push(log.matches("models loaded").count());
+        assert_eq!(loads.last(), Some(&1), "{} loaded its models again: {log}", w.id);
+    }
+    assert!(workers[0].log().contains("lost the broker: reconnecting"), "q1 lost its node: {}", workers[0].log());
+
+    // The pause: the longest wait for the next finished job after the loss (finish times in the
+    // database), against the usual gap between two finished jobs before it.
+    let finished: Vec<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT finished_at FROM jobs WHERE status = 'succeeded' ORDER BY finished_at").fetch_all(&env.pool).await.unwrap();
+    let (before, after): (Vec<_>, Vec<_>) = finished.iter().partition(|t| **t < lost_at);
+    let mut gaps_before: Vec<f64> = before.windows(2).map(|w| (*w[1] - *w[0]).as_seconds_f64()).collect();
+    gaps_before.sort_by(f64::total_cmp);
+    let usual = gaps_before.get(gaps_before.len() / 2).copied().unwrap_or(0.0);
+    let mut last = lost_at;
+    let mut pause = 0.0_f64;
+    for t in after {
+        pause = pause.max((*t - last).as_seconds_f64());
+        last = *t;
+    }
+
+    // The node comes back and rejoins: the queue is on three nodes again.
+    tokio::task::block_in_place(|| cluster.ctl_ok(leader, &["start_app"]));
+    env.wait_for("the lost node back among the queue's members", TASK, || async {
+        let (_, online) = tokio::task::block_in_place(|| cluster.leader(follower, &queue))?;
+        online.contains(&lost_node).then_some(())
+    })
+    .await;
+
+    eprintln!("| load | node lost | pause | lost | duplicated | model loads |");
+    eprintln!("|---|---|---|---|---|---|");
+    eprintln!(
+        "| {JOBS} vision jobs, 2 workers, {:.0} s | {lost_node} (leader; {done_at_loss} done; new leader {}) | {pause:.1} s (usual gap {usual:.1} s) | {lost} | {duplicated} | {loads:?} |",
+        took.as_secs_f64(),
+        cluster.nodes[new_leader].name
+    );
+    eprintln!("deaths of runs: {deaths}; the node rejoined");
+    drop(workers);
+    env.cleanup().await;
+    drop(cluster);
+}

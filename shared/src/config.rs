@@ -30,7 +30,7 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
     if let Some(file) = file {
         builder = builder.add_source(config::File::from(file).required(true));
     }
-    let settings: Settings = builder
+    let settings = builder
         .add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -42,8 +42,15 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
                 .with_list_parse_key("serve.api_keys")
                 .with_list_parse_key("serve.allowed_hosts"),
         )
-        .build()?
-        .try_deserialize()?;
+        .build()?;
+    if settings.get::<config::Value>("amqp.url").is_ok() && settings.get::<config::Value>("amqp.urls").is_ok() {
+        return Err(ConfigError::Value(
+            "amqp.url and amqp.urls are both set (in the file or as HEIMDEX__AMQP__URL / HEIMDEX__AMQP__URLS): \
+             set amqp.urls (one broker or several), or amqp.url (one), not both"
+                .into(),
+        ));
+    }
+    let settings: Settings = settings.try_deserialize()?;
     settings.validate()?;
     Ok(settings)
 }

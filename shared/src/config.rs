@@ -191,7 +191,8 @@ impl Default for AmqpSettings {
 }
 
 /// The RabbitMQ type of the durable queues (work, retry, dead-letter). A queue's type is fixed when
-/// it is declared: a deployment changes it by moving to a new prefix (deploy/README.md).
+/// it is declared: a deployment changes it by draining, deleting and declaring its queues again
+/// (deploy/README.md, "Moving an existing classic deployment over").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {

@@ -146,3 +146,55 @@ async fn sixty_jobs_ride_out_the_loss_of_the_node_that_leads_their_queue() {
     env.cleanup().await;
     drop(cluster);
 }
+
+/// (type, arguments) of every queue of `prefix` on the local broker, by name.
+fn local_queues(prefix: &str) -> Vec<(String, String, String)> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "type", "arguments"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{prefix}.")))
+        .filter_map(|l| {
+            let mut f = l.splitn(3, '\t');
+            Some((f.next()?.to_string(), f.next()?.to_string(), f.next().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn work_retry_and_dead_letter_queues_are_quorum_and_query_queues_classic() {
+    let env = TestEnv::new().await;
+    let queues = local_queues(&env.settings.amqp.prefix);
+    let topology = env.topology();
+    let kind = TaskKind::Vision;
+    let of = |name: &str| queues.iter().find(|q| q.0 == name).unwrap_or_else(|| panic!("{name} declared: {queues:?}")).clone();
+    let work = of(&topology.queue(kind));
+    assert_eq!(work.1, "quorum", "{work:?}");
+    for arg in ["x-delivery-limit", "100", "x-dead-letter-strategy", "at-least-once", "reject-publish"] {
+        assert!(work.2.contains(arg), "{arg} on the work queue: {work:?}");
+    }
+    assert_eq!(of(&topology.dlq(kind)).1, "quorum");
+    let retry = of(&topology.retry_queue(kind, heimdex_shared::topology::Topology::backoff_ms(&env.settings.worker, 1)));
+    assert!(retry.1 == "quorum" && retry.2.contains("x-message-ttl") && retry.2.contains("at-least-once"), "{retry:?}");
+    assert_eq!(of(&topology.query_queue(kind)).1, "classic", "a transient queue cannot be a quorum queue");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_finds_queues_of_the_other_type_stops_at_start_and_names_them() {
+    let env = TestEnv::with_queue_type(heimdex_shared::config::QueueType::Classic).await;
+    let mut worker = env.spawn_worker("vision", "other-type", &[("HEIMDEX__AMQP__QUEUE_TYPE", "quorum")]);
+    let code = worker.wait_exit(Duration::from_secs(60)).await;
+    let log = worker.log();
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("exists as a classic queue but amqp.queue_type is quorum"), "{log}");
+    assert!(log.contains(&env.settings.amqp.prefix) && log.contains("Moving an existing classic deployment over"), "{log}");
+    assert!(!log.contains("models loaded"), "it stopped before loading models: {log}");
+    // The classic queues are as they were: a classic worker still runs on them.
+    let classic = env.spawn_worker("vision", "classic", &[]);
+    env.wait_state(&classic, WorkerState::Warm, WARM).await;
+    drop(classic);
+    env.cleanup().await;
+}

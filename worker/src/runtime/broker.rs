@@ -50,8 +50,10 @@ impl Broker {
             if let Some((queue, found)) = found? {
                 anyhow::bail!(
                     "queue {queue} exists as a {found} queue but amqp.queue_type is {configured}: a queue's type cannot change in place. \
-                     Either keep amqp.queue_type = \"{found}\", or move to {configured} queues under a new amqp.prefix (deploy/README.md, \
-                     \"Quorum queues\")",
+                     Either set amqp.queue_type = \"{found}\" (HEIMDEX__AMQP__QUEUE_TYPE), or drain and delete the queues of prefix \
+                     {prefix:?} to have them declared again as {configured} queues (deploy/README.md, \"Moving an existing classic \
+                     deployment over\")",
+                    prefix = amqp.prefix,
                     configured = amqp.queue_type
                 );
             }

@@ -201,7 +201,11 @@ impl Topology {
     ///
     /// # Errors
     /// The broker is unreachable.
-    pub async fn queue_of_other_type(&self, connection: &Connection, worker: &WorkerSettings) -> Result<Option<(String, QueueType)>, lapin::Error> {
+    pub async fn queue_of_other_type(
+        &self,
+        connection: &Connection,
+        worker: &WorkerSettings,
+    ) -> Result<Option<(String, QueueType)>, lapin::Error> {
         let other = match self.queue_type {
             QueueType::Quorum => QueueType::Classic,
             QueueType::Classic => QueueType::Quorum,

@@ -69,10 +69,12 @@ impl Cluster {
             let base = cluster.dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&base).expect("node folder");
             let config = base.join("rabbitmq.conf");
-            std::fs::write(&config, format!("listeners.tcp.default = 127.0.0.1:{amqp_port}\nloopback_users.guest = true\n")).expect("config");
+            std::fs::write(&config, format!("listeners.tcp.default = 127.0.0.1:{amqp_port}\nloopback_users.guest = true\n"))
+                .expect("config");
             let log = base.join("server.log");
             let process = std::os::unix::process::CommandExt::process_group(
-                cluster.env(&mut Command::new(SERVER))
+                cluster
+                    .env(&mut Command::new(SERVER))
                     .env("RABBITMQ_NODENAME", &name)
                     .env("RABBITMQ_NODE_PORT", amqp_port.to_string())
                     .env("RABBITMQ_DIST_PORT", dist_port.to_string())

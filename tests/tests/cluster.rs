@@ -8,8 +8,8 @@ use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::WorkerState;
 use heimdex_shared::jobs::JobStatus;
 use heimdex_shared::topology;
-use heimdex_tests::{LoadJob, TestEnv};
 use heimdex_tests::cluster::Cluster;
+use heimdex_tests::{LoadJob, TestEnv};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
@@ -109,8 +109,10 @@ async fn sixty_jobs_ride_out_the_loss_of_the_node_that_leads_their_queue() {
 
     // The pause: the longest wait for the next finished job after the loss (finish times in the
     // database), against the usual gap between two finished jobs before it.
-    let finished: Vec<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT finished_at FROM jobs WHERE status = 'succeeded' ORDER BY finished_at").fetch_all(&env.pool).await.unwrap();
+    let finished: Vec<DateTime<Utc>> = sqlx::query_scalar("SELECT finished_at FROM jobs WHERE status = 'succeeded' ORDER BY finished_at")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
     let (before, after): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) = finished.iter().partition(|t| **t < lost_at);
     let mut gaps_before: Vec<f64> = before.windows(2).map(|w| (w[1] - w[0]).as_seconds_f64()).collect();
     gaps_before.sort_by(f64::total_cmp);

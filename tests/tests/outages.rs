@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use heimdex_shared::config::QueueType;
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::fleet::WorkerState;
@@ -245,8 +246,19 @@ fn unacked(queue: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_pause_the_tasks_still_running_count_against_the_prefetch() {
-    // A channel-wide prefetch is the classic queues' (quorum queues refuse it: runtime/consume.rs).
-    let env = TestEnv::with_queue_type(heimdex_shared::config::QueueType::Classic).await;
+    after_a_pause_the_tasks_still_running_count(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_pause_the_tasks_still_running_count_against_the_channel_prefetch_of_classic_queues() {
+    after_a_pause_the_tasks_still_running_count(QueueType::Classic).await;
+}
+
+/// Classic queues: one prefetch for the channel. Quorum queues refuse that, and the worker's
+/// consumers split the concurrency (runtime/consume.rs): the resumed one takes what the tasks from
+/// before leave free, and a second one the rest once they are done.
+async fn after_a_pause_the_tasks_still_running_count(queue_type: QueueType) {
+    let env = TestEnv::with_queue_type(queue_type).await;
     let database = TcpProxy::start("127.0.0.1:5432").await;
     let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
     let worker = env.spawn_worker("vision", "prefetch", &[("HEIMDEX__DATABASE__URL", &db_url), ("HEIMDEX__WORKER__CONCURRENCY", "3")]);
@@ -286,6 +298,10 @@ async fn after_a_pause_the_tasks_still_running_count_against_the_prefetch() {
     assert!(most <= 3, "{most} deliveries unacked with a concurrency of 3 ({samples} samples)");
     for &job in &jobs {
         env.wait_job(job, "succeeded", TASK).await;
+    }
+    if queue_type == QueueType::Quorum {
+        // The long tasks are done: a second consumer took up their share of the concurrency.
+        env.wait_for("a second consumer", TASK, || async { (env.queue(&queue).await.1 == 2).then_some(()) }).await;
     }
     drop(worker);
     env.cleanup().await;

@@ -30,19 +30,27 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
     if let Some(file) = file {
         builder = builder.add_source(config::File::from(file).required(true));
     }
-    let settings: Settings = builder
+    let settings = builder
         .add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
+                .with_list_parse_key("amqp.urls")
                 .with_list_parse_key("media.allow_hosts")
                 .with_list_parse_key("serve.api_keys")
                 .with_list_parse_key("serve.allowed_hosts"),
         )
-        .build()?
-        .try_deserialize()?;
+        .build()?;
+    if settings.get::<config::Value>("amqp.url").is_ok() && settings.get::<config::Value>("amqp.urls").is_ok() {
+        return Err(ConfigError::Value(
+            "amqp.url and amqp.urls are both set (in the file or as HEIMDEX__AMQP__URL / HEIMDEX__AMQP__URLS): \
+             set amqp.urls (one broker or several), or amqp.url (one), not both"
+                .into(),
+        ));
+    }
+    let settings: Settings = settings.try_deserialize()?;
     settings.validate()?;
     Ok(settings)
 }
@@ -124,6 +132,16 @@ impl Settings {
         if self.worker.max_attempts == 0 {
             return Err(ConfigError::Value("worker.max_attempts must be at least 1".into()));
         }
+        if self.worker.max_attempts > crate::topology::MAX_ATTEMPTS_LIMIT {
+            return Err(ConfigError::Value(format!(
+                "worker.max_attempts must be at most {} (half the quorum queues' own delivery limit, {})",
+                crate::topology::MAX_ATTEMPTS_LIMIT,
+                crate::topology::DELIVERY_LIMIT
+            )));
+        }
+        if self.amqp.urls.is_empty() || self.amqp.urls.iter().any(|u| u.expose().trim().is_empty()) {
+            return Err(ConfigError::Value("amqp.urls must name at least one broker, and no empty one".into()));
+        }
         if self.engine.max_batch == 0 {
             return Err(ConfigError::Value("engine.max_batch must be at least 1".into()));
         }
@@ -144,7 +162,12 @@ impl Settings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AmqpSettings {
-    pub url: Secret,
+    /// The broker's addresses: one, or every node of a cluster (in any order). A connection goes to
+    /// one of them, picked at random so that a fleet spreads over the nodes, and moves to another
+    /// when its node goes away. `url` (one address, as before clusters) is read as a one-element list.
+    /// From the environment: `HEIMDEX__AMQP__URLS=amqp://..,amqp://..` or `HEIMDEX__AMQP__URL`.
+    #[serde(alias = "url", deserialize_with = "one_or_many")]
+    pub urls: Vec<Secret>,
     /// Names the exchange and prefixes every queue (`heimdex.index`, `heimdex.index.dlq`, ...).
     /// Tests use a unique prefix so that they can run in parallel on one broker.
     pub prefix: String,
@@ -152,12 +175,63 @@ pub struct AmqpSettings {
     /// makes the broker close the channel. Task time bounds stay a minute below it; raise both
     /// together for very long media on slow hosts.
     pub consumer_timeout_ms: u64,
+    /// The type of the work, retry and dead-letter queues (see [`QueueType`]).
+    pub queue_type: QueueType,
 }
 
 impl Default for AmqpSettings {
     fn default() -> Self {
-        Self { url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"), prefix: "heimdex".into(), consumer_timeout_ms: 30 * 60 * 1000 }
+        Self {
+            urls: vec![Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f")],
+            prefix: "heimdex".into(),
+            consumer_timeout_ms: 30 * 60 * 1000,
+            queue_type: QueueType::Quorum,
+        }
     }
+}
+
+/// The RabbitMQ type of the durable queues (work, retry, dead-letter). A queue's type is fixed when
+/// it is declared: a deployment changes it by draining, deleting and declaring its queues again
+/// (deploy/README.md, "Moving an existing classic deployment over").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated (Raft) on every node of a cluster: a message confirmed to the publisher survives
+    /// the loss of a minority of the nodes. The default.
+    #[default]
+    Quorum,
+    /// One node's queue: the one type before quorum queues; cheaper per message, lost with its node.
+    Classic,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string (one address) or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Secret),
+        Many(Vec<Secret>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(url) => vec![url],
+        OneOrMany::Many(urls) => urls,
+    })
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -676,6 +750,26 @@ mod tests {
         s.vision.embed_dir = "siglip-base".into();
         s.vision.embed_model = "google/siglip-base-patch16-224".into();
         assert!(s.validate().is_ok(), "a real export under its real name");
+    }
+
+    fn from_toml(text: &str) -> Result<Settings, config::ConfigError> {
+        config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml)).build()?.try_deserialize()
+    }
+
+    #[test]
+    fn one_broker_url_or_a_list_and_the_queue_type() {
+        let d = Settings::default();
+        assert_eq!(d.amqp.urls.len(), 1, "one local broker by default");
+        assert_eq!(d.amqp.queue_type, QueueType::Quorum, "quorum queues by default");
+        let one = from_toml("[amqp]\nurl = \"amqp://a:5672/%2f\"\n").unwrap();
+        assert_eq!(one.amqp.urls, [Secret::new("amqp://a:5672/%2f")], "`url` is a one-element list");
+        let many = from_toml("[amqp]\nurls = [\"amqp://a/%2f\", \"amqp://b/%2f\"]\nqueue_type = \"classic\"\n").unwrap();
+        assert_eq!(many.amqp.urls.len(), 2);
+        assert_eq!(many.amqp.queue_type, QueueType::Classic);
+        assert!(from_toml("[amqp]\nqueue_type = \"mirrored\"\n").is_err(), "only quorum or classic");
+        let mut none = Settings::default();
+        none.amqp.urls.clear();
+        assert!(none.validate().unwrap_err().to_string().contains("amqp.urls"));
     }
 
     #[test]

@@ -15,6 +15,14 @@
 //!
 //! One retry queue per backoff step (rather than per-message TTLs in one queue) because RabbitMQ only
 //! expires messages at the head of a queue: a 32 s retry would hold back a 2 s one behind it.
+//!
+//! The work, retry and dead-letter queues are of `amqp.queue_type`: quorum by default (replicated on
+//! every node of a cluster, so a node lost loses no confirmed message), or classic. On quorum queues
+//! dead-lettering is `at-least-once` (a dead letter leaves its queue only once the dead-letter queue
+//! has confirmed it, which needs `x-overflow: reject-publish`), and the broker's own redelivery limit
+//! (`x-delivery-limit`) sits well above `worker.max_attempts`, so that the worker's counting of
+//! attempts and deaths (see `jobs::start_run`) is the one that decides when a job is dead. The query
+//! queues stay classic whatever the setting: they are not durable, and a quorum queue must be.
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -22,7 +30,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::config::{AmqpSettings, WorkerSettings};
+use crate::config::{AmqpSettings, QueueType, WorkerSettings};
 use crate::contract::{TaskKind, TaskMessage};
 use crate::error::{Dependency, Disposition};
 
@@ -34,16 +42,60 @@ pub const ERROR_HEADER: &str = "x-heimdex-error";
 pub const WORKER_HEADER: &str = "x-heimdex-worker";
 /// Longest backoff step.
 const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
+/// A quorum work queue's `x-delivery-limit`: at least twice `worker.max_attempts` (the configuration
+/// refuses more than [`MAX_ATTEMPTS_LIMIT`] attempts). Deliveries handed back without a counted
+/// attempt (a pause for the database, a shutdown's buffered deliveries, a broker node lost) also count
+/// toward the broker's limit, so it sits far above: it is a backstop against a message that kills
+/// every worker before its attempt is counted, not the rule. A constant, not derived from
+/// `max_attempts`, because a queue's arguments cannot change once it is declared.
+pub const DELIVERY_LIMIT: u32 = 100;
+/// The most `worker.max_attempts` may be, half of [`DELIVERY_LIMIT`].
+pub const MAX_ATTEMPTS_LIMIT: u32 = DELIVERY_LIMIT / 2;
 
-/// Names of the exchange and queues under one prefix.
+/// Names of the exchange and queues under one prefix, and the type of its durable queues.
 #[derive(Clone, Debug)]
 pub struct Topology {
     pub prefix: String,
+    pub queue_type: QueueType,
 }
 
 impl Topology {
     pub fn new(settings: &AmqpSettings) -> Self {
-        Self { prefix: settings.prefix.clone() }
+        Self { prefix: settings.prefix.clone(), queue_type: settings.queue_type }
+    }
+
+    /// The arguments every durable queue of `queue_type` carries; `dead_letter_to` names the queue
+    /// its dead letters go to (through the default exchange).
+    fn durable_args(queue_type: QueueType, dead_letter_to: Option<&str>) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.as_str().into()));
+        if let Some(target) = dead_letter_to {
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(target.into()));
+            if queue_type == QueueType::Quorum {
+                args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+                args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+                args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(DELIVERY_LIMIT)));
+            }
+        }
+        args
+    }
+
+    /// Every durable queue with its arguments for `queue_type`: (name, arguments).
+    fn durable_queues(&self, queue_type: QueueType, worker: &WorkerSettings) -> Vec<(String, FieldTable)> {
+        let mut queues = Vec::new();
+        for kind in TaskKind::ALL {
+            let (queue, dlq) = (self.queue(kind), self.dlq(kind));
+            queues.push((dlq.clone(), Self::durable_args(queue_type, None)));
+            queues.push((queue.clone(), Self::durable_args(queue_type, Some(&dlq))));
+            for attempt in 1..worker.max_attempts {
+                let delay = Self::backoff_ms(worker, attempt);
+                let mut args = Self::durable_args(queue_type, Some(&queue));
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay as i64));
+                queues.push((self.retry_queue(kind, delay), args));
+            }
+        }
+        queues
     }
 
     pub fn exchange(&self) -> &str {
@@ -105,7 +157,6 @@ impl Topology {
     /// # Errors
     /// The broker refuses a declaration (e.g. a queue exists with other arguments).
     pub async fn declare(&self, channel: &Channel, worker: &WorkerSettings) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         channel
             .exchange_declare(
                 self.exchange().into(),
@@ -122,33 +173,58 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        for (name, args) in self.durable_queues(self.queue_type, worker) {
+            channel.queue_declare(name.as_str().into(), durable, args).await?;
+        }
         for kind in TaskKind::ALL {
-            let queue = self.queue(kind);
-            channel.queue_declare(self.dlq(kind).as_str().into(), durable, FieldTable::default()).await?;
-            let mut args = FieldTable::default();
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.dlq(kind).as_str().into()));
-            channel.queue_declare(queue.as_str().into(), durable, args).await?;
             channel
                 .queue_bind(
-                    queue.as_str().into(),
+                    self.queue(kind).as_str().into(),
                     self.exchange().into(),
                     kind.as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await?;
-            for attempt in 1..worker.max_attempts {
-                let delay = Self::backoff_ms(worker, attempt);
-                let mut args = FieldTable::default();
-                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay as i64));
-                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-                args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.as_str().into()));
-                channel.queue_declare(self.retry_queue(kind, delay).as_str().into(), durable, args).await?;
-            }
             self.declare_query_queue(channel, kind).await?;
         }
         Ok(())
+    }
+
+    /// The first durable queue that exists with the other type than `amqp.queue_type`, as
+    /// (name, its type); `None` if there is none. A declaration the broker refused
+    /// (PRECONDITION_FAILED) is explained by this: a queue's type cannot change in place. Each
+    /// look is on a channel of its own (the broker closes a channel on a refused declaration), and
+    /// creates nothing: a queue is declared with the other type's arguments only once a passive
+    /// declaration has shown that it exists.
+    ///
+    /// # Errors
+    /// The broker is unreachable.
+    pub async fn queue_of_other_type(
+        &self,
+        connection: &Connection,
+        worker: &WorkerSettings,
+    ) -> Result<Option<(String, QueueType)>, lapin::Error> {
+        let other = match self.queue_type {
+            QueueType::Quorum => QueueType::Classic,
+            QueueType::Classic => QueueType::Quorum,
+        };
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        for (name, args) in self.durable_queues(other, worker) {
+            let channel = connection.create_channel().await?;
+            let exists = channel.queue_declare(name.as_str().into(), passive, FieldTable::default()).await.is_ok();
+            if !exists {
+                continue;
+            }
+            let matches = channel.queue_declare(name.as_str().into(), durable, args).await.is_ok();
+            let _ = channel.close(200, "".into()).await;
+            if matches {
+                return Ok(Some((name, other)));
+            }
+        }
+        Ok(None)
     }
 
     /// Deletes every queue and the exchange (tests clean up with this).
@@ -168,16 +244,41 @@ impl Topology {
     }
 }
 
-/// Connects to the broker and opens a channel with publisher confirms on.
+/// How long one connection attempt to one broker address may take (an address that does not
+/// answer at all, a node half gone) before the next address is tried.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connects to the first broker of `amqp.urls` that takes the connection, in list order, and opens
+/// a channel with publisher confirms on. A node that went away is skipped, so a caller that
+/// reconnects after losing its node lands on another one of the cluster; the list's order is a
+/// preference (deploy/README.md: give groups of workers different orders to spread them).
 ///
 /// # Errors
-/// The broker is unreachable or refuses the credentials.
+/// No address took the connection: the last address's error.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<(Connection, Channel), lapin::Error> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(settings.url.expose(), props).await?;
-    let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok((connection, channel))
+    let mut last = None;
+    for url in &settings.urls {
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let attempt = async {
+            let connection = Connection::connect(url.expose(), props).await?;
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>((connection, channel))
+        };
+        let error = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(e)) => e,
+            Err(_) => lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the broker did not take the connection within {CONNECT_TIMEOUT:?}"),
+            )),
+        };
+        if settings.urls.len() > 1 {
+            tracing::warn!(broker = %url, error = %error, "broker unreachable; trying the next address");
+        }
+        last = Some(error);
+    }
+    Err(last.unwrap_or_else(|| lapin::Error::from(std::io::Error::other("amqp.urls is empty"))))
 }
 
 /// Properties of a task message: persistent JSON, `message_id` = job id, the attempt header.

@@ -10,6 +10,7 @@
 //! The worker binaries are run from the same target directory as the test (`cargo build --bins`
 //! first; `scripts/test` does).
 
+pub mod cluster;
 pub mod proxy;
 pub mod upstream;
 
@@ -19,6 +20,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use heimdex_shared::Settings;
+use heimdex_shared::config::QueueType;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::{Fleet, WorkerState, WorkerStatus};
 use heimdex_shared::jobs::{self, JobRow};
@@ -80,6 +82,23 @@ impl TestEnv {
     /// A test world whose waits all end `budget` from now (a test that needs longer than
     /// [`TEST_BUDGET`] must have a nextest override that gives it more).
     pub async fn with_budget(budget: Duration) -> Self {
+        Self::with(budget, QueueType::default(), None).await
+    }
+
+    /// A test world whose durable queues are of `queue_type` (for what only classic queues do, such
+    /// as a channel-wide prefetch).
+    pub async fn with_queue_type(queue_type: QueueType) -> Self {
+        Self::with(TEST_BUDGET, queue_type, None).await
+    }
+
+    /// A test world on another broker than the local one: `urls` (comma-separated, as in
+    /// `HEIMDEX__AMQP__URLS`), e.g. a [`cluster::Cluster`]'s. Workers are not given them by
+    /// [`TestEnv::env`]: a test passes `HEIMDEX__AMQP__URLS` to each in the order it wants.
+    pub async fn on_brokers(urls: &str) -> Self {
+        Self::with(TEST_BUDGET, QueueType::default(), Some(urls)).await
+    }
+
+    async fn with(budget: Duration, queue_type: QueueType, urls: Option<&str>) -> Self {
         let deadline = tokio::time::Instant::now() + budget;
         let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
         let name = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
@@ -89,6 +108,10 @@ impl TestEnv {
         let mut settings = Settings::default();
         settings.database.url = heimdex_shared::config::Secret::new(format!("postgres://postgres@127.0.0.1:5432/heimdex_{name}"));
         settings.amqp.prefix = format!("heimdex-{name}");
+        settings.amqp.queue_type = queue_type;
+        if let Some(urls) = urls {
+            settings.amqp.urls = urls.split(',').map(heimdex_shared::config::Secret::new).collect();
+        }
         settings.models.dir = models_dir();
         let media = tempfile::Builder::new().prefix("heimdex-media-").tempdir().expect("tempdir");
         settings.media.root = media.path().to_path_buf();
@@ -149,6 +172,7 @@ impl TestEnv {
         vec![
             ("HEIMDEX__DATABASE__URL".into(), s.database.url.expose().into()),
             ("HEIMDEX__AMQP__PREFIX".into(), s.amqp.prefix.clone()),
+            ("HEIMDEX__AMQP__QUEUE_TYPE".into(), s.amqp.queue_type.as_str().into()),
             ("HEIMDEX__MEDIA__ROOT".into(), s.media.root.display().to_string()),
             ("HEIMDEX__MODELS__DIR".into(), s.models.dir.display().to_string()),
             ("HEIMDEX__WORKER__HEALTH_ADDR".into(), s.worker.health_addr.clone()),

@@ -231,7 +231,7 @@ print(json.dumps([validator.is_valid(body) for body in json.load(sys.stdin)]))
 async fn publish_with(env: &TestEnv, program: &Path, script: &Path, args: &[&str]) -> Value {
     let out = tokio::process::Command::new(program)
         .arg(script)
-        .args(["--amqp-url", env.settings.amqp.url.expose(), "--exchange", env.topology().exchange()])
+        .args(["--amqp-url", env.settings.amqp.urls[0].expose(), "--exchange", env.topology().exchange()])
         .args(args)
         .output()
         .await

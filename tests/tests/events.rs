@@ -340,7 +340,7 @@ async fn a_worker_publishes_the_events_of_jobs_as_they_end() {
     let python = repo().join(".deps/venv/bin/python");
     let out = tokio::process::Command::new(&python)
         .arg(repo().join("examples/python/publish_task.py"))
-        .args(["--amqp-url", env.settings.amqp.url.expose(), "--exchange", env.topology().exchange()])
+        .args(["--amqp-url", env.settings.amqp.urls[0].expose(), "--exchange", env.topology().exchange()])
         .args(["--kind", "vision", "--media-uri", "python.mp4", "--external-id", "py-1", "--metadata", r#"{"from": "python"}"#])
         .args(["--wait", "--timeout", "120"])
         .output()

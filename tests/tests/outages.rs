@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use heimdex_shared::config::QueueType;
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::fleet::WorkerState;
@@ -20,7 +21,7 @@ async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
     env.add_long_video("long.mp4");
     env.add_media("video/silent.mp4", "after.mp4");
     let proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let via_proxy = env.settings.amqp.url.expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
+    let via_proxy = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
     let worker = env.spawn_worker("vision", "blip", &[("HEIMDEX__AMQP__URL", &via_proxy)]);
     let status = env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let (video, job) = env.enqueue("long.mp4", TaskKind::Vision, false).await.unwrap();
@@ -178,7 +179,7 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
     env.settings.worker.max_attempts = 6;
     let (broker, database, redis) =
         (TcpProxy::start("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await, TcpProxy::start("127.0.0.1:6379").await);
-    let amqp_url = env.settings.amqp.url.expose().replace("127.0.0.1:5672", &broker.addr.to_string());
+    let amqp_url = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &broker.addr.to_string());
     let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
     let redis_url = format!("redis://{}/", redis.addr);
     let via = [
@@ -245,7 +246,19 @@ fn unacked(queue: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_pause_the_tasks_still_running_count_against_the_prefetch() {
-    let env = TestEnv::new().await;
+    after_a_pause_the_tasks_still_running_count(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_pause_the_tasks_still_running_count_against_the_channel_prefetch_of_classic_queues() {
+    after_a_pause_the_tasks_still_running_count(QueueType::Classic).await;
+}
+
+/// Classic queues: one prefetch for the channel. Quorum queues refuse that, and the worker's
+/// consumers split the concurrency (runtime/consume.rs): the resumed one takes what the tasks from
+/// before leave free, and a second one the rest once they are done.
+async fn after_a_pause_the_tasks_still_running_count(queue_type: QueueType) {
+    let env = TestEnv::with_queue_type(queue_type).await;
     let database = TcpProxy::start("127.0.0.1:5432").await;
     let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
     let worker = env.spawn_worker("vision", "prefetch", &[("HEIMDEX__DATABASE__URL", &db_url), ("HEIMDEX__WORKER__CONCURRENCY", "3")]);
@@ -286,6 +299,10 @@ async fn after_a_pause_the_tasks_still_running_count_against_the_prefetch() {
     for &job in &jobs {
         env.wait_job(job, "succeeded", TASK).await;
     }
+    if queue_type == QueueType::Quorum {
+        // The long tasks are done: a second consumer took up their share of the concurrency.
+        env.wait_for("a second consumer", TASK, || async { (env.queue(&queue).await.1 == 2).then_some(()) }).await;
+    }
     drop(worker);
     env.cleanup().await;
 }
@@ -294,7 +311,7 @@ async fn after_a_pause_the_tasks_still_running_count_against_the_prefetch() {
 async fn sigterm_stops_a_worker_that_is_reconnecting_or_paused() {
     let env = TestEnv::new().await;
     let (broker, database) = (TcpProxy::start("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await);
-    let amqp_url = env.settings.amqp.url.expose().replace("127.0.0.1:5672", &broker.addr.to_string());
+    let amqp_url = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &broker.addr.to_string());
     let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
 
     // Reconnecting: the broker is gone and stays gone.

@@ -28,11 +28,12 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects once and declares the topology.
+    /// Connects once and declares the topology; a queue that exists with the other type than
+    /// `amqp.queue_type` is named in the error (the broker itself only says PRECONDITION_FAILED).
     ///
     /// # Errors
     /// The broker is unreachable or refuses the credentials or a declaration.
-    pub async fn connect(amqp: &AmqpSettings, worker: &WorkerSettings, name: &str) -> Result<Self, lapin::Error> {
+    pub async fn connect(amqp: &AmqpSettings, worker: &WorkerSettings, name: &str) -> anyhow::Result<Self> {
         let broker = Self {
             amqp: amqp.clone(),
             worker: worker.clone(),
@@ -41,8 +42,23 @@ impl Broker {
             connection: Mutex::new(None),
             publishing: Mutex::new(None),
         };
-        broker.connection().await?;
-        Ok(broker)
+        let Err(e) = broker.connection().await else { return Ok(broker) };
+        if is_precondition_failed(&e) {
+            let (connection, _channel) = topology::connect(amqp, name).await?;
+            let found = broker.topology.queue_of_other_type(&connection, worker).await;
+            let _ = connection.close(200, "checked".into()).await;
+            if let Some((queue, found)) = found? {
+                anyhow::bail!(
+                    "queue {queue} exists as a {found} queue but amqp.queue_type is {configured}: a queue's type cannot change in place. \
+                     Either set amqp.queue_type = \"{found}\" (HEIMDEX__AMQP__QUEUE_TYPE), or drain and delete the queues of prefix \
+                     {prefix:?} to have them declared again as {configured} queues (deploy/README.md, \"Moving an existing classic \
+                     deployment over\")",
+                    prefix = amqp.prefix,
+                    configured = amqp.queue_type
+                );
+            }
+        }
+        Err(e.into())
     }
 
     pub fn topology(&self) -> &Topology {
@@ -118,4 +134,9 @@ impl Broker {
             let _ = connection.close(200, "worker stopping".into()).await;
         }
     }
+}
+
+/// The broker refused a declaration because a queue exists with other arguments.
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406)
 }

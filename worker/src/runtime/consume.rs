@@ -9,13 +9,17 @@
 //! - Shutdown: stop consuming, drain in-flight tasks within the timeout, hand back what is left.
 //!
 //! The permits outlive consumers and connections, so tasks still running from before a pause or a
-//! reconnect count against the concurrency; the prefetch is the channel's (`global`), so deliveries a
-//! cancelled consumer left unacked count against the resumed one's prefetch too.
+//! reconnect count against the concurrency. On classic queues the prefetch is the channel's
+//! (`global`), so deliveries a cancelled consumer left unacked count against the resumed one's
+//! prefetch too. Quorum queues refuse a global prefetch (the broker closes the connection), so there
+//! it is each consumer's: after a pause, a first consumer takes the concurrency less the tasks still
+//! running from before, and a second one the rest once those are done (`older` in `consume`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use heimdex_shared::config::QueueType;
 use heimdex_shared::fleet::WorkerState;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -95,40 +99,57 @@ async fn consume<P: Pipeline>(
     shutdown: &CancellationToken,
 ) -> Ended {
     let queue = worker.topology().queue(worker.pipeline.kind());
-    let tag = format!("{}-{}", worker.lifecycle.id, uuid::Uuid::new_v4().simple());
-    let prefetch = u16::try_from(worker.settings.worker.concurrency).unwrap_or(u16::MAX);
-    if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global: true }).await {
-        tracing::warn!(error = %e, "cannot set the prefetch");
-        return Ended::Disconnected;
+    let concurrency = worker.settings.worker.concurrency;
+    let quorum = worker.settings.amqp.queue_type == QueueType::Quorum;
+    if !quorum {
+        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+        if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global: true }).await {
+            tracing::warn!(error = %e, "cannot set the prefetch");
+            return Ended::Disconnected;
+        }
     }
+    // The tasks spawned since consuming last (re)started: on quorum queues the deliveries of the
+    // tasks of an earlier pass are not counted by a new consumer's prefetch.
+    let mut generation: Option<TaskTracker> = None;
+    let mut older: Vec<TaskTracker> = Vec::new();
     loop {
-        let consumer =
-            channel.basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default());
-        let mut consumer = match consumer.await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot consume");
-                return Ended::Disconnected;
-            }
-        };
+        if let Some(previous) = generation.replace(TaskTracker::new()) {
+            previous.close();
+            older.push(previous);
+        }
+        older.retain(|t| !t.is_empty());
+        let generation = generation.as_ref().expect("set above");
+        // Quorum queues: a first consumer takes what the tasks still running from before leave
+        // free, and a second one the rest once they are done, so that the consumers' prefetches
+        // and the deliveries held by those tasks never add up to more than the concurrency.
+        // (The first pass on a channel holds none of its deliveries: after a reconnect the tasks
+        // still running hold deliveries of the connection that broke, which the broker took back.)
+        let held = if older.is_empty() { 0 } else { concurrency.saturating_sub(permits.available_permits()) };
+        let first = if quorum { concurrency.saturating_sub(held).max(1) } else { concurrency };
+        let mut top_up = (quorum && first < concurrency).then_some(concurrency - first);
+        let mut consumers = Vec::new();
+        match start_consumer(channel, &queue, &worker.lifecycle.id, quorum.then_some(first)).await {
+            Some(c) => consumers.push(c),
+            None => return Ended::Disconnected,
+        }
         worker.lifecycle.set_state(WorkerState::Warm, &worker.metrics);
         loop {
             // Backpressure: a permit first, then a delivery (mini-redis `Listener::run`).
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
                 () = shutdown.cancelled() => {
-                    stop_consuming(channel, &tag, consumer).await;
+                    stop_all(channel, consumers).await;
                     return Ended::Shutdown;
                 }
             };
             tokio::select! {
-                delivery = consumer.next() => match delivery {
+                (delivery, ..) = futures::future::select_all(consumers.iter_mut().map(|(_, c)| c.next())) => match delivery {
                     Some(Ok(delivery)) => {
                         let worker = worker.clone();
-                        tracker.spawn(async move {
+                        tracker.spawn(generation.track_future(async move {
                             worker.process_one(delivery).await;
                             drop(permit);
-                        });
+                        }));
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "the consumer failed");
@@ -139,17 +160,23 @@ async fn consume<P: Pipeline>(
                         return Ended::Disconnected;
                     }
                 },
+                _ = futures::future::join_all(older.iter().map(TaskTracker::wait)), if top_up.is_some() => {
+                    match start_consumer(channel, &queue, &worker.lifecycle.id, top_up.take()).await {
+                        Some(c) => consumers.push(c),
+                        None => return Ended::Disconnected,
+                    }
+                }
                 () = worker.alarms.model_down.notified() => {
                     let reason = worker.alarms.model_failure.lock().expect("alarms lock").clone().unwrap_or_default();
                     tracing::error!(reason, "a model failed: no more tasks here; exiting for a restart");
                     worker.lifecycle.set_state(WorkerState::Failed, &worker.metrics);
-                    stop_consuming(channel, &tag, consumer).await;
+                    stop_all(channel, consumers).await;
                     return Ended::ModelFailed(reason);
                 }
                 () = worker.alarms.db_down.notified() => {
                     tracing::warn!("database unavailable: pausing consumption");
                     worker.lifecycle.set_state(WorkerState::Paused, &worker.metrics);
-                    if !stop_consuming(channel, &tag, consumer).await {
+                    if !stop_all(channel, consumers).await {
                         return Ended::Disconnected;
                     }
                     if !wait_for_database(worker, shutdown).await {
@@ -159,12 +186,42 @@ async fn consume<P: Pipeline>(
                     break;
                 }
                 () = shutdown.cancelled() => {
-                    stop_consuming(channel, &tag, consumer).await;
+                    stop_all(channel, consumers).await;
                     return Ended::Shutdown;
                 }
             }
         }
     }
+}
+
+/// Starts a consumer of `queue` under a fresh tag; `prefetch` is its own (quorum queues), `None`
+/// leaves the channel's (classic queues). `None` if the channel broke.
+async fn start_consumer(channel: &Channel, queue: &str, worker_id: &str, prefetch: Option<usize>) -> Option<(String, Consumer)> {
+    if let Some(prefetch) = prefetch {
+        let prefetch = u16::try_from(prefetch).unwrap_or(u16::MAX);
+        if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global: false }).await {
+            tracing::warn!(error = %e, "cannot set the prefetch");
+            return None;
+        }
+    }
+    let tag = format!("{worker_id}-{}", uuid::Uuid::new_v4().simple());
+    match channel.basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default()).await {
+        Ok(consumer) => Some((tag, consumer)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot consume");
+            None
+        }
+    }
+}
+
+/// [`stop_consuming`] for each consumer; false if the channel broke.
+async fn stop_all(channel: &Channel, consumers: Vec<(String, Consumer)>) -> bool {
+    for (tag, consumer) in consumers {
+        if !stop_consuming(channel, &tag, consumer).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Cancels the consumer and gives back deliveries it had buffered but not started; false if the

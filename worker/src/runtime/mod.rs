@@ -101,9 +101,9 @@ where
         "the database at {} lacks migrations {missing:?} that this worker needs: run `heimdex migrate` (as the schema's owner) first",
         settings.database.url
     );
-    let broker = Broker::connect(&settings.amqp, &settings.worker, &id)
-        .await
-        .with_context(|| format!("connecting to rabbitmq at {}", settings.amqp.url))?;
+    let broker = Broker::connect(&settings.amqp, &settings.worker, &id).await.with_context(|| {
+        format!("connecting to rabbitmq at {}", settings.amqp.urls.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+    })?;
 
     // Loading and warming; a shutdown signal stops the worker here too (no model is needed to stop).
     let ready = tokio::select! {

@@ -398,7 +398,13 @@ impl TestEnv {
 
     /// Drops the database and the queues.
     pub async fn cleanup(self) {
-        let _ = self.topology().delete(&self.channel, &self.settings.worker).await;
+        // On a connection of its own (the test's may have died with a broker it restarted), and for
+        // every retry step a worker of this test may have declared with more attempts than ours.
+        let worker = heimdex_shared::config::WorkerSettings { max_attempts: 10, ..self.settings.worker.clone() };
+        if let Ok((connection, channel)) = topology::connect(&self.settings.amqp, "heimdex-tests-cleanup").await {
+            let _ = self.topology().delete(&channel, &worker).await;
+            let _ = connection.close(0, "cleaned up".into()).await;
+        }
         self.pool.close().await;
         if let Ok(admin) = PgPool::connect(ADMIN_DB).await {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS heimdex_{} WITH (FORCE)", self.name)).execute(&admin).await;

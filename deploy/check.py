@@ -73,14 +73,21 @@ def seconds(text):
     return total + (float(number) if number else 0.0)
 
 
-def compose_config(extra_env=None):
+def compose_config(extra_env=None, overlays=()):
     env = dict(os.environ, **(extra_env or {}))
     for key in [k for k in env if k.startswith("HEIMDEX_") and not k.startswith("HEIMDEX__") and k not in (extra_env or {})]:
         del env[key]  # the file's defaults, not the caller's
-    out = subprocess.run(["docker-compose", "-f", str(DEPLOY / "docker-compose.yml"), "config"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    files = [arg for f in ("docker-compose.yml", *overlays) for arg in ("-f", str(DEPLOY / f))]
+    out = subprocess.run(["docker-compose", *files, "config"], cwd=ROOT, env=env, capture_output=True, text=True)
     expect(out.returncode == 0, f"docker-compose config failed: {out.stderr}")
     return yaml.safe_load(out.stdout)
+
+
+def one_broker_setting(env, where):
+    """amqp.url and amqp.urls together are a configuration error the worker refuses at start (an
+    overlay that sets one over a file that sets the other stops every container)."""
+    both = {"HEIMDEX__AMQP__URL", "HEIMDEX__AMQP__URLS"} <= env.keys()
+    expect(not both, f"{where}: sets both HEIMDEX__AMQP__URL and HEIMDEX__AMQP__URLS; the worker refuses that")
 
 
 def check_compose():
@@ -115,13 +122,17 @@ def check_compose():
         expect("/readyz" in " ".join(worker["healthcheck"]["test"]), f"{name}: healthcheck on /readyz")
         expect("ports" not in worker, f"{name} publishes no port (health stays inside; --scale would collide)")
         expect(env.get("HEIMDEX__LOG__FORMAT") == "json", f"{name}: JSON logs for the collector (HEIMDEX__LOG__FORMAT=json)")
+    host = compose_config(overlays=["docker-compose.host.yml"])["services"]
+    for name, service in [*services.items(), *((f"{n} (host overlay)", s) for n, s in host.items())]:
+        one_broker_setting(service.get("environment") or {}, name)
     for name, service in services.items():
         for port in service.get("ports", []):
             expect(str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback")
     offline = compose_config({"HEIMDEX_MODELS": "../models", "HEIMDEX_MODELS_COMMAND": "verify"})
     expect(f"{ROOT / 'models'}:/models:ro" in offline["services"]["worker-vision"]["volumes"], "HEIMDEX_MODELS=../models mounts the root's models/")
     expect(offline["services"]["models"]["command"][1] == "verify", "HEIMDEX_MODELS_COMMAND=verify")
-    print(f"check: compose: ok ({len(services)} services; volumes, depends_on, loopback ports, cpus = threads, offline models)")
+    print(f"check: compose: ok ({len(services)} services; volumes, depends_on, loopback ports, cpus = threads, offline models, "
+          "one broker setting with the host overlay)")
 
 
 def env_of(container, configmap):
@@ -198,6 +209,7 @@ def check_k8s():
         (container,) = pod["containers"]
         env = env_of(container, configmap)
         expect(container["command"] == [name], f"{name}: runs {container['command']}")
+        one_broker_setting({**env, **secrets.get("heimdex", {})}, name)
         for source in container.get("envFrom", []):
             ref = source.get("configMapRef") or source.get("secretRef")
             expect(ref["name"] == "heimdex", f"{name}: envFrom {ref}")

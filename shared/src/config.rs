@@ -248,6 +248,12 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     /// Longest a statement may wait for a lock (PostgreSQL `lock_timeout`).
     pub lock_timeout_ms: u64,
+    /// `maintenance_work_mem` of an HNSW build in `heimdex migrate`, in MiB. A build whose graph
+    /// outgrows it goes on many times slower; 1M 768-d halfvec vectors need about 2 GiB.
+    pub index_build_memory_mb: u32,
+    /// Parallel workers of an HNSW build beside the leader (`max_parallel_maintenance_workers`; the
+    /// server's `max_parallel_workers` still caps it).
+    pub index_build_workers: u32,
 }
 
 impl Default for DatabaseSettings {
@@ -259,6 +265,8 @@ impl Default for DatabaseSettings {
             worker_role: String::new(),
             statement_timeout_ms: 60_000,
             lock_timeout_ms: 10_000,
+            index_build_memory_mb: 1024,
+            index_build_workers: 1,
         }
     }
 }

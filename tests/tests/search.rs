@@ -142,8 +142,8 @@ async fn a_paraphrase_finds_the_sample_videos_sentence() {
     );
     let plan = plans(&env, &call);
     assert!(plan.contains("Index Scan using transcript_segments_hnsw_"), "{plan}");
-    assert!(plan.contains("Order By: ((embedding)::vector(384) <=>"), "{plan}");
-    assert!(plan.contains("Bitmap Index Scan on transcript_segments_fts"), "{plan}");
+    assert!(plan.contains("Order By: ((embedding)::halfvec(384) <=>"), "{plan}");
+    assert!(plan.contains("Bitmap Index Scan on transcript_segments_text_search"), "{plan}");
     drop(worker);
     env.cleanup().await;
 }

@@ -111,8 +111,8 @@ async fn migrate_creates_one_vector_index_per_configured_model() {
             .unwrap();
     defs.sort();
     assert_eq!(defs.len(), 2, "{defs:?}");
-    assert!(defs[0].contains("vector(1024)") && defs[0].contains("BAAI/bge-m3"), "{defs:?}");
-    assert!(defs[1].contains("vector(384)") && defs[1].contains("all-MiniLM-L6-v2"), "{defs:?}");
+    assert!(defs[0].contains("halfvec(1024)") && defs[0].contains("BAAI/bge-m3"), "{defs:?}");
+    assert!(defs[1].contains("halfvec(384)") && defs[1].contains("all-MiniLM-L6-v2"), "{defs:?}");
     drop_db(&name, pool).await;
 }
 

@@ -210,18 +210,6 @@ async fn flood(settings: &Settings, pid: u32, recording: &str, args: &Args) -> R
     }))
 }
 
-/// The CPU's ISA flags that matter to inference speed, printed beside every figure.
-fn isa_flags() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).unwrap_or_default();
-    ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
-        .iter()
-        .filter(|f| flags.split_whitespace().any(|x| x == **f))
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -277,7 +265,7 @@ async fn main() -> Result<()> {
         }
         eprintln!("worker-{kind} warm after {:.1} s; {} warm-up queries", warm_after.as_secs_f64(), args.warmup);
         measure(&settings, kind, &model, 1, args.warmup).await?;
-        println!("CPU: {} cores, {}", std::thread::available_parallelism().map_or(1, usize::from), isa_flags());
+        println!("CPU: {} cores, {}", std::thread::available_parallelism().map_or(1, usize::from), heimdex_bench::measure::isa_flags());
         let measured = if args.flood > 0 {
             let pid = worker.id().context("the worker's pid")?;
             let recording = media.join("long.wav").display().to_string();
@@ -317,7 +305,7 @@ async fn main() -> Result<()> {
             "kind": kind.as_str(),
             "model": model,
             "cores": std::thread::available_parallelism().map_or(1, usize::from),
-            "isa": isa_flags(),
+            "isa": heimdex_bench::measure::isa_flags(),
             "warm_after_s": warm_after.as_secs_f64(),
             "measured": measured,
         }))

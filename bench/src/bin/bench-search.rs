@@ -1,8 +1,11 @@
 //! Benchmark of search end to end: `heimdex_search_segments` and `heimdex_search_frames` called through
-//! sqlx over a synthetic library of ≥ 100k transcript segments and ≥ 100k frames, p50 and p99 with and
-//! without a video filter, and recall@10 of the HNSW query against an exact scan.
+//! sqlx over a synthetic library of transcript segments and frames (100k each by default, 1M with
+//! `--videos 10000`), p50 and p99 with and without a video filter, queries per second with
+//! `--clients` concurrent clients, and recall@10 of the HNSW query (over `halfvec`) against an exact
+//! fp32 scan of the same vectors.
 //!
 //! `cargo run -p heimdex-bench --bin bench-search -- --runs 3 --out bench-results/search.json`
+//! `cargo run -p heimdex-bench --bin bench-search -- --videos 10000 --out bench-results/search-1m.json`
 //!
 //! It creates a scratch database on the configured PostgreSQL server, migrates it with
 //! `heimdex_shared::db::migrate` (which creates the partial HNSW indexes of the configured models),
@@ -15,10 +18,13 @@
 //! Vectors are unit vectors from a mixture: `--clusters` centres, each with a local subspace of
 //! `SUBSPACE` directions, plus isotropic noise, so that neighbourhoods exist as in real embeddings;
 //! each video draws from a few clusters. Queries are dataset vectors with noise added, and two
-//! content words of the source segment's sentence. Latency is one client, one query after another,
-//! `--runs` passes after a warm-up pass; recall compares the function's top 10 (segments: the semantic
-//! list alone, with an empty text) against the same call with `enable_indexscan = off` (an exact
-//! scan and sort).
+//! content words of the source segment's sentence (rare and common ones, by the Zipf draw); every
+//! fourth query's words are the library's most common word alone, the full-text side's worst case.
+//! Latency is one client, one query after another, `--runs` passes after a warm-up pass; throughput
+//! is `--clients` connections each running every search of every query. Recall compares the
+//! function's top 10 (segments: the semantic list alone, with an empty text) against the exact top
+//! 10 by cosine of the fp32 vectors (kept in memory as they are loaded; the database holds them as
+//! halfvec), over the whole library or the one video.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,8 +37,8 @@ use heimdex_bench::scratch::ScratchDb;
 use heimdex_shared::Settings;
 use heimdex_shared::db::vector_literal;
 use serde_json::{Value, json};
+use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -54,10 +60,12 @@ struct Args {
     /// Measured passes over the queries (after one warm-up pass); medians over passes are quoted.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// `maintenance_work_mem` for the HNSW builds (the server default is often 64MB, which a 100k ×
-    /// 768-d graph outgrows).
-    #[arg(long, default_value = "1GB")]
-    maintenance_work_mem: String,
+    /// Leave the scratch database on the server (its name is printed) to look at plans by hand.
+    #[arg(long)]
+    keep_db: bool,
+    /// Concurrent clients of the throughput pass.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
     /// TOML configuration file (database server, model names).
     #[arg(long, env = "HEIMDEX_CONFIG")]
     config: Option<PathBuf>,
@@ -429,12 +437,12 @@ impl Copy {
     fn float8(&mut self, v: f64) {
         self.field(&v.to_be_bytes());
     }
-    /// pgvector's `vector_recv`: int16 dimension, int16 unused (0), float4 values.
-    fn vector(&mut self, v: &[f32]) {
-        self.buf.extend_from_slice(&((4 + 4 * v.len()) as i32).to_be_bytes());
+    /// pgvector's `halfvec_recv`: int16 dimension, int16 unused (0), float16 values.
+    fn halfvec(&mut self, v: &[f32]) {
+        self.buf.extend_from_slice(&((4 + 2 * v.len()) as i32).to_be_bytes());
         self.buf.extend_from_slice(&(v.len() as i16).to_be_bytes());
         self.buf.extend_from_slice(&0i16.to_be_bytes());
-        v.iter().for_each(|x| self.buf.extend_from_slice(&x.to_be_bytes()));
+        v.iter().for_each(|x| self.buf.extend_from_slice(&half::f16::from_f32(*x).to_bits().to_be_bytes()));
     }
     fn text(&mut self, v: &str) {
         self.field(v.as_bytes());
@@ -459,18 +467,47 @@ async fn copy_in(pool: &PgPool, statement: &str, mut fill: impl FnMut(&mut Copy,
     Ok(())
 }
 
-/// One query: the perturbed vectors of a segment and a frame of `video`, and two words of the segment.
+/// One query: the perturbed vectors of a segment and a frame of video number `video` (a paraphrase
+/// of the segment, a frame like the frame), and words of the segment.
 struct Query {
-    video: Uuid,
+    video: usize,
+    text_q: Vec<f32>,
+    frame_q: Vec<f32>,
     text_vec: String,
     frame_vec: String,
     words: String,
 }
 
-/// The videos of the library and the queries drawn from it.
+/// The videos of the library, the fp32 vectors of its segments and frames (row `i` is `idx` `i %
+/// per_video` of video `i / per_video`), and the queries drawn from it.
 struct Library {
     videos: Vec<Uuid>,
+    per_video: usize,
+    segment_vectors: Vec<f32>,
+    frame_vectors: Vec<f32>,
     queries: Vec<Query>,
+}
+
+impl Library {
+    /// The exact top `K` rows by cosine (the vectors are unit length: by dot product) among all rows,
+    /// or those of one video.
+    fn exact(&self, vectors: &[f32], q: &[f32], video: Option<usize>) -> Vec<(Uuid, i32)> {
+        let dim = q.len();
+        let rows = match video {
+            Some(v) => v * self.per_video..(v + 1) * self.per_video,
+            None => 0..vectors.len() / dim,
+        };
+        let mut best: Vec<(f32, usize)> = Vec::with_capacity(K + 1);
+        for i in rows {
+            let dot: f32 = vectors[i * dim..(i + 1) * dim].iter().zip(q).map(|(a, b)| a * b).sum();
+            if best.len() < K || dot > best[K - 1].0 {
+                let at = best.partition_point(|&(d, _)| d >= dot);
+                best.insert(at, (dot, i));
+                best.truncate(K);
+            }
+        }
+        best.into_iter().map(|(_, i)| (self.videos[i / self.per_video], (i % self.per_video) as i32)).collect()
+    }
 }
 
 /// Loads videos, scenes, segments and frames; returns the videos and the queries (drawn as it goes).
@@ -497,8 +534,10 @@ async fn load(pool: &PgPool, settings: &Settings, args: &Args) -> Result<Library
         let e = 0.15 / (v.len() as f32).sqrt();
         let mut q: Vec<f32> = v.iter().map(|x| x + rng.gauss() * e).collect();
         normalise(&mut q);
-        vector_literal(&q)
+        q
     };
+    let mut segment_vectors = Vec::with_capacity(args.videos * per * text_dim);
+    let mut frame_vectors = Vec::with_capacity(args.videos * per * vision_dim);
 
     copy_in(pool, "COPY videos (id, uri, duration_s) FROM STDIN (FORMAT binary)", |c, i| {
         let Some(id) = videos.get(i) else { return false };
@@ -541,10 +580,21 @@ async fn load(pool: &PgPool, settings: &Settings, args: &Args) -> Result<Library
             let text = words.sentence(&mut rng);
             if let Some(&q) = sources.get(&i) {
                 let content: Vec<&str> = text.trim_end_matches('.').split(' ').filter(|w| !STOP.contains(w)).collect();
-                let pick = [content.first(), content.last()].map(|w| w.copied().unwrap_or("time")).join(" ");
+                let pick = if q % 4 == 3 {
+                    WORDS[0].to_string()
+                } else {
+                    [content.first(), content.last()].map(|w| w.copied().unwrap_or(WORDS[0])).join(" ")
+                };
                 segment_words.insert(q, pick);
-                queries[q] =
-                    Some(Query { video: videos[v], text_vec: perturb(&mut qrng, &vec), frame_vec: String::new(), words: String::new() });
+                let text_q = perturb(&mut qrng, &vec);
+                queries[q] = Some(Query {
+                    video: v,
+                    text_vec: vector_literal(&text_q),
+                    text_q,
+                    frame_q: Vec::new(),
+                    frame_vec: String::new(),
+                    words: String::new(),
+                });
             }
             c.row(9);
             c.uuid(videos[v]);
@@ -554,8 +604,9 @@ async fn load(pool: &PgPool, settings: &Settings, args: &Args) -> Result<Library
             c.text(&text);
             c.text("en");
             c.field(&0.9f32.to_be_bytes());
-            c.vector(&vec);
+            c.halfvec(&vec);
             c.text(&text_model);
+            segment_vectors.extend_from_slice(&vec);
             true
         },
     )
@@ -571,15 +622,17 @@ async fn load(pool: &PgPool, settings: &Settings, args: &Args) -> Result<Library
         if let Some(&q) = sources.get(&i)
             && let Some(query) = queries[q].as_mut()
         {
-            query.frame_vec = perturb(&mut qrng, &vec);
+            query.frame_q = perturb(&mut qrng, &vec);
+            query.frame_vec = vector_literal(&query.frame_q);
         }
         c.row(6);
         c.uuid(videos[v]);
         c.int4(f as i32);
         c.float8(f as f64 * 2.0);
         c.int4((f / 10) as i32);
-        c.vector(&vec);
+        c.halfvec(&vec);
         c.text(&vision_model);
+        frame_vectors.extend_from_slice(&vec);
         true
     })
     .await?;
@@ -593,7 +646,7 @@ async fn load(pool: &PgPool, settings: &Settings, args: &Args) -> Result<Library
             Ok(query)
         })
         .collect::<Result<_>>()?;
-    Ok(Library { videos, queries })
+    Ok(Library { videos, per_video: per, segment_vectors, frame_vectors, queries })
 }
 
 /// The four searches measured per query.
@@ -617,13 +670,26 @@ impl Search {
         }
     }
 
+    /// The video number a search filters on.
+    fn video(self, q: &Query) -> Option<usize> {
+        matches!(self, Self::SegmentsInVideo | Self::FramesInVideo).then_some(q.video)
+    }
+
+    /// The exact top `K` of the query by its fp32 vectors.
+    fn exact(self, library: &Library, q: &Query) -> Vec<(Uuid, i32)> {
+        match self {
+            Self::Segments | Self::SegmentsInVideo => library.exact(&library.segment_vectors, &q.text_q, self.video(q)),
+            Self::Frames | Self::FramesInVideo => library.exact(&library.frame_vectors, &q.frame_q, self.video(q)),
+        }
+    }
+
     /// Runs the search as `heimdex_search_*` through sqlx; `text` overrides the query's words (recall
     /// uses an empty text, leaving the semantic list alone). Returns (video, idx) of the hits in order.
-    async fn run<'c, E>(self, db: E, settings: &Settings, q: &Query, text: Option<&str>) -> Result<Vec<(Uuid, i32)>>
+    async fn run<'c, E>(self, db: E, settings: &Settings, library: &Library, q: &Query, text: Option<&str>) -> Result<Vec<(Uuid, i32)>>
     where
         E: sqlx::PgExecutor<'c>,
     {
-        let video = matches!(self, Self::SegmentsInVideo | Self::FramesInVideo).then_some(q.video);
+        let video = self.video(q).map(|v| library.videos[v]);
         let rows = match self {
             Self::Segments | Self::SegmentsInVideo => {
                 sqlx::query("SELECT * FROM heimdex_search_segments($1::vector, $2, $3, $4, $5)")
@@ -688,10 +754,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         sqlx::query(&format!("DROP INDEX \"{name}\"")).execute(&pool).await?;
     }
     let options: PgConnectOptions = db.url().parse()?;
-    let loader = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(options.options([("maintenance_work_mem", args.maintenance_work_mem.as_str()), ("statement_timeout", "0")]))
-        .await?;
+    let loader = PgPoolOptions::new().max_connections(1).connect_with(options.options([("statement_timeout", "0")])).await?;
 
     let started = Instant::now();
     let library = load(&loader, scratch, args).await?;
@@ -702,13 +765,13 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     let mut builds = Vec::new();
     for (table, model, dim) in heimdex_shared::db::vector_indexes(scratch).into_iter().filter(|(t, ..)| *t != "scenes") {
         let started = Instant::now();
-        heimdex_shared::db::ensure_vector_index(&loader, table, model, dim).await?;
+        heimdex_shared::db::ensure_vector_index(&loader, &scratch.database, table, model, dim).await?;
         builds.push((table, started.elapsed().as_secs_f64()));
     }
     sqlx::query("ANALYZE").execute(&loader).await?;
     let sizes: Vec<(String, i64)> = sqlx::query_as(
         "SELECT c.relname::text, pg_total_relation_size(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = 'public' AND (c.relname IN ('transcript_segments', 'frames', 'transcript_segments_fts') \
+         WHERE n.nspname = 'public' AND (c.relname IN ('transcript_segments', 'frames', 'transcript_segments_text_search') \
          OR c.relname LIKE '%\\_hnsw\\_%') ORDER BY 1",
     )
     .fetch_all(&loader)
@@ -716,6 +779,12 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     let counts: (i64, i64, String, String) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM transcript_segments), (SELECT count(*) FROM frames), \
          current_setting('shared_buffers'), (SELECT extversion FROM pg_extension WHERE extname = 'vector')",
+    )
+    .fetch_one(&loader)
+    .await?;
+    let vector_bytes: (f64, f64) = sqlx::query_as(
+        "SELECT (SELECT avg(pg_column_size(embedding))::float8 FROM transcript_segments), \
+         (SELECT avg(pg_column_size(embedding))::float8 FROM frames)",
     )
     .fetch_one(&loader)
     .await?;
@@ -752,7 +821,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     let client = PgPoolOptions::new().max_connections(1).connect_with(db.url().parse::<PgConnectOptions>()?).await?;
     for q in &library.queries {
         for s in SEARCHES {
-            s.run(&client, scratch, q, None).await?;
+            s.run(&client, scratch, &library, q, None).await?;
         }
     }
     let mut passes: Vec<Vec<Vec<f64>>> = Vec::new(); // pass -> search -> sorted ms
@@ -761,7 +830,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         for q in &library.queries {
             for (s, search) in SEARCHES.iter().enumerate() {
                 let t = Instant::now();
-                let hits = search.run(&client, scratch, q, None).await?;
+                let hits = search.run(&client, scratch, &library, q, None).await?;
                 times[s].push(ms(t));
                 anyhow::ensure!(hits.len() == K, "{} returned {} hits", search.name(), hits.len());
             }
@@ -770,29 +839,42 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         passes.push(times);
     }
 
-    // Recall@10: the function as it runs against the same call planned without index scans (an exact
-    // scan and sort of every row of the model, or of the video).
+    // Throughput: `--clients` connections, each running every search of every query (starting at
+    // different queries), all at once.
+    let shared = PgPoolOptions::new().max_connections(args.clients as u32).connect_with(db.url().parse::<PgConnectOptions>()?).await?;
+    let started = Instant::now();
+    let done: Vec<usize> = futures::future::try_join_all((0..args.clients).map(|c| {
+        let (shared, library) = (&shared, &library);
+        async move {
+            let n = library.queries.len();
+            let mut conn = shared.acquire().await?;
+            for i in 0..n {
+                let q = &library.queries[(i + c * n / args.clients) % n];
+                for s in SEARCHES {
+                    s.run(&mut *conn, scratch, library, q, None).await?;
+                }
+            }
+            anyhow::Ok(n * SEARCHES.len())
+        }
+    }))
+    .await?;
+    let qps = done.iter().sum::<usize>() as f64 / started.elapsed().as_secs_f64();
+    shared.close().await;
+
+    // Recall@10 against the exact fp32 top 10, computed here from the vectors as loaded.
     let mut recall = vec![Vec::with_capacity(library.queries.len()); SEARCHES.len()];
-    let mut exact_ms = vec![Vec::new(); SEARCHES.len()];
     let mut conn = client.acquire().await?;
-    // How many segments the full-text side ranks: ts_rank_cd runs on every match, before the LIMIT.
+    // How many segments the full-text side matches (it ranks at most its cap of them).
     let mut text_matches = Vec::with_capacity(library.queries.len());
     for q in &library.queries {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM transcript_segments WHERE to_tsvector('english', text) @@ websearch_to_tsquery('english', $1)",
-        )
-        .bind(&q.words)
-        .fetch_one(&mut *conn)
-        .await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM transcript_segments WHERE text_search @@ heimdex_text_query($1)")
+            .bind(&q.words)
+            .fetch_one(&mut *conn)
+            .await?;
         text_matches.push(n as f64);
         for (s, search) in SEARCHES.iter().enumerate() {
-            let approx = search.run(&mut *conn, scratch, q, Some("")).await?;
-            let mut tx = conn.begin().await?;
-            sqlx::query("SET LOCAL enable_indexscan = off").execute(&mut *tx).await?;
-            let t = Instant::now();
-            let exact = search.run(&mut *tx, scratch, q, Some("")).await?;
-            exact_ms[s].push(ms(t));
-            tx.rollback().await?;
+            let approx = search.run(&mut *conn, scratch, &library, q, Some("")).await?;
+            let exact = search.exact(&library, q);
             let found = approx.iter().filter(|h| exact.contains(h)).count();
             recall[s].push(found as f64 / exact.len().max(1) as f64);
         }
@@ -802,7 +884,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     pool.close().await;
 
     println!(
-        "search end to end through sqlx, one client: {} segments ({}), {} frames ({}), {} videos; {} queries × {} passes",
+        "search end to end through sqlx: {} segments ({}), {} frames ({}), {} videos, halfvec; {} queries × {} passes, one client",
         counts.0,
         scratch.index.embed_model,
         counts.1,
@@ -811,50 +893,61 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         library.queries.len(),
         args.runs
     );
-    println!("{:<22} {:>9} {:>9} {:>9} {:>10} {:>10}", "search", "p50 ms", "p99 ms", "max ms", "recall@10", "exact p50");
+    println!("{:<22} {:>9} {:>9} {:>9} {:>10} {:>10}", "search", "p50 ms", "p99 ms", "max ms", "recall@10", "min recall");
     let mut rows = Vec::new();
     for (s, search) in SEARCHES.iter().enumerate() {
         let per_pass = |f: &dyn Fn(&[f64]) -> f64| passes.iter().map(|p| f(&p[s])).collect::<Vec<f64>>();
         let (p50s, p99s, maxes) = (per_pass(&|t| quantile(t, 0.5)), per_pass(&|t| quantile(t, 0.99)), per_pass(&|t| quantile(t, 1.0)));
         let r = recall[s].iter().sum::<f64>() / recall[s].len().max(1) as f64;
-        let exact_p50 = median(exact_ms[s].clone());
+        let min = recall[s].iter().copied().fold(f64::INFINITY, f64::min);
         println!(
-            "{:<22} {:>9.2} {:>9.2} {:>9.2} {:>10.3} {:>10.1}",
+            "{:<22} {:>9.2} {:>9.2} {:>9.2} {:>10.3} {:>10.2}",
             search.name(),
             median(p50s.clone()),
             median(p99s.clone()),
             median(maxes.clone()),
             r,
-            exact_p50
+            min
         );
         rows.push(json!({
             "search": search.name(),
             "p50_ms": median(p50s.clone()), "p99_ms": median(p99s.clone()), "max_ms": median(maxes),
             "p50_ms_per_pass": p50s, "p99_ms_per_pass": p99s,
-            "recall_at_10": r, "recall_min": recall[s].iter().copied().fold(f64::INFINITY, f64::min),
+            "recall_at_10": r, "recall_min": min,
             "queries_recall_below_half": recall[s].iter().filter(|&&r| r < 0.5).count(),
-            "exact_p50_ms": exact_p50,
         }));
     }
+    println!("{} clients, every search of every query: {qps:.1} searches/s", args.clients);
     let matches_max = text_matches.iter().copied().fold(0.0, f64::max);
     let matches_p50 = median(text_matches.clone());
-    println!("full-text matches per segment query (two words): median {matches_p50:.0}, max {matches_max:.0}");
+    println!("full-text matches per segment query: median {matches_p50:.0}, max {matches_max:.0}");
+    println!(
+        "vector bytes per row (pg_column_size): segments {:.0}, frames {:.0}; sizes: {}",
+        vector_bytes.0,
+        vector_bytes.1,
+        sizes.iter().map(|(k, v)| format!("{k} {:.1} MB", *v as f64 / 1e6)).collect::<Vec<_>>().join(", ")
+    );
     let build: serde_json::Map<String, Value> = builds.iter().map(|(t, s)| (t.to_string(), json!(s))).collect();
     println!(
-        "load (binary COPY, FTS index in place) {load_s:.1} s, ANALYZE {analyze_s:.1} s, HNSW build {} (maintenance_work_mem {}); \
-         load average {load_before} before, {} after",
+        "load (binary COPY, text index in place) {load_s:.1} s, ANALYZE {analyze_s:.1} s, HNSW build {} \
+         (index_build_memory_mb {}, index_build_workers {}); load average {load_before} before, {} after; cpu {}",
         builds.iter().map(|(t, s)| format!("{t} {s:.1} s")).collect::<Vec<_>>().join(", "),
-        args.maintenance_work_mem,
-        loadavg()
+        scratch.database.index_build_memory_mb,
+        scratch.database.index_build_workers,
+        loadavg(),
+        heimdex_bench::measure::isa_flags()
     );
     Ok(json!({
         "segments": counts.0, "frames": counts.1, "videos": args.videos, "clusters": args.clusters, "subspace": SUBSPACE,
-        "text_model": scratch.index.embed_model, "vision_model": scratch.vision.embed_model,
-        "queries": library.queries.len(), "passes": args.runs, "k": K,
-        "load_s": load_s, "analyze_s": analyze_s, "hnsw_build_s": build, "maintenance_work_mem": args.maintenance_work_mem,
+        "text_model": scratch.index.embed_model, "vision_model": scratch.vision.embed_model, "storage": "halfvec",
+        "queries": library.queries.len(), "passes": args.runs, "k": K, "clients": args.clients, "searches_per_s": qps,
+        "load_s": load_s, "analyze_s": analyze_s, "hnsw_build_s": build,
+        "index_build_memory_mb": scratch.database.index_build_memory_mb, "index_build_workers": scratch.database.index_build_workers,
         "sizes_bytes": sizes.into_iter().map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
+        "vector_bytes_per_segment": vector_bytes.0, "vector_bytes_per_frame": vector_bytes.1,
         "shared_buffers": counts.2, "pgvector": counts.3,
         "cores": std::thread::available_parallelism().map_or(1, usize::from),
+        "isa": heimdex_bench::measure::isa_flags(),
         "loadavg_before": load_before, "loadavg_after": loadavg(),
         "text_matches_p50": matches_p50, "text_matches_max": matches_max,
         "plans": plans,
@@ -868,7 +961,11 @@ async fn main() -> Result<()> {
     let settings = heimdex_shared::config::load(args.config.as_deref())?;
     let db = ScratchDb::create(&settings, "search").await?;
     let result = bench(&db, &args).await;
-    db.drop_it().await;
+    if args.keep_db {
+        eprintln!("kept the scratch database: {}", db.url());
+    } else {
+        db.drop_it().await;
+    }
     let report = result?;
     write_report(&args.out, &report)?;
     println!("{}", serde_json::to_string(&report)?);

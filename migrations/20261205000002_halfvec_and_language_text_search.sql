@@ -16,6 +16,10 @@
 -- 3. The full-text side is bounded: at most `text_cap` matching segments are ranked, so one common
 --    word cannot cost seconds; `hnsw.ef_search` is chosen from k (10·k, at least 100, at most 1000).
 
+-- The type change and the new column rewrite the three tables: minutes at a million rows, past the
+-- pool's statement_timeout. For this migration's transaction only.
+SET LOCAL statement_timeout = 0;
+
 DO $$
 DECLARE
     name text;

@@ -129,6 +129,13 @@ fn float_list(values: &[f32], open: char, close: char) -> String {
     out
 }
 
+/// The name of the partial HNSW index of `table` for one model and dimension (PostgreSQL keeps 63
+/// characters of a name).
+pub fn vector_index_name(table: &str, model: &str, dim: usize) -> String {
+    let slug: String = model.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    format!("{table}_hnsw_{slug}_{dim}").chars().take(63).collect()
+}
+
 /// Creates, if missing, the partial HNSW cosine index of `table.embedding` for one model, so that a
 /// model of any dimension is indexed by configuration alone. Vectors are indexed as `halfvec(dim)`
 /// (16-bit floats: half the graph's bytes; bench-search measures the recall against fp32), with
@@ -149,9 +156,7 @@ pub async fn ensure_vector_index(
     model: &str,
     dim: usize,
 ) -> Result<(), sqlx::Error> {
-    let slug: String = model.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
-    let name = format!("{table}_hnsw_{slug}_{dim}");
-    let name: String = name.chars().take(63).collect();
+    let name = vector_index_name(table, model, dim);
     let model_sql = model.replace('\'', "''");
     let sql = format!(
         "CREATE INDEX IF NOT EXISTS \"{name}\" ON {table} USING hnsw ((embedding::halfvec({dim})) halfvec_cosine_ops) \

@@ -396,7 +396,30 @@ impl TestEnv {
         sqlx::query_scalar(sql).bind(video).fetch_one(&self.pool).await.expect("count query")
     }
 
-    /// Drops the database and the queues.
+    /// A second database of this test's with the schema as it was before migration `version` (the
+    /// committed migrations older than it, applied in order), to test a migration on rows written
+    /// under the old schema. [`TestEnv::cleanup`] drops it.
+    pub async fn database_before(&self, version: &str) -> PgPool {
+        let name = format!("heimdex_{}_before", self.name);
+        let admin = PgPool::connect(ADMIN_DB).await.expect("postgres is running (scripts/setup)");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create database");
+        admin.close().await;
+        let pool = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}")).await.expect("connect");
+        let before = self.media.path().join(format!("migrations-before-{version}"));
+        std::fs::create_dir(&before).expect("a folder for the older migrations");
+        let migrations = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        for entry in std::fs::read_dir(&migrations).expect("migrations/") {
+            let path = entry.expect("a migration").path();
+            let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+            if file < version {
+                std::fs::copy(&path, before.join(file)).expect("copy a migration");
+            }
+        }
+        sqlx::migrate::Migrator::new(before.as_path()).await.expect("the older migrations").run(&pool).await.expect("the old schema");
+        pool
+    }
+
+    /// Drops the databases and the queues.
     pub async fn cleanup(self) {
         // On a connection of its own (the test's may have died with a broker it restarted), and for
         // every retry step a worker of this test may have declared with more attempts than ours.
@@ -407,7 +430,9 @@ impl TestEnv {
         }
         self.pool.close().await;
         if let Ok(admin) = PgPool::connect(ADMIN_DB).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS heimdex_{} WITH (FORCE)", self.name)).execute(&admin).await;
+            for name in [format!("heimdex_{}", self.name), format!("heimdex_{}_before", self.name)] {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+            }
         }
     }
 }

@@ -230,23 +230,7 @@ async fn the_openapi_document_is_served_valid_and_true_of_the_answers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_list_order_migration_numbers_existing_rows_by_creation() {
     let env = TestEnv::new().await;
-    let name = format!("heimdex_{}_old", env.name);
-    let admin = PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
-    let pool = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}")).await.unwrap();
-
-    // The schema as it was before the migration, from the committed files.
-    let migrations = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
-    let before = env.media.path().join("migrations-before");
-    std::fs::create_dir(&before).unwrap();
-    for entry in std::fs::read_dir(&migrations).unwrap() {
-        let path = entry.unwrap().path();
-        let file = path.file_name().unwrap().to_str().unwrap().to_string();
-        if file.as_str() < "20261205000001" {
-            std::fs::copy(&path, before.join(&file)).unwrap();
-        }
-    }
-    sqlx::migrate::Migrator::new(before.as_path()).await.unwrap().run(&pool).await.unwrap();
+    let pool = env.database_before("20261205000001").await;
     let has_seq: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'videos' AND column_name = 'seq')")
             .fetch_one(&pool)
@@ -287,6 +271,5 @@ async fn the_list_order_migration_numbers_existing_rows_by_creation() {
     assert_eq!(order, [new.2, new.1, ids[0], ids[2], ids[1]]);
 
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin).await.unwrap();
     env.cleanup().await;
 }

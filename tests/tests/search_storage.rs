@@ -4,32 +4,11 @@
 //! transcript's own language (a German segment found by an inflected German word, an English one by
 //! English stemming, an unknown language by its exact words).
 
-use std::path::Path;
-
 use heimdex_tests::TestEnv;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 /// The first migration this file tests: everything before it is the schema the data was written in.
 const HALFVEC: &str = "20261205000002";
-
-async fn old_schema(env: &TestEnv, name: &str) -> PgPool {
-    let admin = PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
-    let pool = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}")).await.unwrap();
-    let migrations = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
-    let before = env.media.path().join("migrations-before-halfvec");
-    std::fs::create_dir(&before).unwrap();
-    for entry in std::fs::read_dir(&migrations).unwrap() {
-        let path = entry.unwrap().path();
-        let file = path.file_name().unwrap().to_str().unwrap().to_string();
-        if file.as_str() < HALFVEC {
-            std::fs::copy(&path, before.join(&file)).unwrap();
-        }
-    }
-    sqlx::migrate::Migrator::new(before.as_path()).await.unwrap().run(&pool).await.unwrap();
-    pool
-}
 
 /// A unit vector of `dim` with most of its weight on `axis`, and values fp16 cannot hold exactly.
 fn vector(dim: usize, axis: usize) -> Vec<f32> {
@@ -47,8 +26,7 @@ fn literal(v: &[f32]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_halfvec_migration_keeps_the_rows_and_search_reads_each_language() {
     let env = TestEnv::new().await;
-    let name = format!("heimdex_{}_fp32", env.name);
-    let pool = old_schema(&env, &name).await;
+    let pool = env.database_before(HALFVEC).await;
     let (text_model, text_dim) = (env.settings.index.embed_model.clone(), env.settings.index.embed_dim);
     let (vision_model, vision_dim) = (env.settings.vision.embed_model.clone(), env.settings.vision.embed_dim);
 
@@ -96,8 +74,7 @@ async fn the_halfvec_migration_keeps_the_rows_and_search_reads_each_language() {
         .unwrap();
     }
     for (table, model, dim) in heimdex_shared::db::vector_indexes(&env.settings) {
-        let slug: String = model.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
-        let index: String = format!("{table}_hnsw_{slug}_{dim}").chars().take(63).collect();
+        let index = heimdex_shared::db::vector_index_name(table, model, dim);
         sqlx::query(&format!(
             "CREATE INDEX \"{index}\" ON {table} USING hnsw ((embedding::vector({dim})) vector_cosine_ops) WHERE embedding_model = '{model}'"
         ))
@@ -107,9 +84,7 @@ async fn the_halfvec_migration_keeps_the_rows_and_search_reads_each_language() {
     }
 
     // `heimdex migrate`: the rest of the migrations, then the vector indexes of the configured models.
-    let mut settings = env.settings.clone();
-    settings.database.url = heimdex_shared::config::Secret::new(format!("postgres://postgres@127.0.0.1:5432/{name}"));
-    heimdex_shared::db::migrate(&pool, &settings).await.unwrap();
+    heimdex_shared::db::migrate(&pool, &env.settings).await.unwrap();
 
     let types: Vec<(String, String)> = sqlx::query_as(
         "SELECT table_name::text, udt_name::text FROM information_schema.columns WHERE column_name = 'embedding' ORDER BY 1",
@@ -168,7 +143,5 @@ async fn the_halfvec_migration_keeps_the_rows_and_search_reads_each_language() {
     assert_eq!(configs, ["german", "english", "simple", "simple"]);
 
     pool.close().await;
-    let admin = PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin).await.unwrap();
     env.cleanup().await;
 }

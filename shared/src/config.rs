@@ -524,12 +524,67 @@ pub struct WorkerSettings {
     /// How often the worker publishes task messages that a producer stored in the outbox but did not
     /// publish (a crash or a broker failure after its commit), and how old they must be.
     pub outbox_relay_ms: u64,
-    /// Testing hooks, empty in production: `hang_before_ack` parks a task between its commit and its
-    /// ack (so a test can kill the process there); `panic` panics inside every task;
-    /// `hold_warmup:FILE` stays in `warming` until FILE exists; `model_panic:MODEL` makes that
-    /// model's owner thread panic on its first task batch; `crash_on:TEXT` aborts the process when a
-    /// task's media URI contains TEXT (a video that kills its worker).
-    pub failpoint: String,
+    /// A testing hook; empty (none) in production. See [`Failpoint`].
+    pub failpoint: Failpoint,
+}
+
+/// `worker.failpoint`: a testing hook that makes a worker fail in one way on purpose. Parsed when the
+/// configuration loads, so a mistyped hook is a configuration error rather than a test that waits
+/// for a failure that never comes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Failpoint {
+    /// `""`: no hook (production).
+    #[default]
+    None,
+    /// `hang_before_ack`: park each task between its commit and its ack, so a test can kill the
+    /// process there.
+    HangBeforeAck,
+    /// `panic`: panic inside every task.
+    Panic,
+    /// `hold_warmup:FILE`: stay in `warming` until FILE exists.
+    HoldWarmup(PathBuf),
+    /// `model_panic:MODEL`: that model's owner thread panics on its first task batch once warm.
+    ModelPanic(String),
+    /// `crash_on:TEXT`: abort the process when a task's media URI contains TEXT (a video that kills
+    /// its worker, as an OOM kill or a decoder's segfault would).
+    CrashOn(String),
+}
+
+impl TryFrom<String> for Failpoint {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let with = |arg: &str| -> Result<String, String> {
+            if arg.is_empty() { Err(format!("failpoint {text:?} needs a value after the colon")) } else { Ok(arg.to_string()) }
+        };
+        Ok(match text.split_once(':') {
+            None if text.is_empty() => Self::None,
+            None if text == "hang_before_ack" => Self::HangBeforeAck,
+            None if text == "panic" => Self::Panic,
+            Some(("hold_warmup", file)) => Self::HoldWarmup(with(file)?.into()),
+            Some(("model_panic", model)) => Self::ModelPanic(with(model)?),
+            Some(("crash_on", needle)) => Self::CrashOn(with(needle)?),
+            _ => {
+                return Err(format!(
+                    "unknown failpoint {text:?}: expected hang_before_ack, panic, hold_warmup:FILE, model_panic:MODEL or crash_on:TEXT"
+                ));
+            }
+        })
+    }
+}
+
+impl From<Failpoint> for String {
+    fn from(failpoint: Failpoint) -> Self {
+        match failpoint {
+            Failpoint::None => String::new(),
+            Failpoint::HangBeforeAck => "hang_before_ack".into(),
+            Failpoint::Panic => "panic".into(),
+            Failpoint::HoldWarmup(file) => format!("hold_warmup:{}", file.display()),
+            Failpoint::ModelPanic(model) => format!("model_panic:{model}"),
+            Failpoint::CrashOn(needle) => format!("crash_on:{needle}"),
+        }
+    }
 }
 
 impl Default for WorkerSettings {
@@ -548,7 +603,7 @@ impl Default for WorkerSettings {
             task_timeout_ms: 5 * 60 * 1000,
             task_ms_per_media_second: 1000,
             outbox_relay_ms: 15_000,
-            failpoint: String::new(),
+            failpoint: Failpoint::None,
         }
     }
 }
@@ -762,6 +817,23 @@ mod tests {
 
     fn from_toml(text: &str) -> Result<Settings, config::ConfigError> {
         config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml)).build()?.try_deserialize()
+    }
+
+    #[test]
+    fn failpoints_are_parsed_once_and_a_mistyped_one_is_refused() {
+        let parse = |text: &str| from_toml(&format!("[worker]\nfailpoint = {text:?}\n")).map(|s| s.worker.failpoint);
+        assert_eq!(Settings::default().worker.failpoint, Failpoint::None);
+        assert_eq!(parse("").unwrap(), Failpoint::None);
+        assert_eq!(parse("hang_before_ack").unwrap(), Failpoint::HangBeforeAck);
+        assert_eq!(parse("model_panic:yunet").unwrap(), Failpoint::ModelPanic("yunet".into()));
+        assert_eq!(parse("hold_warmup:/tmp/go").unwrap(), Failpoint::HoldWarmup("/tmp/go".into()));
+        assert_eq!(parse("crash_on:a:b").unwrap(), Failpoint::CrashOn("a:b".into()), "the value may hold a colon");
+        for typo in ["hang_before_acks", "panic:", "crash_on:", "model-panic:yunet", "Panic"] {
+            let err = parse(typo).unwrap_err().to_string();
+            assert!(err.contains(&format!("{typo:?}")), "{typo}: {err}");
+        }
+        let round_trip: String = Failpoint::CrashOn("killer".into()).into();
+        assert_eq!(Failpoint::try_from(round_trip).unwrap(), Failpoint::CrashOn("killer".into()));
     }
 
     #[test]

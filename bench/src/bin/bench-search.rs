@@ -25,6 +25,11 @@
 //! function's top 10 (segments: the semantic list alone, with an empty text) against the exact top
 //! 10 by cosine of the fp32 vectors (kept in memory as they are loaded; the database holds them as
 //! halfvec), over the whole library or the one video.
+//!
+//! `--compare-fp32` also loads the frames' vectors as fp32 `vector` into a table of the same shape,
+//! builds its HNSW index with the same settings, and times the nearest-frames statement on both
+//! storages, alternating per query, at `ef_search` 100, 200 and 400: latency, recall against the exact
+//! fp32 top 10, vector bytes, index size and build time side by side on the same data.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -66,6 +71,10 @@ struct Args {
     /// Concurrent clients of the throughput pass.
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Also store the frames' vectors as fp32 `vector` in a table of the same shape, build its HNSW
+    /// index the same way, and time the nearest-frames statement on both, alternating per query.
+    #[arg(long)]
+    compare_fp32: bool,
     /// TOML configuration file (database server, model names).
     #[arg(long, env = "HEIMDEX_CONFIG")]
     config: Option<PathBuf>,
@@ -444,6 +453,13 @@ impl Copy {
         self.buf.extend_from_slice(&0i16.to_be_bytes());
         v.iter().for_each(|x| self.buf.extend_from_slice(&half::f16::from_f32(*x).to_bits().to_be_bytes()));
     }
+    /// pgvector's `vector_recv`: int16 dimension, int16 unused (0), float4 values.
+    fn vector(&mut self, v: &[f32]) {
+        self.buf.extend_from_slice(&((4 + 4 * v.len()) as i32).to_be_bytes());
+        self.buf.extend_from_slice(&(v.len() as i16).to_be_bytes());
+        self.buf.extend_from_slice(&0i16.to_be_bytes());
+        v.iter().for_each(|x| self.buf.extend_from_slice(&x.to_be_bytes()));
+    }
     fn text(&mut self, v: &str) {
         self.field(v.as_bytes());
     }
@@ -739,6 +755,136 @@ fn plan(url: &str, call: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// fp32 against halfvec on the same frames: the nearest-frames statement of `heimdex_search_frames`
+/// (its HNSW stage, before the joins) on `frames` (halfvec) and on `frames_fp32` (the same rows as
+/// `vector`, its index built with the same `ef_construction` and build settings), alternating per
+/// query in one session, at `ef_search` 100 (the functions' for k = 10) and above, with recall
+/// against the exact fp32 top 10.
+async fn compare_fp32(db: &ScratchDb, library: &Library, halfvec_build_s: f64, runs: usize) -> Result<Value> {
+    let scratch = &db.settings;
+    let (model, dim, per) = (&scratch.vision.embed_model, scratch.vision.embed_dim, library.per_video);
+    let options: PgConnectOptions = db.url().parse()?;
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(options.options([("statement_timeout", "0")])).await?;
+    sqlx::query(
+        "CREATE TABLE frames_fp32 (video_id uuid NOT NULL, idx integer NOT NULL, embedding vector NOT NULL, \
+         embedding_model text NOT NULL, PRIMARY KEY (video_id, idx))",
+    )
+    .execute(&pool)
+    .await?;
+    copy_in(&pool, "COPY frames_fp32 (video_id, idx, embedding, embedding_model) FROM STDIN (FORMAT binary)", |c, i| {
+        let Some(v) = library.frame_vectors.get(i * dim..(i + 1) * dim) else { return false };
+        c.row(4);
+        c.uuid(library.videos[i / per]);
+        c.int4((i % per) as i32);
+        c.vector(v);
+        c.text(model);
+        true
+    })
+    .await?;
+    sqlx::query(&format!("SET maintenance_work_mem = '{}MB'", scratch.database.index_build_memory_mb)).execute(&pool).await?;
+    sqlx::query(&format!("SET max_parallel_maintenance_workers = {}", scratch.database.index_build_workers)).execute(&pool).await?;
+    let started = Instant::now();
+    sqlx::query(&format!(
+        "CREATE INDEX frames_fp32_hnsw ON frames_fp32 USING hnsw ((embedding::vector({dim})) vector_cosine_ops) \
+         WITH (ef_construction = 128) WHERE embedding_model = '{}'",
+        model.replace('\'', "''")
+    ))
+    .execute(&pool)
+    .await?;
+    let fp32_build_s = started.elapsed().as_secs_f64();
+    sqlx::query("ANALYZE frames_fp32").execute(&pool).await?;
+    sqlx::query("SET hnsw.iterative_scan = relaxed_order").execute(&pool).await?;
+
+    let halfvec_index = heimdex_shared::db::vector_index_name("frames", model, dim);
+    let storages = [("fp32", "frames_fp32", "vector", "frames_fp32_hnsw"), ("halfvec", "frames", "halfvec", halfvec_index.as_str())];
+    let statement = |table: &str, ty: &str| {
+        format!(
+            "SELECT video_id, idx FROM {table} WHERE embedding_model = $2 ORDER BY embedding::{ty}({dim}) <=> $1::{ty}({dim}) LIMIT {K}"
+        )
+    };
+    let nearest = |s: usize, q: &Query| {
+        let (_, table, ty, _) = storages[s];
+        let (sql, vec, pool) = (statement(table, ty), q.frame_vec.clone(), &pool);
+        async move {
+            let t = Instant::now();
+            let rows: Vec<(Uuid, i32)> = sqlx::query_as(&sql).bind(vec).bind(model).fetch_all(pool).await?;
+            anyhow::Ok((ms(t), rows))
+        }
+    };
+    let mut plans = Vec::new();
+    for (s, (_, table, ty, _)) in storages.iter().enumerate() {
+        let explain: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", statement(table, ty)))
+            .bind(&library.queries[0].frame_vec)
+            .bind(model)
+            .fetch_all(&pool)
+            .await?;
+        anyhow::ensure!(explain.iter().any(|l| l.contains("Index Scan")), "{} does not use its HNSW index: {explain:?}", storages[s].0);
+        plans.push(explain);
+    }
+    let exact: Vec<Vec<(Uuid, i32)>> = library.queries.iter().map(|q| library.exact(&library.frame_vectors, &q.frame_q, None)).collect();
+    let mut sizes = Vec::new();
+    for (_, table, _, index) in storages {
+        let (bytes, index_bytes): (f64, i64) =
+            sqlx::query_as(&format!("SELECT (SELECT avg(pg_column_size(embedding))::float8 FROM {table}), pg_relation_size($1::regclass)"))
+                .bind(format!("\"{index}\""))
+                .fetch_one(&pool)
+                .await?;
+        sizes.push((bytes, index_bytes));
+    }
+    let mut rows = Vec::new();
+    println!(
+        "fp32 against halfvec, the same {} frames, the nearest-frames statement alone, alternating per query \
+         (heimdex_search_frames uses ef_search 100 for k = 10):",
+        library.frame_vectors.len() / dim
+    );
+    println!(
+        "{:<9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>13} {:>10} {:>9}",
+        "storage", "ef_search", "p50 ms", "p99 ms", "recall@10", "min recall", "vector bytes", "index MB", "build s"
+    );
+    for ef in [100, 200, 400] {
+        sqlx::query(&format!("SET hnsw.ef_search = {ef}")).execute(&pool).await?;
+        let mut recall = [Vec::new(), Vec::new()];
+        let mut times = [Vec::new(), Vec::new()];
+        for pass in 0..=runs {
+            let mut pass_times = [Vec::new(), Vec::new()];
+            for (i, q) in library.queries.iter().enumerate() {
+                let order = if (i + pass) % 2 == 0 { [0, 1] } else { [1, 0] };
+                for s in order {
+                    let (t, hits) = nearest(s, q).await?;
+                    pass_times[s].push(t);
+                    if pass == 0 {
+                        recall[s].push(hits.iter().filter(|h| exact[i].contains(h)).count() as f64 / K as f64);
+                    }
+                }
+            }
+            // Pass 0 is the warm-up.
+            for (s, mut t) in pass_times.into_iter().enumerate().filter(|_| pass > 0) {
+                t.sort_by(f64::total_cmp);
+                times[s].push((quantile(&t, 0.5), quantile(&t, 0.99)));
+            }
+        }
+        for (s, (name, ..)) in storages.iter().enumerate() {
+            let p50 = median(times[s].iter().map(|t| t.0).collect());
+            let p99 = median(times[s].iter().map(|t| t.1).collect());
+            let r = recall[s].iter().sum::<f64>() / recall[s].len().max(1) as f64;
+            let min = recall[s].iter().copied().fold(f64::INFINITY, f64::min);
+            let (bytes, index_bytes) = sizes[s];
+            let build_s = if s == 0 { fp32_build_s } else { halfvec_build_s };
+            println!(
+                "{name:<9} {ef:>9} {p50:>9.2} {p99:>9.2} {r:>10.3} {min:>11.2} {bytes:>13.0} {:>10.1} {build_s:>9.1}",
+                index_bytes as f64 / 1e6
+            );
+            rows.push(json!({
+                "storage": name, "ef_search": ef, "p50_ms": p50, "p99_ms": p99, "recall_at_10": r, "recall_min": min,
+                "queries_recall_below_half": recall[s].iter().filter(|&&r| r < 0.5).count(),
+                "vector_bytes": bytes, "index_bytes": index_bytes, "build_s": build_s, "plan": plans[s],
+            }));
+        }
+    }
+    pool.close().await;
+    Ok(json!(rows))
+}
+
 async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     let load_before = loadavg();
     let scratch = &db.settings;
@@ -882,6 +1028,12 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     drop(conn);
     client.close().await;
     pool.close().await;
+    let fp32 = if args.compare_fp32 {
+        let frames_build_s = builds.iter().find(|(t, _)| *t == "frames").map_or(0.0, |b| b.1);
+        compare_fp32(db, &library, frames_build_s, args.runs).await?
+    } else {
+        Value::Null
+    };
 
     println!(
         "search end to end through sqlx: {} segments ({}), {} frames ({}), {} videos, halfvec; {} queries × {} passes, one client",
@@ -952,6 +1104,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         "text_matches_p50": matches_p50, "text_matches_max": matches_max,
         "plans": plans,
         "searches": rows,
+        "fp32_vs_halfvec": fp32,
     }))
 }
 

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use heimdex_shared::Settings;
+use heimdex_shared::config::Failpoint;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::{ModelStatus, WorkerState};
 use tokio_util::sync::CancellationToken;
@@ -182,11 +183,11 @@ where
     lifecycle.set_state(WorkerState::Warming, metrics);
     let warm_started = Instant::now();
     let reports = pipeline.warm_up().await.map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
-    if let Some(release) = settings.worker.failpoint.strip_prefix("hold_warmup:") {
+    if let Failpoint::HoldWarmup(release) = &settings.worker.failpoint {
         // Testing hook: stay in `warming` until the file exists, so a test can observe a fleet that is
         // partly warm, a queue that a warming worker does not touch, and a stop during warm-up.
-        tracing::warn!(release, "failpoint hold_warmup: waiting for the release file");
-        while !std::path::Path::new(release).exists() {
+        tracing::warn!(release = %release.display(), "failpoint hold_warmup: waiting for the release file");
+        while !release.exists() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -204,7 +205,7 @@ where
     }
     lifecycle.set_models(models, Some(warm.as_secs_f64() * 1000.0));
     tracing::info!(warmup = ?warm, "warm");
-    if let Some(model) = settings.worker.failpoint.strip_prefix("model_panic:") {
+    if let Failpoint::ModelPanic(model) = &settings.worker.failpoint {
         tracing::warn!(model, "failpoint model_panic: the next task batch of this model panics");
         engine.arm_model_panic(model);
     }

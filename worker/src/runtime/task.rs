@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use heimdex_shared::Settings;
+use heimdex_shared::config::Failpoint;
 use heimdex_shared::contract::TaskMessage;
 use heimdex_shared::error::{Dependency, Disposition, cap};
 use heimdex_shared::jobs::{self, JobStatus, Run, Start};
@@ -195,8 +196,8 @@ impl<P: Pipeline> Worker<P> {
         } else {
             (Some(shared), None)
         };
-        if let Some(needle) = worker.failpoint.strip_prefix("crash_on:")
-            && msg.media_uri.contains(needle)
+        if let Failpoint::CrashOn(needle) = &worker.failpoint
+            && msg.media_uri.contains(needle.as_str())
         {
             // Testing hook: a video that kills its worker, as an OOM kill or a segfault in a decoder would.
             tracing::error!(media = %remote::redact(&msg.media_uri), "failpoint crash_on: aborting the process");
@@ -226,7 +227,7 @@ impl<P: Pipeline> Worker<P> {
         self.metrics.observe_stage("total", started.elapsed().as_secs_f64());
         match result {
             Ok(true) => {
-                if worker.failpoint == "hang_before_ack" {
+                if worker.failpoint == Failpoint::HangBeforeAck {
                     tracing::warn!("failpoint hang_before_ack: parking after the commit, before the ack");
                     std::future::pending::<()>().await;
                 }
@@ -250,7 +251,7 @@ impl<P: Pipeline> Worker<P> {
         timings: &StageTimings,
         bound: &tokio::sync::watch::Sender<Duration>,
     ) -> Result<bool, TaskError> {
-        if self.settings.worker.failpoint == "panic" {
+        if self.settings.worker.failpoint == Failpoint::Panic {
             panic!("failpoint panic: simulated bug in a task");
         }
         let (worker, consumer_timeout_ms) = (&self.settings.worker, self.settings.amqp.consumer_timeout_ms);

@@ -446,18 +446,21 @@ impl Copy {
     fn float8(&mut self, v: f64) {
         self.field(&v.to_be_bytes());
     }
-    /// pgvector's `halfvec_recv`: int16 dimension, int16 unused (0), float16 values.
-    fn halfvec(&mut self, v: &[f32]) {
-        self.buf.extend_from_slice(&((4 + 2 * v.len()) as i32).to_be_bytes());
-        self.buf.extend_from_slice(&(v.len() as i16).to_be_bytes());
+    /// The field length and header of pgvector's `vector_recv` and `halfvec_recv`: int16 dimension,
+    /// int16 unused (0); `width` bytes per value follow.
+    fn vector_header(&mut self, len: usize, width: usize) {
+        self.buf.extend_from_slice(&((4 + width * len) as i32).to_be_bytes());
+        self.buf.extend_from_slice(&(len as i16).to_be_bytes());
         self.buf.extend_from_slice(&0i16.to_be_bytes());
+    }
+    /// A `halfvec`: float16 values.
+    fn halfvec(&mut self, v: &[f32]) {
+        self.vector_header(v.len(), 2);
         v.iter().for_each(|x| self.buf.extend_from_slice(&half::f16::from_f32(*x).to_bits().to_be_bytes()));
     }
-    /// pgvector's `vector_recv`: int16 dimension, int16 unused (0), float4 values.
+    /// A `vector`: float4 values.
     fn vector(&mut self, v: &[f32]) {
-        self.buf.extend_from_slice(&((4 + 4 * v.len()) as i32).to_be_bytes());
-        self.buf.extend_from_slice(&(v.len() as i16).to_be_bytes());
-        self.buf.extend_from_slice(&0i16.to_be_bytes());
+        self.vector_header(v.len(), 4);
         v.iter().for_each(|x| self.buf.extend_from_slice(&x.to_be_bytes()));
     }
     fn text(&mut self, v: &str) {
@@ -755,12 +758,24 @@ fn plan(url: &str, call: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Share of the exact top `K` among `hits`.
+fn share_found(hits: &[(Uuid, i32)], exact: &[(Uuid, i32)]) -> f64 {
+    hits.iter().filter(|h| exact.contains(h)).count() as f64 / exact.len().max(1) as f64
+}
+
+/// Recall@10 over the queries: mean, minimum, and the number of queries under one half.
+fn recall_summary(recalls: &[f64]) -> (f64, f64, usize) {
+    let mean = recalls.iter().sum::<f64>() / recalls.len().max(1) as f64;
+    let min = recalls.iter().copied().fold(f64::INFINITY, f64::min);
+    (mean, min, recalls.iter().filter(|&&r| r < 0.5).count())
+}
+
 /// fp32 against halfvec on the same frames: the nearest-frames statement of `heimdex_search_frames`
 /// (its HNSW stage, before the joins) on `frames` (halfvec) and on `frames_fp32` (the same rows as
 /// `vector`, its index built with the same `ef_construction` and build settings), alternating per
 /// query in one session, at `ef_search` 100 (the functions' for k = 10) and above, with recall
-/// against the exact fp32 top 10.
-async fn compare_fp32(db: &ScratchDb, library: &Library, halfvec_build_s: f64, runs: usize) -> Result<Value> {
+/// against the exact fp32 top 10 (`exact`, per query).
+async fn compare_fp32(db: &ScratchDb, library: &Library, exact: &[&[(Uuid, i32)]], halfvec_build_s: f64, runs: usize) -> Result<Value> {
     let scratch = &db.settings;
     let (model, dim, per) = (&scratch.vision.embed_model, scratch.vision.embed_dim, library.per_video);
     let options: PgConnectOptions = db.url().parse()?;
@@ -821,7 +836,6 @@ async fn compare_fp32(db: &ScratchDb, library: &Library, halfvec_build_s: f64, r
         anyhow::ensure!(explain.iter().any(|l| l.contains("Index Scan")), "{} does not use its HNSW index: {explain:?}", storages[s].0);
         plans.push(explain);
     }
-    let exact: Vec<Vec<(Uuid, i32)>> = library.queries.iter().map(|q| library.exact(&library.frame_vectors, &q.frame_q, None)).collect();
     let mut sizes = Vec::new();
     for (_, table, _, index) in storages {
         let (bytes, index_bytes): (f64, i64) =
@@ -853,7 +867,7 @@ async fn compare_fp32(db: &ScratchDb, library: &Library, halfvec_build_s: f64, r
                     let (t, hits) = nearest(s, q).await?;
                     pass_times[s].push(t);
                     if pass == 0 {
-                        recall[s].push(hits.iter().filter(|h| exact[i].contains(h)).count() as f64 / K as f64);
+                        recall[s].push(share_found(&hits, exact[i]));
                     }
                 }
             }
@@ -866,8 +880,7 @@ async fn compare_fp32(db: &ScratchDb, library: &Library, halfvec_build_s: f64, r
         for (s, (name, ..)) in storages.iter().enumerate() {
             let p50 = median(times[s].iter().map(|t| t.0).collect());
             let p99 = median(times[s].iter().map(|t| t.1).collect());
-            let r = recall[s].iter().sum::<f64>() / recall[s].len().max(1) as f64;
-            let min = recall[s].iter().copied().fold(f64::INFINITY, f64::min);
+            let (r, min, below_half) = recall_summary(&recall[s]);
             let (bytes, index_bytes) = sizes[s];
             let build_s = if s == 0 { fp32_build_s } else { halfvec_build_s };
             println!(
@@ -876,7 +889,7 @@ async fn compare_fp32(db: &ScratchDb, library: &Library, halfvec_build_s: f64, r
             );
             rows.push(json!({
                 "storage": name, "ef_search": ef, "p50_ms": p50, "p99_ms": p99, "recall_at_10": r, "recall_min": min,
-                "queries_recall_below_half": recall[s].iter().filter(|&&r| r < 0.5).count(),
+                "queries_recall_below_half": below_half,
                 "vector_bytes": bytes, "index_bytes": index_bytes, "build_s": build_s, "plan": plans[s],
             }));
         }
@@ -1007,12 +1020,14 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     let qps = done.iter().sum::<usize>() as f64 / started.elapsed().as_secs_f64();
     shared.close().await;
 
-    // Recall@10 against the exact fp32 top 10, computed here from the vectors as loaded.
+    // Recall@10 against the exact fp32 top 10, computed here once from the vectors as loaded.
+    let exact: Vec<Vec<Vec<(Uuid, i32)>>> =
+        library.queries.iter().map(|q| SEARCHES.iter().map(|s| s.exact(&library, q)).collect()).collect();
     let mut recall = vec![Vec::with_capacity(library.queries.len()); SEARCHES.len()];
     let mut conn = client.acquire().await?;
     // How many segments the full-text side matches (it ranks at most its cap of them).
     let mut text_matches = Vec::with_capacity(library.queries.len());
-    for q in &library.queries {
+    for (i, q) in library.queries.iter().enumerate() {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM transcript_segments WHERE text_search @@ heimdex_text_query($1)")
             .bind(&q.words)
             .fetch_one(&mut *conn)
@@ -1020,9 +1035,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         text_matches.push(n as f64);
         for (s, search) in SEARCHES.iter().enumerate() {
             let approx = search.run(&mut *conn, scratch, &library, q, Some("")).await?;
-            let exact = search.exact(&library, q);
-            let found = approx.iter().filter(|h| exact.contains(h)).count();
-            recall[s].push(found as f64 / exact.len().max(1) as f64);
+            recall[s].push(share_found(&approx, &exact[i][s]));
         }
     }
     drop(conn);
@@ -1030,7 +1043,9 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     pool.close().await;
     let fp32 = if args.compare_fp32 {
         let frames_build_s = builds.iter().find(|(t, _)| *t == "frames").map_or(0.0, |b| b.1);
-        compare_fp32(db, &library, frames_build_s, args.runs).await?
+        let frames = SEARCHES.iter().position(|s| matches!(s, Search::Frames)).expect("frames are searched");
+        let frames_exact: Vec<&[(Uuid, i32)]> = exact.iter().map(|e| e[frames].as_slice()).collect();
+        compare_fp32(db, &library, &frames_exact, frames_build_s, args.runs).await?
     } else {
         Value::Null
     };
@@ -1050,8 +1065,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     for (s, search) in SEARCHES.iter().enumerate() {
         let per_pass = |f: &dyn Fn(&[f64]) -> f64| passes.iter().map(|p| f(&p[s])).collect::<Vec<f64>>();
         let (p50s, p99s, maxes) = (per_pass(&|t| quantile(t, 0.5)), per_pass(&|t| quantile(t, 0.99)), per_pass(&|t| quantile(t, 1.0)));
-        let r = recall[s].iter().sum::<f64>() / recall[s].len().max(1) as f64;
-        let min = recall[s].iter().copied().fold(f64::INFINITY, f64::min);
+        let (r, min, below_half) = recall_summary(&recall[s]);
         println!(
             "{:<22} {:>9.2} {:>9.2} {:>9.2} {:>10.3} {:>10.2}",
             search.name(),
@@ -1066,7 +1080,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
             "p50_ms": median(p50s.clone()), "p99_ms": median(p99s.clone()), "max_ms": median(maxes),
             "p50_ms_per_pass": p50s, "p99_ms_per_pass": p99s,
             "recall_at_10": r, "recall_min": min,
-            "queries_recall_below_half": recall[s].iter().filter(|&&r| r < 0.5).count(),
+            "queries_recall_below_half": below_half,
         }));
     }
     println!("{} clients, every search of every query: {qps:.1} searches/s", args.clients);

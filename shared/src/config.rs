@@ -661,7 +661,7 @@ impl EngineSettings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ModelSettings {
-    /// Folder holding the model files (the layout of `../shared/models/prepare` and of
+    /// Folder holding the model files (the layout of the offline bundle and of
     /// `heimdex-models download`). Workers never download: a worker that starts has its models.
     pub dir: PathBuf,
 }

@@ -17,7 +17,7 @@ use axum::routing::get;
 use heimdex_shared::contract::TaskKind;
 use heimdex_tests::{TestEnv, binary, models_dir, upstream};
 use heimdex_worker::engine::catalog::{self, Build, File, MODELS, Model};
-use heimdex_worker::engine::install::{InstallError, Outcome, install};
+use heimdex_worker::engine::install::{InstallError, Installation, install};
 use heimdex_worker::engine::registry::{parse_manifest, sha256_file};
 use uuid::Uuid;
 
@@ -212,8 +212,8 @@ async fn two_installs_into_one_folder_take_turns() {
     let silero = upstream::model("silero-vad");
     let (a, b) = tokio::join!(install(dir.path(), silero, Some(&url)), install(dir.path(), silero, Some(&url)));
     let mut outcomes = [a.expect("first install"), b.expect("second install")];
-    outcomes.sort_by_key(|o| *o == Outcome::Present);
-    assert_eq!(outcomes, [Outcome::Installed, Outcome::Present], "the second waited, then found the model");
+    outcomes.sort_by_key(|o| *o == Installation::Present);
+    assert_eq!(outcomes, [Installation::Installed, Installation::Present], "the second waited, then found the model");
     assert_eq!(mirror.requests.lock().unwrap().len(), 1, "one download: {:?}", mirror.requests.lock().unwrap());
     let file = silero.files[0];
     assert_eq!(sha256_file(&dir.path().join(file.path)).unwrap(), file.sha256);

@@ -2,11 +2,16 @@
 //! the pipelines.
 //!
 //! - [`runtime`]: lifecycle (cold → loading → warming → warm → draining), the consume loop, retries
-//!   and dead-lettering, health endpoints, the Redis heartbeat.
+//!   and dead-lettering, health endpoints, the Redis heartbeat, the query-embedding consumer.
 //! - [`pipeline`]: the trait a task kind implements; the runtime calls it and persists its output.
-//! - [`engine`]: ONNX Runtime sessions behind owner threads with dynamic batching; model files.
+//! - [`error`]: [`TaskError`], whose disposition decides what happens to a message.
+//! - [`engine`]: ONNX Runtime sessions behind owner threads with dynamic batching; model files
+//!   (catalog, download, install, verification) and the ONNX surgery done at load.
+//! - [`convert`]: builds the model files that upstream does not ship (Whisper's graphs, MiniLM's).
 //! - [`media`]: ffmpeg decoding (audio samples, video frames), streamed.
 //! - [`vision`] and [`index`]: the two pipelines.
+//! - [`metrics`]: the `/metrics` series.
+//! - [`cli`]: the binaries' shared command line and start-up.
 //!
 //! The `testing` feature adds what tests and the benchmarks (crate `heimdex-bench`) look at beyond the
 //! public API: exact batch-size counts per model thread, the no-cache reference decoder, unpacked

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use heimdex_shared::contract::TaskKind;
 use heimdex_worker::engine::catalog::{MODELS, Model};
-use heimdex_worker::engine::install::{Outcome, install};
+use heimdex_worker::engine::install::{Installation, install};
 use heimdex_worker::engine::registry::{ModelRegistry, parse_manifest};
 
 #[derive(Parser)]
@@ -49,8 +49,8 @@ async fn main() -> anyhow::Result<()> {
             for model in chosen {
                 let outcome = install(&dir, model, mirror.as_deref()).await?;
                 let said = match outcome {
-                    Outcome::Present => "present",
-                    Outcome::Installed => "installed",
+                    Installation::Present => "present",
+                    Installation::Installed => "installed",
                 };
                 println!("{said:9}  {}", dir.join(model.folder).display());
             }

@@ -3,12 +3,13 @@
 //!
 //! - [`whisper`]: a CTranslate2 Whisper (`Systran/faster-whisper-base`) into the three ONNX graphs,
 //!   the mel filterbank and the worker's `config.json`. The ONNX files and the filterbank are
-//!   byte-identical to what the Python preparation (`/work/shared/models/whisper_onnx.py`,
+//!   byte-identical to what the offline bundle's Python preparation (its `whisper_onnx.py` and
 //!   `build.py`) writes for the same input, so a catalog can pin their sha256.
 //! - [`minilm`]: `all-MiniLM-L6-v2` from its `model.safetensors` into one fp32 ONNX encoder.
 //!
-//! Submodules: `onnx` (protobuf writer), `graph` (naming rules), `ct2` (model.bin reader), `whisper`
-//! (graphs), `mel` (filterbank), `bert` (MiniLM graph and safetensors reader).
+//! Submodules: `onnx` (protobuf writer), `graph` (naming rules), `ct2` (model.bin reader),
+//! `whisper_graphs` (Whisper's ONNX graphs), `mel_filters` (Whisper's filterbank file), `bert` (MiniLM
+//! graph and safetensors reader).
 //!
 //! Every output is written to a temporary file beside it and renamed into place, so a reader sees
 //! either the old file or the whole new one, and an interrupted run leaves no half file under the
@@ -17,9 +18,9 @@
 mod bert;
 mod ct2;
 mod graph;
-mod mel;
+mod mel_filters;
 mod onnx;
-mod whisper;
+mod whisper_graphs;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -94,7 +95,7 @@ fn create_dir(dir: &Path) -> Result<(), ConvertError> {
 /// when `model_bin` is not a CTranslate2 Whisper model, or the config or tokenizer do not match it.
 pub fn whisper(model_bin: &Path, ct2_config_json: &Path, tokenizer_json: &Path, out_dir: &Path) -> Result<(), ConvertError> {
     let model = ct2::Ct2Model::open(model_bin)?;
-    let w = whisper::Whisper::new(&model)?;
+    let w = whisper_graphs::Whisper::new(&model)?;
     // The JSON inputs are checked before the long part, so a wrong file fails at once.
     let config = whisper_config(&w.dims, ct2_config_json, tokenizer_json)?;
     create_dir(out_dir)?;
@@ -109,7 +110,7 @@ pub fn whisper(model_bin: &Path, ct2_config_json: &Path, tokenizer_json: &Path, 
         let graph = build()?;
         write_atomic(&out_dir.join(name), |f| graph.write_to(f))?;
     }
-    let mel = mel::file_bytes(SAMPLE_RATE, N_FFT, w.dims.n_mels);
+    let mel = mel_filters::file_bytes(SAMPLE_RATE, N_FFT, w.dims.n_mels);
     write_atomic(&out_dir.join("mel_filters.f32"), |f| f.write_all(&mel))?;
     let mut text = serde_json::to_vec_pretty(&config).map_err(|e| ConvertError::io(out_dir, io::Error::other(e)))?;
     text.push(b'\n');
@@ -125,7 +126,7 @@ const CHUNK_LENGTH_S: usize = 30;
 /// The worker's `whisper-base/config.json`, as `build.py`'s `step_whisper` writes it: dimensions from
 /// the model, special and language token ids from the tokenizer's added tokens, suppression lists
 /// and alignment heads from the CTranslate2 config.
-fn whisper_config(dm: &whisper::Dims, ct2_config_json: &Path, tokenizer_json: &Path) -> Result<Value, ConvertError> {
+fn whisper_config(dm: &whisper_graphs::Dims, ct2_config_json: &Path, tokenizer_json: &Path) -> Result<Value, ConvertError> {
     let ct2 = read_json(ct2_config_json)?;
     let tok = read_json(tokenizer_json)?;
     let bad_tok = |reason: String| ConvertError::format(tokenizer_json, reason);

@@ -1,6 +1,6 @@
 //! Whisper from a CTranslate2 `model.bin` into the three ONNX graphs the worker loads, laid out like a
-//! Hugging Face Optimum export (names, shapes: see `/work/shared/models/whisper_onnx.py`, of which this
-//! is a port).
+//! Hugging Face Optimum export (names and shapes as the offline bundle's `whisper_onnx.py` writes them;
+//! this is a port of it).
 //!
 //! The port keeps the Python script's call order exactly: node and initializer names come from one
 //! counter, so the order in which constants and ops are created is part of the output bytes. Where a

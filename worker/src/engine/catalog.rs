@@ -8,7 +8,7 @@
 //! graph from the safetensors of sentence-transformers/all-MiniLM-L6-v2. Their outputs are pinned
 //! too, so a build that differs is refused like a corrupt download.
 //!
-//! The offline bundle of `../shared/models/prepare` builds the same folders from registry packages
+//! The offline bundle (what `scripts/setup` prepares) builds the same folders from registry packages
 //! that hold byte-identical copies of these upstream files; its `MANIFEST.sha256` lists its own files.
 
 use heimdex_shared::contract::TaskKind;

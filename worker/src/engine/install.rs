@@ -38,7 +38,7 @@ pub enum InstallError {
 
 /// What [`install`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Installation {
     /// Every file was already there with its pinned sha256.
     Present,
     Installed,
@@ -50,11 +50,11 @@ pub enum Outcome {
 /// # Errors
 /// A download that fails or does not match its pin, a build that fails or does not match its pin,
 /// or the directory cannot be written. Files already in place are left alone.
-pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<Outcome, InstallError> {
+pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<Installation, InstallError> {
     let _lock = lock(dir).await?;
     let present = ModelRegistry::open(dir)?;
     if model.files.iter().all(|f| present.file(f.path).is_ok()) {
-        return Ok(Outcome::Present);
+        return Ok(Installation::Present);
     }
     let sources = dir.join(SOURCES).join(model.folder);
     for source in model.sources {
@@ -75,7 +75,7 @@ pub async fn install(dir: &Path, model: &Model, mirror: Option<&str>) -> Result<
     result?;
     let _ = std::fs::remove_dir_all(&sources);
     let _ = std::fs::remove_dir(dir.join(SOURCES)); // only when no other model's sources wait there
-    Ok(Outcome::Installed)
+    Ok(Installation::Installed)
 }
 
 /// Waits for and takes the folder's install lock; released when the returned file is dropped.

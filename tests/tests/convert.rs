@@ -1,4 +1,4 @@
-//! `heimdex_worker::convert` on the real upstream files (the [`heimdex_tests::upstream`] mirror): the
+//! `heimdex_models::convert` on the real upstream files (the [`heimdex_tests::upstream`] mirror): the
 //! Whisper outputs are the bundle's bytes, the MiniLM graph computes what the bundle's fp32 model
 //! computes, and wrong inputs are refused naming the file.
 
@@ -7,10 +7,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use heimdex_models::convert::{self, ConvertError};
 use heimdex_shared::config::EngineSettings;
 use heimdex_tests::models_dir;
 use heimdex_tests::upstream::sources_dir;
-use heimdex_worker::convert::{self, ConvertError};
 use heimdex_worker::engine::Engine;
 use heimdex_worker::metrics::Metrics;
 use ort::session::{Session, SessionInputValue};

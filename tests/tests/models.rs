@@ -14,11 +14,11 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use heimdex_models::catalog::{self, Build, File, MODELS, Model};
+use heimdex_models::install::{InstallError, Installation, install};
+use heimdex_models::registry::{parse_manifest, sha256_file};
 use heimdex_shared::contract::TaskKind;
 use heimdex_tests::{TestEnv, binary, models_dir, upstream};
-use heimdex_worker::engine::catalog::{self, Build, File, MODELS, Model};
-use heimdex_worker::engine::install::{InstallError, Installation, install};
-use heimdex_worker::engine::registry::{parse_manifest, sha256_file};
 use uuid::Uuid;
 
 #[derive(Clone)]

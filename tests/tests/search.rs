@@ -234,8 +234,8 @@ async fn no_warm_worker_is_a_clear_error_at_once() {
 
 /// The SigLIP text tower's own output for `text`, loaded in this process as the worker loads it.
 async fn text_tower(settings: &Settings, text: &str) -> Vec<f32> {
+    use heimdex_models::registry::ModelRegistry;
     use heimdex_worker::engine::Engine;
-    use heimdex_worker::engine::registry::ModelRegistry;
     use heimdex_worker::pipeline::LoadContext;
     use heimdex_worker::vision::VisionPipeline;
     let mut settings = settings.clone();

@@ -5,9 +5,8 @@
 //!   and dead-lettering, health endpoints, the Redis heartbeat, the query-embedding consumer.
 //! - [`pipeline`]: the trait a task kind implements; the runtime calls it and persists its output.
 //! - [`error`]: [`TaskError`], whose disposition decides what happens to a message.
-//! - [`engine`]: ONNX Runtime sessions behind owner threads with dynamic batching; model files
-//!   (catalog, download, install, verification) and the ONNX surgery done at load.
-//! - [`convert`]: builds the model files that upstream does not ship (Whisper's graphs, MiniLM's).
+//! - [`engine`]: ONNX Runtime sessions behind owner threads with dynamic batching. Model files and
+//!   the rewrites done to them at load are the `heimdex_models` crate's.
 //! - [`media`]: ffmpeg decoding (audio samples, video frames), streamed.
 //! - [`vision`] and [`index`]: the two pipelines.
 //! - [`metrics`]: the `/metrics` series.
@@ -18,7 +17,6 @@
 //! Whisper windows, the vision pipeline's model threads. Worker binaries never need it.
 
 pub mod cli;
-pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod index;

@@ -112,5 +112,5 @@ pub trait Pipeline: Send + Sync + 'static {
 pub struct LoadContext<'a> {
     pub settings: &'a heimdex_shared::Settings,
     pub engine: &'a crate::engine::Engine,
-    pub models: &'a crate::engine::registry::ModelRegistry,
+    pub models: &'a heimdex_models::registry::ModelRegistry,
 }

@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
+use heimdex_models::registry::ModelRegistry;
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::error::Disposition;
 use heimdex_shared::jobs::Run;
 use heimdex_worker::engine::Engine;
-use heimdex_worker::engine::registry::ModelRegistry;
 use heimdex_worker::media::frames::{FrameGauge, decode_still};
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::{LoadContext, Persist, Pipeline, StageTimings, TaskInput};
@@ -151,7 +151,7 @@ async fn faces_at_the_frames_own_size_match_the_square_input() {
         YunetRunner::new(session, s.vision.face_score_threshold, s.vision.face_nms_iou).unwrap()
     };
     let mut square = runner(&file);
-    let mut free = runner(&heimdex_worker::engine::shapes::free_input_dims(&file, &[2, 3]).unwrap());
+    let mut free = runner(&heimdex_models::shapes::free_input_dims(&file, &[2, 3]).unwrap());
     let input = task(&media("video/sample.mp4")).await;
     let options = FrameOptions { rate: Some(4.0), max_side: s.vision.max_side, work_side: DEFAULT_WORK_SIDE };
     let mut stream = FrameStream::open(&input.media, &input.probe, options, Arc::default()).unwrap();

@@ -2,12 +2,10 @@
 //! that batches requests from every concurrent task.
 //!
 //! - [`batcher`]: the owner thread, its bounded request channel and dynamic batching.
-//! - [`registry`]: model files: resolve, verify sha256 once.
-//! - [`carve`], [`quantize`], [`shapes`]: in-memory rewrites of ONNX models at load (the with-past
-//!   decoder's missing cross-attention part; 8-bit weights for Whisper's decoder; YuNet at each
-//!   frame's own size), over [`proto`].
-//! - [`catalog`], [`install`], [`download`]: the default models for machines with internet, pinned
-//!   upstream and built here (`heimdex-models download`).
+//!
+//! Model files (where they are, their sha256) and the in-memory rewrites done at load (the carved
+//! cross-attention model, Whisper's int8 decoder, YuNet's free input size) are the `heimdex_models`
+//! crate's; this module only runs what it is given.
 //!
 //! Why owner threads: `Session::run` takes `&mut self`. A mutex around a session serialises tasks
 //! without batching them, and a session per task multiplies memory; one thread per model that drains
@@ -15,14 +13,6 @@
 //! (RECIPE.md measured an owner thread as the fastest way to drive a session).
 
 pub mod batcher;
-pub mod carve;
-pub mod catalog;
-pub mod download;
-pub mod install;
-pub mod proto;
-pub mod quantize;
-pub mod registry;
-pub mod shapes;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -193,4 +183,47 @@ pub struct WarmupReport {
     pub model: String,
     pub batch_sizes: Vec<usize>,
     pub duration: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use heimdex_models::quantize::{QuantizeStats, fixtures, quantize_matmuls};
+    use ort::value::Tensor;
+
+    use super::*;
+
+    fn run(engine: &Engine, model: &[u8]) -> Vec<Vec<f32>> {
+        let mut s = engine.session_from_memory("test", model, Memory::Bounded).unwrap();
+        let x: Vec<f32> = (0..16).map(|i| ((i * 5 % 16) as f32 - 8.0) / 8.0).collect();
+        let x = Tensor::from_array(([2usize, 8], x)).unwrap();
+        let ids = Tensor::from_array(([2usize], vec![3i64, 6])).unwrap();
+        let out = s.run(ort::inputs!["x" => x, "ids" => ids]).unwrap();
+        ["y1", "y2", "y3", "y4"].iter().map(|y| out[*y].try_extract_tensor::<f32>().unwrap().1.to_vec()).collect()
+    }
+
+    /// Whisper's int8 decoder rewrite, run: each MatMul form agrees with fp32 within int8 error, the
+    /// fp16 Gather is exact, and the rewritten model rewritten again still loads and agrees.
+    #[test]
+    fn int8_matmuls_match_fp32_within_int8_error() {
+        let settings = EngineSettings { intra_threads: 1, ..Default::default() };
+        let engine = Engine::new(settings, Arc::new(Metrics::new())).unwrap();
+        let model = fixtures::matmul_forms();
+        let (int8, stats) = quantize_matmuls(&model).unwrap();
+        assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, gathers: 1 });
+        let (want, got) = (run(&engine, &model), run(&engine, &int8));
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(w.len(), g.len());
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // Weights and activations each to 1/127 of their block's range.
+            assert!(err <= 0.03 * scale, "y{}: max error {err} against max |y| {scale}: {w:?} vs {g:?}", i + 1);
+            if i == 2 {
+                assert_eq!(w, g, "the fp16 gather is exact");
+            }
+        }
+        let (again, _) = quantize_matmuls(&int8).unwrap();
+        assert_eq!(run(&engine, &again), got);
+    }
 }

@@ -105,8 +105,8 @@ pub struct WhisperRunner {
 /// The file is not ONNX, or has no `present.*.encoder.*` output computed from `encoder_hidden_states`.
 pub fn cross_cache_model(decoder_model: &[u8]) -> Result<Vec<u8>, InferenceError> {
     let carve =
-        |e: crate::engine::carve::CarveError| model_err(format!("carving the cross-attention cache out of decoder_model.onnx: {e}"));
-    let outputs: Vec<String> = crate::engine::carve::outputs(decoder_model)
+        |e: heimdex_models::carve::CarveError| model_err(format!("carving the cross-attention cache out of decoder_model.onnx: {e}"));
+    let outputs: Vec<String> = heimdex_models::carve::outputs(decoder_model)
         .map_err(carve)?
         .into_iter()
         .filter(|o| o.starts_with("present.") && o.contains(".encoder."))
@@ -114,10 +114,10 @@ pub fn cross_cache_model(decoder_model: &[u8]) -> Result<Vec<u8>, InferenceError
     if outputs.is_empty() {
         return Err(model_err("decoder_model.onnx has no present.*.encoder.* outputs".into()));
     }
-    crate::engine::carve::carve(decoder_model, &["encoder_hidden_states".to_string()], &outputs).map_err(carve)
+    heimdex_models::carve::carve(decoder_model, &["encoder_hidden_states".to_string()], &outputs).map_err(carve)
 }
 
-/// `model` with its MatMuls in int8 (see [`crate::engine::quantize`]), for the decoder; `name` names it
+/// `model` with its MatMuls in int8 (see [`heimdex_models::quantize`]), for the decoder; `name` names it
 /// in errors and in the log. Takes the bytes so that they are freed as soon as the rewrite is made.
 ///
 /// # Errors
@@ -125,7 +125,7 @@ pub fn cross_cache_model(decoder_model: &[u8]) -> Result<Vec<u8>, InferenceError
 pub fn int8(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
     let started = std::time::Instant::now();
     let (out, stats) =
-        crate::engine::quantize::quantize_matmuls(&model).map_err(|e| model_err(format!("rewriting {name} with int8 weights: {e}")))?;
+        heimdex_models::quantize::quantize_matmuls(&model).map_err(|e| model_err(format!("rewriting {name} with int8 weights: {e}")))?;
     drop(model);
     tracing::info!(
         model = name,

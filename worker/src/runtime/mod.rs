@@ -30,9 +30,9 @@ use heimdex_shared::fleet::{ModelStatus, WorkerState};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
-use crate::engine::registry::ModelRegistry;
 use crate::metrics::Metrics;
 use crate::pipeline::{LoadContext, Pipeline};
+use heimdex_models::registry::ModelRegistry;
 
 pub use broker::Broker;
 pub use lifecycle::Lifecycle;

@@ -91,7 +91,7 @@ impl VisionPipeline {
         let text = TextRunner::new(ctx.engine.session(&text_path)?, SIGLIP_TEXT, pad_id, settings.text_max_len, settings.embed_dim)
             .context("SigLIP text tower")?;
         let faces = std::fs::read(&face_path).with_context(|| format!("reading {}", face_path.display()))?;
-        let faces = crate::engine::shapes::free_input_dims(&faces, &[2, 3]).context("freeing YuNet's input size")?;
+        let faces = heimdex_models::shapes::free_input_dims(&faces, &[2, 3]).context("freeing YuNet's input size")?;
         // YuNet runs beside SigLIP, which has every core: one thread of its own (inside the pipeline
         // 23–40 ms a frame with one thread, 35–54 ms with a pool of two; bench-vision, 2 cores).
         let faces = ctx.engine.single_threaded().session_from_memory(YUNET, &faces, Memory::Arena)?;

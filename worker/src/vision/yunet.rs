@@ -1,7 +1,7 @@
 //! YuNet (OpenCV Zoo, 2023mar) face detection: letterbox, decode the three strides, NMS, map back.
 //!
 //! The file declares a fixed [1, 3, 640, 640] input, but the network is fully convolutional: the
-//! pipeline frees its height and width at load ([`crate::engine::shapes`]) and runs each frame at its
+//! pipeline frees its height and width at load ([`heimdex_models::shapes`]) and runs each frame at its
 //! own letterboxed size, long side 640 and both sides a multiple of 32 (a 16:9 frame: 640×384, 40 %
 //! less work than the square). A model left fixed gets the square. Input shapes differ between
 //! frames, so the owner thread runs a batch as a loop of single runs into one reused input buffer;
@@ -123,7 +123,7 @@ pub struct YunetRunner {
 
 impl YunetRunner {
     /// Wraps a loaded YuNet session: one with a free height and width (see
-    /// [`crate::engine::shapes`]), or the file's own 640×640.
+    /// [`heimdex_models::shapes`]), or the file's own 640×640.
     ///
     /// # Errors
     /// The model lacks an input or one of the twelve outputs, or its input is fixed at another size.

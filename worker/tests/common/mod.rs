@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use heimdex_models::registry::ModelRegistry;
 use heimdex_shared::Settings;
 use heimdex_worker::engine::Engine;
-use heimdex_worker::engine::registry::ModelRegistry;
 use heimdex_worker::index::IndexPipeline;
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::LoadContext;

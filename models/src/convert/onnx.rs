@@ -11,7 +11,7 @@
 
 use std::io::{self, Write};
 
-use crate::engine::proto::put_varint as varint;
+use crate::proto::put_varint as varint;
 
 /// `TensorProto.DataType` values used here.
 pub(crate) const FLOAT: i32 = 1;

@@ -13,7 +13,7 @@
 //! scale for the whole tensor, and on the 600 s bench recording the WER rose from 2.56 % to 3.1 %
 //! (decoder) and 3.75 % (encoder and decoder); per-row blocks keep the tokens.
 //!
-//! How: the same minimal protobuf walk as [`super::carve`]: nodes and initializers that are not
+//! How: the same minimal protobuf walk as [`crate::carve`]: nodes and initializers that are not
 //! rewritten are copied byte for byte. The `Cast`/`Transpose` nodes and fp16 initializers that only fed
 //! rewritten MatMuls are dropped, so ONNX Runtime never folds them to fp32. A `Gather` from a cast fp16
 //! table (Whisper's token embedding, which the output projection also reads) gathers the fp16 rows and
@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::proto::*;
+use crate::proto::*;
 
 /// Why a model could not be rewritten.
 #[derive(Debug, thiserror::Error)]
@@ -476,22 +476,11 @@ fn init_is_float(tensor: &[u8]) -> Result<bool, QuantizeError> {
     Ok(false)
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
+/// A model with each weight form the rewrite handles, for tests here and in the worker (which runs
+/// it in ONNX Runtime against its rewrite).
+#[cfg(any(test, feature = "testing"))]
+pub mod fixtures {
     use super::*;
-    use crate::engine::{Engine, Memory};
-    use ort::value::Tensor;
-
-    /// f32 → fp16 bits for values exact in fp16 (the test's weights are multiples of 1/64 below 2).
-    fn f16_bits(v: f32) -> u16 {
-        if v == 0.0 {
-            return 0;
-        }
-        let b = v.to_bits();
-        (((b >> 16) & 0x8000) | ((((b >> 23) & 0xff) - 112) << 10) | ((b >> 13) & 0x3ff)) as u16
-    }
 
     fn value_info(name: &str, elem: u64, dims: &[u64]) -> Vec<u8> {
         let mut shape = Vec::new();
@@ -523,10 +512,10 @@ mod tests {
 
     /// x [2, 8] and ids [2] → y1 = x·Cast(w16), y2 = x·Cast(w16)ᵀ, y3 = Gather(Cast(w16), ids),
     /// y4 = x·w32: each weight form the rewrite handles, as ONNX opset 17 bytes.
-    fn model() -> Vec<u8> {
+    pub fn matmul_forms() -> Vec<u8> {
         let w: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 32.0) / 32.0).collect();
         let w32: Vec<f32> = (0..24).map(|i| ((i * 11 % 24) as f32 - 12.0) / 16.0).collect();
-        let w16: Vec<u8> = w.iter().flat_map(|&v| f16_bits(v).to_le_bytes()).collect();
+        let w16: Vec<u8> = w.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()).collect();
         let w32: Vec<u8> = w32.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut g = Vec::new();
         for n in [
@@ -554,15 +543,13 @@ mod tests {
         put_bytes(&mut m, MODEL_OPSET_IMPORT, &opset);
         m
     }
+}
 
-    fn run(engine: &Engine, model: &[u8]) -> Vec<Vec<f32>> {
-        let mut s = engine.session_from_memory("test", model, Memory::Bounded).unwrap();
-        let x: Vec<f32> = (0..16).map(|i| ((i * 5 % 16) as f32 - 8.0) / 8.0).collect();
-        let x = Tensor::from_array(([2usize, 8], x)).unwrap();
-        let ids = Tensor::from_array(([2usize], vec![3i64, 6])).unwrap();
-        let out = s.run(ort::inputs!["x" => x, "ids" => ids]).unwrap();
-        ["y1", "y2", "y3", "y4"].iter().map(|y| out[*y].try_extract_tensor::<f32>().unwrap().1.to_vec()).collect()
-    }
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
 
     fn op_types(model: &[u8]) -> Vec<String> {
         let graph = Fields(model).find_map(|f| match f.unwrap() {
@@ -577,31 +564,17 @@ mod tests {
             .collect()
     }
 
-    /// Each MatMul form becomes MatMulNBits and agrees with fp32 within int8 error; the
-    /// Gather is exact; the Cast and Transpose that fed only MatMuls are gone.
+    /// Each MatMul form becomes MatMulNBits; the Cast and Transpose that fed only MatMuls are gone;
+    /// a second pass finds nothing to do. (The worker's engine tests run both in ONNX Runtime.)
     #[test]
-    fn rewritten_matmuls_match_fp32_within_int8_error() {
-        let settings = heimdex_shared::config::EngineSettings { intra_threads: 1, ..Default::default() };
-        let engine = Engine::new(settings, std::sync::Arc::new(crate::metrics::Metrics::new())).unwrap();
-        let model = model();
+    fn each_matmul_form_is_rewritten_once() {
+        let model = fixtures::matmul_forms();
         let (int8, stats) = quantize_matmuls(&model).unwrap();
         assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, gathers: 1 });
         assert_eq!(op_types(&int8), ["MatMulNBits", "MatMulNBits", "Gather", "Cast", "MatMulNBits"]);
-        let (want, got) = (run(&engine, &model), run(&engine, &int8));
-        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-            assert_eq!(w.len(), g.len());
-            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            // Weights and activations each to 1/127 of their block's range.
-            assert!(err <= 0.03 * scale, "y{}: max error {err} against max |y| {scale}: {w:?} vs {g:?}", i + 1);
-            if i == 2 {
-                assert_eq!(w, g, "the fp16 gather is exact");
-            }
-        }
-        // Nothing to rewrite the second time; the model still loads.
         let (again, stats) = quantize_matmuls(&int8).unwrap();
         assert_eq!(stats.matmuls, 0);
-        assert_eq!(run(&engine, &again), got);
+        assert_eq!(op_types(&again), op_types(&int8));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use heimdex_worker::engine::download::{DownloadError, Limits, Pin, fetch};
+use heimdex_models::download::{DownloadError, Limits, Pin, fetch};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -1,4 +1,4 @@
-//! Installs a [`catalog`](super::catalog) model into a model directory: fetches its pinned sources,
+//! Installs a [`catalog`](crate::catalog) model into a model directory: fetches its pinned sources,
 //! builds its folder beside it, checks every file against its pin, then moves the files into place
 //! and records them in `MANIFEST.sha256`. A failure at any step leaves the folder as it was.
 //!
@@ -9,10 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::catalog::{Build, Model};
-use super::download::{self, DownloadError};
-use super::registry::{self, ModelError, ModelRegistry};
+use crate::catalog::{Build, Model};
 use crate::convert::{self, ConvertError};
+use crate::download::{self, DownloadError};
+use crate::registry::{self, ModelError, ModelRegistry};
 
 /// Where the sources wait between a download and the build (kept across failed runs, so an
 /// interrupted download resumes; removed once the model is installed).
@@ -45,7 +45,7 @@ pub enum Installation {
 }
 
 /// Makes `model`'s files present in `dir`, each with its pinned sha256, fetching its sources from
-/// upstream or from `mirror` (see [`super::catalog::Source::url`]).
+/// upstream or from `mirror` (see [`crate::catalog::Source::url`]).
 ///
 /// # Errors
 /// A download that fails or does not match its pin, a build that fails or does not match its pin,

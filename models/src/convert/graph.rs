@@ -7,7 +7,7 @@
 //! mode); everything else is stored as is.
 
 use super::onnx::{Attr, FLOAT, FLOAT16, INT64, Model, Node, Tensor, TensorData, ValueInfo};
-use crate::engine::proto::{f16_to_f32, f32_to_f16};
+use crate::proto::{f16_to_f32, f32_to_f16};
 
 /// Float arrays with more elements than this are stored as fp16 (in fp16 mode).
 pub(crate) const FP16_ABOVE: usize = 1024;

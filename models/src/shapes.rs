@@ -8,7 +8,7 @@
 //! intermediate values lose their declared shapes (ONNX Runtime infers them per run). Everything
 //! else is copied byte for byte.
 
-use super::proto::*;
+use crate::proto::*;
 
 /// Why a model's shapes could not be freed.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::proto::*;
+use crate::proto::*;
 
 /// Why a model could not be carved.
 #[derive(Debug, thiserror::Error)]

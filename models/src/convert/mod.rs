@@ -86,7 +86,7 @@ fn create_dir(dir: &Path) -> Result<(), ConvertError> {
 
 /// Whisper from CTranslate2 (the `Systran/faster-whisper-base` files) into `out_dir`:
 /// `encoder_model.onnx`, `decoder_model.onnx`, `decoder_with_past_model.onnx`, `mel_filters.f32` and
-/// `config.json` (what [`crate::index`] reads).
+/// `config.json` (what the index pipeline reads).
 ///
 /// Memory: the model file is read once (its size) plus one graph's weights at a time.
 ///
@@ -209,7 +209,7 @@ fn whisper_config(dm: &whisper_graphs::Dims, ct2_config_json: &Path, tokenizer_j
     Ok(json!({
         "model": "openai/whisper-base (multilingual)",
         "source": "Systran/faster-whisper-base (CTranslate2 fp16 export), converted to ONNX by heimdex-models \
-                   (heimdex_worker::convert)",
+                   (heimdex_models::convert)",
         "license": "MIT (OpenAI)",
         "weights": "fp16 initializers cast to fp32 in the graph; compute is fp32",
         "sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "chunk_length_s": CHUNK_LENGTH_S,

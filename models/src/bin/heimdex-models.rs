@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use heimdex_models::catalog::{MODELS, Model};
+use heimdex_models::install::{Installation, install};
+use heimdex_models::registry::{ModelRegistry, parse_manifest};
 use heimdex_shared::contract::TaskKind;
-use heimdex_worker::engine::catalog::{MODELS, Model};
-use heimdex_worker::engine::install::{Installation, install};
-use heimdex_worker::engine::registry::{ModelRegistry, parse_manifest};
 
 #[derive(Parser)]
 #[command(about = "Download or verify Heimdex model files")]

@@ -134,7 +134,7 @@ pub const MODELS: &[Model] = &[
             file("whisper-base/decoder_model.onnx", "e36ba61ab540f43c6cb273e7882bf854c4072c3f90c1651018668c30ce8d9f85"),
             file("whisper-base/decoder_with_past_model.onnx", "dcc2a9d9f169fd43c9d64a2042bafc6f0fdd6c2afa5212e7d31f80aa3b93e1cc"),
             file("whisper-base/mel_filters.f32", "4f2701b1d287d74a0dc9871026e9519d98cb76426615f2539b0d151a0ae4ec2e"),
-            file("whisper-base/config.json", "24dc6d623b27b24a253ed0e58ca8eebb894c90c2b9ba0bccf5b90f7596dc8255"),
+            file("whisper-base/config.json", "c8166923dbb12dc593c287b508a21da7393e3a8c91012a6e4b71adf5e2cb7d83"),
             file("whisper-base/tokenizer.json", "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab"),
         ],
     },

@@ -1,5 +1,5 @@
 //! The protobuf wire format at the byte level, as far as ONNX files need it, and IEEE half floats:
-//! shared by [`super::carve`], [`super::quantize`] and [`super::shapes`] (which read and rewrite models
+//! shared by [`crate::carve`], [`crate::quantize`] and [`crate::shapes`] (which read and rewrite models
 //! in memory) and [`crate::convert`] (which writes them). Hand-written rather than generated: the
 //! readers copy untouched fields byte for byte, and the writer must produce exactly the bytes Python's
 //! `onnx` package does.

@@ -1,7 +1,7 @@
 //! Model files: resolved from the model directory, each verified against its sha256 once per process.
 //!
 //! Expected hashes come from the directory's `MANIFEST.sha256` (written by the offline bundle's
-//! preparation and by `heimdex-models download`), else from the built-in [`catalog`](super::catalog).
+//! preparation and by `heimdex-models download`), else from the built-in [`catalog`](crate::catalog).
 //! Hashing 350 MB takes seconds, so a verified file is remembered in `.heimdex-verified.json`, keyed
 //! by size and modification time: a restart re-hashes only files that changed. A missing or corrupt
 //! file stops the worker with a message naming the file and the fix.
@@ -15,7 +15,7 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::catalog;
+use crate::catalog;
 
 const MANIFEST: &str = "MANIFEST.sha256";
 const STAMP: &str = ".heimdex-verified.json";

@@ -1,0 +1,27 @@
+//! Heimdex model files: which ones, where they come from, whether they are intact, and the byte-level
+//! ONNX work done on them. None of it runs a model: this crate links no ONNX Runtime, tokenizer or
+//! HTTP server, so the `heimdex-models` tool stays small and the worker crate holds only what runs.
+//!
+//! - [`catalog`]: the default models, every upstream file pinned by revision and sha256.
+//! - [`download`], [`install`]: fetch a model's sources (bounded, resumable, checked), build what
+//!   upstream does not ship, move the files into place (`heimdex-models download`).
+//! - [`registry`]: a model directory as a worker sees it: resolve a file, verify its sha256 once.
+//! - [`convert`]: the builders of Whisper's ONNX graphs and filterbank (from CTranslate2 weights) and
+//!   MiniLM's ONNX encoder (from safetensors), byte-identical to the offline bundle's.
+//! - [`proto`]: the protobuf wire format of ONNX files, and IEEE half floats.
+//! - [`carve`], [`quantize`], [`shapes`]: in-memory rewrites a worker applies at load (the with-past
+//!   decoder's missing cross-attention part; 8-bit weights for Whisper's decoder; YuNet at each
+//!   frame's own size).
+//!
+//! The `testing` feature adds fixtures other crates' tests use (a model with each weight form the
+//! int8 rewrite handles, which the worker runs in ONNX Runtime).
+
+pub mod carve;
+pub mod catalog;
+pub mod convert;
+pub mod download;
+pub mod install;
+pub mod proto;
+pub mod quantize;
+pub mod registry;
+pub mod shapes;

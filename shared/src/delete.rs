@@ -4,13 +4,12 @@
 //! One transaction removes the results (transcript segments, frames, faces, scenes), the index
 //! checkpoints, the jobs with their outbox messages, and the video row, and records the video's URI in
 //! `deleted_videos` (a tombstone). It first locks the video's jobs, in the order the workers' results
-//! transactions take them ([`crate::jobs::lock_run`] locks the job, then writes rows of the video):
+//! transactions take them ([`FencedRun::begin`] locks the job, then writes rows of the video):
 //! - a job that is `running` makes the delete refuse ([`DeleteError::Running`]) unless `force`;
 //! - with `force` the running run is superseded: its job row, and with it its `run_token`, is gone,
-//!   so every later write of that run fails its fence (the results transaction's [`lock_run`] finds
-//!   no job, a checkpoint's `WHERE EXISTS (... run_token ...)` finds none, a failure is not
-//!   recorded), and the worker sees it within seconds ([`crate::jobs::holds`]) and stops, acking its
-//!   message;
+//!   so every later write of that run fails its fence ([`FencedRun::begin`] finds no job for the
+//!   results or a checkpoint, a failure is not recorded), and the worker sees it within seconds
+//!   ([`FencedRun::holds`]) and stops, acking its message;
 //! - a results transaction that holds the job lock commits first, and the delete then removes what it
 //!   wrote (the job is `succeeded` by then, so no `force` is needed).
 //!
@@ -19,7 +18,8 @@
 //! superseded instead ([`deleted_since`]). A later enqueue of the same media is newer than the
 //! tombstone and runs as usual.
 //!
-//! [`lock_run`]: crate::jobs::lock_run
+//! [`FencedRun::begin`]: crate::jobs::FencedRun::begin
+//! [`FencedRun::holds`]: crate::jobs::FencedRun::holds
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

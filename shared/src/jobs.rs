@@ -114,7 +114,8 @@ pub struct Queued {
 /// published, `None` when the job is running or done (enqueuing twice does not duplicate work).
 ///
 /// A forced re-queue clears `run_token`, so a run still in progress is superseded: its writes are
-/// refused from then on. It also clears the index checkpoints, so the re-run decodes every window.
+/// refused from then on. It also starts a new [`Run::generation`], so the re-run reuses nothing an
+/// earlier generation's runs kept (the index checkpoints) and decodes every window.
 /// `queued_at` is the statement's own clock (not the transaction's start), so that of two racing
 /// enqueues the one that commits last names the latest.
 ///
@@ -122,11 +123,11 @@ pub struct Queued {
 /// Database errors.
 pub async fn queue_job(conn: &mut PgConnection, video_id: Uuid, kind: TaskKind, force: bool) -> Result<Option<Queued>, sqlx::Error> {
     let row: Option<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "WITH cleared AS (DELETE FROM index_checkpoints WHERE $4 AND $3 = 'index' AND video_id = $2)
-         INSERT INTO jobs (id, video_id, kind, status, queued_at) VALUES ($1, $2, $3, 'queued', clock_timestamp())
+        "INSERT INTO jobs (id, video_id, kind, status, queued_at) VALUES ($1, $2, $3, 'queued', clock_timestamp())
          ON CONFLICT (video_id, kind) DO UPDATE SET status = 'queued', attempts = 0, deaths = 0, last_error = NULL,
              worker_id = NULL, run_token = NULL, queued_at = clock_timestamp(), started_at = NULL, finished_at = NULL,
-             stage_timings = '{}'::jsonb, summary = NULL
+             stage_timings = '{}'::jsonb, summary = NULL,
+             generation = jobs.generation + CASE WHEN $4 THEN 1 ELSE 0 END
          WHERE $4 OR jobs.status IN ('queued', 'failed', 'dead')
          RETURNING id, queued_at",
     )
@@ -171,6 +172,61 @@ pub struct Run {
     pub attempt: u32,
     /// Earlier runs of this job that died with their worker (the worker runs such a job alone).
     pub deaths: u32,
+    /// The job's generation: a forced re-queue starts a new one. Progress a run keeps for the runs
+    /// after it (the index checkpoints) is reused only within the same generation.
+    pub generation: i64,
+}
+
+/// The one fence of a run's writes: the job row, while the run's token is on it.
+macro_rules! held {
+    () => {
+        "SELECT 1 FROM jobs WHERE id = $1 AND run_token = $2"
+    };
+}
+
+/// A run and the pool its writes go through: what a pipeline gets during a run instead of the pool
+/// itself, so that every write it makes is fenced by the run's token like the results are.
+#[derive(Clone, Debug)]
+pub struct FencedRun {
+    pool: PgPool,
+    run: Run,
+}
+
+impl FencedRun {
+    pub fn new(pool: PgPool, run: Run) -> Self {
+        Self { pool, run }
+    }
+
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    /// The pool, for reads: a superseded run may read what it likes, but writes go through [`Self::begin`].
+    pub fn reader(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A transaction holding the job's row lock while the run holds the job (so no re-queue, delete or
+    /// redelivery can take it over until the commit), or `None` when the run was superseded (a forced
+    /// re-run, a redelivery elsewhere, a delete) and must write nothing.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn begin(&self) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let held: Option<i32> =
+            sqlx::query_scalar(concat!(held!(), " FOR UPDATE")).bind(self.run.job_id).bind(self.run.token).fetch_optional(&mut *tx).await?;
+        Ok(held.map(|_| tx))
+    }
+
+    /// Whether the run still holds its job (polled while a task runs, so a superseded run stops early).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn holds(&self) -> Result<bool, sqlx::Error> {
+        let held: Option<i32> = sqlx::query_scalar(held!()).bind(self.run.job_id).bind(self.run.token).fetch_optional(&self.pool).await?;
+        Ok(held.is_some())
+    }
 }
 
 /// What the worker learns when it asks to start a run.
@@ -248,12 +304,21 @@ pub async fn start_run(
     .bind(msg.metadata.as_ref().map(sqlx::types::Json))
     .execute(&mut *tx)
     .await?;
-    let (job_id, status, attempts, deaths, last_error, queued_at): (Uuid, JobStatus, i32, i32, Option<String>, DateTime<Utc>) =
-        sqlx::query_as("SELECT id, status, attempts, deaths, last_error, queued_at FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE")
-            .bind(video_id)
-            .bind(msg.kind.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
+    let (job_id, status, attempts, deaths, last_error, queued_at, generation): (
+        Uuid,
+        JobStatus,
+        i32,
+        i32,
+        Option<String>,
+        DateTime<Utc>,
+        i64,
+    ) = sqlx::query_as(
+        "SELECT id, status, attempts, deaths, last_error, queued_at, generation FROM jobs WHERE video_id = $1 AND kind = $2 FOR UPDATE",
+    )
+    .bind(video_id)
+    .bind(msg.kind.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
     let (mut attempts, mut deaths) = (u32::try_from(attempts).unwrap_or(0), u32::try_from(deaths).unwrap_or(0));
     let verdict = match (enqueued.cmp(&queued_at), status) {
         (Ordering::Less, _) => Some(Start::Superseded),
@@ -296,7 +361,7 @@ pub async fn start_run(
         tx.commit().await?;
         return Ok(Start::DeadLetter { attempts, reason });
     }
-    let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1, deaths };
+    let run = Run { job_id, video_id, token: Uuid::new_v4(), attempt: attempts + 1, deaths, generation };
     // The caller's fields are the latest enqueue's: this message's (our producer stored the same).
     sqlx::query(
         "UPDATE jobs SET status = 'running', attempts = $2, deaths = $3, run_token = $4, worker_id = $5,
@@ -317,34 +382,7 @@ pub async fn start_run(
     Ok(Start::Run(run))
 }
 
-/// Locks the job for the results transaction if `run` still holds it; false means the run was
-/// superseded (a forced re-run, or a redelivery elsewhere) and must write nothing.
-///
-/// # Errors
-/// Database errors.
-pub async fn lock_run(conn: &mut PgConnection, run: &Run) -> Result<bool, sqlx::Error> {
-    let held: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 AND run_token = $2 FOR UPDATE")
-        .bind(run.job_id)
-        .bind(run.token)
-        .fetch_optional(conn)
-        .await?;
-    Ok(held.is_some())
-}
-
-/// Whether `run` still holds its job (polled while a task runs, so a superseded run stops early).
-///
-/// # Errors
-/// Database errors.
-pub async fn holds(pool: &PgPool, run: &Run) -> Result<bool, sqlx::Error> {
-    let held: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 AND run_token = $2")
-        .bind(run.job_id)
-        .bind(run.token)
-        .fetch_optional(pool)
-        .await?;
-    Ok(held.is_some())
-}
-
-/// Records success inside the results transaction (after [`lock_run`]), so the job says `succeeded`
+/// Records success inside the results transaction (from [`FencedRun::begin`]), so the job says `succeeded`
 /// exactly when the results are there.
 ///
 /// # Errors

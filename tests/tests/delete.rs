@@ -13,7 +13,7 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::delete::{self, DeleteError};
 use heimdex_shared::fleet::WorkerState;
-use heimdex_shared::jobs::{self, JobStatus, Start};
+use heimdex_shared::jobs::{self, FencedRun, JobStatus, Start};
 use heimdex_shared::topology;
 use heimdex_tests::{TestEnv, http_get, http_with};
 use heimdex_worker::Persist;
@@ -180,7 +180,8 @@ async fn a_forced_delete_fences_the_running_run_out_and_a_committing_one_goes_fi
     let env = TestEnv::new().await;
     // A run in progress (index: it stores checkpoints as it goes).
     let (_, run) = running_job(&env.pool, "/media/running.wav", TaskKind::Index).await;
-    let checkpoints = Checkpoints::load(env.pool.clone(), run, "cfg".into()).await.unwrap();
+    let fenced = FencedRun::new(env.pool.clone(), run);
+    let checkpoints = Checkpoints::load(fenced.clone(), "cfg".into()).await.unwrap();
     let window = |index: usize| WindowText {
         index,
         offset_s: index as f64 * 30.0,
@@ -204,19 +205,16 @@ async fn a_forced_delete_fences_the_running_run_out_and_a_committing_one_goes_fi
     // Forced: the run is superseded first, and everything of it that comes later fails its fence.
     let deleted = delete::delete_video(&env.pool, run.video_id, true).await.unwrap();
     assert_eq!((deleted.jobs, deleted.checkpoints, deleted.superseded_runs), (1, 1, 1), "{deleted:?}");
-    assert!(!jobs::holds(&env.pool, &run).await.unwrap(), "the worker's poll sees the run is over");
+    assert!(!fenced.holds().await.unwrap(), "the worker's poll sees the run is over");
     checkpoints.save(&window(1)).await.unwrap();
-    let mut tx = env.pool.begin().await.unwrap();
-    assert!(!jobs::lock_run(&mut tx, &run).await.unwrap(), "the results transaction finds no job to write under");
-    drop(tx);
+    assert!(fenced.begin().await.unwrap().is_none(), "the results transaction finds no job to write under");
     assert!(!jobs::record_failure(&env.pool, &run, JobStatus::Retrying, "late", "w1", &serde_json::json!({})).await.unwrap());
     assert_eq!(rows(&env.pool, run.video_id).await, NONE, "no write of the superseded run came back");
 
     // A results transaction that holds its job when the delete comes commits first; the delete then
     // removes what it wrote (the job succeeded, so no force is needed).
     let (_, run) = running_job(&env.pool, "/media/committing.wav", TaskKind::Index).await;
-    let mut tx = env.pool.begin().await.unwrap();
-    assert!(jobs::lock_run(&mut tx, &run).await.unwrap());
+    let mut tx = FencedRun::new(env.pool.clone(), run).begin().await.unwrap().expect("the run holds its job");
     let output = IndexOutput {
         segments: (0..3)
             .map(|i| Segment { start_s: i as f64, end_s: i as f64 + 1.0, text: format!("s{i}"), confidence: 0.9, embedding: vec![] })

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use heimdex_shared::contract::{Metadata, TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::events::{self, JobEvent, NOTIFY_CHANNEL};
 use heimdex_shared::fleet::WorkerState;
-use heimdex_shared::jobs::{self, JobStatus, Start};
+use heimdex_shared::jobs::{self, FencedRun, JobStatus, Start};
 use heimdex_shared::outbox;
 use heimdex_tests::{TestEnv, http, publish_raw};
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
@@ -109,8 +109,7 @@ async fn run(env: &TestEnv, msg: &TaskMessage, redelivered: bool, max_attempts: 
 }
 
 async fn succeed(env: &TestEnv, run: &jobs::Run, summary: &Value, commit: bool) {
-    let mut tx = env.pool.begin().await.expect("begin");
-    assert!(jobs::lock_run(&mut tx, run).await.expect("lock"));
+    let mut tx = FencedRun::new(env.pool.clone(), *run).begin().await.expect("begin").expect("the run holds its job");
     jobs::finish_success(&mut tx, run, &json!({ "persist": 1 }), summary).await.expect("finish");
     if commit {
         tx.commit().await.expect("commit");

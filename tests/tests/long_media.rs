@@ -89,13 +89,16 @@ async fn a_forced_rerun_decodes_every_window_again() {
     first.wait_exit(Duration::from_secs(10)).await;
     assert!(stored_windows(&env, video).await >= 1);
 
-    // A forced re-run (a new model, new settings: the user asked for it afresh) reuses nothing.
+    // A forced re-run (a new model, new settings: the user asked for it afresh) reuses nothing: the
+    // stored windows stay (the enqueue touches only the job) but belong to the job's older generation.
+    let stored = stored_windows(&env, video).await;
     env.enqueue("long.mp4", TaskKind::Index, true).await.unwrap();
-    assert_eq!(stored_windows(&env, video).await, 0, "--force clears the checkpoints");
+    assert_eq!(stored_windows(&env, video).await, stored, "--force leaves the index checkpoints to the index pipeline");
     let _second = env.spawn_worker("index", "force-2", &small);
     let done = env.wait_job(job, "succeeded", Duration::from_secs(600)).await;
     assert_eq!(summary_count(done.summary.as_ref(), "resumed_windows"), 0, "{done:?}");
     assert!(summary_count(done.summary.as_ref(), "windows") >= 2, "{done:?}");
+    assert_eq!(stored_windows(&env, video).await, 0, "the results transaction clears every generation's checkpoints");
     env.cleanup().await;
 }
 

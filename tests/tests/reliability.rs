@@ -7,7 +7,7 @@ use std::time::Duration;
 use heimdex_producer::{EnqueueRequest, Producer, ProducerError};
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::fleet::WorkerState;
-use heimdex_shared::jobs::{self, JobStatus, Start};
+use heimdex_shared::jobs::{self, FencedRun, JobStatus, Start};
 use heimdex_tests::{TestEnv, drain_dlq, http_get, publish_raw};
 use lapin::options::{QueueBindOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
@@ -278,26 +278,24 @@ async fn runs_are_fenced_by_their_token() {
     // (the first run's worker died) takes the job over and counts the death.
     assert_eq!(jobs::start_run(&env.pool, &msg, "w2", false, 5).await.unwrap(), Start::Duplicate);
     let Start::Run(newer) = jobs::start_run(&env.pool, &msg, "w2", true, 5).await.unwrap() else { panic!("redelivery") };
-    assert_eq!(newer.attempt, 2);
+    assert_eq!((newer.attempt, newer.generation), (2, old.generation), "a redelivery is the same generation");
     // The stale run's failure is refused and does not touch the live run.
     assert!(!jobs::record_failure(&env.pool, &old, JobStatus::Retrying, "stale", "w1", &serde_json::json!({})).await.unwrap());
-    let mut tx = env.pool.begin().await.unwrap();
-    assert!(!jobs::lock_run(&mut tx, &old).await.unwrap(), "a stale run cannot write results");
-    drop(tx);
+    assert!(FencedRun::new(env.pool.clone(), old).begin().await.unwrap().is_none(), "a stale run cannot write results");
     // --force starts a new generation: the running one is superseded.
     let mut tx = env.pool.begin().await.unwrap();
     let queued = jobs::queue_job(&mut tx, msg.video_id, TaskKind::Index, true).await.unwrap().expect("a forced enqueue");
     assert_eq!(queued.job_id, newer.job_id);
     tx.commit().await.unwrap();
-    assert!(!jobs::holds(&env.pool, &newer).await.unwrap());
+    assert!(!FencedRun::new(env.pool.clone(), newer).holds().await.unwrap());
     // The old enqueue's message, delivered again or for the first time, is superseded.
     assert_eq!(jobs::start_run(&env.pool, &msg, "w1", true, 5).await.unwrap(), Start::Superseded);
     assert_eq!(jobs::start_run(&env.pool, &msg, "w1", false, 5).await.unwrap(), Start::Superseded);
     let forced_msg = TaskMessage::of_enqueue(&queued, msg.video_id, TaskKind::Index, msg.media_uri.clone(), TaskOptions::default());
     let Start::Run(forced) = jobs::start_run(&env.pool, &forced_msg, "w3", false, 5).await.unwrap() else { panic!("forced run") };
     assert_eq!(forced.attempt, 1, "a new generation starts its attempts afresh");
-    let mut tx = env.pool.begin().await.unwrap();
-    assert!(jobs::lock_run(&mut tx, &forced).await.unwrap());
+    assert_eq!(forced.generation, newer.generation + 1, "--force counts a new generation");
+    let mut tx = FencedRun::new(env.pool.clone(), forced).begin().await.unwrap().expect("the forced run holds its job");
     jobs::finish_success(&mut tx, &forced, &serde_json::json!({}), &serde_json::json!({})).await.unwrap();
     tx.commit().await.unwrap();
     // A late failure of the superseded run cannot turn the success back into `retrying`.

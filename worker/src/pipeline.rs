@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use heimdex_shared::TaskOptions;
 use heimdex_shared::contract::TaskKind;
-use heimdex_shared::jobs::Run;
+use heimdex_shared::jobs::{FencedRun, Run};
 use heimdex_shared::media::Probe;
 use heimdex_shared::query::Embeddings;
 use uuid::Uuid;
@@ -31,8 +31,9 @@ pub struct TaskInput {
     /// The run of the job this task carries out (ids as Heimdex holds them, the token that fences its
     /// writes, the attempt).
     pub run: Run,
-    /// Where a pipeline may keep progress during the run (index checkpoints); `None` outside a worker.
-    pub db: Option<sqlx::PgPool>,
+    /// Where a pipeline may keep progress during the run (index checkpoints): the run's writes, fenced
+    /// by its token like the results; `None` outside a worker.
+    pub fenced: Option<FencedRun>,
     pub kind: TaskKind,
     /// A local file: under the media root, or remote media downloaded to a temporary file.
     pub media: String,

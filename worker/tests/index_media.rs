@@ -24,8 +24,8 @@ fn ffmpeg(args: &[&str]) {
 
 async fn task(p: &IndexPipeline, uri: &str) -> Result<heimdex_worker::index::IndexOutput, TaskError> {
     let probe = heimdex_shared::media::probe(uri).await.expect("ffprobe");
-    let run = Run { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), token: Uuid::new_v4(), attempt: 1, deaths: 0 };
-    let input = TaskInput { run, db: None, kind: TaskKind::Index, media: uri.to_string(), probe, options: TaskOptions::default() };
+    let run = Run { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), token: Uuid::new_v4(), attempt: 1, deaths: 0, generation: 0 };
+    let input = TaskInput { run, fenced: None, kind: TaskKind::Index, media: uri.to_string(), probe, options: TaskOptions::default() };
     p.process(&input, &StageTimings::default()).await
 }
 

@@ -51,8 +51,8 @@ fn load() -> VisionPipeline {
 
 async fn task(path: &str) -> TaskInput {
     let probe = heimdex_shared::media::probe(path).await.unwrap();
-    let run = Run { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), token: Uuid::new_v4(), attempt: 1, deaths: 0 };
-    TaskInput { run, db: None, kind: TaskKind::Vision, media: path.into(), probe, options: Default::default() }
+    let run = Run { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), token: Uuid::new_v4(), attempt: 1, deaths: 0, generation: 0 };
+    TaskInput { run, fenced: None, kind: TaskKind::Vision, media: path.into(), probe, options: Default::default() }
 }
 
 #[track_caller]

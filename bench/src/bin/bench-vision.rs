@@ -85,8 +85,8 @@ async fn input(settings: &Settings) -> Result<TaskInput> {
 async fn input_for(media: String) -> Result<TaskInput> {
     let probe = heimdex_shared::media::probe(&media).await?;
     let id = uuid::Uuid::new_v4;
-    let run = heimdex_shared::jobs::Run { job_id: id(), video_id: id(), token: id(), attempt: 1, deaths: 0 };
-    Ok(TaskInput { run, db: None, kind: TaskKind::Vision, media, probe, options: Default::default() })
+    let run = heimdex_shared::jobs::Run { job_id: id(), video_id: id(), token: id(), attempt: 1, deaths: 0, generation: 0 };
+    Ok(TaskInput { run, fenced: None, kind: TaskKind::Vision, media, probe, options: Default::default() })
 }
 
 /// Runs `tasks` tasks, `concurrency` at a time; returns (wall ms, frames, faces).

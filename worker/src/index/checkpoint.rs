@@ -4,12 +4,12 @@
 //!
 //! The chunker and the packer are deterministic, so a redelivery cuts the same windows; a stored window
 //! is reused only when the new run cut it at the same place under the same settings, and from the first
-//! window that differs on everything is decoded again. Writes are fenced by the run's token like every other write
-//! of a run. The results transaction deletes the checkpoints (see [`super::persist`]); a forced re-run
-//! clears them when it queues the job.
+//! window that differs on everything is decoded again. Writes go through the run's fence
+//! ([`FencedRun::begin`]) like the results. Checkpoints belong to the job's generation: a forced re-run
+//! starts a new one and reuses none of an older generation's windows (it overwrites them as it goes);
+//! the results transaction deletes them all ([`clear`], called by [`super::persist`]).
 
-use heimdex_shared::jobs::Run;
-use sqlx::PgPool;
+use heimdex_shared::jobs::FencedRun;
 use uuid::Uuid;
 
 use super::pack::Packed;
@@ -46,27 +46,28 @@ struct StoredWindow {
 /// The checkpoints of one run: those an earlier run left, and where new ones go.
 #[derive(Debug)]
 pub struct Checkpoints {
-    pool: PgPool,
-    run: Run,
+    fenced: FencedRun,
     config: String,
     stored: std::vec::IntoIter<WindowText>,
     diverged: bool,
 }
 
 impl Checkpoints {
-    /// Loads what earlier runs of this video's index job stored under the same `config` (a key of the
-    /// settings that shape the windows and their text).
+    /// Loads what earlier runs of this video's index job stored in the run's generation under the same
+    /// `config` (a key of the settings that shape the windows and their text).
     ///
     /// # Errors
     /// Database errors.
-    pub async fn load(pool: PgPool, run: Run, config: String) -> Result<Self, sqlx::Error> {
+    pub async fn load(fenced: FencedRun, config: String) -> Result<Self, sqlx::Error> {
+        let run = fenced.run();
         let rows: Vec<StoredWindow> = sqlx::query_as(
             "SELECT window_index, offset_s, duration_s, language, segments FROM index_checkpoints
-             WHERE video_id = $1 AND config = $2 ORDER BY window_index",
+             WHERE video_id = $1 AND config = $2 AND generation = $3 ORDER BY window_index",
         )
         .bind(run.video_id)
         .bind(&config)
-        .fetch_all(&pool)
+        .bind(run.generation)
+        .fetch_all(fenced.reader())
         .await?;
         let stored: Vec<WindowText> = rows
             .into_iter()
@@ -78,7 +79,7 @@ impl Checkpoints {
                 language: u32::try_from(r.language).unwrap_or_default(),
             })
             .collect();
-        Ok(Self { pool, run, config, stored: stored.into_iter(), diverged: false })
+        Ok(Self { fenced, config, stored: stored.into_iter(), diverged: false })
     }
 
     /// The stored transcript of `window`, if an earlier run stored one for a window cut at the same
@@ -101,24 +102,28 @@ impl Checkpoints {
     /// # Errors
     /// Database errors.
     pub async fn save(&self, window: &WindowText) -> Result<(), sqlx::Error> {
+        let Some(mut tx) = self.fenced.begin().await? else {
+            return Ok(());
+        };
+        let run = self.fenced.run();
         sqlx::query(
-            "INSERT INTO index_checkpoints (video_id, window_index, offset_s, duration_s, config, language, segments)
-             SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $8 AND run_token = $9)
+            "INSERT INTO index_checkpoints (video_id, window_index, offset_s, duration_s, config, language, segments, generation)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (video_id, window_index) DO UPDATE SET offset_s = EXCLUDED.offset_s, duration_s = EXCLUDED.duration_s,
-                 config = EXCLUDED.config, language = EXCLUDED.language, segments = EXCLUDED.segments, created_at = now()",
+                 config = EXCLUDED.config, language = EXCLUDED.language, segments = EXCLUDED.segments,
+                 generation = EXCLUDED.generation, created_at = now()",
         )
-        .bind(self.run.video_id)
+        .bind(run.video_id)
         .bind(i32::try_from(window.index).unwrap_or(i32::MAX))
         .bind(window.offset_s)
         .bind(window.duration_s)
         .bind(&self.config)
         .bind(i32::try_from(window.language).unwrap_or_default())
         .bind(sqlx::types::Json(&window.segments))
-        .bind(self.run.job_id)
-        .bind(self.run.token)
-        .execute(&self.pool)
+        .bind(run.generation)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await
     }
 }
 

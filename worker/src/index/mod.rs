@@ -29,9 +29,8 @@ use std::time::Instant;
 use anyhow::Context;
 use heimdex_shared::config::IndexSettings;
 use heimdex_shared::contract::TaskKind;
-use heimdex_shared::jobs::Run;
+use heimdex_shared::jobs::FencedRun;
 use heimdex_shared::query::Embeddings;
-use sqlx::PgPool;
 
 pub use asr::{Transcriber, Transcript};
 pub use persist::{IndexOutput, Segment};
@@ -150,19 +149,19 @@ impl IndexPipeline {
         self.index_run(uri, language, None, timings).await
     }
 
-    /// The body of [`Pipeline::process`]: with `run`, windows that an earlier run of the task stored
-    /// are reused and every window decoded now is stored.
+    /// The body of [`Pipeline::process`]: with `fenced` (the run), windows that an earlier run of the
+    /// job's generation stored are reused and every window decoded now is stored.
     async fn index_run(
         &self,
         uri: &str,
         language: Option<&str>,
-        run: Option<(&PgPool, Run)>,
+        fenced: Option<&FencedRun>,
         timings: &StageTimings,
     ) -> Result<(IndexOutput, Transcript), TaskError> {
         let t = &self.transcriber;
         let lang = language.filter(|l| !l.is_empty()).map(|l| t.language_token(l)).transpose()?;
-        let mut checkpoints = match run {
-            Some((pool, run)) => Some(Checkpoints::load(pool.clone(), run, self.checkpoint_config(lang)).await?),
+        let mut checkpoints = match fenced {
+            Some(fenced) => Some(Checkpoints::load(fenced.clone(), self.checkpoint_config(lang)).await?),
             None => None,
         };
         let transcript = timings.time("asr", t.transcribe(uri, lang, t.asr.max_batch(), checkpoints.as_mut())).await?;
@@ -301,8 +300,7 @@ impl Pipeline for IndexPipeline {
             )));
         }
         let language = input.options.language.as_deref().or(Some(self.settings.language.as_str()));
-        let run = input.db.as_ref().map(|pool| (pool, input.run));
-        let (output, _) = match self.index_run(&input.media, language, run, timings).await {
+        let (output, _) = match self.index_run(&input.media, language, input.fenced.as_ref(), timings).await {
             Err(TaskError::Audio(AudioError::NoAudio { .. })) if self.settings.allow_no_audio => return Ok(empty()),
             other => other?,
         };

@@ -15,7 +15,7 @@ use heimdex_shared::Settings;
 use heimdex_shared::config::Failpoint;
 use heimdex_shared::contract::TaskMessage;
 use heimdex_shared::error::{Dependency, Disposition, cap};
-use heimdex_shared::jobs::{self, JobStatus, Run, Start};
+use heimdex_shared::jobs::{self, FencedRun, JobStatus, Run, Start};
 use heimdex_shared::topology::{self, ATTEMPT_HEADER, ERROR_HEADER, Topology, WORKER_HEADER};
 use heimdex_shared::{media, remote, s3};
 use lapin::message::Delivery;
@@ -278,13 +278,13 @@ impl<P: Pipeline> Worker<P> {
         let fetching = fetch_started.elapsed();
         let probe = timings.time("probe", media::probe(&uri)).await?;
         let _ = bound.send(worker.task_timeout(probe.duration_s, fetching, consumer_timeout_ms));
-        let input = TaskInput { run: *run, db: Some(self.pool.clone()), kind: msg.kind, media: uri, probe, options: msg.options.clone() };
+        let fenced = FencedRun::new(self.pool.clone(), *run);
+        let input = TaskInput { run: *run, fenced: Some(fenced.clone()), kind: msg.kind, media: uri, probe, options: msg.options.clone() };
         let output = self.pipeline.process(&input, timings).await?;
         let persist_started = std::time::Instant::now();
-        let mut tx = self.pool.begin().await?;
-        if !jobs::lock_run(&mut tx, run).await? {
+        let Some(mut tx) = fenced.begin().await? else {
             return Ok(false);
-        }
+        };
         output.write(&mut tx, run.video_id).await?;
         jobs::update_probe(&mut tx, run.video_id, &input.probe).await?;
         timings.record("persist", persist_started);
@@ -299,9 +299,10 @@ impl<P: Pipeline> Worker<P> {
 
     /// Resolves once the run no longer holds its job (checked every [`FENCE_POLL`]).
     async fn superseded(&self, run: &Run) {
+        let fenced = FencedRun::new(self.pool.clone(), *run);
         loop {
             tokio::time::sleep(FENCE_POLL).await;
-            if let Ok(false) = jobs::holds(&self.pool, run).await {
+            if let Ok(false) = fenced.holds().await {
                 return;
             }
         }

@@ -207,9 +207,10 @@ impl<P: Pipeline> Worker<P> {
         let started = tokio::time::Instant::now();
         let (bound_tx, mut bound) =
             tokio::sync::watch::channel(worker.task_timeout(None, Duration::ZERO, self.settings.amqp.consumer_timeout_ms));
-        let work = AssertUnwindSafe(self.execute(msg, resolved, &run, &timings, &bound_tx)).catch_unwind();
+        let fenced = FencedRun::new(self.pool.clone(), run);
+        let work = AssertUnwindSafe(self.execute(msg, resolved, &fenced, &timings, &bound_tx)).catch_unwind();
         tokio::pin!(work);
-        let superseded = self.superseded(&run);
+        let superseded = superseded(&fenced);
         tokio::pin!(superseded);
         let result = loop {
             let limit = *bound.borrow_and_update();
@@ -248,7 +249,7 @@ impl<P: Pipeline> Worker<P> {
         &self,
         msg: &TaskMessage,
         resolved: Result<(), media::MediaError>,
-        run: &Run,
+        fenced: &FencedRun,
         timings: &StageTimings,
         bound: &tokio::sync::watch::Sender<Duration>,
     ) -> Result<bool, TaskError> {
@@ -258,6 +259,7 @@ impl<P: Pipeline> Worker<P> {
         let (worker, consumer_timeout_ms) = (&self.settings.worker, self.settings.amqp.consumer_timeout_ms);
         let media_settings = &self.settings.media;
         resolved?;
+        let run = fenced.run();
         let mut uri = msg.media_uri.clone();
         // Remote media (http(s), or s3:// from the object store) is downloaded first and read as a
         // local file; the download goes with the task, and its time (up to `media.remote_deadline_ms`)
@@ -278,7 +280,6 @@ impl<P: Pipeline> Worker<P> {
         let fetching = fetch_started.elapsed();
         let probe = timings.time("probe", media::probe(&uri)).await?;
         let _ = bound.send(worker.task_timeout(probe.duration_s, fetching, consumer_timeout_ms));
-        let fenced = FencedRun::new(self.pool.clone(), *run);
         let input = TaskInput { run: *run, fenced: Some(fenced.clone()), kind: msg.kind, media: uri, probe, options: msg.options.clone() };
         let output = self.pipeline.process(&input, timings).await?;
         let persist_started = std::time::Instant::now();
@@ -295,17 +296,6 @@ impl<P: Pipeline> Worker<P> {
             self.metrics.observe_stage(stage, ms.as_f64().unwrap_or(0.0) / 1000.0);
         }
         Ok(true)
-    }
-
-    /// Resolves once the run no longer holds its job (checked every [`FENCE_POLL`]).
-    async fn superseded(&self, run: &Run) {
-        let fenced = FencedRun::new(self.pool.clone(), *run);
-        loop {
-            tokio::time::sleep(FENCE_POLL).await;
-            if let Ok(false) = fenced.holds().await {
-                return;
-            }
-        }
     }
 
     /// A message that is not a task for this worker: recorded on the job its `message_id` names (if
@@ -434,5 +424,15 @@ async fn nack_requeue(delivery: &Delivery) {
 async fn reject(delivery: &Delivery) {
     if let Err(e) = delivery.reject(BasicRejectOptions { requeue: false }).await {
         tracing::warn!(error = %e, "reject failed; the broker will redeliver");
+    }
+}
+
+/// Resolves once the run no longer holds its job (checked every [`FENCE_POLL`]).
+async fn superseded(fenced: &FencedRun) {
+    loop {
+        tokio::time::sleep(FENCE_POLL).await;
+        if let Ok(false) = fenced.holds().await {
+            return;
+        }
     }
 }

@@ -152,11 +152,26 @@ impl Topology {
         worker.retry_base_ms.saturating_mul(1 << shift).min(MAX_BACKOFF_MS)
     }
 
-    /// Declares everything for every kind; safe to call from any number of processes at once.
+    /// Declares everything for every kind, within [`DECLARE_TIMEOUT`]; safe to call from any number
+    /// of processes at once.
     ///
     /// # Errors
-    /// The broker refuses a declaration (e.g. a queue exists with other arguments).
+    /// The broker refuses a declaration (e.g. a queue exists with other arguments), or does not
+    /// answer in time (a `TimedOut` I/O error: the channel is then unusable).
     pub async fn declare(&self, channel: &Channel, worker: &WorkerSettings) -> Result<(), lapin::Error> {
+        tokio::time::timeout(DECLARE_TIMEOUT, self.declare_all(channel, worker)).await.unwrap_or_else(|_| {
+            Err(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the broker did not answer the declarations of the queues of prefix {:?} within {DECLARE_TIMEOUT:?} \
+                     (a broker out of file handles stops answering without an error: deploy/README.md, \"File handles\")",
+                    self.prefix
+                ),
+            )))
+        })
+    }
+
+    async fn declare_all(&self, channel: &Channel, worker: &WorkerSettings) -> Result<(), lapin::Error> {
         channel
             .exchange_declare(
                 self.exchange().into(),
@@ -243,6 +258,11 @@ impl Topology {
         channel.exchange_delete(self.exchange().into(), lapin::options::ExchangeDeleteOptions::default()).await
     }
 }
+
+/// How long declaring the whole topology may take. A healthy broker takes milliseconds (tens of
+/// them for quorum queues, seconds while a cluster elects leaders); one that takes longer is not
+/// going to answer, and a worker waiting on it would sit cold forever.
+pub const DECLARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long one connection attempt to one broker address may take (an address that does not
 /// answer at all, a node half gone) before the next address is tried.

@@ -49,6 +49,27 @@ async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
     env.cleanup().await;
 }
 
+/// A broker that takes the connection but never answers a declaration (RabbitMQ out of file
+/// handles does exactly that, silently): the worker gives up within `topology::DECLARE_TIMEOUT` and
+/// exits with the reason, instead of sitting cold forever where no health check restarts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_that_never_answers_a_declaration_stops_the_start_with_the_reason() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::holding_queue_declarations("127.0.0.1:5672").await;
+    let via_proxy = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
+    let mut worker = env.spawn_worker("vision", "unanswered", &[("HEIMDEX__AMQP__URL", &via_proxy)]);
+    let limit = heimdex_shared::topology::DECLARE_TIMEOUT + Duration::from_secs(30);
+    let code = tokio::time::timeout(limit, worker.child.wait()).await;
+    let log = worker.log();
+    let code = code.unwrap_or_else(|_| panic!("the worker was still starting after {limit:?}: {log}")).expect("wait").code();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("did not answer the declarations of the queues of prefix"), "{log}");
+    assert!(log.contains("File handles"), "the error points at the likely cause: {log}");
+    assert!(!log.contains("guest:guest"), "the broker's password is not logged: {log}");
+    assert!(!log.contains("models loaded"), "nothing is loaded for a worker that cannot consume: {log}");
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn without_redis_workers_work_status_shows_queues_and_jobs_and_state_returns_with_redis() {
     let env = TestEnv::new().await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use heimdex_worker::TaskError;
 use heimdex_worker::engine::InferenceError;
+use heimdex_worker::index::Prompt;
 use heimdex_worker::index::chunker::{SpeechChunk, StreamStats, stream_chunks};
 use heimdex_worker::index::{Segment, Transcriber};
 use heimdex_worker::media::audio::PcmStream;
@@ -41,12 +42,12 @@ pub async fn transcribe_chunks(
 ) -> Result<Vec<Segment>, InferenceError> {
     let mut out = Vec::new();
     if parallel {
-        for c in futures::future::try_join_all(chunks.into_iter().map(|c| t.chunk(c, language))).await? {
+        for c in futures::future::try_join_all(chunks.into_iter().map(|c| t.chunk(c, Prompt::transcribe(language)))).await? {
             out.extend(c.segments);
         }
     } else {
         for c in chunks {
-            out.extend(t.chunk(c, language).await?.segments);
+            out.extend(t.chunk(c, Prompt::transcribe(language)).await?.segments);
         }
     }
     Ok(out)

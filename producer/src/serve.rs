@@ -27,7 +27,7 @@
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of everything below ([`openapi`]), without a key or Host check |
 //! | `GET /` | the status page (HTML; reads `/v1/status` every 2 s) |
 //! | `GET /v1/status` | [`Snapshot`] as JSON |
-//! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en", "external_id": "order-7", "metadata": {...}}` → 202 |
+//! | `POST /v1/videos` | enqueue: `{"uri": "talks/a.mp4", "kinds": ["index"], "force": false, "language": "en", "task": "transcribe", "external_id": "order-7", "metadata": {...}}` → 202 |
 //! | `GET /v1/videos?limit=&cursor=` | `{"videos": [...], "next_cursor": ...}`: videos with their jobs, newest first |
 //! | `GET /v1/jobs/{id}` | one job, with its stage timings, summary, `external_id` and `metadata` |
 //! | `GET /v1/jobs?status=&kind=&external_id=&limit=&cursor=` | `{"jobs": [...], "next_cursor": ...}`: the jobs matching every filter given, newest first |
@@ -63,7 +63,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use heimdex_shared::Settings;
 use heimdex_shared::config::ServeSettings;
-use heimdex_shared::contract::{self, Metadata, TaskKind, TaskOptions};
+use heimdex_shared::contract::{self, Metadata, SpeechTask, TaskKind, TaskOptions};
 use heimdex_shared::delete::{self as deletion, DeleteError, Deleted};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::jobs::{self, JobFilter, JobRow, JobStatus, VideoRow};
@@ -694,6 +694,9 @@ struct EnqueueBody {
     /// Frames per second to embed, in (0, 60] (vision).
     #[serde(default)]
     frame_rate: Option<f32>,
+    /// `translate` for English text whatever the language spoken; default `transcribe` (index).
+    #[serde(default)]
+    task: Option<SpeechTask>,
     /// Your own id for the jobs (1 to 256 characters), returned and sent back in their events.
     #[serde(default)]
     external_id: Option<String>,
@@ -725,7 +728,7 @@ async fn enqueue(
         request.kinds = body.kinds;
     }
     request.force = body.force;
-    request.options = TaskOptions { language: body.language, frame_rate: body.frame_rate };
+    request.options = TaskOptions { language: body.language, frame_rate: body.frame_rate, task: body.task };
     request.external_id = body.external_id;
     request.metadata = body.metadata;
     request.validate().map_err(|e| bad_request(e.to_string()))?;

@@ -103,6 +103,48 @@ pub struct TaskOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 60))]
     pub frame_rate: Option<f32>,
+    /// What the index task writes: the speech as spoken (`transcribe`, the default), or its English
+    /// translation (`translate`, Whisper's own translate task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<SpeechTask>,
+}
+
+/// Whisper's two tasks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SpeechTask {
+    /// Text in the language spoken.
+    #[default]
+    Transcribe,
+    /// English text, whatever the language spoken.
+    Translate,
+}
+
+impl SpeechTask {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transcribe => "transcribe",
+            Self::Translate => "translate",
+        }
+    }
+}
+
+impl std::fmt::Display for SpeechTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SpeechTask {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "transcribe" => Ok(Self::Transcribe),
+            "translate" => Ok(Self::Translate),
+            other => Err(format!("unknown task {other:?} (expected transcribe or translate)")),
+        }
+    }
 }
 
 impl TaskOptions {
@@ -293,13 +335,25 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        let with = |language: &str, frame_rate: Option<f32>| TaskOptions { language: Some(language.into()), frame_rate };
+        let with = |language: &str, frame_rate: Option<f32>| TaskOptions { language: Some(language.into()), frame_rate, task: None };
         assert_eq!(with("de", Some(2.0)).validate(), Ok(()));
         assert!(with("xx", None).validate().unwrap_err().to_string().contains("options.language \"xx\""));
         assert!(with("en", Some(0.0)).validate().unwrap_err().to_string().contains("frame_rate"));
         let mut m = sample();
         m.options = with("english", None);
         assert!(matches!(TaskMessage::parse(&m.to_body()), Err(ContractError::Shape(_))));
+    }
+
+    #[test]
+    fn the_speech_task_is_transcribe_or_translate() {
+        let mut m = sample();
+        m.options.task = Some(SpeechTask::Translate);
+        let body = m.to_body();
+        assert!(String::from_utf8_lossy(&body).contains(r#""task":"translate""#));
+        assert_eq!(TaskMessage::parse(&body).unwrap().options.task, Some(SpeechTask::Translate));
+        let bad = String::from_utf8_lossy(&body).replace(r#""task":"translate""#, r#""task":"summarise""#);
+        assert!(matches!(TaskMessage::parse(bad.as_bytes()), Err(ContractError::Shape(_))));
+        assert!(!String::from_utf8_lossy(&sample().to_body()).contains("task\""), "absent, it is left out of the body");
     }
 
     #[test]

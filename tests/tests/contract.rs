@@ -86,7 +86,7 @@ fn keys(object: &Value) -> BTreeSet<String> {
 #[test]
 fn schema_says_what_the_worker_accepts() {
     let schema = contract::json_schema();
-    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0) };
+    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0), task: None };
     let mut full = TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Vision, "/media/a.mp4".into(), options);
     full.external_id = Some("order-7".into());
     full.metadata = serde_json::json!({ "customer": "acme" }).as_object().cloned();
@@ -166,7 +166,7 @@ fn messages_without_the_callers_fields_stay_valid() {
 fn python_jsonschema_and_the_worker_agree_on_bodies() {
     let python = repo().join(".deps/venv/bin/python");
     assert!(python.is_file(), "{} missing: run scripts/setup", python.display());
-    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0) };
+    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0), task: None };
     let full =
         serde_json::to_value(TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Index, "/m/a.wav".into(), options)).expect("json");
     let variant = |edit: &dyn Fn(&mut Value)| {

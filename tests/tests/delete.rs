@@ -220,6 +220,7 @@ async fn a_forced_delete_fences_the_running_run_out_and_a_committing_one_goes_fi
             .map(|i| Segment { start_s: i as f64, end_s: i as f64 + 1.0, text: format!("s{i}"), confidence: 0.9, embedding: vec![] })
             .collect(),
         language: "en".into(),
+        spoken_language: None,
         audio_s: 3.0,
         embedding_model: "m".into(),
         windows: 1,

@@ -5,6 +5,8 @@
 mod common;
 
 use common::*;
+use heimdex_shared::contract::SpeechTask;
+use heimdex_worker::index::Prompt;
 use heimdex_worker::media::audio::decode_all;
 use heimdex_worker::pipeline::{Pipeline, StageTimings};
 
@@ -30,18 +32,21 @@ async fn greedy_tokens_match_fixture_and_kv_cache_matches_no_cache() {
         let pcm = decode_all(&media(&format!("speech/{name}")), 60.0).await.unwrap();
         let ids: Vec<u32> = want["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         // One window at a time (batch 1), KV cache: the exact tokens of the fixture.
-        let got = t.decode_window(pcm.clone(), Some(en), false).await.unwrap();
+        let got = t.decode_window(pcm.clone(), Prompt::transcribe(Some(en)), false).await.unwrap();
         assert_eq!(got.tokens, ids, "{name}");
         assert_eq!(t.decode_text(&got.tokens), want["text"].as_str().unwrap(), "{name}");
         audio.push((name.clone(), pcm, ids));
     }
     // All clips at once: batched KV-cache decoding and batched no-cache decoding give the same tokens.
     let batched =
-        futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Some(en), false))).await.unwrap();
-    let nocache =
-        futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window_without_cache(pcm.clone(), Some(en), false)))
+        futures::future::try_join_all(audio.iter().map(|(_, pcm, _)| t.decode_window(pcm.clone(), Prompt::transcribe(Some(en)), false)))
             .await
             .unwrap();
+    let nocache = futures::future::try_join_all(
+        audio.iter().map(|(_, pcm, _)| t.decode_window_without_cache(pcm.clone(), Prompt::transcribe(Some(en)), false)),
+    )
+    .await
+    .unwrap();
     for (((name, _, ids), b), n) in audio.iter().zip(&batched).zip(&nocache) {
         assert_eq!(&b.tokens, ids, "{name}: batched KV cache");
         assert_eq!(&n.tokens, ids, "{name}: no KV cache");
@@ -54,7 +59,7 @@ async fn speech_clips_and_sample_video_transcribe_within_wer_bounds() {
     let p = load(&settings());
     let (mut errors, mut words) = (0, 0);
     for (file, reference) in transcripts() {
-        let (out, _) = p.index(&media(&format!("speech/{file}")), None, &StageTimings::default()).await.unwrap();
+        let (out, _) = p.index(&media(&format!("speech/{file}")), None, SpeechTask::Transcribe, &StageTimings::default()).await.unwrap();
         assert_eq!(out.language, "en", "{file}: detected language");
         let (e, n) = word_errors(&reference, &out.text());
         eprintln!("{file}: {e}/{n} | {}", out.text());
@@ -66,7 +71,7 @@ async fn speech_clips_and_sample_video_transcribe_within_wer_bounds() {
 
     let sample = json("video/sample.json");
     let timings = StageTimings::default();
-    let (out, transcript) = p.index(&media("video/sample.mp4"), None, &timings).await.unwrap();
+    let (out, transcript) = p.index(&media("video/sample.mp4"), None, SpeechTask::Transcribe, &timings).await.unwrap();
     let (e, n) = word_errors(sample["transcript"].as_str().unwrap(), &out.text());
     assert!((e as f64 / n as f64) <= 0.10, "sample.mp4 WER {e}/{n}: {}", out.text());
     assert!((out.audio_s - 25.0).abs() < 0.1, "{}", out.audio_s);
@@ -104,5 +109,39 @@ async fn every_model_has_one_name_and_a_timed_warm_up() {
     }
     for m in p.models() {
         assert!(std::path::Path::new(&m.path).exists(), "{}: {}", m.name, m.path);
+    }
+}
+
+/// Whisper's translate task (`options.task = "translate"`): Spanish speech gives English text, and
+/// the transcript's language is then `en` with the language spoken beside it. The voice is synthetic
+/// (espeak-ng, which scripts/setup installs): the bundle holds no Spanish recording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spanish_speech_translates_to_english() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("es.wav");
+    let spoken = "Buenos días. Me gusta mucho el café con leche. Mi perro se llama Max y le gusta correr en la playa.";
+    let status = std::process::Command::new("espeak-ng")
+        .args(["-v", "es", "-s", "140", "-w"])
+        .arg(&wav)
+        .arg(spoken)
+        .status()
+        .expect("espeak-ng (scripts/setup installs it)");
+    assert!(status.success(), "espeak-ng could not speak Spanish");
+    let p = load(&settings());
+    let uri = wav.display().to_string();
+    let (transcribed, _) = p.index(&uri, None, SpeechTask::Transcribe, &StageTimings::default()).await.unwrap();
+    let (translated, _) = p.index(&uri, None, SpeechTask::Translate, &StageTimings::default()).await.unwrap();
+    let (as_spoken, english) = (transcribed.text().to_lowercase(), translated.text().to_lowercase());
+    eprintln!("transcribe: {as_spoken}\ntranslate: {english}");
+    assert_eq!((transcribed.language.as_str(), transcribed.spoken_language.as_deref()), ("es", None));
+    for word in ["café", "leche", "playa"] {
+        assert!(as_spoken.contains(word), "the transcription keeps the Spanish {word:?}: {as_spoken}");
+    }
+    assert_eq!((translated.language.as_str(), translated.spoken_language.as_deref()), ("en", Some("es")));
+    for word in ["morning", "coffee", "milk", "beach"] {
+        assert!(english.contains(word), "the translation has {word:?}: {english}");
+    }
+    for word in ["leche", "playa", "gusta"] {
+        assert!(!english.contains(word), "the translation has no Spanish {word:?}: {english}");
     }
 }

@@ -132,6 +132,7 @@ async fn writing_twice_leaves_one_set_of_rows() {
     let out = IndexOutput {
         segments: vec![seg(0, "he was not an ill disposed young man"), seg(1, "ten of clubs"), seg(2, "go forward")],
         language: "en".into(),
+        spoken_language: None,
         audio_s: 6.0,
         embedding_model: "sentence-transformers/all-MiniLM-L6-v2".into(),
         windows: 1,

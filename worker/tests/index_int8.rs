@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use heimdex_worker::index::Prompt;
 use heimdex_worker::media::audio::decode_all;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,7 +21,7 @@ async fn int8_transcripts_keep_the_fp32_words() {
     let mut audio = Vec::new();
     for (name, want) in clips {
         let pcm = decode_all(&media(&format!("speech/{name}")), 60.0).await.unwrap();
-        let got = t.decode_window(pcm.clone(), Some(en), false).await.unwrap();
+        let got = t.decode_window(pcm.clone(), Prompt::transcribe(Some(en)), false).await.unwrap();
         let (text, reference) = (t.decode_text(&got.tokens), want["text"].as_str().unwrap());
         let (e, n) = word_errors(reference, &text);
         eprintln!("{name}: {e}/{n} words differ from fp32 | {text}");
@@ -35,7 +36,9 @@ async fn int8_transcripts_keep_the_fp32_words() {
     assert!(exact * 2 >= clips.len(), "only {exact} of {} clips decode to the fp32 text", clips.len());
     // Batched: MatMulNBits quantises activations per row (in blocks along K), so a row's result should
     // not depend on its neighbours; whatever the kernel does, the words must stay.
-    let batched = futures::future::try_join_all(audio.iter().map(|pcm| t.decode_window(pcm.clone(), Some(en), false))).await.unwrap();
+    let batched = futures::future::try_join_all(audio.iter().map(|pcm| t.decode_window(pcm.clone(), Prompt::transcribe(Some(en)), false)))
+        .await
+        .unwrap();
     let (mut errors, mut words) = (0, 0);
     for ((name, want), b) in clips.iter().zip(&batched) {
         let (e, n) = word_errors(want["text"].as_str().unwrap(), &t.decode_text(&b.tokens));

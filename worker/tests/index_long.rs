@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use heimdex_shared::contract::SpeechTask;
 use heimdex_worker::index::{IndexOutput, IndexPipeline};
 use heimdex_worker::pipeline::StageTimings;
 
@@ -20,7 +21,7 @@ fn pipeline() -> IndexPipeline {
 }
 
 async fn transcribe(p: &IndexPipeline, rec: &Recording) -> IndexOutput {
-    p.index(&rec.path, Some("en"), &StageTimings::default()).await.unwrap().0
+    p.index(&rec.path, Some("en"), SpeechTask::Transcribe, &StageTimings::default()).await.unwrap().0
 }
 
 /// WER within bounds, every sentence present at every place it is said, segments in order and inside

@@ -9,10 +9,12 @@ use std::process::Command;
 
 use common::*;
 use heimdex_shared::TaskKind;
+use heimdex_shared::contract::SpeechTask;
 use heimdex_shared::contract::TaskOptions;
 use heimdex_shared::jobs::Run;
 use heimdex_worker::TaskError;
 use heimdex_worker::index::IndexPipeline;
+use heimdex_worker::index::Prompt;
 use heimdex_worker::pipeline::{Pipeline, StageTimings, TaskInput};
 use uuid::Uuid;
 
@@ -52,7 +54,7 @@ async fn bad_audio_gives_clear_outcomes() {
     assert!(out.audio_s < 0.11 && out.segments.len() <= 1, "{out:?}");
     // Corrupt stream: ffprobe already refuses it (the runtime's check); the pipeline itself names ffmpeg's reason.
     assert!(heimdex_shared::media::probe(&media("video/corrupt.mp4")).await.is_err());
-    let m = permanent(p.index(&media("video/corrupt.mp4"), None, &StageTimings::default()).await);
+    let m = permanent(p.index(&media("video/corrupt.mp4"), None, SpeechTask::Transcribe, &StageTimings::default()).await);
     assert!(m.contains("moov atom not found") || m.contains("Invalid data"), "{m}");
     // A file cut in half: ffmpeg exits 0 with half the audio; the container's length gives it away.
     let m = permanent(task(&p, &media("video/truncated.mp4")).await);
@@ -60,7 +62,7 @@ async fn bad_audio_gives_clear_outcomes() {
     // A WAV whose data was cut mid-sample: ffmpeg (-xerror) reports the corrupt packet.
     let wav = std::fs::read(bundle().join("media/speech/goforward.wav")).unwrap();
     std::fs::write(path("cut.wav"), &wav[..wav.len() / 2 + 1]).unwrap();
-    let m = permanent(p.index(&path("cut.wav"), Some("en"), &StageTimings::default()).await);
+    let m = permanent(p.index(&path("cut.wav"), Some("en"), SpeechTask::Transcribe, &StageTimings::default()).await);
     assert!(m.contains("cannot decode the audio") && m.contains("corrupt"), "{m}");
 }
 
@@ -90,7 +92,7 @@ async fn three_hour_file_streams_in_bounded_memory() {
     s.index.language = "en".into();
     let p = load(&s);
     let en = p.transcriber().language_token("en").ok();
-    let t = p.transcriber().transcribe(&long, en, 4, None).await.unwrap();
+    let t = p.transcriber().transcribe(&long, Prompt::transcribe(en), 4, None).await.unwrap();
     assert!((t.stats.audio_s - 10_802.8).abs() < 1.0, "{:?}", t.stats);
     // The chunker never held more than one chunk (30 s) plus its pre-roll, of 3 hours.
     assert!(t.peak_buffer <= 31 * 16_000, "peak buffer {} samples", t.peak_buffer);
@@ -102,7 +104,7 @@ async fn three_hour_file_streams_in_bounded_memory() {
     let mut s = settings();
     s.index.max_duration_s = 600.0;
     let p = load(&s);
-    let m = permanent(p.index(&long, Some("en"), &StageTimings::default()).await);
+    let m = permanent(p.index(&long, Some("en"), SpeechTask::Transcribe, &StageTimings::default()).await);
     assert!(m.contains("longer than the limit"), "{m}");
 }
 

@@ -18,8 +18,10 @@ use heimdex_bench::recording::{Recording, long_recording};
 use heimdex_bench::score;
 use heimdex_models::registry::ModelRegistry;
 use heimdex_shared::Settings;
+use heimdex_shared::contract::SpeechTask;
 use heimdex_worker::engine::Engine;
 use heimdex_worker::index::IndexPipeline;
+use heimdex_worker::index::Prompt;
 use heimdex_worker::media::audio::decode_all;
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::{LoadContext, Pipeline, StageTimings};
@@ -123,7 +125,7 @@ async fn rss_child(concurrency: usize, settings: &Settings, engine: &Engine, sam
     let t = Instant::now();
     for _ in 0..repeat {
         let timings: Vec<StageTimings> = (0..concurrency).map(|_| StageTimings::default()).collect();
-        let tasks = timings.iter().map(|t| p.index(sample, None, t));
+        let tasks = timings.iter().map(|t| p.index(sample, None, SpeechTask::Transcribe, t));
         for r in futures::future::join_all(tasks).await {
             r.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
@@ -145,7 +147,7 @@ async fn asr_child(settings: &Settings, engine: &Engine, wav: &str, pack: bool) 
     tr.pack = pack;
     let en = tr.language_token("en").map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = Instant::now();
-    let out = tr.transcribe(wav, Some(en), tr.asr.max_batch(), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = tr.transcribe(wav, Prompt::transcribe(Some(en)), tr.asr.max_batch(), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let asr_ms = ms(t);
     let text = out.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ");
     Ok(json!({"engine": "heimdex", "pack": pack, "load_and_warmup_ms": ready_ms, "ms": asr_ms, "audio_s": out.stats.audio_s,
@@ -166,7 +168,7 @@ async fn cold_child(settings: &Settings, engine: &Engine, sample: &str) -> Resul
     let mut audio_s = 0.0;
     for _ in 0..11 {
         let t = Instant::now();
-        let (out, _) = p.index(sample, None, &StageTimings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (out, _) = p.index(sample, None, SpeechTask::Transcribe, &StageTimings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         task_ms.push(ms(t));
         audio_s = out.audio_s;
     }
@@ -253,7 +255,8 @@ async fn main() -> Result<()> {
         // Long audio: real-time factor, then parallel (batched) against sequential chunks.
         if args.wants("long") {
             let t = Instant::now();
-            let (out, transcript) = p.index(&long, Some("en"), &StageTimings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (out, transcript) =
+                p.index(&long, Some("en"), SpeechTask::Transcribe, &StageTimings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             let long_ms = ms(t);
             results.insert("rtf_long".into(), json!({"audio_s": out.audio_s, "ms": long_ms, "rtf": long_ms / 1000.0 / out.audio_s,
                 "wer": score::wer(&rec.reference, &out.text()), "chunks": transcript.stats.chunks, "segments": out.segments.len(), "runs": 1}));
@@ -289,9 +292,9 @@ async fn main() -> Result<()> {
                 let mut tokens = 0;
                 for _ in 0..args.runs.min(3) {
                     let res = if cache {
-                        tr.decode_window(clip.clone(), en, false).await?
+                        tr.decode_window(clip.clone(), Prompt::transcribe(en), false).await?
                     } else {
-                        tr.decode_window_without_cache(clip.clone(), en, false).await?
+                        tr.decode_window_without_cache(clip.clone(), Prompt::transcribe(en), false).await?
                     };
                     tokens = res.tokens.len();
                     times.push(f64::from(res.decode_s) * 1000.0);

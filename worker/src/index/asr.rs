@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicUsize;
 use futures::future::Either;
 use futures::stream::FuturesOrdered;
 use futures::{StreamExt, TryFutureExt};
+use heimdex_shared::contract::SpeechTask;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -21,7 +22,7 @@ use super::mel::LogMel;
 use super::pack::{Packed, Packer, audio_time};
 use super::persist::Segment;
 use super::vad::VadRunner;
-use super::whisper::{AsrRequest, AsrResult, WhisperRunner};
+use super::whisper::{AsrRequest, AsrResult, Prompt, WhisperRunner};
 use crate::engine::{InferenceError, ModelHandle};
 use crate::error::TaskError;
 use crate::media::audio::{PcmStream, SAMPLE_RATE};
@@ -76,6 +77,19 @@ impl Transcriber {
         })
     }
 
+    /// The prompt of a task's windows: its language (`None` or empty: detected) and Whisper's task.
+    ///
+    /// # Errors
+    /// [`TaskError::Permanent`] for a language Whisper does not know, or a translation asked of a
+    /// model that cannot translate.
+    pub fn prompt(&self, language: Option<&str>, task: SpeechTask) -> Result<Prompt, TaskError> {
+        let language = language.filter(|l| !l.is_empty()).map(|l| self.language_token(l)).transpose()?;
+        if task == SpeechTask::Translate && self.cfg.special_tokens.translate.is_none() {
+            return Err(TaskError::permanent("options.task is translate, but this Whisper model is English-only and cannot translate"));
+        }
+        Ok(Prompt { language, task })
+    }
+
     /// ISO code of a language token.
     pub fn language_code(&self, token: u32) -> String {
         self.cfg.language_ids.iter().find(|(_, t)| **t == token).map(|(c, _)| c.clone()).unwrap_or_default()
@@ -104,9 +118,9 @@ impl Transcriber {
     ///
     /// # Errors
     /// Inference failed.
-    pub async fn decode_window(&self, samples: Vec<f32>, language: Option<u32>, timestamps: bool) -> Result<AsrResult, InferenceError> {
+    pub async fn decode_window(&self, samples: Vec<f32>, prompt: Prompt, timestamps: bool) -> Result<AsrResult, InferenceError> {
         let mel = self.log_mel(samples).await?;
-        self.asr.infer(AsrRequest::new(mel, language, timestamps, self.max_tokens)).await
+        self.asr.infer(AsrRequest::new(mel, prompt, timestamps, self.max_tokens)).await
     }
 
     /// Decodes one window as [`Transcriber::decode_window`] does, but without the KV cache: the
@@ -118,11 +132,11 @@ impl Transcriber {
     pub async fn decode_window_without_cache(
         &self,
         samples: Vec<f32>,
-        language: Option<u32>,
+        prompt: Prompt,
         timestamps: bool,
     ) -> Result<AsrResult, InferenceError> {
         let mel = self.log_mel(samples).await?;
-        self.asr.infer(AsrRequest { kv_cache: false, ..AsrRequest::new(mel, language, timestamps, self.max_tokens) }).await
+        self.asr.infer(AsrRequest { kv_cache: false, ..AsrRequest::new(mel, prompt, timestamps, self.max_tokens) }).await
     }
 
     /// Whisper's log-mel features of a window, computed off the runtime.
@@ -146,18 +160,18 @@ impl Transcriber {
     ///
     /// # Errors
     /// Inference failed.
-    pub async fn chunk(&self, chunk: SpeechChunk, language: Option<u32>) -> Result<WindowText, InferenceError> {
+    pub async fn chunk(&self, chunk: SpeechChunk, prompt: Prompt) -> Result<WindowText, InferenceError> {
         let offset = chunk.offset_s;
         let rate = f64::from(SAMPLE_RATE);
         let mut out = Vec::new();
-        let mut language = language;
+        let mut prompt = prompt;
         let mut start = 0usize;
         for pass in 1..=MAX_PASSES {
             let from_s = start as f64 / rate;
             let window = chunk.samples[start..].to_vec();
             let window_s = window.len() as f64 / rate;
-            let res = self.decode_window(window, language, true).await?;
-            language = Some(res.language);
+            let res = self.decode_window(window, prompt, true).await?;
+            prompt.language = Some(res.language);
             let resume = covered(&res.tokens, &self.cfg).filter(|c| {
                 let unheard = chunk.speech_after(from_s + f64::from(c.until_s));
                 let need = if c.unfinished { f64::from(self.params.min_speech_s) } else { UNHEARD_SPEECH_S };
@@ -175,7 +189,7 @@ impl Transcriber {
             offset_s: offset,
             duration_s: chunk.duration_s(),
             segments: out,
-            language: language.unwrap_or_default(),
+            language: prompt.language.unwrap_or_default(),
         })
     }
 
@@ -183,10 +197,10 @@ impl Transcriber {
     ///
     /// # Errors
     /// Inference failed.
-    pub async fn packed(&self, window: Packed, language: Option<u32>) -> Result<WindowText, InferenceError> {
+    pub async fn packed(&self, window: Packed, prompt: Prompt) -> Result<WindowText, InferenceError> {
         let offset_s = window.start_s();
         let Packed { chunk, pieces } = window;
-        let mut text = self.chunk(chunk, language).await?;
+        let mut text = self.chunk(chunk, prompt).await?;
         for s in &mut text.segments {
             s.start_s = audio_time(&pieces, s.start_s, false);
             s.end_s = audio_time(&pieces, s.end_s, true).max(s.start_s);
@@ -221,7 +235,7 @@ impl Transcriber {
     pub async fn transcribe(
         &self,
         uri: &str,
-        language: Option<u32>,
+        prompt: Prompt,
         in_flight: usize,
         mut checkpoints: Option<&mut Checkpoints>,
     ) -> Result<Transcript, TaskError> {
@@ -240,7 +254,7 @@ impl Transcriber {
                     let Some(window) = ready.pop_front() else { break };
                     match checkpoints.as_deref_mut().and_then(|c| c.reuse(&window)) {
                         Some(done) => pending.push_back(Either::Left(std::future::ready(Ok((done, true))))),
-                        None => pending.push_back(Either::Right(self.packed(window, language).map_ok(|c| (c, false)))),
+                        None => pending.push_back(Either::Right(self.packed(window, prompt).map_ok(|c| (c, false)))),
                     }
                 }
                 tokio::select! {

@@ -30,6 +30,9 @@ pub struct SpecialTokens {
     pub eot: u32,
     pub sot: u32,
     pub transcribe: u32,
+    /// Absent in English-only models, which cannot translate.
+    #[serde(default)]
+    pub translate: Option<u32>,
     pub notimestamps: u32,
     pub timestamp_begin: u32,
 }

@@ -28,12 +28,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use heimdex_shared::config::IndexSettings;
-use heimdex_shared::contract::TaskKind;
+use heimdex_shared::contract::{SpeechTask, TaskKind};
 use heimdex_shared::jobs::FencedRun;
 use heimdex_shared::query::Embeddings;
 
 pub use asr::{Transcriber, Transcript};
 pub use persist::{IndexOutput, Segment};
+pub use whisper::Prompt;
 
 use crate::engine::{InferenceError, Memory, WarmupReport};
 use crate::error::TaskError;
@@ -43,7 +44,7 @@ use checkpoint::Checkpoints;
 use chunker::ChunkParams;
 use embed::{EmbedRunner, TextEmbedder};
 use vad::{FRAME, VadRequest, VadRunner, VadState};
-use whisper::{AsrRequest, WhisperRunner};
+use whisper::{AsrRequest, Prompt, WhisperRunner};
 
 /// Names of the pipeline's models, one per model thread, used for everything that names a model:
 /// [`Pipeline::models`], the warm-up reports (the runtime sums warm-up time per model by name), the
@@ -141,12 +142,19 @@ impl IndexPipeline {
         &self.embedder
     }
 
-    /// Transcribes and embeds one media URI, without checkpoints (see [`Pipeline::process`]).
+    /// Transcribes (or translates) and embeds one media URI, without checkpoints (see
+    /// [`Pipeline::process`]).
     ///
     /// # Errors
     /// Permanent for bad audio, retryable for inference failures.
-    pub async fn index(&self, uri: &str, language: Option<&str>, timings: &StageTimings) -> Result<(IndexOutput, Transcript), TaskError> {
-        self.index_run(uri, language, None, timings).await
+    pub async fn index(
+        &self,
+        uri: &str,
+        language: Option<&str>,
+        task: SpeechTask,
+        timings: &StageTimings,
+    ) -> Result<(IndexOutput, Transcript), TaskError> {
+        self.index_run(uri, language, task, None, timings).await
     }
 
     /// The body of [`Pipeline::process`]: with `fenced` (the run), windows that an earlier run of the
@@ -155,16 +163,17 @@ impl IndexPipeline {
         &self,
         uri: &str,
         language: Option<&str>,
+        task: SpeechTask,
         fenced: Option<&FencedRun>,
         timings: &StageTimings,
     ) -> Result<(IndexOutput, Transcript), TaskError> {
         let t = &self.transcriber;
-        let lang = language.filter(|l| !l.is_empty()).map(|l| t.language_token(l)).transpose()?;
+        let prompt = t.prompt(language, task)?;
         let mut checkpoints = match fenced {
-            Some(fenced) => Some(Checkpoints::load(fenced.clone(), self.checkpoint_config(lang)).await?),
+            Some(fenced) => Some(Checkpoints::load(fenced.clone(), self.checkpoint_config(prompt)).await?),
             None => None,
         };
-        let transcript = timings.time("asr", t.transcribe(uri, lang, t.asr.max_batch(), checkpoints.as_mut())).await?;
+        let transcript = timings.time("asr", t.transcribe(uri, prompt, t.asr.max_batch(), checkpoints.as_mut())).await?;
         if transcript.resumed_windows > 0 {
             tracing::info!(
                 resumed = transcript.resumed_windows,
@@ -186,11 +195,20 @@ impl IndexPipeline {
                 None => by_lang.push((l, d)),
             }
         }
-        let language =
-            lang.or_else(|| by_lang.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| x.0)).map(|l| t.language_code(l)).unwrap_or_default();
+        let spoken = prompt
+            .language
+            .or_else(|| by_lang.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| x.0))
+            .map(|l| t.language_code(l))
+            .unwrap_or_default();
+        // A translation is English text: its language is the one search must use.
+        let (language, spoken_language) = match task {
+            SpeechTask::Transcribe => (spoken, None),
+            SpeechTask::Translate => ("en".to_string(), Some(spoken)),
+        };
         let output = IndexOutput {
             segments,
             language,
+            spoken_language,
             audio_s: transcript.stats.audio_s,
             embedding_model: self.settings.embed_model.clone(),
             windows: transcript.windows,
@@ -200,13 +218,17 @@ impl IndexPipeline {
     }
 
     /// What a stored window depends on besides the audio: the model and its weights (fp32 or int8), the
-    /// language prompt, the chunking, the packing and the decoding limit. Checkpoints made under another
-    /// key are not reused.
-    fn checkpoint_config(&self, language: Option<u32>) -> String {
-        let language = language.map_or_else(|| "detect".into(), |l| self.transcriber.language_code(l));
+    /// prompt (language, and the task when it translates), the chunking, the packing and the decoding
+    /// limit. Checkpoints made under another key are not reused.
+    fn checkpoint_config(&self, prompt: Prompt) -> String {
+        let language = prompt.language.map_or_else(|| "detect".into(), |l| self.transcriber.language_code(l));
+        let task = match prompt.task {
+            SpeechTask::Transcribe => "",
+            SpeechTask::Translate => "|translate",
+        };
         let t = &self.transcriber;
         let int8 = if self.settings.whisper_int8 { "|int8" } else { "" };
-        format!("{}{int8}|{language}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)
+        format!("{}{int8}|{language}{task}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)
     }
 
     async fn warm_asr(&self) -> Result<WarmupReport, InferenceError> {
@@ -217,7 +239,7 @@ impl IndexPipeline {
         // once) and the decoder at the widest batch production uses, so every buffer is sized for it.
         let sizes = vec![t.asr.max_batch()];
         for &n in &sizes {
-            let req = AsrRequest::new(mel.clone(), None, true, 4);
+            let req = AsrRequest::new(mel.clone(), Prompt::transcribe(None), true, 4);
             t.asr.run_exact(vec![req; n]).await?;
         }
         Ok(WarmupReport { model: WHISPER.into(), batch_sizes: sizes, duration: started.elapsed() })
@@ -279,6 +301,7 @@ impl Pipeline for IndexPipeline {
         let empty = || IndexOutput {
             segments: Vec::new(),
             language: String::new(),
+            spoken_language: None,
             audio_s: 0.0,
             embedding_model: self.settings.embed_model.clone(),
             windows: 0,
@@ -300,7 +323,8 @@ impl Pipeline for IndexPipeline {
             )));
         }
         let language = input.options.language.as_deref().or(Some(self.settings.language.as_str()));
-        let (output, _) = match self.index_run(&input.media, language, input.fenced.as_ref(), timings).await {
+        let task = input.options.task.unwrap_or_default();
+        let (output, _) = match self.index_run(&input.media, language, task, input.fenced.as_ref(), timings).await {
             Err(TaskError::Audio(AudioError::NoAudio { .. })) if self.settings.allow_no_audio => return Ok(empty()),
             other => other?,
         };

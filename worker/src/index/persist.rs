@@ -24,8 +24,11 @@ pub struct Segment {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct IndexOutput {
     pub segments: Vec<Segment>,
-    /// ISO code of the spoken language (`en`), or empty when there was no speech to tell.
+    /// ISO code of the transcript's language (`en`): the language spoken, or `en` for a translation;
+    /// empty when there was no speech to tell.
     pub language: String,
+    /// The language spoken, when the transcript is its English translation (`options.task`).
+    pub spoken_language: Option<String>,
     /// Decoded audio length, seconds (0 without an audio track).
     pub audio_s: f64,
     /// Name of the model that produced the embeddings (keeps embedding spaces apart).
@@ -85,13 +88,18 @@ impl Persist for IndexOutput {
     }
 
     fn summary(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut summary = serde_json::json!({
             "segments": self.segments.len(),
             "language": self.language,
             "words": self.words(),
             "audio_s": (self.audio_s * 100.0).round() / 100.0,
             "windows": self.windows,
             "resumed_windows": self.resumed_windows,
-        })
+        });
+        if let Some(spoken) = &self.spoken_language {
+            summary["task"] = "translate".into();
+            summary["spoken_language"] = spoken.as_str().into();
+        }
+        summary
     }
 }

@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
+use heimdex_shared::contract::SpeechTask;
+
 use super::decode::{Row, WhisperConfig};
 use super::mel::{N_FRAMES, N_MELS};
 use crate::engine::{BatchRunner, InferenceError};
@@ -24,13 +26,28 @@ use crate::engine::{BatchRunner, InferenceError};
 /// Cached key/value tensors by the `past_key_values.*` input name they feed.
 type PastValues = HashMap<String, DynValue>;
 
+/// What a window's prompt asks for besides its audio.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prompt {
+    /// Language token id (of the language spoken, for either task), or `None` to detect it from the
+    /// window.
+    pub language: Option<u32>,
+    pub task: SpeechTask,
+}
+
+impl Prompt {
+    /// The text as spoken.
+    pub fn transcribe(language: Option<u32>) -> Self {
+        Self { language, task: SpeechTask::Transcribe }
+    }
+}
+
 /// One window to transcribe.
 #[derive(Clone, Debug)]
 pub struct AsrRequest {
     /// Log-mel features [80 × 3000].
     pub mel: Vec<f32>,
-    /// Language token id, or `None` to detect it from this window.
-    pub language: Option<u32>,
+    pub prompt: Prompt,
     /// Produce timestamp tokens (segments); otherwise `<|notimestamps|>` is in the prompt.
     pub timestamps: bool,
     pub max_tokens: usize,
@@ -42,10 +59,10 @@ pub struct AsrRequest {
 
 impl AsrRequest {
     /// A window decoded with the KV cache.
-    pub fn new(mel: Vec<f32>, language: Option<u32>, timestamps: bool, max_tokens: usize) -> Self {
+    pub fn new(mel: Vec<f32>, prompt: Prompt, timestamps: bool, max_tokens: usize) -> Self {
         Self {
             mel,
-            language,
+            prompt,
             timestamps,
             max_tokens,
             #[cfg(feature = "testing")]
@@ -246,21 +263,25 @@ impl WhisperRunner {
         let hs = self.encode(reqs)?;
         let cross = self.cross_cache(&hs)?;
         drop(hs);
-        let detected = if reqs.iter().any(|r| r.language.is_none()) { Some(self.detect_language(b, &cross)?) } else { None };
+        let detected = if reqs.iter().any(|r| r.prompt.language.is_none()) { Some(self.detect_language(b, &cross)?) } else { None };
         let sp = self.cfg.special_tokens;
         let langs: Vec<u32> =
-            reqs.iter().enumerate().map(|(i, r)| r.language.or(detected.as_ref().map(|d| d[i])).unwrap_or(sp.sot + 1)).collect();
-        let mut ids: Vec<Vec<i64>> = langs
-            .iter()
-            .zip(reqs)
-            .map(|(&l, r)| {
-                let mut p = vec![sp.sot, l, sp.transcribe];
-                if !r.timestamps {
-                    p.push(sp.notimestamps);
-                }
-                p.into_iter().map(i64::from).collect()
-            })
-            .collect();
+            reqs.iter().enumerate().map(|(i, r)| r.prompt.language.or(detected.as_ref().map(|d| d[i])).unwrap_or(sp.sot + 1)).collect();
+        let mut ids: Vec<Vec<i64>> = Vec::with_capacity(b);
+        for (&l, r) in langs.iter().zip(reqs) {
+            let task = match r.prompt.task {
+                SpeechTask::Transcribe => sp.transcribe,
+                SpeechTask::Translate => sp.translate.ok_or_else(|| InferenceError::Model {
+                    model: "whisper".into(),
+                    message: "this Whisper model has no translate token (English-only models cannot translate)".into(),
+                })?,
+            };
+            let mut p = vec![sp.sot, l, task];
+            if !r.timestamps {
+                p.push(sp.notimestamps);
+            }
+            ids.push(p.into_iter().map(i64::from).collect());
+        }
         let encode_s = started.elapsed().as_secs_f32();
         let started = std::time::Instant::now();
         let max_text = self.cfg.max_decode_tokens.max(1);

@@ -41,6 +41,10 @@ pub struct Args {
     /// Frames per second to sample (vision).
     #[arg(long)]
     frame_rate: Option<f32>,
+    /// `translate`: the index task writes English text whatever the language spoken (default
+    /// `transcribe`: the text as spoken).
+    #[arg(long, value_name = "transcribe|translate")]
+    task: Option<heimdex_shared::contract::SpeechTask>,
     /// Your own id for these jobs (1 to 256 characters): shown by `heimdex status`, returned by the
     /// API (`GET /v1/jobs?external_id=`) and carried by the jobs' events.
     #[arg(long)]
@@ -51,7 +55,7 @@ pub struct Args {
 }
 
 pub async fn run(settings: &Settings, args: Args) -> anyhow::Result<ExitCode> {
-    let options = TaskOptions { language: args.language.clone(), frame_rate: args.frame_rate };
+    let options = TaskOptions { language: args.language.clone(), frame_rate: args.frame_rate, task: args.task };
     let metadata = match args.metadata.as_deref().map(serde_json::from_str::<Metadata>).transpose() {
         Ok(m) => m,
         Err(e) => {

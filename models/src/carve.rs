@@ -7,7 +7,7 @@
 //! the cross-attention cache (`present.*.encoder.*`) from the encoder's output: a few small projections.
 //! Carving those out lets the worker load the decoder's weights once.
 //!
-//! How: a minimal protobuf reader walks `ModelProto` → `GraphProto` and keeps every node and
+//! How: the [`crate::onnx`] reader walks `ModelProto` → `GraphProto` and keeps every node and
 //! initializer on a path from the wanted outputs back to the given inputs, copied byte for byte (so
 //! attributes, types and data are exactly the original's); the writer wraps them in a new graph with
 //! the original's opsets and IR version. Nodes with subgraphs that read outer names (If, Loop) are not
@@ -15,7 +15,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::proto::*;
+use crate::onnx::wire::{Field, Fields, Malformed, put_bytes, put_int, strings};
+use crate::onnx::{graph, model, node, tensor, value_info};
 
 /// Why a model could not be carved.
 #[derive(Debug, thiserror::Error)]
@@ -26,19 +27,6 @@ pub enum CarveError {
     Unresolved(String),
 }
 
-/// The string fields number `field` of a message.
-fn strings(msg: &[u8], field: u64) -> Result<Vec<String>, CarveError> {
-    let mut out = Vec::new();
-    for f in Fields(msg) {
-        if let (n, Field::Bytes(b), _) = f?
-            && n == field
-        {
-            out.push(text(b));
-        }
-    }
-    Ok(out)
-}
-
 /// Names of the graph outputs of `model`.
 ///
 /// # Errors
@@ -46,14 +34,14 @@ fn strings(msg: &[u8], field: u64) -> Result<Vec<String>, CarveError> {
 pub fn outputs(model: &[u8]) -> Result<Vec<String>, CarveError> {
     let mut graph = None;
     for f in Fields(model) {
-        if let (MODEL_GRAPH, Field::Bytes(b), _) = f? {
+        if let (model::GRAPH, Field::Bytes(b), _) = f? {
             graph = Some(b);
         }
     }
     let mut out = Vec::new();
     for f in Fields(graph.ok_or(CarveError::Malformed(Malformed("no graph")))?) {
-        if let (GRAPH_OUTPUT, Field::Bytes(b), _) = f? {
-            out.extend(strings(b, VALUE_INFO_NAME)?);
+        if let (graph::OUTPUT, Field::Bytes(b), _) = f? {
+            out.extend(strings(b, value_info::NAME)?);
         }
     }
     Ok(out)
@@ -68,9 +56,9 @@ pub fn carve(model: &[u8], inputs: &[String], outputs: &[String]) -> Result<Vec<
     let (mut ir_version, mut opsets, mut graph) = (None, Vec::new(), None);
     for f in Fields(model) {
         match f? {
-            (MODEL_IR_VERSION, Field::Varint(v), _) => ir_version = Some(v),
-            (MODEL_OPSET_IMPORT, Field::Bytes(b), _) => opsets.push(b),
-            (MODEL_GRAPH, Field::Bytes(b), _) => graph = Some(b),
+            (model::IR_VERSION, Field::Varint(v), _) => ir_version = Some(v),
+            (model::OPSET_IMPORT, Field::Bytes(b), _) => opsets.push(b),
+            (model::GRAPH, Field::Bytes(b), _) => graph = Some(b),
             _ => {}
         }
     }
@@ -78,13 +66,13 @@ pub fn carve(model: &[u8], inputs: &[String], outputs: &[String]) -> Result<Vec<
     let (mut nodes, mut inits, mut value_infos) = (Vec::new(), HashMap::new(), HashMap::new());
     for f in Fields(graph) {
         match f? {
-            (GRAPH_NODE, Field::Bytes(b), _) => nodes.push((b, strings(b, NODE_INPUT)?, strings(b, NODE_OUTPUT)?)),
-            (GRAPH_INITIALIZER, Field::Bytes(b), _) => {
-                let name = strings(b, TENSOR_NAME)?.pop().ok_or(CarveError::Malformed(Malformed("unnamed initializer")))?;
+            (graph::NODE, Field::Bytes(b), _) => nodes.push((b, strings(b, node::INPUT)?, strings(b, node::OUTPUT)?)),
+            (graph::INITIALIZER, Field::Bytes(b), _) => {
+                let name = strings(b, tensor::NAME)?.pop().ok_or(CarveError::Malformed(Malformed("unnamed initializer")))?;
                 inits.insert(name, b);
             }
-            (GRAPH_INPUT | GRAPH_OUTPUT, Field::Bytes(b), _) => {
-                let name = strings(b, VALUE_INFO_NAME)?.pop().ok_or(CarveError::Malformed(Malformed("unnamed value info")))?;
+            (graph::INPUT | graph::OUTPUT, Field::Bytes(b), _) => {
+                let name = strings(b, value_info::NAME)?.pop().ok_or(CarveError::Malformed(Malformed("unnamed value info")))?;
                 value_infos.insert(name, b);
             }
             _ => {}
@@ -113,14 +101,14 @@ pub fn carve(model: &[u8], inputs: &[String], outputs: &[String]) -> Result<Vec<
     let mut g = Vec::new();
     for (i, (bytes, _, _)) in nodes.iter().enumerate() {
         if keep_nodes.contains(&i) {
-            put_bytes(&mut g, GRAPH_NODE, bytes);
+            put_bytes(&mut g, graph::NODE, bytes);
         }
     }
-    put_bytes(&mut g, GRAPH_NAME, b"carved");
+    put_bytes(&mut g, graph::NAME, b"carved");
     for (_, bytes) in keep_inits {
-        put_bytes(&mut g, GRAPH_INITIALIZER, bytes);
+        put_bytes(&mut g, graph::INITIALIZER, bytes);
     }
-    for (field, names) in [(GRAPH_INPUT, inputs), (GRAPH_OUTPUT, outputs)] {
+    for (field, names) in [(graph::INPUT, inputs), (graph::OUTPUT, outputs)] {
         for name in names {
             let info = value_infos.get(name).ok_or_else(|| CarveError::Unresolved(name.clone()))?;
             put_bytes(&mut g, field, info);
@@ -128,11 +116,11 @@ pub fn carve(model: &[u8], inputs: &[String], outputs: &[String]) -> Result<Vec<
     }
     let mut out = Vec::with_capacity(g.len() + 64);
     if let Some(v) = ir_version {
-        put_uint(&mut out, MODEL_IR_VERSION, v);
+        put_int(&mut out, model::IR_VERSION, v as i64);
     }
-    put_bytes(&mut out, MODEL_GRAPH, &g);
+    put_bytes(&mut out, model::GRAPH, &g);
     for o in opsets {
-        put_bytes(&mut out, MODEL_OPSET_IMPORT, o);
+        put_bytes(&mut out, model::OPSET_IMPORT, o);
     }
     Ok(out)
 }
@@ -140,35 +128,37 @@ pub fn carve(model: &[u8], inputs: &[String], outputs: &[String]) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(fields: &[(u64, &[u8])]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (n, b) in fields {
-            put_bytes(&mut out, *n, b);
-        }
-        out
-    }
+    use crate::onnx::{DataType, Graph, Model, Node, ValueInfo};
 
     /// x → A → y → B → z, and an unrelated node C; carving z from x keeps A and B only.
     #[test]
     fn keeps_only_the_path_to_the_outputs() {
-        let node = |name: &str, i: &str, o: &str| msg(&[(NODE_INPUT, i.as_bytes()), (NODE_OUTPUT, o.as_bytes()), (3, name.as_bytes())]);
-        let vi = |n: &str| msg(&[(VALUE_INFO_NAME, n.as_bytes())]);
-        let graph = [
-            msg(&[(GRAPH_NODE, &node("A", "x", "y")), (GRAPH_NODE, &node("C", "x", "w")), (GRAPH_NODE, &node("B", "y", "z"))]),
-            msg(&[(GRAPH_INPUT, &vi("x")), (GRAPH_OUTPUT, &vi("z")), (GRAPH_OUTPUT, &vi("w"))]),
-        ]
-        .concat();
-        let model = msg(&[(MODEL_GRAPH, &graph)]);
+        let vi = |n: &str| ValueInfo::new(n, DataType::Float, vec![]);
+        let model = Model {
+            ir_version: 8,
+            producer_name: "",
+            graph: Graph {
+                nodes: vec![
+                    Node::new("Relu", &["x"], &["y"]).named("A"),
+                    Node::new("Relu", &["x"], &["w"]).named("C"),
+                    Node::new("Relu", &["y"], &["z"]).named("B"),
+                ],
+                inputs: vec![vi("x")],
+                outputs: vec![vi("z"), vi("w")],
+                ..Graph::default()
+            },
+            opset_import: vec![],
+        }
+        .encode();
         let carved = carve(&model, &["x".into()], &["z".into()]).unwrap();
         let g = Fields(&carved).find_map(|f| match f.unwrap() {
-            (MODEL_GRAPH, Field::Bytes(b), _) => Some(b.to_vec()),
+            (model::GRAPH, Field::Bytes(b), _) => Some(b.to_vec()),
             _ => None,
         });
         let g = g.unwrap();
         let names: Vec<String> = Fields(&g)
             .filter_map(|f| match f.unwrap() {
-                (GRAPH_NODE, Field::Bytes(b), _) => strings(b, 3).unwrap().pop(),
+                (graph::NODE, Field::Bytes(b), _) => strings(b, node::NAME).unwrap().pop(),
                 _ => None,
             })
             .collect();

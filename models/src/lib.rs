@@ -8,7 +8,8 @@
 //! - [`registry`]: a model directory as a worker sees it: resolve a file, verify its sha256 once.
 //! - [`convert`]: the builders of Whisper's ONNX graphs and filterbank (from CTranslate2 weights) and
 //!   MiniLM's ONNX encoder (from safetensors), byte-identical to the offline bundle's.
-//! - [`proto`]: the protobuf wire format of ONNX files, and IEEE half floats.
+//! - [`onnx`]: the ONNX file format, once: field numbers per message, element types, the one reader,
+//!   the one writer with typed messages (byte-identical to Python's `onnx`), and IEEE half floats.
 //! - [`carve`], [`quantize`], [`shapes`]: in-memory rewrites a worker applies at load (the with-past
 //!   decoder's missing cross-attention part; 8-bit weights for Whisper's decoder; YuNet at each
 //!   frame's own size).
@@ -21,7 +22,7 @@ pub mod catalog;
 pub mod convert;
 pub mod download;
 pub mod install;
-pub mod proto;
+pub mod onnx;
 pub mod quantize;
 pub mod registry;
 pub mod shapes;

@@ -13,8 +13,9 @@
 //! scale for the whole tensor, and on the 600 s bench recording the WER rose from 2.56 % to 3.1 %
 //! (decoder) and 3.75 % (encoder and decoder); per-row blocks keep the tokens.
 //!
-//! How: the same minimal protobuf walk as [`crate::carve`]: nodes and initializers that are not
-//! rewritten are copied byte for byte. The `Cast`/`Transpose` nodes and fp16 initializers that only fed
+//! How: the same [`crate::onnx`] reader as [`crate::carve`]: nodes and initializers that are not
+//! rewritten are copied byte for byte; the nodes and initializers it adds are built with
+//! [`crate::onnx::write`]. The `Cast`/`Transpose` nodes and fp16 initializers that only fed
 //! rewritten MatMuls are dropped, so ONNX Runtime never folds them to fp32. A `Gather` from a cast fp16
 //! table (Whisper's token embedding, which the output projection also reads) gathers the fp16 rows and
 //! casts them instead, which is exact and keeps the table at half size. Graphs with subgraphs (If,
@@ -22,7 +23,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::proto::*;
+use crate::onnx::wire::{Field, Fields, Malformed, packed_varints, put_bytes, strings, text};
+use crate::onnx::{self, Attr, DataType, OperatorSetId, Tensor, attr, f16_to_f32, graph, model, node, tensor};
 
 /// Why a model could not be rewritten.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +61,7 @@ struct Node<'a> {
 }
 
 fn parse_node<'a>(raw: &'a [u8], body: &[u8]) -> Result<Node<'a>, QuantizeError> {
-    let mut node = Node {
+    let mut parsed = Node {
         raw,
         name: String::new(),
         op_type: String::new(),
@@ -71,12 +73,12 @@ fn parse_node<'a>(raw: &'a [u8], body: &[u8]) -> Result<Node<'a>, QuantizeError>
     let mut attrs = Vec::new();
     for f in Fields(body) {
         match f? {
-            (NODE_INPUT, Field::Bytes(b), _) => node.inputs.push(text(b)),
-            (NODE_OUTPUT, Field::Bytes(b), _) => node.outputs.push(text(b)),
-            (NODE_NAME, Field::Bytes(b), _) => node.name = text(b),
-            (NODE_OP_TYPE, Field::Bytes(b), _) => node.op_type = text(b),
-            (NODE_DOMAIN, Field::Bytes(b), _) => node.domain = text(b),
-            (NODE_ATTRIBUTE, Field::Bytes(b), _) => attrs.push(b),
+            (node::INPUT, Field::Bytes(b), _) => parsed.inputs.push(text(b)),
+            (node::OUTPUT, Field::Bytes(b), _) => parsed.outputs.push(text(b)),
+            (node::NAME, Field::Bytes(b), _) => parsed.name = text(b),
+            (node::OP_TYPE, Field::Bytes(b), _) => parsed.op_type = text(b),
+            (node::DOMAIN, Field::Bytes(b), _) => parsed.domain = text(b),
+            (node::ATTRIBUTE, Field::Bytes(b), _) => attrs.push(b),
             _ => {}
         }
     }
@@ -84,20 +86,16 @@ fn parse_node<'a>(raw: &'a [u8], body: &[u8]) -> Result<Node<'a>, QuantizeError>
         let (mut name, mut values) = (String::new(), Vec::new());
         for f in Fields(attr) {
             match f? {
-                (ATTR_NAME, Field::Bytes(b), _) => name = text(b),
-                (ATTR_I, Field::Varint(v), _) | (ATTR_INTS, Field::Varint(v), _) => values.push(v as i64),
-                (ATTR_INTS, Field::Bytes(mut packed), _) => {
-                    while !packed.is_empty() {
-                        values.push(varint(&mut packed)? as i64);
-                    }
-                }
-                (ATTR_G | ATTR_GRAPHS, _, _) => return Err(QuantizeError::Subgraph(node.name.clone())),
+                (attr::NAME, Field::Bytes(b), _) => name = text(b),
+                (attr::I, Field::Varint(v), _) | (attr::INTS, Field::Varint(v), _) => values.push(v as i64),
+                (attr::INTS, Field::Bytes(packed), _) => values.extend(packed_varints(packed)?.into_iter().map(|v| v as i64)),
+                (attr::G | attr::GRAPHS, _, _) => return Err(QuantizeError::Subgraph(parsed.name.clone())),
                 _ => {}
             }
         }
-        node.ints.insert(name, values);
+        parsed.ints.insert(name, values);
     }
-    Ok(node)
+    Ok(parsed)
 }
 
 /// A constant 2-D float matrix read from an fp32 or fp16 initializer.
@@ -107,24 +105,20 @@ struct Matrix {
     data: Vec<f32>,
 }
 
-/// The 2-D fp32 or fp16 tensor in `tensor`, or `None` for other types, ranks and encodings (external
+/// The 2-D fp32 or fp16 tensor in `bytes`, or `None` for other types, ranks and encodings (external
 /// data, unpacked repeated values), which the rewrite leaves alone.
-fn read_matrix(tensor: &[u8]) -> Result<Option<Matrix>, QuantizeError> {
-    let (mut dims, mut dtype, mut raw, mut floats, mut int32s) = (Vec::new(), 0, None, None, None);
-    for f in Fields(tensor) {
+fn read_matrix(bytes: &[u8]) -> Result<Option<Matrix>, QuantizeError> {
+    let (mut dims, mut dtype, mut raw, mut floats, mut int32s) = (Vec::new(), None, None, None, None);
+    for f in Fields(bytes) {
         match f? {
-            (TENSOR_DIMS, Field::Varint(v), _) => dims.push(v),
-            (TENSOR_DIMS, Field::Bytes(mut packed), _) => {
-                while !packed.is_empty() {
-                    dims.push(varint(&mut packed)?);
-                }
-            }
-            (TENSOR_DATA_TYPE, Field::Varint(v), _) => dtype = v,
-            (TENSOR_RAW_DATA, Field::Bytes(b), _) => raw = Some(b),
-            (TENSOR_FLOAT_DATA, Field::Bytes(b), _) => floats = Some(b),
-            (TENSOR_INT32_DATA, Field::Bytes(b), _) => int32s = Some(b),
-            (TENSOR_FLOAT_DATA | TENSOR_INT32_DATA, _, _) => return Ok(None),
-            (TENSOR_DATA_LOCATION, Field::Varint(1), _) => return Ok(None),
+            (tensor::DIMS, Field::Varint(v), _) => dims.push(v),
+            (tensor::DIMS, Field::Bytes(packed), _) => dims.extend(packed_varints(packed)?),
+            (tensor::DATA_TYPE, Field::Varint(v), _) => dtype = DataType::from_wire(v),
+            (tensor::RAW_DATA, Field::Bytes(b), _) => raw = Some(b),
+            (tensor::FLOAT_DATA, Field::Bytes(b), _) => floats = Some(b),
+            (tensor::INT32_DATA, Field::Bytes(b), _) => int32s = Some(b),
+            (tensor::FLOAT_DATA | tensor::INT32_DATA, _, _) => return Ok(None),
+            (tensor::DATA_LOCATION, Field::Varint(1), _) => return Ok(None),
             _ => {}
         }
     }
@@ -132,17 +126,13 @@ fn read_matrix(tensor: &[u8]) -> Result<Option<Matrix>, QuantizeError> {
     let (rows, cols) = (rows as usize, cols as usize);
     let n = rows * cols;
     let data: Vec<f32> = match (dtype, raw, floats, int32s) {
-        (FLOAT, Some(b), _, _) | (FLOAT, None, Some(b), _) if b.len() == 4 * n => {
+        (Some(DataType::Float), Some(b), _, _) | (Some(DataType::Float), None, Some(b), _) if b.len() == 4 * n => {
             b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
         }
-        (FLOAT16, Some(b), _, _) if b.len() == 2 * n => b.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
-        (FLOAT16, None, _, Some(mut packed)) => {
-            let mut v = Vec::with_capacity(n);
-            while !packed.is_empty() {
-                v.push(f16_to_f32(varint(&mut packed)? as u16));
-            }
-            v
+        (Some(DataType::Float16), Some(b), _, _) if b.len() == 2 * n => {
+            b.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
         }
+        (Some(DataType::Float16), None, _, Some(packed)) => packed_varints(packed)?.into_iter().map(|v| f16_to_f32(v as u16)).collect(),
         _ => return Ok(None),
     };
     if data.len() != n {
@@ -183,46 +173,6 @@ fn quantize(m: &Matrix, transposed: bool) -> (usize, usize, usize, Vec<u8>, Vec<
     (k, n, blocks, data, scales)
 }
 
-fn tensor(name: &str, dims: &[usize], dtype: u64, raw: &[u8]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(raw.len() + name.len() + 32);
-    for &d in dims {
-        put_uint(&mut t, TENSOR_DIMS, d as u64);
-    }
-    put_uint(&mut t, TENSOR_DATA_TYPE, dtype);
-    put_bytes(&mut t, TENSOR_NAME, name.as_bytes());
-    put_bytes(&mut t, TENSOR_RAW_DATA, raw);
-    t
-}
-
-fn node(name: &str, op_type: &str, domain: &str, inputs: &[&str], outputs: &[&str], attrs: &[Vec<u8>]) -> Vec<u8> {
-    let mut n = Vec::new();
-    for i in inputs {
-        put_bytes(&mut n, NODE_INPUT, i.as_bytes());
-    }
-    for o in outputs {
-        put_bytes(&mut n, NODE_OUTPUT, o.as_bytes());
-    }
-    if !name.is_empty() {
-        put_bytes(&mut n, NODE_NAME, name.as_bytes());
-    }
-    put_bytes(&mut n, NODE_OP_TYPE, op_type.as_bytes());
-    for a in attrs {
-        put_bytes(&mut n, NODE_ATTRIBUTE, a);
-    }
-    if !domain.is_empty() {
-        put_bytes(&mut n, NODE_DOMAIN, domain.as_bytes());
-    }
-    n
-}
-
-fn int_attr(name: &str, v: i64) -> Vec<u8> {
-    let mut a = Vec::new();
-    put_bytes(&mut a, ATTR_NAME, name.as_bytes());
-    put_uint(&mut a, ATTR_I, v as u64);
-    put_uint(&mut a, ATTR_TYPE, ATTR_TYPE_INT);
-    a
-}
-
 /// Where a constant MatMul weight comes from: an initializer, maybe transposed.
 #[derive(Clone)]
 struct Source {
@@ -252,10 +202,10 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
     let mut has_ms = false;
     for f in Fields(model) {
         match f? {
-            (MODEL_GRAPH, Field::Bytes(b), _) => graph = Some(b),
-            (MODEL_OPSET_IMPORT, Field::Bytes(b), _) => {
+            (model::GRAPH, Field::Bytes(b), _) => graph = Some(b),
+            (model::OPSET_IMPORT, Field::Bytes(b), _) => {
                 for g in Fields(b) {
-                    if let (OPSET_DOMAIN, Field::Bytes(d), _) = g?
+                    if let (onnx::opset::DOMAIN, Field::Bytes(d), _) = g?
                         && d == MS_DOMAIN.as_bytes()
                     {
                         has_ms = true;
@@ -271,11 +221,11 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
     let mut keep_names: HashSet<String> = HashSet::new();
     for f in Fields(graph) {
         match f? {
-            (GRAPH_NODE, Field::Bytes(b), raw) => nodes.push(parse_node(raw, b)?),
-            (GRAPH_INITIALIZER, Field::Bytes(b), raw) => {
+            (graph::NODE, Field::Bytes(b), raw) => nodes.push(parse_node(raw, b)?),
+            (graph::INITIALIZER, Field::Bytes(b), raw) => {
                 let name = Fields(b)
                     .filter_map(|f| match f {
-                        Ok((TENSOR_NAME, Field::Bytes(n), _)) => Some(text(n)),
+                        Ok((tensor::NAME, Field::Bytes(n), _)) => Some(text(n)),
                         _ => None,
                     })
                     .last()
@@ -285,12 +235,8 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
             }
             (n, field, raw) => {
                 // Graph inputs and outputs must keep their values.
-                if let (GRAPH_INPUT | GRAPH_OUTPUT, Field::Bytes(b)) = (n, field) {
-                    for g in Fields(b) {
-                        if let (VALUE_INFO_NAME, Field::Bytes(name), _) = g? {
-                            keep_names.insert(text(name));
-                        }
-                    }
+                if let (graph::INPUT | graph::OUTPUT, Field::Bytes(b)) = (n, field) {
+                    keep_names.extend(strings(b, onnx::value_info::NAME)?);
                 }
                 others.push(raw);
             }
@@ -314,7 +260,7 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
             continue;
         }
         match n.op_type.as_str() {
-            "Cast" if n.ints.get("to").is_some_and(|t| t[..] == [FLOAT as i64]) && inits.contains_key(x) => {
+            "Cast" if n.ints.get("to").is_some_and(|t| t[..] == [DataType::Float as i64]) && inits.contains_key(x) => {
                 sources.insert(y.clone(), Source { init: x.clone(), transposed: false });
                 cast_of.insert(y.clone(), x.clone());
             }
@@ -328,9 +274,9 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
     }
 
     let mut stats = QuantizeStats::default();
-    let mut new_inits: Vec<Vec<u8>> = Vec::new();
-    // Rewritten node bytes by node index.
-    let mut rewritten: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
+    let mut new_inits: Vec<Tensor> = Vec::new();
+    // Rewritten nodes by node index.
+    let mut rewritten: HashMap<usize, Vec<onnx::Node>> = HashMap::new();
     // (init, transposed) → (int8 name, scale name): a weight two MatMuls share is quantised once.
     let mut done: HashMap<(String, bool), (String, String, usize, usize)> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
@@ -352,21 +298,22 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
             drop(m);
             let qname = fresh(&n.inputs[1], ".int8", &mut taken);
             let sname = fresh(&n.inputs[1], ".int8_scale", &mut taken);
-            new_inits.push(tensor(&qname, &[cols, blocks, BLOCK], UINT8, &q));
+            new_inits.push(Tensor::raw(&qname, vec![cols as i64, blocks as i64, BLOCK as i64], DataType::Uint8, q));
             let scale_bytes: Vec<u8> = scale.iter().flat_map(|s| s.to_le_bytes()).collect();
-            new_inits.push(tensor(&sname, &[cols * blocks], FLOAT, &scale_bytes));
+            new_inits.push(Tensor::raw(&sname, vec![(cols * blocks) as i64], DataType::Float, scale_bytes));
             done.insert(key.clone(), (qname, sname, k, cols));
         }
         let (qname, sname, k, cols) = &done[&key];
         let name = if n.name.is_empty() { String::new() } else { format!("{}.int8", n.name) };
-        let attrs = [
-            int_attr("K", *k as i64),
-            int_attr("N", *cols as i64),
-            int_attr("bits", 8),
-            int_attr("block_size", BLOCK as i64),
-            int_attr("accuracy_level", 4),
-        ];
-        rewritten.insert(i, vec![node(&name, "MatMulNBits", MS_DOMAIN, &[&n.inputs[0], qname, sname], &[&n.outputs[0]], &attrs)]);
+        let nbits = onnx::Node::new("MatMulNBits", &[&n.inputs[0], qname, sname], &[&n.outputs[0]])
+            .named(name)
+            .in_domain(MS_DOMAIN)
+            .attr("K", Attr::Int(*k as i64))
+            .attr("N", Attr::Int(*cols as i64))
+            .attr("bits", Attr::Int(8))
+            .attr("block_size", Attr::Int(BLOCK as i64))
+            .attr("accuracy_level", Attr::Int(4));
+        rewritten.insert(i, vec![nbits]);
         stats.matmuls += 1;
     }
 
@@ -396,15 +343,13 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
         let half = fresh(&n.outputs[0], ".fp16", &mut taken);
         let mut inputs: Vec<&str> = n.inputs.iter().map(String::as_str).collect();
         inputs[0] = table;
-        let attrs: Vec<Vec<u8>> = n.ints.get("axis").and_then(|a| a.first()).map(|&a| int_attr("axis", a)).into_iter().collect();
+        let mut gather = onnx::Node::new("Gather", &inputs, &[&half]).named(n.name.clone());
+        if let Some(&axis) = n.ints.get("axis").and_then(|a| a.first()) {
+            gather = gather.attr("axis", Attr::Int(axis));
+        }
         let cast_name = if n.name.is_empty() { String::new() } else { format!("{}.cast", n.name) };
-        rewritten.insert(
-            i,
-            vec![
-                node(&n.name, "Gather", "", &inputs, &[&half], &attrs),
-                node(&cast_name, "Cast", "", &[&half], &[&n.outputs[0]], &[int_attr("to", FLOAT as i64)]),
-            ],
-        );
+        let cast = onnx::Node::new("Cast", &[&half], &[&n.outputs[0]]).named(cast_name).attr("to", Attr::Int(DataType::Float as i64));
+        rewritten.insert(i, vec![gather, cast]);
         if let Some(u) = uses.get_mut(&n.inputs[0]) {
             *u -= 1;
         }
@@ -433,8 +378,8 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
         if dropped.contains(&i) {
             continue;
         }
-        match rewritten.get(&i) {
-            Some(bytes) => bytes.iter().for_each(|b| put_bytes(&mut g, GRAPH_NODE, b)),
+        match rewritten.remove(&i) {
+            Some(new) => new.into_iter().for_each(|n| put_bytes(&mut g, graph::NODE, &n.encode())),
             None => g.extend_from_slice(n.raw),
         }
     }
@@ -446,31 +391,28 @@ pub fn quantize_matmuls(model: &[u8]) -> Result<(Vec<u8>, QuantizeStats), Quanti
             g.extend_from_slice(inits[name].1);
         }
     }
-    for t in &new_inits {
-        put_bytes(&mut g, GRAPH_INITIALIZER, t);
+    for t in new_inits {
+        t.put(&mut g, graph::INITIALIZER);
     }
 
     let mut out = Vec::with_capacity(g.len() + 64);
     for f in Fields(model) {
         match f? {
-            (MODEL_GRAPH, _, _) => put_bytes(&mut out, MODEL_GRAPH, &g),
+            (model::GRAPH, _, _) => put_bytes(&mut out, model::GRAPH, &g),
             (_, _, raw) => out.extend_from_slice(raw),
         }
     }
     if !has_ms && stats.matmuls > 0 {
-        let mut opset = Vec::new();
-        put_bytes(&mut opset, OPSET_DOMAIN, MS_DOMAIN.as_bytes());
-        put_uint(&mut opset, OPSET_VERSION, 1);
-        put_bytes(&mut out, MODEL_OPSET_IMPORT, &opset);
+        put_bytes(&mut out, model::OPSET_IMPORT, &OperatorSetId { domain: MS_DOMAIN, version: 1 }.encode());
     }
     Ok((out, stats))
 }
 
-/// Whether the initializer `tensor` is fp32 (as opposed to fp16 or anything else).
-fn init_is_float(tensor: &[u8]) -> Result<bool, QuantizeError> {
-    for f in Fields(tensor) {
-        if let (TENSOR_DATA_TYPE, Field::Varint(v), _) = f? {
-            return Ok(v == FLOAT);
+/// Whether the initializer `bytes` is fp32 (as opposed to fp16 or anything else).
+fn init_is_float(bytes: &[u8]) -> Result<bool, QuantizeError> {
+    for f in Fields(bytes) {
+        if let (tensor::DATA_TYPE, Field::Varint(v), _) = f? {
+            return Ok(v == DataType::Float as u64);
         }
     }
     Ok(false)
@@ -480,68 +422,37 @@ fn init_is_float(tensor: &[u8]) -> Result<bool, QuantizeError> {
 /// it in ONNX Runtime against its rewrite).
 #[cfg(any(test, feature = "testing"))]
 pub mod fixtures {
-    use super::*;
+    use crate::onnx::{Attr, DataType, Dim, Graph, Model, Node, OperatorSetId, Tensor, ValueInfo, f32_to_f16};
 
-    fn value_info(name: &str, elem: u64, dims: &[u64]) -> Vec<u8> {
-        let mut shape = Vec::new();
-        for &d in dims {
-            let mut dim = Vec::new();
-            put_uint(&mut dim, 1, d);
-            put_bytes(&mut shape, 1, &dim);
-        }
-        let mut tt = Vec::new();
-        put_uint(&mut tt, 1, elem);
-        put_bytes(&mut tt, 2, &shape);
-        let mut ty = Vec::new();
-        put_bytes(&mut ty, 1, &tt);
-        let mut vi = Vec::new();
-        put_bytes(&mut vi, VALUE_INFO_NAME, name.as_bytes());
-        put_bytes(&mut vi, 2, &ty);
-        vi
+    fn info(name: &str, elem: DataType, dims: &[i64]) -> ValueInfo {
+        ValueInfo::new(name, elem, dims.iter().map(|&d| Dim::Value(d)).collect())
     }
 
-    fn perm(p: &[i64]) -> Vec<u8> {
-        let mut a = Vec::new();
-        put_bytes(&mut a, ATTR_NAME, b"perm");
-        for &v in p {
-            put_uint(&mut a, ATTR_INTS, v as u64);
-        }
-        put_uint(&mut a, ATTR_TYPE, 7);
-        a
-    }
-
-    /// x [2, 8] and ids [2] → y1 = x·Cast(w16), y2 = x·Cast(w16)ᵀ, y3 = Gather(Cast(w16), ids),
+    /// x \[2, 8\] and ids \[2\] → y1 = x·Cast(w16), y2 = x·Cast(w16)ᵀ, y3 = Gather(Cast(w16), ids),
     /// y4 = x·w32: each weight form the rewrite handles, as ONNX opset 17 bytes.
     pub fn matmul_forms() -> Vec<u8> {
         let w: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 32.0) / 32.0).collect();
         let w32: Vec<f32> = (0..24).map(|i| ((i * 11 % 24) as f32 - 12.0) / 16.0).collect();
         let w16: Vec<u8> = w.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()).collect();
         let w32: Vec<u8> = w32.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut g = Vec::new();
-        for n in [
-            node("cast", "Cast", "", &["w16"], &["w"], &[int_attr("to", FLOAT as i64)]),
-            node("mm1", "MatMul", "", &["x", "w"], &["y1"], &[]),
-            node("tr", "Transpose", "", &["w"], &["wt"], &[perm(&[1, 0])]),
-            node("mm2", "MatMul", "", &["x", "wt"], &["y2"], &[]),
-            node("gather", "Gather", "", &["w", "ids"], &["y3"], &[int_attr("axis", 0)]),
-            node("mm4", "MatMul", "", &["x", "w32"], &["y4"], &[]),
-        ] {
-            put_bytes(&mut g, GRAPH_NODE, &n);
-        }
-        put_bytes(&mut g, GRAPH_INITIALIZER, &tensor("w16", &[8, 8], FLOAT16, &w16));
-        put_bytes(&mut g, GRAPH_INITIALIZER, &tensor("w32", &[8, 3], FLOAT, &w32));
-        put_bytes(&mut g, GRAPH_INPUT, &value_info("x", FLOAT, &[2, 8]));
-        put_bytes(&mut g, GRAPH_INPUT, &value_info("ids", 7, &[2]));
-        for (y, n) in [("y1", 8), ("y2", 8), ("y3", 8), ("y4", 3)] {
-            put_bytes(&mut g, GRAPH_OUTPUT, &value_info(y, FLOAT, &[2, n]));
-        }
-        let mut m = Vec::new();
-        put_uint(&mut m, 1, 8);
-        put_bytes(&mut m, MODEL_GRAPH, &g);
-        let mut opset = Vec::new();
-        put_uint(&mut opset, OPSET_VERSION, 17);
-        put_bytes(&mut m, MODEL_OPSET_IMPORT, &opset);
-        m
+        let graph = Graph {
+            nodes: vec![
+                Node::new("Cast", &["w16"], &["w"]).named("cast").attr("to", Attr::Int(DataType::Float as i64)),
+                Node::new("MatMul", &["x", "w"], &["y1"]).named("mm1"),
+                Node::new("Transpose", &["w"], &["wt"]).named("tr").attr("perm", Attr::Ints(vec![1, 0])),
+                Node::new("MatMul", &["x", "wt"], &["y2"]).named("mm2"),
+                Node::new("Gather", &["w", "ids"], &["y3"]).named("gather").attr("axis", Attr::Int(0)),
+                Node::new("MatMul", &["x", "w32"], &["y4"]).named("mm4"),
+            ],
+            initializers: vec![
+                Tensor::raw("w16", vec![8, 8], DataType::Float16, w16),
+                Tensor::raw("w32", vec![8, 3], DataType::Float, w32),
+            ],
+            inputs: vec![info("x", DataType::Float, &[2, 8]), info("ids", DataType::Int64, &[2])],
+            outputs: [("y1", 8), ("y2", 8), ("y3", 8), ("y4", 3)].iter().map(|&(y, n)| info(y, DataType::Float, &[2, n])).collect(),
+            ..Graph::default()
+        };
+        Model { ir_version: 8, producer_name: "", graph, opset_import: vec![OperatorSetId { domain: "", version: 17 }] }.encode()
     }
 }
 
@@ -550,15 +461,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::onnx::{Graph, Model};
 
     fn op_types(model: &[u8]) -> Vec<String> {
         let graph = Fields(model).find_map(|f| match f.unwrap() {
-            (MODEL_GRAPH, Field::Bytes(b), _) => Some(b),
+            (model::GRAPH, Field::Bytes(b), _) => Some(b),
             _ => None,
         });
         Fields(graph.unwrap())
             .filter_map(|f| match f.unwrap() {
-                (GRAPH_NODE, Field::Bytes(b), raw) => Some(parse_node(raw, b).unwrap().op_type),
+                (graph::NODE, Field::Bytes(b), raw) => Some(parse_node(raw, b).unwrap().op_type),
                 _ => None,
             })
             .collect()
@@ -579,13 +491,9 @@ mod tests {
 
     #[test]
     fn subgraphs_and_garbage_are_refused() {
-        let mut attr = Vec::new();
-        put_bytes(&mut attr, ATTR_NAME, b"then_branch");
-        put_bytes(&mut attr, ATTR_G, b"");
-        let mut g = Vec::new();
-        put_bytes(&mut g, GRAPH_NODE, &node("if", "If", "", &["c"], &["y"], &[attr]));
-        let mut m = Vec::new();
-        put_bytes(&mut m, MODEL_GRAPH, &g);
+        let branch = onnx::Node::new("If", &["c"], &["y"]).named("if").attr("then_branch", Attr::Graph(Graph::default()));
+        let graph = Graph { nodes: vec![branch], ..Graph::default() };
+        let m = Model { ir_version: 8, producer_name: "", graph, opset_import: vec![] }.encode();
         assert!(matches!(quantize_matmuls(&m), Err(QuantizeError::Subgraph(n)) if n == "if"));
         assert!(matches!(quantize_matmuls(&[0x3a, 0x05, 0x01]), Err(QuantizeError::Malformed(_))));
     }

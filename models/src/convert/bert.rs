@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::ConvertError;
 use super::graph::{Builder, int, ints};
-use super::onnx::{Attr, Dim, FLOAT, INT64, Model, ValueInfo};
+use crate::onnx::{Attr, DataType, Dim, Model, ValueInfo};
 
 /// The config fields the graph needs.
 #[derive(Debug, Clone)]
@@ -208,7 +208,7 @@ impl Bert<'_> {
         let x = g.op("Add", &[&x, &pos], vec![]);
         let mut x = self.layer_norm(g, &x, "embeddings.LayerNorm")?;
         // additive mask [B,1,1,S]: 0 where attention_mask is 1, the lowest f32 where it is 0
-        let m = g.op("Cast", &["attention_mask"], vec![("to", int(i64::from(FLOAT)))]);
+        let m = g.op("Cast", &["attention_mask"], vec![("to", int(DataType::Float as i64))]);
         let axes = g.i64s(&[1, 2]);
         let m = g.op("Unsqueeze", &[&m, &axes], vec![]);
         let one = g.scalar_f32(1.0);
@@ -244,10 +244,11 @@ impl Bert<'_> {
         }
         g.op_to("Identity", &[&x], "last_hidden_state", vec![]);
         let bs = || vec![Dim::from("batch"), Dim::from("sequence")];
-        let inputs = ["input_ids", "attention_mask", "token_type_ids"].into_iter().map(|n| ValueInfo::new(n, INT64, bs())).collect();
+        let inputs =
+            ["input_ids", "attention_mask", "token_type_ids"].into_iter().map(|n| ValueInfo::new(n, DataType::Int64, bs())).collect();
         let mut out_shape = bs();
         out_shape.push(Dim::Value(h as i64));
-        Ok(builder.model("minilm", inputs, vec![ValueInfo::new("last_hidden_state", FLOAT, out_shape)]))
+        Ok(builder.model("minilm", inputs, vec![ValueInfo::new("last_hidden_state", DataType::Float, out_shape)]))
     }
 }
 

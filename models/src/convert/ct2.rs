@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::ConvertError;
-use crate::proto::f16_to_f32;
+use crate::onnx::f16_to_f32;
 
 /// A variable's element type (CTranslate2's `DataType` numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

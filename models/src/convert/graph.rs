@@ -6,8 +6,7 @@
 //! initializers (`c_n_fp16`) followed by a `Cast` to f32 named `c_n` (when the builder is in fp16
 //! mode); everything else is stored as is.
 
-use super::onnx::{Attr, FLOAT, FLOAT16, INT64, Model, Node, Tensor, TensorData, ValueInfo};
-use crate::proto::{f16_to_f32, f32_to_f16};
+use crate::onnx::{Attr, DataType, Graph, Model, Node, OperatorSetId, Tensor, ValueInfo, f16_to_f32, f32_to_f16};
 
 /// Float arrays with more elements than this are stored as fp16 (in fp16 mode).
 pub(crate) const FP16_ABOVE: usize = 1024;
@@ -48,7 +47,7 @@ impl Builder {
             return name;
         }
         let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.inits.push(Tensor { name: name.clone(), dims, data_type: FLOAT, data: TensorData::Raw(raw) });
+        self.inits.push(Tensor::raw(name.clone(), dims, DataType::Float, raw));
         name
     }
 
@@ -69,13 +68,8 @@ impl Builder {
     /// The fp16 initializer `{name}_fp16` and the `Cast` that makes it the f32 `name`.
     fn push_fp16(&mut self, name: &str, dims: Vec<i64>, raw: Vec<u8>) {
         let stored = format!("{name}_fp16");
-        self.inits.push(Tensor { name: stored.clone(), dims, data_type: FLOAT16, data: TensorData::Raw(raw) });
-        self.nodes.push(Node {
-            op_type: "Cast",
-            inputs: vec![stored],
-            outputs: vec![name.to_string()],
-            attrs: vec![("to", Attr::Int(i64::from(FLOAT)))],
-        });
+        self.inits.push(Tensor::raw(stored.clone(), dims, DataType::Float16, raw));
+        self.nodes.push(Node::new("Cast", &[&stored], &[name]).attr("to", Attr::Int(DataType::Float as i64)));
     }
 
     /// A 0-d f32 constant.
@@ -88,7 +82,7 @@ impl Builder {
         let name = self.name("c");
         let raw: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let dims = dims.iter().map(|d| *d as i64).collect();
-        self.inits.push(Tensor { name: name.clone(), dims, data_type: INT64, data: TensorData::Raw(raw) });
+        self.inits.push(Tensor::raw(name.clone(), dims, DataType::Int64, raw));
         name
     }
 
@@ -121,9 +115,11 @@ impl Builder {
         self.op_to(op_type, inputs, &out, attrs)
     }
 
-    /// Adds an op with a fixed output name (a graph output or a cache tensor); returns it.
-    pub fn op_to(&mut self, op_type: &'static str, inputs: &[&str], out: &str, attrs: Vec<(&'static str, Attr)>) -> String {
-        self.nodes.push(Node { op_type, inputs: inputs.iter().map(|s| (*s).to_string()).collect(), outputs: vec![out.to_string()], attrs });
+    /// Adds an op with a fixed output name (a graph output or a cache tensor); returns it. Its
+    /// attributes are sorted by name, as `helper.make_node` does.
+    pub fn op_to(&mut self, op_type: &'static str, inputs: &[&str], out: &str, mut attrs: Vec<(&'static str, Attr)>) -> String {
+        attrs.sort_by(|a, b| a.0.cmp(b.0));
+        self.nodes.push(Node { attrs, ..Node::new(op_type, inputs, &[out]) });
         out.to_string()
     }
 
@@ -131,13 +127,16 @@ impl Builder {
     pub fn model(self, graph_name: &str, inputs: Vec<ValueInfo>, outputs: Vec<ValueInfo>) -> Model {
         Model {
             ir_version: IR_VERSION,
-            opset: OPSET,
             producer_name: PRODUCER,
-            graph_name: graph_name.to_string(),
-            nodes: self.nodes,
-            initializers: self.inits,
-            inputs,
-            outputs,
+            graph: Graph {
+                name: graph_name.to_string(),
+                nodes: self.nodes,
+                initializers: self.inits,
+                inputs,
+                outputs,
+                value_info: Vec::new(),
+            },
+            opset_import: vec![OperatorSetId { domain: "", version: OPSET }],
         }
     }
 }

@@ -7,9 +7,9 @@
 //!   `build.py`) writes for the same input, so a catalog can pin their sha256.
 //! - [`minilm`]: `all-MiniLM-L6-v2` from its `model.safetensors` into one fp32 ONNX encoder.
 //!
-//! Submodules: `onnx` (protobuf writer), `graph` (naming rules), `ct2` (model.bin reader),
-//! `whisper_graphs` (Whisper's ONNX graphs), `mel_filters` (Whisper's filterbank file), `bert` (MiniLM
-//! graph and safetensors reader).
+//! Submodules: `graph` (naming rules), `ct2` (model.bin reader), `whisper_graphs` (Whisper's ONNX
+//! graphs), `mel_filters` (Whisper's filterbank file), `bert` (MiniLM graph and safetensors reader).
+//! The models are written with [`crate::onnx::write`].
 //!
 //! Every output is written to a temporary file beside it and renamed into place, so a reader sees
 //! either the old file or the whole new one, and an interrupted run leaves no half file under the
@@ -19,7 +19,6 @@ mod bert;
 mod ct2;
 mod graph;
 mod mel_filters;
-mod onnx;
 mod whisper_graphs;
 
 use std::fs::File;
@@ -100,7 +99,7 @@ pub fn whisper(model_bin: &Path, ct2_config_json: &Path, tokenizer_json: &Path, 
     let config = whisper_config(&w.dims, ct2_config_json, tokenizer_json)?;
     create_dir(out_dir)?;
     // One graph at a time, so only one graph's weights are in memory beside the model file.
-    type Build<'a> = &'a dyn Fn() -> Result<onnx::Model, ConvertError>;
+    type Build<'a> = &'a dyn Fn() -> Result<crate::onnx::Model, ConvertError>;
     let graphs: [(&str, Build<'_>); 3] = [
         ("encoder_model.onnx", &|| w.encoder()),
         ("decoder_model.onnx", &|| w.decoder(false)),

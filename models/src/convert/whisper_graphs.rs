@@ -12,7 +12,7 @@ use std::ops::Range;
 use super::ConvertError;
 use super::ct2::Ct2Model;
 use super::graph::{Builder, int, ints};
-use super::onnx::{Attr, Dim, FLOAT, INT64, Model, Tensor, TensorData, ValueInfo};
+use crate::onnx::{Attr, DataType, Dim, Model, Tensor, TensorData, ValueInfo};
 
 /// Whisper's dimensions, read from the model's variables.
 #[derive(Debug, Clone)]
@@ -229,10 +229,11 @@ impl<'a> Whisper<'a> {
         let x = self.ln(g, &x, "encoder/layer_norm")?;
         g.op_to("Identity", &[&x], "last_hidden_state", vec![]);
         let b = || Dim::from("batch_size");
+        let f32_info = |name: &str, dims: Vec<Dim>| ValueInfo::new(name, DataType::Float, dims);
         let model = builder.model(
             "whisper_encoder",
-            vec![ValueInfo::new("input_features", FLOAT, vec![b(), Dim::Value(dm.n_mels as i64), Dim::Value(2 * dm.n_audio_ctx as i64)])],
-            vec![ValueInfo::new("last_hidden_state", FLOAT, vec![b(), Dim::Value(dm.n_audio_ctx as i64), Dim::Value(dm.d as i64)])],
+            vec![f32_info("input_features", vec![b(), Dim::Value(dm.n_mels as i64), Dim::Value(2 * dm.n_audio_ctx as i64)])],
+            vec![f32_info("last_hidden_state", vec![b(), Dim::Value(dm.n_audio_ctx as i64), Dim::Value(dm.d as i64)])],
         );
         Ok(model)
     }
@@ -271,7 +272,7 @@ impl<'a> Whisper<'a> {
         let mut x = g.op("Add", &[&tok, &pos], vec![]);
         // causal mask [T, P+T]: query i (absolute position P+i) may see keys j <= P+i
         let shape = g.op("Concat", &[&t, &pt], vec![("axis", int(0))]);
-        let one_tensor = Tensor { name: "one".into(), dims: vec![1], data_type: FLOAT, data: TensorData::Floats(vec![1.0]) };
+        let one_tensor = Tensor { name: "one".into(), dims: vec![1], data_type: DataType::Float, data: TensorData::Floats(vec![1.0]) };
         let ones = g.op("ConstantOfShape", &[&shape], vec![("value", Attr::Tensor(one_tensor))]);
         let c1 = g.i64s(&[1]);
         let p1 = g.op("Add", &[&p, &c1], vec![]);
@@ -336,12 +337,12 @@ impl<'a> Whisper<'a> {
         let et = g.op("Transpose", &[&emb], vec![("perm", ints(&[1, 0]))]);
         g.op_to("MatMul", &[&x, &et], "logits", vec![]);
 
-        let f32_info = |name: &str, dims: Vec<Dim>| ValueInfo::new(name, FLOAT, dims);
+        let f32_info = |name: &str, dims: Vec<Dim>| ValueInfo::new(name, DataType::Float, dims);
         let h = || Dim::Value(dm.heads as i64);
         let hd = || Dim::Value(dm.head_dim as i64);
         let b = || Dim::from("batch_size");
         let t_name = "decoder_sequence_length";
-        let mut inputs = vec![ValueInfo::new("input_ids", INT64, vec![b(), t_name.into()])];
+        let mut inputs = vec![ValueInfo::new("input_ids", DataType::Int64, vec![b(), t_name.into()])];
         let self_len = if with_past {
             for i in 0..dm.n_dec {
                 for kind in ["key", "value"] {

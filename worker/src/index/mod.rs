@@ -44,7 +44,7 @@ use checkpoint::Checkpoints;
 use chunker::ChunkParams;
 use embed::{EmbedRunner, TextEmbedder};
 use vad::{FRAME, VadRequest, VadRunner, VadState};
-use whisper::{AsrRequest, Prompt, WhisperRunner};
+use whisper::{AsrRequest, WhisperRunner};
 
 /// Names of the pipeline's models, one per model thread, used for everything that names a model:
 /// [`Pipeline::models`], the warm-up reports (the runtime sums warm-up time per model by name), the

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use heimdex_shared::contract::{self, TaskKind, TaskMessage, TaskOptions};
+use heimdex_shared::contract::{self, SpeechTask, TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::fleet::WorkerState;
 use heimdex_tests::{TestEnv, assert_results};
 use serde_json::Value;
@@ -86,7 +86,7 @@ fn keys(object: &Value) -> BTreeSet<String> {
 #[test]
 fn schema_says_what_the_worker_accepts() {
     let schema = contract::json_schema();
-    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0), task: None };
+    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0), task: Some(SpeechTask::Translate) };
     let mut full = TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Vision, "/media/a.mp4".into(), options);
     full.external_id = Some("order-7".into());
     full.metadata = serde_json::json!({ "customer": "acme" }).as_object().cloned();
@@ -120,14 +120,21 @@ fn schema_says_what_the_worker_accepts() {
     assert_eq!((rate["exclusiveMinimum"].as_f64(), rate["maximum"].as_f64()), (Some(0.0), Some(60.0)), "{schema:#}");
     let with = |field: &str, value: Value| {
         let mut b = body.clone();
-        if field == "frame_rate" {
-            b["options"]["frame_rate"] = value;
+        if field == "frame_rate" || field == "task" {
+            b["options"][field] = value;
         } else {
             b[field] = value;
         }
         TaskMessage::parse(&serde_json::to_vec(&b).expect("body")).is_ok()
     };
     assert_eq!([with("frame_rate", 0.0.into()), with("frame_rate", 60.0.into()), with("frame_rate", 60.5.into())], [false, true, false]);
+    let mut tasks = BTreeSet::new();
+    constants(&schema["definitions"]["SpeechTask"], &mut tasks);
+    assert_eq!(tasks, ["transcribe", "translate"].map(String::from).into(), "{schema:#}");
+    assert_eq!(
+        [with("task", "transcribe".into()), with("task", "translate".into()), with("task", "summarise".into())],
+        [true, true, false]
+    );
     assert_eq!(schema["properties"]["media_uri"]["pattern"], Value::from(r"\S"), "{schema:#}");
     assert_eq!([with("media_uri", " \t".into()), with("media_uri", "x".into())], [false, true]);
     assert_eq!([with("v", 2.into()), with("kind", "audio".into())], [false, false]);
@@ -166,7 +173,7 @@ fn messages_without_the_callers_fields_stay_valid() {
 fn python_jsonschema_and_the_worker_agree_on_bodies() {
     let python = repo().join(".deps/venv/bin/python");
     assert!(python.is_file(), "{} missing: run scripts/setup", python.display());
-    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0), task: None };
+    let options = TaskOptions { language: Some("en".into()), frame_rate: Some(2.0), task: Some(SpeechTask::Translate) };
     let full =
         serde_json::to_value(TaskMessage::new(Uuid::new_v4(), Uuid::new_v4(), TaskKind::Index, "/m/a.wav".into(), options)).expect("json");
     let variant = |edit: &dyn Fn(&mut Value)| {
@@ -187,6 +194,8 @@ fn python_jsonschema_and_the_worker_agree_on_bodies() {
         variant(&|b| b["media_uri"] = "   ".into()),
         variant(&|b| b["options"]["frame_rate"] = 0.into()),
         variant(&|b| b["options"]["frame_rate"] = 61.into()),
+        variant(&|b| b["options"]["task"] = "transcribe".into()),
+        variant(&|b| b["options"]["task"] = "summarise".into()),
         variant(&|b| b["options"] = Value::Null),
         variant(&|b| b["job_id"] = "not-a-uuid".into()),
         variant(&|b| {
@@ -222,7 +231,10 @@ print(json.dumps([validator.is_valid(body) for body in json.load(sys.stdin)]))
     let worker_says: Vec<bool> = bodies.iter().map(|b| TaskMessage::parse(&serde_json::to_vec(b).expect("body")).is_ok()).collect();
     assert_eq!(
         worker_says,
-        [true, true, true, false, false, false, false, false, false, false, false, false, false, true, true, false, false, false]
+        [
+            true, true, true, false, false, false, false, false, false, false, true, false, false, false, false, true, true, false, false,
+            false
+        ]
     );
     assert_eq!(python_says, worker_says, "jsonschema vs TaskMessage::parse on {bodies:#?}");
 }

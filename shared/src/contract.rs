@@ -129,12 +129,6 @@ impl SpeechTask {
     }
 }
 
-impl std::fmt::Display for SpeechTask {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl std::str::FromStr for SpeechTask {
     type Err = String;
 

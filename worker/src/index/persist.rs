@@ -2,6 +2,7 @@
 //! `INSERT ... SELECT FROM UNNEST(...)` inside the runtime's transaction, so a redelivered task leaves
 //! exactly one set of rows.
 
+use heimdex_shared::contract::SpeechTask;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -97,7 +98,7 @@ impl Persist for IndexOutput {
             "resumed_windows": self.resumed_windows,
         });
         if let Some(spoken) = &self.spoken_language {
-            summary["task"] = "translate".into();
+            summary["task"] = SpeechTask::Translate.as_str().into();
             summary["spoken_language"] = spoken.as_str().into();
         }
         summary

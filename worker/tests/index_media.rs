@@ -25,9 +25,13 @@ fn ffmpeg(args: &[&str]) {
 }
 
 async fn task(p: &IndexPipeline, uri: &str) -> Result<heimdex_worker::index::IndexOutput, TaskError> {
+    task_with(p, uri, TaskOptions::default()).await
+}
+
+async fn task_with(p: &IndexPipeline, uri: &str, options: TaskOptions) -> Result<heimdex_worker::index::IndexOutput, TaskError> {
     let probe = heimdex_shared::media::probe(uri).await.expect("ffprobe");
     let run = Run { job_id: Uuid::new_v4(), video_id: Uuid::new_v4(), token: Uuid::new_v4(), attempt: 1, deaths: 0, generation: 0 };
-    let input = TaskInput { run, fenced: None, kind: TaskKind::Index, media: uri.to_string(), probe, options: TaskOptions::default() };
+    let input = TaskInput { run, fenced: None, kind: TaskKind::Index, media: uri.to_string(), probe, options };
     p.process(&input, &StageTimings::default()).await
 }
 
@@ -74,6 +78,22 @@ async fn no_audio_is_an_empty_transcript_when_allowed() {
     let out = task(&p, &media("video/silent.mp4")).await.unwrap();
     assert!(out.segments.is_empty() && out.audio_s == 0.0);
     assert_eq!(heimdex_worker::pipeline::Persist::summary(&out)["segments"], 0);
+}
+
+/// Translating silence translates nothing: no language is claimed (not English), and the summary
+/// names the task but no language spoken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translating_silence_claims_no_language() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = dir.path().join("quiet.wav").display().to_string();
+    ffmpeg(&["-f", "lavfi", "-t", "8", "-i", "anullsrc=r=16000:cl=mono", &quiet]);
+    let p = load(&settings());
+    let options = TaskOptions { task: Some(SpeechTask::Translate), ..TaskOptions::default() };
+    let out = task_with(&p, &quiet, options).await.unwrap();
+    let summary = heimdex_worker::pipeline::Persist::summary(&out);
+    assert!(out.segments.is_empty(), "{summary}");
+    assert_eq!(out.language, "", "{summary}");
+    assert_eq!((summary["task"].as_str(), summary.get("spoken_language")), (Some("translate"), None), "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,9 +200,11 @@ impl IndexPipeline {
             .or_else(|| by_lang.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| x.0))
             .map(|l| t.language_code(l))
             .unwrap_or_default();
-        // A translation is English text: its language is the one search must use.
+        // A translation is English text: its language is the one search must use. Where nothing was
+        // spoken nothing was translated either, and no language is known.
         let (language, spoken_language) = match task {
             SpeechTask::Transcribe => (spoken, None),
+            SpeechTask::Translate if spoken.is_empty() => (spoken, Some(String::new())),
             SpeechTask::Translate => ("en".to_string(), Some(spoken)),
         };
         let output = IndexOutput {

@@ -99,7 +99,9 @@ impl Persist for IndexOutput {
         });
         if let Some(spoken) = &self.spoken_language {
             summary["task"] = SpeechTask::Translate.as_str().into();
-            summary["spoken_language"] = spoken.as_str().into();
+            if !spoken.is_empty() {
+                summary["spoken_language"] = spoken.as_str().into();
+            }
         }
         summary
     }

@@ -350,6 +350,31 @@ impl TestEnv {
                 }
             }
         }
+        // The broker's own view adds what a passive declare cannot see: deliveries held unacked, and
+        // which channel each consumer is on (rabbitmqctl, the tests' broker being on this machine).
+        let prefix = &self.settings.amqp.prefix;
+        for (what, args) in [
+            (
+                "queues (name, ready, unacked, consumers)",
+                &["list_queues", "name", "messages_ready", "messages_unacknowledged", "consumers"][..],
+            ),
+            (
+                "consumers (queue, channel, tag, prefetch, active)",
+                &["list_consumers", "queue_name", "channel_pid", "consumer_tag", "prefetch_count", "active"][..],
+            ),
+        ] {
+            let listed = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::process::Command::new("rabbitmqctl").arg("-q").args(args).kill_on_drop(true).output(),
+            )
+            .await;
+            let lines: Vec<String> = match listed {
+                Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains(prefix.as_str())).map(String::from).collect(),
+                Ok(Err(e)) => vec![format!("rabbitmqctl: {e}")],
+                Err(_) => vec!["rabbitmqctl gave no answer in 10 s".to_string()],
+            };
+            let _ = writeln!(out, "broker {what}:\n  {}", lines.join("\n  "));
+        }
         match self.fleet.workers().await {
             Ok(workers) => {
                 for w in workers {

@@ -297,7 +297,16 @@ impl TestEnv {
         timeout: Duration,
     ) -> impl Future<Output = WorkerStatus> + 'a {
         let what = format!("{} to be {}", worker.id, state.as_str());
-        self.wait_for(&what, timeout, move || async move { self.worker_status(&worker.id).await.filter(|s| s.state == state) })
+        self.wait_for(&what, timeout, move || async move {
+            let status = self.worker_status(&worker.id).await.filter(|s| s.state == state);
+            // A worker that has exited will never get there: say so now, not at the timeout.
+            if status.is_none() && worker.exited() {
+                let log = worker.log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("{} exited while waiting for it to be {}; its log ends:\n  {}", worker.id, state.as_str(), tail.join("\n  "));
+            }
+            status
+        })
     }
 
     /// What this test's world looks like now, for a timeout's message: jobs by status and every job
@@ -478,6 +487,16 @@ impl WorkerProcess {
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
         assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Whether the process has exited (a zombie not yet reaped counts): `/proc` says so without
+    /// reaping it, which would need `&mut`.
+    pub fn exited(&self) -> bool {
+        let Some(pid) = self.child.id() else { return true };
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("Z"),
+            Err(_) => true,
+        }
     }
 
     /// The worker's log so far (for assertion messages).

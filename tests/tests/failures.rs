@@ -221,3 +221,20 @@ async fn a_panicking_task_is_retried_with_backoff_then_dead_lettered() {
     drop(worker);
     env.cleanup().await;
 }
+
+/// The harness itself: waiting for a state that a worker which has exited can never reach fails as
+/// soon as it has exited, with the end of its log, not at the timeout (a test run without
+/// `ORT_DYLIB_PATH` waited 120 s for a worker that had died in 30 ms).
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_on_a_worker_that_exited_fails_at_once_with_its_log() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker("index", "refused", &[("HEIMDEX__WORKER__CONCURRENCY", "0")]);
+    let started = std::time::Instant::now();
+    let waiting = env.wait_state(&worker, WorkerState::Warm, Duration::from_secs(120));
+    let failed = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(waiting)).await;
+    let message = failed.err().and_then(|p| p.downcast::<String>().ok()).map(|m| *m).expect("the wait fails");
+    assert!(started.elapsed() < Duration::from_secs(30), "it took {:?}: {message}", started.elapsed());
+    assert!(message.contains("refused exited while waiting for it to be warm"), "{message}");
+    assert!(message.contains("worker.concurrency must be at least 1"), "the worker's own reason: {message}");
+    env.cleanup().await;
+}

@@ -774,7 +774,7 @@ fn recall_summary(recalls: &[f64]) -> (f64, f64, usize) {
 
 /// fp32 against halfvec on the same frames: the nearest-frames statement of `heimdex_search_frames`
 /// (its HNSW stage, before the joins) on `frames` (halfvec) and on `frames_fp32` (the same rows as
-/// `vector`, its index built with the same `ef_construction` and build settings), alternating per
+/// `vector`, its index built with the same `m`, `ef_construction` and build settings), alternating per
 /// query in one session, at `ef_search` 100 (the functions' for k = 10) and above, with recall
 /// against the exact fp32 top 10 (`exact`, per query).
 async fn compare_fp32(db: &ScratchDb, library: &Library, exact: &[&[(Uuid, i32)]], halfvec_build_s: f64, runs: usize) -> Result<Value> {
@@ -803,7 +803,9 @@ async fn compare_fp32(db: &ScratchDb, library: &Library, exact: &[&[(Uuid, i32)]
     let started = Instant::now();
     sqlx::query(&format!(
         "CREATE INDEX frames_fp32_hnsw ON frames_fp32 USING hnsw ((embedding::vector({dim})) vector_cosine_ops) \
-         WITH (ef_construction = 128) WHERE embedding_model = '{}'",
+         WITH (m = {}, ef_construction = {}) WHERE embedding_model = '{}'",
+        scratch.database.hnsw_m,
+        scratch.database.hnsw_ef_construction,
         model.replace('\'', "''")
     ))
     .execute(&pool)
@@ -1102,8 +1104,10 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
     let build: serde_json::Map<String, Value> = builds.iter().map(|(t, s)| (t.to_string(), json!(s))).collect();
     println!(
         "load (binary COPY, text index in place) {load_s:.1} s, ANALYZE {analyze_s:.1} s, HNSW build {} \
-         (index_build_memory_mb {}, index_build_workers {}); load average {load_before} before, {} after; cpu {}",
+         (m {}, ef_construction {}, index_build_memory_mb {}, index_build_workers {}); load average {load_before} before, {} after; cpu {}",
         builds.iter().map(|(t, s)| format!("{t} {s:.1} s")).collect::<Vec<_>>().join(", "),
+        scratch.database.hnsw_m,
+        scratch.database.hnsw_ef_construction,
         scratch.database.index_build_memory_mb,
         scratch.database.index_build_workers,
         loadavg(),
@@ -1115,6 +1119,7 @@ async fn bench(db: &ScratchDb, args: &Args) -> Result<Value> {
         "queries": library.queries.len(), "passes": args.runs, "k": K, "clients": args.clients, "searches_per_s": qps,
         "load_s": load_s, "analyze_s": analyze_s, "hnsw_build_s": build,
         "index_build_memory_mb": scratch.database.index_build_memory_mb, "index_build_workers": scratch.database.index_build_workers,
+        "hnsw_m": scratch.database.hnsw_m, "hnsw_ef_construction": scratch.database.hnsw_ef_construction,
         "sizes_bytes": sizes.into_iter().map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
         "vector_bytes_per_segment": vector_bytes.0, "vector_bytes_per_frame": vector_bytes.1,
         "shared_buffers": counts.2, "pgvector": counts.3,

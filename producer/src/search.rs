@@ -10,7 +10,7 @@
 
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
-use heimdex_shared::db::vector_literal;
+use heimdex_shared::db::{Word, vector_literal};
 use heimdex_shared::error::Disposition;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -36,6 +36,10 @@ pub struct SegmentHit {
     pub semantic_rank: Option<i64>,
     /// Rank among the full-text matches (none: the words do not match).
     pub text_rank: Option<i64>,
+    /// The segment's words that match a word of the query, with their times (where the video was
+    /// indexed with word timestamps): where to jump to.
+    #[sqlx(skip)]
+    pub words: Vec<Word>,
 }
 
 /// A frame found by [`frames`] or [`similar_frames`].
@@ -131,14 +135,52 @@ pub async fn segments_by_vector(
     limit: u32,
     video: Option<Uuid>,
 ) -> Result<Vec<SegmentHit>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM heimdex_search_segments($1::vector, $2, $3, $4, $5)")
+    let mut hits: Vec<SegmentHit> = sqlx::query_as("SELECT * FROM heimdex_search_segments($1::vector, $2, $3, $4, $5)")
         .bind(vector_literal(vector))
         .bind(text)
         .bind(model)
         .bind(limit_arg(limit))
         .bind(video)
         .fetch_all(pool)
-        .await
+        .await?;
+    matching_words(pool, &mut hits, text).await?;
+    Ok(hits)
+}
+
+/// Fills each hit's `words` with the words of its segment that match a word of `text`: the same word
+/// (case and punctuation aside), or one that starts with it ("harbour" finds "harbours"; at least three
+/// letters).
+async fn matching_words(pool: &PgPool, hits: &mut [SegmentHit], text: &str) -> Result<(), sqlx::Error> {
+    let terms = plain_words(text);
+    if terms.is_empty() || hits.is_empty() {
+        return Ok(());
+    }
+    let videos: Vec<Uuid> = hits.iter().map(|h| h.video_id).collect();
+    let idx: Vec<i32> = hits.iter().map(|h| h.idx).collect();
+    let rows: Vec<(Uuid, i32, sqlx::types::Json<Vec<Word>>)> = sqlx::query_as(
+        "SELECT s.video_id, s.idx, s.words FROM UNNEST($1::uuid[], $2::int4[]) AS u(video_id, idx) \
+         JOIN transcript_segments s ON s.video_id = u.video_id AND s.idx = u.idx WHERE s.words IS NOT NULL",
+    )
+    .bind(videos)
+    .bind(idx)
+    .fetch_all(pool)
+    .await?;
+    for (video_id, idx, words) in rows {
+        let matches = |w: &Word| {
+            plain_words(&w.text)
+                .iter()
+                .any(|word| terms.iter().any(|t| word == t || (t.chars().count() >= 3 && word.starts_with(t.as_str()))))
+        };
+        for hit in hits.iter_mut().filter(|h| h.video_id == video_id && h.idx == idx) {
+            hit.words = words.0.iter().filter(|w| matches(w)).cloned().collect();
+        }
+    }
+    Ok(())
+}
+
+/// The words of `text`, lower case, without punctuation.
+fn plain_words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
 }
 
 /// Frames for `text`: its vector from a warm worker-vision's SigLIP text tower.

@@ -32,7 +32,7 @@
 //! | `GET /v1/jobs/{id}` | one job, with its stage timings, summary, `external_id` and `metadata` |
 //! | `GET /v1/jobs?status=&kind=&external_id=&limit=&cursor=` | `{"jobs": [...], "next_cursor": ...}`: the jobs matching every filter given, newest first |
 //! | `DELETE /v1/videos/{id}?force=false` | delete the video and all its rows (needs an API key; 409 while a job runs, unless `force`) → 200 with row counts |
-//! | `GET /v1/videos/{id}/transcript?format=srt` | the transcript as srt, vtt, json or txt |
+//! | `GET /v1/videos/{id}/transcript?format=srt&words=false` | the transcript as srt, vtt, json or txt (json with each line's timed words; `words=true` times words in vtt cues) |
 //! | `GET /v1/search?q=TEXT&in=segments\|frames&video=V&limit=10` | segments or frames by text (query vector from a warm worker) |
 //! | `GET /v1/search?similar_to=VIDEO@SECONDS&video=V&limit=10` | frames like a stored frame |
 //!
@@ -889,8 +889,11 @@ async fn delete_video(
 
 #[derive(Debug, Deserialize, JsonSchema)]
 struct TranscriptQuery {
-    /// srt, vtt, json (default) or txt.
+    /// srt, vtt, json (default) or txt. The JSON carries each line's words with their times, where
+    /// the video was indexed with word timestamps.
     format: Option<String>,
+    /// With `format=vtt`: time each word inside its cue (WebVTT cue timestamps).
+    words: Option<bool>,
 }
 
 async fn video_transcript(
@@ -902,6 +905,10 @@ async fn video_transcript(
     let id = parse_id(&id)?;
     let name = query.format.as_deref().unwrap_or("json");
     let format: Format = clap::ValueEnum::from_str(name, true).map_err(|_| bad_request("format: use srt, vtt, json or txt"))?;
+    let words = query.words.unwrap_or(false);
+    if words && format != Format::Vtt {
+        return Err(bad_request("words: times words in WebVTT cues, use it with format=vtt"));
+    }
     let t = transcript::load(&app.pool, &app.settings, &id.to_string()).await?;
     let content_type = match format {
         Format::Srt => "application/x-subrip; charset=utf-8",
@@ -909,7 +916,7 @@ async fn video_transcript(
         Format::Json => "application/json",
         Format::Txt => "text/plain; charset=utf-8",
     };
-    Ok(([(header::CONTENT_TYPE, content_type)], transcript::render(&t, format)).into_response())
+    Ok(([(header::CONTENT_TYPE, content_type)], transcript::render(&t, format, words)).into_response())
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use heimdex_shared::Settings;
+use heimdex_shared::db::Word;
 use heimdex_shared::media;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -23,6 +24,9 @@ pub struct Line {
     pub end_s: f64,
     pub text: String,
     pub confidence: Option<f32>,
+    /// The line's words with their times, where the video was indexed with word timestamps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub words: Option<sqlx::types::Json<Vec<Word>>>,
 }
 
 /// A video's transcript.
@@ -59,7 +63,7 @@ pub async fn load(pool: &PgPool, settings: &Settings, video: &str) -> Result<Tra
         return Err(TranscriptError::NotIndexed { video: video_id, status: status.unwrap_or_else(|| "not enqueued".into()) });
     }
     let segments: Vec<Line> =
-        sqlx::query_as("SELECT start_s, end_s, text, confidence FROM transcript_segments WHERE video_id = $1 ORDER BY idx")
+        sqlx::query_as("SELECT start_s, end_s, text, confidence, words FROM transcript_segments WHERE video_id = $1 ORDER BY idx")
             .bind(video_id)
             .fetch_all(pool)
             .await?;
@@ -87,8 +91,9 @@ pub async fn find_video(pool: &PgPool, settings: &Settings, video: &str) -> Resu
     }
 }
 
-/// The transcript in `format`.
-pub fn render(t: &Transcript, format: Format) -> String {
+/// The transcript in `format`; with `words`, WebVTT cues time each word (a cue timestamp before every
+/// word after the first, where the line has word timings). JSON always carries the words it has.
+pub fn render(t: &Transcript, format: Format, words: bool) -> String {
     let mut out = String::new();
     match format {
         Format::Srt => {
@@ -99,7 +104,11 @@ pub fn render(t: &Transcript, format: Format) -> String {
         Format::Vtt => {
             out.push_str("WEBVTT\n\n");
             for s in &t.segments {
-                let _ = write!(out, "{} --> {}\n{}\n\n", timestamp(s.start_s, '.'), timestamp(s.end_s, '.'), cue_text(&s.text));
+                let text = match &s.words {
+                    Some(w) if words && !w.0.is_empty() => word_cue(s, &w.0),
+                    _ => cue_text(&s.text),
+                };
+                let _ = write!(out, "{} --> {}\n{text}\n\n", timestamp(s.start_s, '.'), timestamp(s.end_s, '.'));
             }
         }
         Format::Json => {
@@ -124,6 +133,35 @@ fn timestamp(seconds: f64, separator: char) -> String {
     format!("{:02}:{:02}:{:02}{separator}{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000)
 }
 
+/// A WebVTT cue whose words appear as they are spoken: `go <00:00:01.400>forward`. A cue timestamp
+/// must fall strictly inside the cue and after the one before it (WebVTT), so a word whose time does
+/// not gets none. The line's own spacing is kept ("ill-disposed" is two words and no space).
+fn word_cue(line: &Line, words: &[Word]) -> String {
+    let text = cue_text(&line.text);
+    let mut rest = text.as_str();
+    let mut out = String::new();
+    let mut last = line.start_s;
+    let ms = |t: f64| (t * 1000.0).round();
+    for (i, w) in words.iter().enumerate() {
+        let word = cue_text(&w.text);
+        match rest.find(word.as_str()) {
+            Some(at) => {
+                out.push_str(&rest[..at]);
+                rest = &rest[at + word.len()..];
+            }
+            None if i > 0 => out.push(' '),
+            None => {}
+        }
+        if i > 0 && ms(w.start_s) > ms(last) && ms(w.start_s) < ms(line.end_s) {
+            let _ = write!(out, "<{}>", timestamp(w.start_s, '.'));
+            last = w.start_s;
+        }
+        out.push_str(&word);
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Cue text on one line, without the blank lines that end a cue or the arrow that starts timings.
 fn cue_text(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ").replace("-->", "->")
@@ -142,10 +180,39 @@ mod tests {
             video_id: Uuid::nil(),
             uri: "x".into(),
             language: Some("en".into()),
-            segments: vec![Line { start_s: 1.0, end_s: 2.5, text: "go forward".into(), confidence: Some(0.9) }],
+            segments: vec![Line { start_s: 1.0, end_s: 2.5, text: "go forward".into(), confidence: Some(0.9), words: None }],
         };
-        assert_eq!(render(&t, Format::Srt), "1\n00:00:01,000 --> 00:00:02,500\ngo forward\n\n");
-        assert_eq!(render(&t, Format::Vtt), "WEBVTT\n\n00:00:01.000 --> 00:00:02.500\ngo forward\n\n");
-        assert_eq!(render(&t, Format::Txt), "go forward\n");
+        assert_eq!(render(&t, Format::Srt, false), "1\n00:00:01,000 --> 00:00:02,500\ngo forward\n\n");
+        assert_eq!(render(&t, Format::Vtt, false), "WEBVTT\n\n00:00:01.000 --> 00:00:02.500\ngo forward\n\n");
+        assert_eq!(render(&t, Format::Vtt, true), render(&t, Format::Vtt, false), "no word timings: plain cues");
+        assert_eq!(render(&t, Format::Txt, false), "go forward\n");
+    }
+
+    #[test]
+    fn word_cues_time_each_word_inside_the_cue() {
+        let word = |text: &str, start_s: f64| Word { text: text.into(), start_s, end_s: start_s + 0.3, probability: 0.9 };
+        let words =
+            vec![word("go", 1.0), word("forward", 1.4), word("ten", 1.4), word("ill", 1.8), word("-disposed", 2.0), word("meters.", 2.6)];
+        let t = Transcript {
+            video_id: Uuid::nil(),
+            uri: "x".into(),
+            language: Some("en".into()),
+            segments: vec![Line {
+                start_s: 1.0,
+                end_s: 2.5,
+                text: "go forward ten ill-disposed meters.".into(),
+                confidence: Some(0.9),
+                words: Some(sqlx::types::Json(words)),
+            }],
+        };
+        // "ten" shares its time with "forward" and "meters." starts after the cue ends: no tag of their
+        // own; "-disposed" follows "ill" without a space, as in the text.
+        assert_eq!(
+            render(&t, Format::Vtt, true),
+            "WEBVTT\n\n00:00:01.000 --> 00:00:02.500\ngo <00:00:01.400>forward ten <00:00:01.800>ill<00:00:02.000>-disposed meters.\n\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&render(&t, Format::Json, false)).unwrap();
+        assert_eq!(json["segments"][0]["words"][1]["text"], "forward");
+        assert_eq!(json["segments"][0]["words"][1]["start_s"], 1.4);
     }
 }

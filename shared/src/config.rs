@@ -145,6 +145,14 @@ impl Settings {
         if self.engine.max_batch == 0 {
             return Err(ConfigError::Value("engine.max_batch must be at least 1".into()));
         }
+        let db = &self.database;
+        // pgvector's own bounds, refused here rather than by the first `heimdex migrate`.
+        if !(2..=100).contains(&db.hnsw_m) || !(4..=1000).contains(&db.hnsw_ef_construction) || db.hnsw_ef_construction < 2 * db.hnsw_m {
+            return Err(ConfigError::Value(format!(
+                "database.hnsw_m must be in 2..=100 and database.hnsw_ef_construction in 4..=1000 and at least twice hnsw_m, not {} and {}",
+                db.hnsw_m, db.hnsw_ef_construction
+            )));
+        }
         self.serve.validate()?;
         self.s3.validate()?;
         let v = &self.vision;
@@ -254,6 +262,11 @@ pub struct DatabaseSettings {
     /// Parallel workers of an HNSW build beside the leader (`max_parallel_maintenance_workers`; the
     /// server's `max_parallel_workers` still caps it).
     pub index_build_workers: u32,
+    /// HNSW `m`: links per node of the vector indexes `heimdex migrate` builds (pgvector's default 16).
+    /// More links cost build time and index bytes and buy recall on clustered vectors (bench-search).
+    pub hnsw_m: u32,
+    /// HNSW `ef_construction`: the candidate list of each insertion while building (pgvector's 64).
+    pub hnsw_ef_construction: u32,
 }
 
 impl Default for DatabaseSettings {
@@ -267,6 +280,8 @@ impl Default for DatabaseSettings {
             lock_timeout_ms: 10_000,
             index_build_memory_mb: 1024,
             index_build_workers: 1,
+            hnsw_m: 16,
+            hnsw_ef_construction: 128,
         }
     }
 }
@@ -772,6 +787,9 @@ pub struct IndexSettings {
     /// Run the Whisper decoder's MatMuls with int8 weights (rewritten at load time): faster steps and
     /// 200 MB less memory than the files' weights in fp32, which `false` keeps.
     pub whisper_int8: bool,
+    /// Store each segment's words with their times: the text is run through the decoder once more
+    /// and aligned by the cross-attention of Whisper's alignment heads (see `worker::index::align`).
+    pub word_timestamps: bool,
 }
 
 impl Default for IndexSettings {
@@ -792,6 +810,7 @@ impl Default for IndexSettings {
             embed_max_len: 256,
             max_duration_s: 4.0 * 3600.0,
             whisper_int8: true,
+            word_timestamps: true,
         }
     }
 }
@@ -799,6 +818,20 @@ impl Default for IndexSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hnsw_build_settings_are_held_to_pgvectors_bounds() {
+        let mut s = Settings::default();
+        assert_eq!((s.database.hnsw_m, s.database.hnsw_ef_construction), (16, 128));
+        s.database.hnsw_m = 24;
+        assert!(s.validate().is_ok());
+        for (m, ef) in [(1, 128), (101, 1000), (24, 40), (16, 1001)] {
+            s.database.hnsw_m = m;
+            s.database.hnsw_ef_construction = ef;
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains("database.hnsw_m") && e.contains(&format!("not {m} and {ef}")), "{e}");
+        }
+    }
 
     #[test]
     fn a_stand_in_must_be_named_as_one() {

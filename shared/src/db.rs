@@ -105,6 +105,19 @@ pub async fn missing_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> 
     Ok(MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect())
 }
 
+/// One word of a transcript segment, with its times: the shape of each element of
+/// `transcript_segments.words` (a JSON array; NULL without word timestamps), as `worker-index` writes
+/// it and the transcript exports and search read it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct Word {
+    pub text: String,
+    /// Seconds on the recording's clock.
+    pub start_s: f64,
+    pub end_s: f64,
+    /// Mean probability of the word's tokens.
+    pub probability: f32,
+}
+
 /// pgvector's text form of a vector: `[0.1,0.2,...]`; bind it as text and cast with `::vector`.
 pub fn vector_literal(values: &[f32]) -> String {
     float_list(values, '[', ']')
@@ -139,9 +152,11 @@ pub fn vector_index_name(table: &str, model: &str, dim: usize) -> String {
 /// Creates, if missing, the partial HNSW cosine index of `table.embedding` for one model, so that a
 /// model of any dimension is indexed by configuration alone. Vectors are indexed as `halfvec(dim)`
 /// (16-bit floats: half the graph's bytes; bench-search measures the recall against fp32), with
-/// `ef_construction` 128 rather than pgvector's 64: on clustered vectors the default graph leaves a
-/// query's cluster unreachable from where the search lands often enough to cost recall 0.92 at k =
-/// 10 (bench-search, 100k frames); 128 doubles the build time.
+/// `database.hnsw_m` links per node and `database.hnsw_ef_construction` (128 rather than pgvector's
+/// 64: on clustered vectors the default graph leaves a query's cluster unreachable from where the
+/// search lands often enough to cost recall 0.92 at k = 10 (bench-search, 100k frames); 128 doubles
+/// the build time). An index that exists is kept as it is: a changed `m` applies to indexes built
+/// after it (drop one to rebuild it).
 ///
 /// The build gets `database.index_build_memory_mb` of `maintenance_work_mem` (a graph that outgrows
 /// it is built many times slower) and `database.index_build_workers` parallel workers, and no
@@ -160,7 +175,9 @@ pub async fn ensure_vector_index(
     let model_sql = model.replace('\'', "''");
     let sql = format!(
         "CREATE INDEX IF NOT EXISTS \"{name}\" ON {table} USING hnsw ((embedding::halfvec({dim})) halfvec_cosine_ops) \
-         WITH (ef_construction = 128) WHERE embedding_model = '{model_sql}'"
+         WITH (m = {m}, ef_construction = {ef}) WHERE embedding_model = '{model_sql}'",
+        m = settings.hnsw_m,
+        ef = settings.hnsw_ef_construction,
     );
     // Concurrent workers would race on the catalog; one lock per index name serialises them.
     let mut tx = pool.begin().await?;

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use heimdex_shared::Settings;
-use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
+use heimdex_shared::contract::{SpeechTask, TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::delete::{self, DeleteError};
 use heimdex_shared::fleet::WorkerState;
 use heimdex_shared::jobs::{self, FencedRun, JobStatus, Start};
@@ -186,7 +186,7 @@ async fn a_forced_delete_fences_the_running_run_out_and_a_committing_one_goes_fi
         index,
         offset_s: index as f64 * 30.0,
         duration_s: 30.0,
-        segments: vec![Segment { start_s: 0.0, end_s: 2.0, text: "hello".into(), confidence: 0.9, embedding: vec![] }],
+        segments: vec![Segment { start_s: 0.0, end_s: 2.0, text: "hello".into(), confidence: 0.9, embedding: vec![], words: vec![] }],
         language: 50259,
     };
     checkpoints.save(&window(0)).await.unwrap();
@@ -217,9 +217,17 @@ async fn a_forced_delete_fences_the_running_run_out_and_a_committing_one_goes_fi
     let mut tx = FencedRun::new(env.pool.clone(), run).begin().await.unwrap().expect("the run holds its job");
     let output = IndexOutput {
         segments: (0..3)
-            .map(|i| Segment { start_s: i as f64, end_s: i as f64 + 1.0, text: format!("s{i}"), confidence: 0.9, embedding: vec![] })
+            .map(|i| Segment {
+                start_s: i as f64,
+                end_s: i as f64 + 1.0,
+                text: format!("s{i}"),
+                confidence: 0.9,
+                embedding: vec![],
+                words: vec![],
+            })
             .collect(),
         language: "en".into(),
+        task: SpeechTask::Transcribe,
         spoken_language: None,
         audio_s: 3.0,
         embedding_model: "m".into(),

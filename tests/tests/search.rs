@@ -119,6 +119,16 @@ async fn a_paraphrase_finds_the_sample_videos_sentence() {
     assert!(top["text"].as_str().unwrap().to_lowercase().contains("dashwood"), "{json:#}");
     assert_eq!(top["text_rank"], 1, "{json:#}");
     assert!((top["score"].as_f64().unwrap() - (1.0 / 61.0 + 1.0 / (60.0 + top["semantic_rank"].as_f64().unwrap()))).abs() < 1e-9);
+    // The hit carries the matching word with its time (word timestamps are on by default), inside its
+    // segment, and the text output says where to jump to.
+    let words = top["words"].as_array().unwrap();
+    assert_eq!(words.len(), 1, "one word of the segment matches: {top:#}");
+    assert!(words[0]["text"].as_str().unwrap().to_lowercase().starts_with("dashwood"), "{top:#}");
+    let at = words[0]["start_s"].as_f64().unwrap();
+    assert!(at >= top["start_s"].as_f64().unwrap() - 0.5 && at <= top["end_s"].as_f64().unwrap(), "{top:#}");
+    let (code, out, err) = env.cli(&["search", "Dashwood", "--video", "sample.mp4", "--limit", "1"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!(" at {at:.2} s)")), "the first matching word's time: {out}");
 
     // The query vector is the one the task stored for the same text (same model, same thread).
     let client = QueryClient::connect(&env.settings).await.unwrap();

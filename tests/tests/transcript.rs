@@ -67,13 +67,42 @@ async fn the_sample_videos_transcript_exports_as_srt_vtt_json_and_text() {
         assert!(words_found(sentence, &all) == 1.0, "{format}: {all}");
     }
 
-    // By video id, as JSON; and as plain text.
+    // By video id, as JSON, each line with its timed words (index.word_timestamps is on by default).
     let (code, out, err) = env.cli(&["transcript", &video.to_string(), "--format", "json"]).await;
     assert_eq!(code, 0, "{err}");
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["video_id"], video.to_string());
     assert_eq!(json["language"], "en");
-    assert_eq!(json["segments"].as_array().unwrap().len(), stored.len());
+    let lines = json["segments"].as_array().unwrap();
+    assert_eq!(lines.len(), stored.len());
+    for line in lines {
+        let (start, end) = (line["start_s"].as_f64().unwrap(), line["end_s"].as_f64().unwrap());
+        let words = line["words"].as_array().unwrap_or_else(|| panic!("a line without words: {line}"));
+        // Spacing aside: "ill-disposed" is the words "ill" and "-disposed", as Whisper splits it.
+        let joined: String = words.iter().map(|w| w["text"].as_str().unwrap()).collect();
+        let text: String = line["text"].as_str().unwrap().chars().filter(|c| !c.is_whitespace()).collect();
+        assert_eq!(joined, text, "{line}");
+        for w in words {
+            let (ws, we) = (w["start_s"].as_f64().unwrap(), w["end_s"].as_f64().unwrap());
+            assert!(ws >= start - 1.0 && we <= end + 1.0 && ws <= we, "word {w} outside its line {start}-{end}");
+        }
+    }
+
+    // WebVTT with each word timed inside its cue: the parser reads the same cues and text, and the
+    // cue timestamps (`<00:00:01.400>`) increase inside each cue.
+    let (code, out, err) = env.cli(&["transcript", "sample.mp4", "--format", "vtt", "--words"]).await;
+    assert_eq!(code, 0, "{err}");
+    let cues = parse_with_python(VTT, &out);
+    assert_eq!(cues.len(), stored.len(), "{out}");
+    for ((_, _, text), (_, _, t)) in cues.iter().zip(&stored) {
+        assert_eq!(text.split_whitespace().collect::<Vec<_>>(), t.split_whitespace().collect::<Vec<_>>(), "tags are not text: {out}");
+    }
+    let tags: Vec<&str> = out.split('<').skip(1).filter_map(|t| t.split_once('>').map(|(tag, _)| tag)).collect();
+    assert!(tags.len() >= stored.len(), "a cue timestamp for most words: {out}");
+    assert!(tags.iter().all(|t| t.len() == 12 && t.starts_with("00:00:")), "{tags:?}");
+    let (code, _, err) = env.cli(&["transcript", "sample.mp4", "--format", "srt", "--words"]).await;
+    assert_eq!(code, 2, "SubRip cannot time words: {err}");
+    assert!(err.contains("--format vtt"), "{err}");
     let (code, out, _) = env.cli(&["transcript", "sample.mp4", "--format", "txt"]).await;
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), stored.len());

@@ -7,7 +7,8 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use heimdex_worker::index::{IndexOutput, Segment};
+use heimdex_shared::contract::SpeechTask;
+use heimdex_worker::index::{IndexOutput, Segment, Word};
 use heimdex_worker::pipeline::Persist;
 use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
@@ -128,10 +129,21 @@ async fn writing_twice_leaves_one_set_of_rows() {
         text: text.into(),
         confidence: 0.9,
         embedding: (0..384).map(|k| ((k + i) % 7) as f32 / 7.0).collect(),
+        // The words of the second segment only: a segment without them stores NULL.
+        words: if i == 1 {
+            ["ten", "of", "clubs"]
+                .iter()
+                .enumerate()
+                .map(|(k, w)| Word { text: (*w).into(), start_s: 2.0 + k as f64 * 0.5, end_s: 2.4 + k as f64 * 0.5, probability: 0.8 })
+                .collect()
+        } else {
+            Vec::new()
+        },
     };
     let out = IndexOutput {
         segments: vec![seg(0, "he was not an ill disposed young man"), seg(1, "ten of clubs"), seg(2, "go forward")],
         language: "en".into(),
+        task: SpeechTask::Transcribe,
         spoken_language: None,
         audio_s: 6.0,
         embedding_model: "sentence-transformers/all-MiniLM-L6-v2".into(),
@@ -153,6 +165,22 @@ async fn writing_twice_leaves_one_set_of_rows() {
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert_eq!(rows[1].1, "ten of clubs");
     assert!(rows.iter().all(|r| r.2 == "en" && r.3.as_deref() == Some("sentence-transformers/all-MiniLM-L6-v2") && r.4 == 384));
+    let words: Vec<Option<sqlx::types::Json<Vec<Word>>>> =
+        sqlx::query_scalar("SELECT words FROM transcript_segments WHERE video_id = $1 ORDER BY idx")
+            .bind(video)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(words[0].is_none() && words[2].is_none(), "no words, no JSON");
+    let second = &words[1].as_ref().expect("the second segment's words").0;
+    assert_eq!(second, &out.segments[1].words, "stored as they were timed");
+    let third_start: f64 =
+        sqlx::query_scalar("SELECT (words -> 2 ->> 'start_s')::float8 FROM transcript_segments WHERE video_id = $1 AND idx = 1")
+            .bind(video)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(third_start, 3.0, "SQL reads a word's time by name");
     assert_eq!(out.summary()["segments"], 3);
     assert_eq!(out.summary()["words"], 13);
 

@@ -67,8 +67,9 @@ struct Args {
     /// to measure what packing does.
     #[arg(long)]
     no_pack: bool,
-    /// Parts to run, comma-separated: cold, long, chunks, decoder, embed, ort, rss, peer, rss-long
-    /// (default: all). `--parts peer,rss-long,cold` is the quick check of issue 8's targets.
+    /// Parts to run, comma-separated: cold, long, chunks, decoder, embed, ort, rss, peer, rss-long,
+    /// words (default: all). `--parts peer,rss-long,cold` is the quick check of issue 8's targets;
+    /// `--parts words` the word timestamps against faster-whisper's, and their cost.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     parts: Vec<String>,
     /// Rounds of Heimdex against faster-whisper on the long recording, alternating which runs first.
@@ -84,6 +85,10 @@ struct Args {
     /// Concurrent copies of the long recording behind the `rss-long` figure.
     #[arg(long, default_value_t = 4)]
     rss_long: usize,
+    /// Word timestamps (`index.word_timestamps`) on or off; the default is the setting's. The `words`
+    /// part sets it per process, both ways.
+    #[arg(long, env = "HEIMDEX_WORD_TIMESTAMPS")]
+    word_timestamps: Option<bool>,
 }
 
 impl Args {
@@ -150,9 +155,12 @@ async fn asr_child(settings: &Settings, engine: &Engine, wav: &str, pack: bool) 
     let out = tr.transcribe(wav, Prompt::transcribe(Some(en)), tr.asr.max_batch(), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let asr_ms = ms(t);
     let text = out.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ");
-    Ok(json!({"engine": "heimdex", "pack": pack, "load_and_warmup_ms": ready_ms, "ms": asr_ms, "audio_s": out.stats.audio_s,
+    let words: Vec<[f64; 2]> = out.segments.iter().flat_map(|s| s.words.iter().map(|w| [w.start_s, w.end_s])).collect();
+    Ok(
+        json!({"engine": "heimdex", "pack": pack, "word_timestamps": tr.words, "words": words, "load_and_warmup_ms": ready_ms, "ms": asr_ms, "audio_s": out.stats.audio_s,
         "chunks": out.stats.chunks, "windows": out.languages.len(), "segments": out.segments.len(), "text": text,
-        "asr_batch_histogram": tr.asr.batch_histogram(), "vm_hwm_mb": peak_rss_mib()}))
+        "asr_batch_histogram": tr.asr.batch_histogram(), "vm_hwm_mb": peak_rss_mib()}),
+    )
 }
 
 /// One fresh process: load and warm the pipeline, then the first task and the median of the next ten
@@ -184,6 +192,9 @@ async fn main() -> Result<()> {
     let mut settings = Settings::default();
     if let Some(int8) = args.whisper_int8 {
         settings.index.whisper_int8 = int8;
+    }
+    if let Some(words) = args.word_timestamps {
+        settings.index.word_timestamps = words;
     }
     let bundle = settings.models.dir.clone();
     let sample = bundle.join("media/video/sample.mp4").display().to_string();
@@ -227,6 +238,12 @@ async fn main() -> Result<()> {
         let peer = peer(&args, &exe, &rec, &bundle)?;
         print_peer(&peer);
         results.insert("peer".into(), peer);
+    }
+
+    if args.wants("words") && args.peer_rounds > 0 {
+        let words = words(&args, &exe, &rec, &bundle)?;
+        print_words(&words);
+        results.insert("words".into(), words);
     }
 
     // Cold start, first task and steady state: each sample a fresh process, so that a one-off stall
@@ -368,15 +385,7 @@ fn peer(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value
     if args.no_pack {
         ours.arg("--no-pack");
     }
-    let mut theirs = Command::new(&args.python);
-    theirs
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/fw_index.py"))
-        .arg("--downloads")
-        .arg(bundle.join(".downloads"))
-        .arg("--model-dir")
-        .arg(&args.fw_model_dir)
-        .args(["--audio", &wav, "--compute-type", "int8", "--batch-size", "8", "--language", "en"])
-        .args(["--threads", &Settings::default().engine.threads().to_string()]);
+    let mut theirs = fw_command(args, bundle, &wav);
     let mut rounds = Vec::new();
     for round in 0..args.peer_rounds {
         let (h, f) = if round % 2 == 0 {
@@ -404,6 +413,125 @@ fn peer(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value
     Ok(json!({"audio_s": rec.duration_s, "speech_s": rec.speech_s, "reference_words": score::normalise(&rec.reference).len(),
         "rounds": args.peer_rounds, "median": summary, "rtf_ratio_heimdex_over_fw": ratio, "target_ratio": 0.8,
         "faster_whisper": "BatchedInferencePipeline, int8, batch_size 8, language en", "runs": rounds}))
+}
+
+/// faster-whisper's command line on the recording (see `python/fw_index.py`).
+fn fw_command(args: &Args, bundle: &Path, wav: &str) -> Command {
+    let mut theirs = Command::new(&args.python);
+    theirs
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/fw_index.py"))
+        .arg("--downloads")
+        .arg(bundle.join(".downloads"))
+        .arg("--model-dir")
+        .arg(&args.fw_model_dir)
+        .args(["--audio", wav, "--compute-type", "int8", "--batch-size", "8", "--language", "en"])
+        .args(["--threads", &Settings::default().engine.threads().to_string()]);
+    theirs
+}
+
+/// Word timestamps (issue 23) on the long recording, whose clips' speech boundaries are known: how
+/// far each clip's first word starts from its speech and its last word ends from its end, for
+/// Heimdex and for faster-whisper's `word_timestamps=True` (the anchor), and what timing words costs
+/// Heimdex: the transcription with word timestamps on against off. Each side a fresh process per
+/// round, the order rotating per round.
+fn words(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value> {
+    let wav = rec.path.display().to_string();
+    let ours = |on: bool| {
+        let mut c = Command::new(exe);
+        c.args(["--asr-child", "--wav", &wav, "--word-timestamps", if on { "true" } else { "false" }]);
+        c
+    };
+    let mut theirs = fw_command(args, bundle, &wav);
+    theirs.arg("--word-timestamps");
+    let mut rounds = Vec::new();
+    for round in 0..args.peer_rounds {
+        let mut sides: [(&str, Option<Value>); 3] = [("heimdex_on", None), ("heimdex_off", None), ("faster_whisper", None)];
+        for k in 0..3 {
+            let side = (round + k) % 3;
+            let v = match side {
+                0 => child_json(&mut ours(true))?,
+                1 => child_json(&mut ours(false))?,
+                _ => child_json(&mut theirs)?,
+            };
+            sides[side].1 = Some(v);
+        }
+        let [(_, Some(on)), (_, Some(off)), (_, Some(fw))] = sides else { anyhow::bail!("a side did not run") };
+        let timing = |v: &Value| {
+            let words: Vec<(f64, f64)> =
+                v["words"].as_array().into_iter().flatten().filter_map(|w| Some((w[0].as_f64()?, w[1].as_f64()?))).collect();
+            let t = score::WordTiming::score(&rec.clips, &words);
+            let ((s50, s95), (e50, e95)) = t.quantiles();
+            let (starts, ends) = t.within();
+            let (start_bias, end_bias) = t.bias();
+            json!({"words": words.len(), "start_p50_s": s50, "start_p95_s": s95, "start_within": starts,
+                "start_bias_s": start_bias, "end_bias_s": end_bias, "start_errors_s": t.start_errors, "end_errors_s": t.end_errors,
+                "end_p50_s": e50, "end_p95_s": e95, "end_within": ends, "wer": score::wer(&rec.reference, v["text"].as_str().unwrap_or_default()),
+                "ms": v["ms"], "vm_hwm_mb": v["vm_hwm_mb"]})
+        };
+        let row = json!({"heimdex": timing(&on), "faster_whisper": timing(&fw),
+            "heimdex_ms_on": on["ms"], "heimdex_ms_off": off["ms"],
+            "on_over_off": on["ms"].as_f64().unwrap_or(f64::NAN) / off["ms"].as_f64().unwrap_or(f64::NAN)});
+        eprintln!("words round {}: {row}", round + 1);
+        rounds.push(row);
+    }
+    let med = |side: &str, key: &str| median(rounds.iter().filter_map(|r| r[side][key].as_f64()).collect());
+    let mut summary = serde_json::Map::new();
+    for key in [
+        "start_p50_s",
+        "start_p95_s",
+        "start_within",
+        "start_bias_s",
+        "end_p50_s",
+        "end_p95_s",
+        "end_within",
+        "end_bias_s",
+        "wer",
+        "ms",
+        "vm_hwm_mb",
+    ] {
+        summary.insert(key.into(), json!({"heimdex": med("heimdex", key), "faster_whisper": med("faster_whisper", key)}));
+    }
+    let ratio = median(rounds.iter().filter_map(|r| r["on_over_off"].as_f64()).collect());
+    Ok(json!({"audio_s": rec.duration_s, "clips": rec.clips.len(), "rounds": args.peer_rounds,
+        "tolerance_s": {"start": score::START_TOLERANCE_S, "end": score::END_TOLERANCE_S},
+        "median": summary, "heimdex_words_on_over_off": ratio,
+        "heimdex_ms": {"on": median(rounds.iter().filter_map(|r| r["heimdex_ms_on"].as_f64()).collect()),
+                       "off": median(rounds.iter().filter_map(|r| r["heimdex_ms_off"].as_f64()).collect())},
+        "faster_whisper": "BatchedInferencePipeline, int8, batch_size 8, language en, word_timestamps=True",
+        "isa": heimdex_bench::measure::isa_flags(), "runs": rounds}))
+}
+
+fn print_words(p: &Value) {
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+    println!(
+        "\nWord timestamps: {:.0} s recording, {} clips, {} rounds, medians, fresh processes (cpu {})",
+        p["audio_s"].as_f64().unwrap_or(0.0),
+        p["clips"],
+        p["rounds"],
+        p["isa"].as_str().unwrap_or_default()
+    );
+    println!("{:<40} {:>12} {:>16}", "", "heimdex", "faster-whisper");
+    for (name, key) in [
+        ("first word start error p50 s", "start_p50_s"),
+        ("first word start error p95 s", "start_p95_s"),
+        ("share within 0.20 s", "start_within"),
+        ("first word start error median, signed s", "start_bias_s"),
+        ("last word end error p50 s", "end_p50_s"),
+        ("last word end error p95 s", "end_p95_s"),
+        ("share within 0.30 s", "end_within"),
+        ("last word end error median, signed s", "end_bias_s"),
+        ("WER", "wer"),
+        ("transcription ms", "ms"),
+        ("peak RSS MB", "vm_hwm_mb"),
+    ] {
+        println!("{name:<40} {:>12} {:>16}", f(&p["median"][key]["heimdex"]), f(&p["median"][key]["faster_whisper"]));
+    }
+    println!(
+        "heimdex with words / without: {} ({} ms against {} ms; median per-round ratio)\n",
+        f(&p["heimdex_words_on_over_off"]),
+        f(&p["heimdex_ms"]["on"]),
+        f(&p["heimdex_ms"]["off"])
+    );
 }
 
 fn print_peer(p: &Value) {

@@ -15,12 +15,13 @@ use heimdex_shared::contract::SpeechTask;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
+use super::align;
 use super::checkpoint::{Checkpoints, WindowText};
 use super::chunker::{ChunkParams, SpeechChunk, StreamStats, stream_chunks};
 use super::decode::{WhisperConfig, covered, segments};
 use super::mel::LogMel;
 use super::pack::{Packed, Packer, audio_time};
-use super::persist::Segment;
+use super::persist::{Segment, Word};
 use super::vad::VadRunner;
 use super::whisper::{AsrRequest, AsrResult, Prompt, WhisperRunner};
 use crate::engine::{InferenceError, ModelHandle};
@@ -46,6 +47,8 @@ pub struct Transcriber {
     pub params: ChunkParams,
     pub max_tokens: usize,
     pub max_duration_s: f64,
+    /// Time each segment's words (`index.word_timestamps`; see [`super::align`]).
+    pub words: bool,
     /// Pack the speech of consecutive chunks densely into windows (always in production); off, each
     /// chunk is one window: the benchmark's baseline for what packing does.
     #[cfg(feature = "testing")]
@@ -119,8 +122,10 @@ impl Transcriber {
     /// # Errors
     /// Inference failed.
     pub async fn decode_window(&self, samples: Vec<f32>, prompt: Prompt, timestamps: bool) -> Result<AsrResult, InferenceError> {
+        let positions = samples.len() / (SAMPLE_RATE as usize / align::POSITIONS_PER_S as usize);
         let mel = self.log_mel(samples).await?;
-        self.asr.infer(AsrRequest::new(mel, prompt, timestamps, self.max_tokens)).await
+        let request = AsrRequest::new(mel, prompt, timestamps, self.max_tokens);
+        self.asr.infer(AsrRequest { word_positions: (self.words && timestamps).then_some(positions), ..request }).await
     }
 
     /// Decodes one window as [`Transcriber::decode_window`] does, but without the KV cache: the
@@ -178,7 +183,8 @@ impl Transcriber {
                 pass < MAX_PASSES && unheard >= need
             });
             let keep = resume.map_or(res.tokens.len(), |c| c.keep);
-            out.extend(self.timed(&res.tokens[..keep], &res.probs[..keep], offset + from_s, window_s));
+            let language = self.language_code(res.language);
+            out.extend(self.timed(&res.tokens[..keep], &res.probs[..keep], &res.token_times, &language, offset + from_s, window_s));
             match resume {
                 Some(c) => start = (start + (f64::from(c.until_s) * rate).round() as usize).min(chunk.samples.len()),
                 None => break,
@@ -201,29 +207,51 @@ impl Transcriber {
         let offset_s = window.start_s();
         let Packed { chunk, pieces } = window;
         let mut text = self.chunk(chunk, prompt).await?;
+        let centi = |t: f64| (t * 100.0).round() / 100.0;
         for s in &mut text.segments {
             s.start_s = audio_time(&pieces, s.start_s, false);
             s.end_s = audio_time(&pieces, s.end_s, true).max(s.start_s);
+            for w in &mut s.words {
+                w.start_s = centi(audio_time(&pieces, w.start_s, false));
+                w.end_s = centi(audio_time(&pieces, w.end_s, true)).max(w.start_s);
+            }
         }
         text.offset_s = offset_s;
         Ok(text)
     }
 
-    /// Segments of one window's tokens, with absolute times (`offset_s`: where the window starts).
-    fn timed(&self, tokens: &[u32], probs: &[f32], offset_s: f64, window_s: f64) -> Vec<Segment> {
-        segments(tokens, probs, &self.cfg, window_s as f32)
-            .into_iter()
-            .filter_map(|s| {
-                let text = self.decode_text(&s.tokens);
-                (!text.is_empty()).then(|| Segment {
-                    start_s: offset_s + f64::from(s.start_s),
-                    end_s: offset_s + f64::from(s.end_s),
-                    text,
-                    confidence: s.confidence,
-                    embedding: Vec::new(),
-                })
-            })
-            .collect()
+    /// Segments of one window's tokens, with absolute times (`offset_s`: where the window starts),
+    /// and their words where `token_times` times the window's text tokens (see [`AsrResult`]).
+    fn timed(&self, tokens: &[u32], probs: &[f32], token_times: &[f32], language: &str, offset_s: f64, window_s: f64) -> Vec<Segment> {
+        let mut text_tokens = 0;
+        let mut out: Vec<Segment> = Vec::new();
+        for s in segments(tokens, probs, &self.cfg, window_s as f32) {
+            let n = s.tokens.len();
+            let words = match token_times.get(text_tokens..=text_tokens + n) {
+                Some(times) => align::words(&s.tokens, &s.probs, times, language, |t| self.text.decode(t, false).unwrap_or_default()),
+                None => Vec::new(),
+            };
+            text_tokens += n;
+            let text = self.decode_text(&s.tokens);
+            if text.is_empty() {
+                continue;
+            }
+            let words = words.into_iter().map(|w| Word { start_s: offset_s + w.start_s, end_s: offset_s + w.end_s, ..w }).collect();
+            out.push(Segment {
+                start_s: offset_s + f64::from(s.start_s),
+                end_s: offset_s + f64::from(s.end_s),
+                text,
+                confidence: s.confidence,
+                embedding: Vec::new(),
+                words,
+            });
+        }
+        let mut words: Vec<Vec<Word>> = out.iter_mut().map(|s| std::mem::take(&mut s.words)).collect();
+        align::clamp_long_words(&mut words);
+        for (s, w) in out.iter_mut().zip(words) {
+            s.words = w;
+        }
+        out
     }
 
     /// Streams `uri` through ffmpeg and the chunker and transcribes the chunks as they come, at most

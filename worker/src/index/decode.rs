@@ -18,6 +18,10 @@ pub struct WhisperConfig {
     pub n_vocab: usize,
     #[serde(default = "default_step")]
     pub timestamp_step_s: f32,
+    /// (decoder layer, head) pairs whose cross-attention follows the audio (word timestamps; the
+    /// model's published `alignment_heads`).
+    #[serde(default)]
+    pub alignment_heads: Vec<[usize; 2]>,
 }
 
 fn default_step() -> f32 {
@@ -234,7 +238,9 @@ pub struct RawSegment {
     pub end_s: f32,
     /// Text tokens (no timestamps).
     pub tokens: Vec<u32>,
-    /// Mean probability of those tokens.
+    /// Probability of each of those tokens.
+    pub probs: Vec<f32>,
+    /// Their mean.
     pub confidence: f32,
 }
 
@@ -248,8 +254,13 @@ pub fn segments(tokens: &[u32], probs: &[f32], cfg: &WhisperConfig, window_s: f3
     let mut close = |start: f32, end: f32, text: &mut Vec<u32>, p: &mut Vec<f32>| {
         if !text.is_empty() {
             let confidence = p.iter().sum::<f32>() / p.len().max(1) as f32;
-            out.push(RawSegment { start_s: start.min(end), end_s: end, tokens: std::mem::take(text), confidence });
-            p.clear();
+            out.push(RawSegment {
+                start_s: start.min(end),
+                end_s: end,
+                tokens: std::mem::take(text),
+                probs: std::mem::take(p),
+                confidence,
+            });
         }
     };
     for (&t, &prob) in tokens.iter().zip(probs) {

@@ -1,6 +1,7 @@
 //! The index pipeline (`worker-index`): audio → Silero VAD speech chunks (≤ 30 s, cut at silences) →
 //! speech packed densely into Whisper windows → log-mel → encoder (a row at a time) → greedy KV-cache
-//! decoding with timestamps and language detection → segments on the recording's clock → text
+//! decoding with timestamps and language detection → segments on the recording's clock, their words
+//! timed by the alignment heads → text
 //! embeddings → one transaction.
 //!
 //! Every model is loaded once per process behind its own owner thread (see `engine`); the windows of a
@@ -8,10 +9,12 @@
 //!
 //! - [`chunker`] and [`vad`]: streaming speech detection and chunking in bounded memory.
 //! - [`mel`]: Whisper's exact front end. [`whisper`] and [`decode`]: the model thread and the greedy rules.
+//! - [`align`]: word timestamps from the alignment heads' cross-attention.
 //! - [`asr`]: the orchestration of one audio stream. [`embed`]: the text encoder. [`persist`]: the output.
 //! - [`pack`]: chunks' speech packed into windows. [`checkpoint`]: each window's transcript stored as
 //!   it is decoded, so a redelivery resumes.
 
+pub mod align;
 pub mod asr;
 pub mod checkpoint;
 pub mod chunker;
@@ -33,7 +36,7 @@ use heimdex_shared::jobs::FencedRun;
 use heimdex_shared::query::Embeddings;
 
 pub use asr::{Transcriber, Transcript};
-pub use persist::{IndexOutput, Segment};
+pub use persist::{IndexOutput, Segment, Word};
 pub use whisper::Prompt;
 
 use crate::engine::{InferenceError, Memory, WarmupReport};
@@ -95,10 +98,17 @@ impl IndexPipeline {
         // cache (1500 rows a window) stay fp32: MatMulNBits is no faster there, and DynamicQuantizeMatMul,
         // 1.3× faster on the encoder, raised the WER of the 600 s bench recording from 2.6 % to 2.9 %.
         let with_past_rel = "decoder_with_past_model.onnx";
-        let with_past = if s.whisper_int8 {
-            let bytes = std::fs::read(wfile(with_past_rel)?).with_context(|| format!("reading whisper {with_past_rel}"))?;
-            let bytes = whisper::int8(with_past_rel, bytes)?;
-            ctx.engine.session_from_memory(&format!("whisper {with_past_rel} (int8)"), &bytes, Memory::Bounded)?
+        // Word timestamps read the alignment heads' cross-attention from the same session: its scores
+        // become outputs (an Identity node each; the decoding steps compute them anyway).
+        let with_past = if s.whisper_int8 || s.word_timestamps {
+            let mut bytes = std::fs::read(wfile(with_past_rel)?).with_context(|| format!("reading whisper {with_past_rel}"))?;
+            if s.word_timestamps {
+                bytes = whisper::expose_alignment(&cfg, bytes)?;
+            }
+            if s.whisper_int8 {
+                bytes = whisper::int8(with_past_rel, bytes)?;
+            }
+            ctx.engine.session_from_memory(&format!("whisper {with_past_rel}"), &bytes, Memory::Bounded)?
         } else {
             session(with_past_rel, &wfile(with_past_rel)?)?
         };
@@ -128,6 +138,7 @@ impl IndexPipeline {
             params: ChunkParams::new(s.vad_threshold, s.max_chunk_s),
             max_tokens: s.max_decode_tokens,
             max_duration_s: s.max_duration_s,
+            words: s.word_timestamps,
             #[cfg(feature = "testing")]
             pack: true,
         };
@@ -203,13 +214,13 @@ impl IndexPipeline {
         // A translation is English text: its language is the one search must use. Where nothing was
         // spoken nothing was translated either, and no language is known.
         let (language, spoken_language) = match task {
-            SpeechTask::Transcribe => (spoken, None),
-            SpeechTask::Translate if spoken.is_empty() => (spoken, Some(String::new())),
-            SpeechTask::Translate => ("en".to_string(), Some(spoken)),
+            SpeechTask::Translate if !spoken.is_empty() => ("en".to_string(), Some(spoken)),
+            SpeechTask::Transcribe | SpeechTask::Translate => (spoken, None),
         };
         let output = IndexOutput {
             segments,
             language,
+            task,
             spoken_language,
             audio_s: transcript.stats.audio_s,
             embedding_model: self.settings.embed_model.clone(),
@@ -230,7 +241,8 @@ impl IndexPipeline {
         };
         let t = &self.transcriber;
         let int8 = if self.settings.whisper_int8 { "|int8" } else { "" };
-        format!("{}{int8}|{language}{task}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)
+        let words = if t.words { "|words" } else { "" };
+        format!("{}{int8}|{language}{task}{words}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)
     }
 
     async fn warm_asr(&self) -> Result<WarmupReport, InferenceError> {
@@ -241,7 +253,9 @@ impl IndexPipeline {
         // once) and the decoder at the widest batch production uses, so every buffer is sized for it.
         let sizes = vec![t.asr.max_batch()];
         for &n in &sizes {
-            let req = AsrRequest::new(mel.clone(), Prompt::transcribe(None), true, 4);
+            // With word timestamps, the alignment pass runs too where the rows decode any text.
+            let req =
+                AsrRequest { word_positions: t.words.then_some(500), ..AsrRequest::new(mel.clone(), Prompt::transcribe(None), true, 4) };
             t.asr.run_exact(vec![req; n]).await?;
         }
         Ok(WarmupReport { model: WHISPER.into(), batch_sizes: sizes, duration: started.elapsed() })
@@ -300,9 +314,11 @@ impl Pipeline for IndexPipeline {
     }
 
     async fn process(&self, input: &TaskInput, timings: &StageTimings) -> Result<IndexOutput, TaskError> {
+        let task = input.options.task.unwrap_or_default();
         let empty = || IndexOutput {
             segments: Vec::new(),
             language: String::new(),
+            task,
             spoken_language: None,
             audio_s: 0.0,
             embedding_model: self.settings.embed_model.clone(),
@@ -325,7 +341,6 @@ impl Pipeline for IndexPipeline {
             )));
         }
         let language = input.options.language.as_deref().or(Some(self.settings.language.as_str()));
-        let task = input.options.task.unwrap_or_default();
         let (output, _) = match self.index_run(&input.media, language, task, input.fenced.as_ref(), timings).await {
             Err(TaskError::Audio(AudioError::NoAudio { .. })) if self.settings.allow_no_audio => return Ok(empty()),
             other => other?,

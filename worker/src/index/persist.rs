@@ -3,6 +3,7 @@
 //! exactly one set of rows.
 
 use heimdex_shared::contract::SpeechTask;
+pub use heimdex_shared::db::Word;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -19,6 +20,9 @@ pub struct Segment {
     /// Unit-length text embedding (empty until embedded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub embedding: Vec<f32>,
+    /// The segment's words with their times (`index.word_timestamps`, see [`super::align`]; empty when off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub words: Vec<Word>,
 }
 
 /// Everything the index task produced for one video.
@@ -28,7 +32,9 @@ pub struct IndexOutput {
     /// ISO code of the transcript's language (`en`): the language spoken, or `en` for a translation;
     /// empty when there was no speech to tell.
     pub language: String,
-    /// The language spoken, when the transcript is its English translation (`options.task`).
+    /// What was asked of Whisper (`options.task`).
+    pub task: SpeechTask,
+    /// The language spoken, when the transcript is its English translation and speech was heard.
     pub spoken_language: Option<String>,
     /// Decoded audio length, seconds (0 without an audio track).
     pub audio_s: f64,
@@ -66,13 +72,15 @@ impl Persist for IndexOutput {
         let conf: Vec<f32> = self.segments.iter().map(|s| s.confidence).collect();
         let vectors: Vec<Option<String>> =
             self.segments.iter().map(|s| (!s.embedding.is_empty()).then(|| heimdex_shared::db::vector_literal(&s.embedding))).collect();
+        let words: Vec<Option<sqlx::types::Json<&[Word]>>> =
+            self.segments.iter().map(|s| (!s.words.is_empty()).then_some(sqlx::types::Json(s.words.as_slice()))).collect();
         let language = (!self.language.is_empty()).then_some(self.language.as_str());
         sqlx::query(
             "INSERT INTO transcript_segments \
-               (video_id, idx, start_s, end_s, text, language, confidence, embedding, embedding_model) \
-             SELECT $1, u.idx, u.start_s, u.end_s, u.text, $2, u.confidence, u.embedding::vector, $3 \
-             FROM UNNEST($4::int4[], $5::float8[], $6::float8[], $7::text[], $8::float4[], $9::text[]) \
-               AS u(idx, start_s, end_s, text, confidence, embedding)",
+               (video_id, idx, start_s, end_s, text, language, confidence, embedding, embedding_model, words) \
+             SELECT $1, u.idx, u.start_s, u.end_s, u.text, $2, u.confidence, u.embedding::vector, $3, u.words \
+             FROM UNNEST($4::int4[], $5::float8[], $6::float8[], $7::text[], $8::float4[], $9::text[], $10::jsonb[]) \
+               AS u(idx, start_s, end_s, text, confidence, embedding, words)",
         )
         .bind(video_id)
         .bind(language)
@@ -83,6 +91,7 @@ impl Persist for IndexOutput {
         .bind(texts)
         .bind(conf)
         .bind(vectors)
+        .bind(words)
         .execute(&mut *conn)
         .await?;
         Ok(())
@@ -97,11 +106,11 @@ impl Persist for IndexOutput {
             "windows": self.windows,
             "resumed_windows": self.resumed_windows,
         });
+        if self.task != SpeechTask::Transcribe {
+            summary["task"] = self.task.as_str().into();
+        }
         if let Some(spoken) = &self.spoken_language {
-            summary["task"] = SpeechTask::Translate.as_str().into();
-            if !spoken.is_empty() {
-                summary["spoken_language"] = spoken.as_str().into();
-            }
+            summary["spoken_language"] = spoken.as_str().into();
         }
         summary
     }

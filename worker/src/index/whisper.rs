@@ -51,6 +51,9 @@ pub struct AsrRequest {
     /// Produce timestamp tokens (segments); otherwise `<|notimestamps|>` is in the prompt.
     pub timestamps: bool,
     pub max_tokens: usize,
+    /// Time the words too: the encoder positions that hold the window's audio (50 a second), where
+    /// the alignment may place them (see [`super::align`]).
+    pub word_positions: Option<usize>,
     /// Decode with the KV cache (always in production), or re-run the whole prefix at every step: the
     /// reference that tests and the benchmark compare the KV-cache decoder against.
     #[cfg(feature = "testing")]
@@ -65,6 +68,7 @@ impl AsrRequest {
             prompt,
             timestamps,
             max_tokens,
+            word_positions: None,
             #[cfg(feature = "testing")]
             kv_cache: true,
         }
@@ -87,6 +91,9 @@ pub struct AsrResult {
     /// Generated tokens: text and timestamps, without prompt or eot.
     pub tokens: Vec<u32>,
     pub probs: Vec<f32>,
+    /// With [`AsrRequest::word_positions`]: where each text token (each token below eot, in order)
+    /// starts and, last, where the text ends, seconds from the window's start; empty otherwise.
+    pub token_times: Vec<f32>,
     /// Language token id used in the prompt.
     pub language: u32,
     pub looped: bool,
@@ -112,6 +119,24 @@ pub struct WhisperRunner {
     past_inputs: Vec<String>,
     /// (heads, head size) of the self-attention cache, for the empty past of the first step.
     heads: (usize, usize),
+    /// The alignment heads, when the decoder outputs their layers' cross-attention scores
+    /// ([`heimdex_models::expose`]); without them words are not timed.
+    alignment_heads: Vec<[usize; 2]>,
+}
+
+/// The with-past decoder's bytes with the cross-attention scores of the layers of `cfg`'s alignment
+/// heads as outputs, for word timestamps (see [`heimdex_models::expose`]).
+///
+/// # Errors
+/// The model has no alignment heads, or the graph is not the converter's.
+pub fn expose_alignment(cfg: &WhisperConfig, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
+    let mut layers: Vec<usize> = cfg.alignment_heads.iter().map(|h| h[0]).collect();
+    layers.dedup();
+    if layers.is_empty() {
+        return Err(model_err("config.json names no alignment_heads, which word timestamps need".into()));
+    }
+    heimdex_models::expose::cross_attention_scores(&model, &layers)
+        .map_err(|e| model_err(format!("exposing the alignment heads' cross-attention for word timestamps: {e}")))
 }
 
 /// The part of `decoder_model.onnx` that `decoder_with_past_model.onnx` lacks: the cross-attention
@@ -178,7 +203,14 @@ impl WhisperRunner {
         if let Some(missing) = past_inputs.iter().find(|n| n.contains(".encoder.") && !cross_outputs.contains(n)) {
             return Err(model_err(format!("the cross-attention cache model does not compute decoder input {missing}")));
         }
-        Ok(Self { cfg, encoder, cross, decoder, past_inputs, heads })
+        let outputs: Vec<&str> = decoder.outputs().iter().map(|o| o.name()).collect();
+        let alignment_heads = if cfg.alignment_heads.iter().all(|h| outputs.contains(&heimdex_models::expose::scores_output(h[0]).as_str()))
+        {
+            cfg.alignment_heads.clone()
+        } else {
+            Vec::new()
+        };
+        Ok(Self { cfg, encoder, cross, decoder, past_inputs, heads, alignment_heads })
     }
 
     /// Encoder output of every row, [b, frames, width], [`ENCODER_ROWS`] rows per run. A row whose
@@ -304,29 +336,93 @@ impl WhisperRunner {
             };
             next = rows.iter_mut().zip(&logits).map(|(row, lg)| i64::from(row.step(&self.cfg, lg))).collect();
         }
+        let mut token_times = Vec::with_capacity(b);
+        for (i, (row, r)) in rows.iter().zip(reqs).enumerate() {
+            token_times.push(match r.word_positions {
+                Some(positions) => self.align(i, b, &cross, &ids[i][..3], &row.tokens, positions)?,
+                None => Vec::new(),
+            });
+        }
         let decode_s = started.elapsed().as_secs_f32();
         Ok(rows
             .into_iter()
             .zip(langs)
-            .map(|(row, language)| AsrResult { tokens: row.tokens, probs: row.probs, language, looped: row.looped, encode_s, decode_s })
+            .zip(token_times)
+            .map(|((row, language), token_times)| AsrResult {
+                tokens: row.tokens,
+                probs: row.probs,
+                token_times,
+                language,
+                looped: row.looped,
+                encode_s,
+                decode_s,
+            })
             .collect())
+    }
+
+    /// Where each text token of row `row`'s output starts (see [`super::align::token_times`]): the
+    /// decoder runs once over `prompt` (start, language, task), `<|notimestamps|>`, the text tokens and
+    /// end-of-text, from an empty past with the row's cross-attention cache, and the alignment heads'
+    /// scores over the first `positions` encoder positions are aligned. Empty without alignment
+    /// heads or text.
+    fn align(
+        &mut self,
+        row: usize,
+        b: usize,
+        cross: &PastValues,
+        prompt: &[i64],
+        tokens: &[u32],
+        positions: usize,
+    ) -> Result<Vec<f32>, InferenceError> {
+        let sp = self.cfg.special_tokens;
+        let text: Vec<u32> = tokens.iter().copied().filter(|&t| t < sp.eot).collect();
+        if self.alignment_heads.is_empty() || text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = prompt.to_vec();
+        ids.push(i64::from(sp.notimestamps));
+        ids.extend(text.iter().map(|&t| i64::from(t)));
+        ids.push(i64::from(sp.eot));
+        let rows = ids.len();
+        let sliced;
+        let row_cross = if b == 1 {
+            cross
+        } else {
+            sliced = row_of(cross, row, b)?;
+            &sliced
+        };
+        let mut past = PastValues::new();
+        self.empty_past(1, &mut past)?;
+        let inputs = self.decoder_inputs(&ids, 1, row_cross, &past)?;
+        let out = self.decoder.run(inputs)?;
+        let mut heads = Vec::with_capacity(self.alignment_heads.len());
+        let mut frames = 0;
+        for &[layer, head] in &self.alignment_heads {
+            let name = heimdex_models::expose::scores_output(layer);
+            let scores = out.get(name.as_str()).ok_or_else(|| model_err(format!("the decoder has no output {name}")))?;
+            let (shape, data) = scores.try_extract_tensor::<f32>()?;
+            let (h, t, s) = match shape.as_ref() {
+                [1, h, t, s] if *t as usize == rows => (*h as usize, *t as usize, *s as usize),
+                other => return Err(model_err(format!("{name} has shape {other:?}, expected [1, heads, {rows}, positions]"))),
+            };
+            if head >= h {
+                return Err(model_err(format!("alignment head {head} of layer {layer}, which has {h} heads")));
+            }
+            frames = positions.min(s);
+            let mut m = Vec::with_capacity(t * frames);
+            for r in 0..t {
+                let at = (head * t + r) * s;
+                m.extend_from_slice(&data[at..at + frames]);
+            }
+            heads.push(m);
+        }
+        Ok(super::align::token_times(&heads, rows, frames, prompt.len() + 1))
     }
 
     /// One decoder run on `ids` ([b, t] row-major) after the self-attention cache in `past`, which it
     /// replaces with the cache extended by `ids`; returns the last position's logits per row.
     fn step(&mut self, ids: &[i64], b: usize, cross: &PastValues, past: &mut PastValues) -> Result<Vec<Vec<f32>>, InferenceError> {
-        let t = ids.len() / b;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(self.past_inputs.len());
-        for name in &self.past_inputs {
-            let value: SessionInputValue<'_> = match name.as_str() {
-                "input_ids" => Tensor::from_array(([b, t], ids.to_vec()))?.into(),
-                other => match cross.get(other).or_else(|| past.get(other)) {
-                    Some(v) => v.into(),
-                    None => return Err(model_err(format!("no value for decoder input {other}"))),
-                },
-            };
-            inputs.push((name.clone().into(), value));
-        }
+        let inputs = self.decoder_inputs(ids, b, cross, past)?;
         let mut out = self.decoder.run(inputs)?;
         let logits = last_logits(&out, b)?;
         let names: Vec<String> = out.keys().filter(|k| k.contains(".decoder.")).map(str::to_string).collect();
@@ -337,6 +433,46 @@ impl WhisperRunner {
         }
         Ok(logits)
     }
+}
+
+impl WhisperRunner {
+    /// The decoder's inputs for `ids` ([b, t] row-major) after `past`, by the session's own input names.
+    fn decoder_inputs<'v>(
+        &self,
+        ids: &[i64],
+        b: usize,
+        cross: &'v PastValues,
+        past: &'v PastValues,
+    ) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>, InferenceError> {
+        let t = ids.len() / b;
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'v>)> = Vec::with_capacity(self.past_inputs.len());
+        for name in &self.past_inputs {
+            let value: SessionInputValue<'v> = match name.as_str() {
+                "input_ids" => Tensor::from_array(([b, t], ids.to_vec()))?.into(),
+                other => match cross.get(other).or_else(|| past.get(other)) {
+                    Some(v) => v.into(),
+                    None => return Err(model_err(format!("no value for decoder input {other}"))),
+                },
+            };
+            inputs.push((name.clone().into(), value));
+        }
+        Ok(inputs)
+    }
+}
+
+/// Row `row` of each of `b` rows' cached tensors, as a batch of one.
+fn row_of(values: &PastValues, row: usize, b: usize) -> Result<PastValues, InferenceError> {
+    let mut one = PastValues::new();
+    for (name, value) in values {
+        let (shape, data) = value.try_extract_tensor::<f32>()?;
+        let mut dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let size = data.len() / b;
+        if let Some(first) = dims.first_mut() {
+            *first = 1;
+        }
+        one.insert(name.clone(), Tensor::from_array((dims, data[row * size..(row + 1) * size].to_vec()))?.into_dyn());
+    }
+    Ok(one)
 }
 
 fn last_logits(out: &ort::session::SessionOutputs<'_>, b: usize) -> Result<Vec<Vec<f32>>, InferenceError> {

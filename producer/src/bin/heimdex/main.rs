@@ -50,6 +50,9 @@ enum Command {
         video: String,
         #[arg(long, value_enum, default_value = "srt")]
         format: heimdex_producer::transcript::Format,
+        /// Time each word inside its WebVTT cue (`--format vtt`; json always carries the words).
+        #[arg(long)]
+        words: bool,
     },
     /// Bring the database schema up to date (migrations, vector indexes, the worker role's rights); run
     /// as the schema's owner. Workers never change the schema.
@@ -83,7 +86,7 @@ async fn main() -> ExitCode {
         Command::Dlq { command } => dlq::run(&settings, command).await,
         Command::Delete(args) => delete::delete(&settings, args).await,
         Command::Sweep(args) => delete::sweep(&settings, args).await,
-        Command::Transcript { video, format } => transcript(&settings, &video, format).await,
+        Command::Transcript { video, format, words } => transcript(&settings, &video, format, words).await,
         Command::Migrate => migrate(&settings).await,
         Command::Serve { addr } => serve(&settings, addr).await,
     };
@@ -100,12 +103,17 @@ async fn transcript(
     settings: &heimdex_shared::Settings,
     video: &str,
     format: heimdex_producer::transcript::Format,
+    words: bool,
 ) -> anyhow::Result<ExitCode> {
-    use heimdex_producer::transcript::{self, TranscriptError};
+    use heimdex_producer::transcript::{self, Format, TranscriptError};
+    if words && format != Format::Vtt {
+        eprintln!("heimdex: --words times words in WebVTT cues: use it with --format vtt");
+        return Ok(ExitCode::from(2));
+    }
     let pool = heimdex_shared::db::pool(&settings.database)?;
     match transcript::load(&pool, settings, video).await {
         Ok(t) => {
-            print!("{}", transcript::render(&t, format));
+            print!("{}", transcript::render(&t, format, words));
             Ok(ExitCode::SUCCESS)
         }
         Err(e @ (TranscriptError::NoVideo(_) | TranscriptError::NotIndexed { .. })) => {

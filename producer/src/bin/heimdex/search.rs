@@ -102,7 +102,9 @@ fn print_segments(args: &Args, model: &str, text: &str, mut head: serde_json::Va
     }
     println!("transcript segments for {text:?} ({model}, fused with full-text search): {} hits", hits.len());
     for (i, h) in hits.iter().enumerate() {
-        println!("{:>3}. {:.4}  {}  {:.2}–{:.2} s  {}", i + 1, h.score, h.uri, h.start_s, h.end_s, h.text.trim());
+        // Where to jump to: the first word that matches the query, where words are timed.
+        let at = h.words.first().map_or_else(String::new, |w| format!(" ({:?} at {:.2} s)", w.text, w.start_s));
+        println!("{:>3}. {:.4}  {}  {:.2}–{:.2} s{at}  {}", i + 1, h.score, h.uri, h.start_s, h.end_s, h.text.trim());
         println!("     video {}{}", h.video_id, ranks(h));
     }
     Ok(())

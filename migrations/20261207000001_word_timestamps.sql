@@ -1,0 +1,12 @@
+-- Word timestamps (`index.word_timestamps`): each transcript segment's words with their start, end
+-- (seconds on the recording's clock) and probability, as a JSON array on the segment's own row:
+--   [{"text": "Hello,", "start_s": 1.52, "end_s": 1.9, "probability": 0.93}, ...]
+--
+-- Why a column and not a `transcript_words` table: words are only ever read with their segment (a
+-- search hit, a transcript, subtitles), never searched on their own (full-text search and the
+-- embeddings work on the segment); a segment holds a dozen words, so a table would hold ten rows for
+-- each segment row (15 M rows beside 1.5 M at a million segments), each carrying its own key, and
+-- every delete, re-index and future partition would have to move both. NULL: no word timings (turned
+-- off, or indexed before this column existed). Adding a nullable column without a default rewrites
+-- nothing: existing rows keep their data as they are.
+ALTER TABLE transcript_segments ADD COLUMN IF NOT EXISTS words jsonb;

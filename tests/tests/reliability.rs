@@ -170,7 +170,6 @@ async fn a_deleted_work_queue_is_declared_again_and_consumed() {
     let worker = env.spawn_worker("vision", "redeclare", &[]);
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let queue = env.topology().queue(TaskKind::Vision);
-    env.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
     // A passive declare of a missing queue closes its channel: each look uses a connection of its own.
     let consumers = || async {
         let (connection, channel) = heimdex_shared::topology::connect(&env.settings.amqp, "probe").await.ok()?;
@@ -179,6 +178,13 @@ async fn a_deleted_work_queue_is_declared_again_and_consumed() {
         let _ = connection.close(200, "probed".into()).await;
         found.filter(|&n| n == 1)
     };
+    // The consumer as the queue itself counts it, before the queue is deleted under it. The worker is
+    // warm once basic.consume-ok arrives, but a quorum queue registers the consumer in its own log a
+    // moment later: deleted inside that moment (28 ms after warm, in a CI run), RabbitMQ 3.10 sent the
+    // worker no cancel, kept the consumer on its channel, and the queue declared again later delivered
+    // to it a message the client never received (broker: 1 unacked; worker: nothing in flight).
+    env.wait_for("the worker's consumer registered by the queue", TASK, consumers).await;
+    env.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
     env.wait_for("the queue declared again with its consumer", TASK, consumers).await;
     let (_, job) = env.enqueue("after.mp4", TaskKind::Vision, false).await.unwrap();
     env.wait_job(job, "succeeded", TASK).await;

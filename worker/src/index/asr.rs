@@ -183,7 +183,11 @@ impl Transcriber {
                 pass < MAX_PASSES && unheard >= need
             });
             let keep = resume.map_or(res.tokens.len(), |c| c.keep);
-            let language = self.language_code(res.language);
+            // The text's language, which decides how it splits into words: a translation is English.
+            let language = match prompt.task {
+                SpeechTask::Transcribe => self.language_code(res.language),
+                SpeechTask::Translate => "en".to_string(),
+            };
             out.extend(self.timed(&res.tokens[..keep], &res.probs[..keep], &res.token_times, &language, offset + from_s, window_s));
             match resume {
                 Some(c) => start = (start + (f64::from(c.until_s) * rate).round() as usize).min(chunk.samples.len()),

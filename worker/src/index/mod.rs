@@ -1,8 +1,7 @@
 //! The index pipeline (`worker-index`): audio → Silero VAD speech chunks (≤ 30 s, cut at silences) →
 //! speech packed densely into Whisper windows → log-mel → encoder (a row at a time) → greedy KV-cache
 //! decoding with timestamps and language detection → segments on the recording's clock, their words
-//! timed by the alignment heads → text
-//! embeddings → one transaction.
+//! timed by the alignment heads → text embeddings → one transaction.
 //!
 //! Every model is loaded once per process behind its own owner thread (see `engine`); the windows of a
 //! video and the windows of concurrent videos share batches on the same sessions.

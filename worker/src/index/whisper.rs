@@ -97,7 +97,8 @@ pub struct AsrResult {
     /// Language token id used in the prompt.
     pub language: u32,
     pub looped: bool,
-    /// Wall time of the batch this row ran in: encoder (with language detection), and the token loop.
+    /// Wall time of the batch this row ran in: encoder (with language detection), and the token loop
+    /// (with the alignment passes of word timestamps).
     pub encode_s: f32,
     pub decode_s: f32,
 }

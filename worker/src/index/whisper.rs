@@ -131,7 +131,9 @@ pub struct WhisperRunner {
 /// # Errors
 /// The model has no alignment heads, or the graph is not the converter's.
 pub fn expose_alignment(cfg: &WhisperConfig, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
+    // One output per layer, whatever order config.json lists the heads in.
     let mut layers: Vec<usize> = cfg.alignment_heads.iter().map(|h| h[0]).collect();
+    layers.sort_unstable();
     layers.dedup();
     if layers.is_empty() {
         return Err(model_err("config.json names no alignment_heads, which word timestamps need".into()));
@@ -512,5 +514,27 @@ impl BatchRunner for WhisperRunner {
             }
         }
         out.into_iter().map(|r| r.ok_or_else(|| model_err("a row got no result".into()))).collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Heads listed in any order expose each of their layers once (two outputs of one name would
+    /// make the graph invalid).
+    #[test]
+    fn alignment_heads_in_any_order_expose_each_layer_once() {
+        let dir = heimdex_shared::config::ModelSettings::default().dir.join("whisper-base");
+        let mut cfg: WhisperConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        cfg.alignment_heads.reverse();
+        cfg.alignment_heads.rotate_left(3);
+        let exposed = expose_alignment(&cfg, std::fs::read(dir.join("decoder_with_past_model.onnx")).unwrap()).unwrap();
+        let outputs = heimdex_models::carve::outputs(&exposed).unwrap();
+        for layer in [3, 4, 5] {
+            let name = heimdex_models::expose::scores_output(layer);
+            assert_eq!(outputs.iter().filter(|o| **o == name).count(), 1, "{name} in {outputs:?}");
+        }
     }
 }

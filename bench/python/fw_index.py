@@ -102,7 +102,7 @@ def main():
                                      word_timestamps=a.word_timestamps)
     segments = list(segments)
     texts = [s.text.strip() for s in segments]
-    words = [[w.start, w.end] for s in segments for w in (s.words or [])]
+    words = [[w.start, w.end, w.word.strip()] for s in segments for w in (s.words or [])]
     ms = (time.perf_counter() - t0) * 1000.0
     print(json.dumps({
         "engine": f"faster-whisper {faster_whisper.__version__} BatchedInferencePipeline",

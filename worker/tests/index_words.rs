@@ -32,6 +32,7 @@ async fn words_start_and_end_where_each_clip_is_spoken() {
         }
         for w in &s.words {
             assert!(w.start_s >= 0.0 && w.end_s >= w.start_s && w.end_s <= rec.duration_s, "{w:?}");
+            assert!(w.start_s >= s.start_s && w.end_s <= s.end_s, "a word outside its segment {:.2}-{:.2}: {w:?}", s.start_s, s.end_s);
             assert!(w.probability > 0.0 && w.probability <= 1.0, "{w:?}");
         }
     }
@@ -46,13 +47,12 @@ async fn words_start_and_end_where_each_clip_is_spoken() {
         starts * 100.0,
         ends * 100.0
     );
-    // The issue asks 95 % within both tolerances. Measured on this recording (bench-index --parts
-    // words, the same scorer): starts 86 % within 0.20 s (faster-whisper 64 %), ends 45 % within 0.30 s
-    // (faster-whisper 36 %): both engines end a clip's last word 0.3-0.6 s before its audio does, the
-    // DTW placing end-of-text early. These bounds hold what we have, so that a regression fails here.
-    assert!(starts >= 0.80, "first words within {START_TOLERANCE_S} s of their clip's speech: {:.0} %: {timing:?}", starts * 100.0);
-    assert!(start_p50 <= 0.20 && end_p50 <= 0.45, "median errors {start_p50:.3} s and {end_p50:.3} s: {timing:?}");
-    assert!(ends >= 0.35, "last words within {END_TOLERANCE_S} s of their clip's speech end: {:.0} %: {timing:?}", ends * 100.0);
+    // The issue's bar. Measured on the 600 s recording (bench-index --parts words, the same scorer):
+    // all 98 clips within both (faster-whisper 71 % and 71 %); without fitting the words to the speech
+    // the VAD heard (align::fit_to_speech), 94 % and 71 %.
+    assert!(starts >= 0.95, "first words within {START_TOLERANCE_S} s of their clip's speech: {:.0} %: {timing:?}", starts * 100.0);
+    assert!(ends >= 0.95, "last words within {END_TOLERANCE_S} s of their clip's speech end: {:.0} %: {timing:?}", ends * 100.0);
+    assert!(start_p95 <= START_TOLERANCE_S && end_p95 <= END_TOLERANCE_S, "p95 errors {start_p95:.3} s and {end_p95:.3} s: {timing:?}");
 }
 
 /// Timing words is one more decoder pass over text already decoded: the text is the same with it

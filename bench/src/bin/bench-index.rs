@@ -155,7 +155,7 @@ async fn asr_child(settings: &Settings, engine: &Engine, wav: &str, pack: bool) 
     let out = tr.transcribe(wav, Prompt::transcribe(Some(en)), tr.asr.max_batch(), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let asr_ms = ms(t);
     let text = out.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ");
-    let words: Vec<[f64; 2]> = out.segments.iter().flat_map(|s| s.words.iter().map(|w| [w.start_s, w.end_s])).collect();
+    let words: Vec<Value> = out.segments.iter().flat_map(|s| s.words.iter().map(|w| json!([w.start_s, w.end_s, w.text]))).collect();
     Ok(
         json!({"engine": "heimdex", "pack": pack, "word_timestamps": tr.words, "words": words, "load_and_warmup_ms": ready_ms, "ms": asr_ms, "audio_s": out.stats.audio_s,
         "chunks": out.stats.chunks, "windows": out.languages.len(), "segments": out.segments.len(), "text": text,

@@ -6,12 +6,14 @@
 //! first token to the last through the frames, and a token starts where the path reaches it. Tokens
 //! are then grouped into words (at spaces and punctuation; at characters in languages written
 //! without spaces), punctuation is merged into its word, and words longer than twice the median word
-//! (at a sentence end, or at a segment's first and last word) are cut to it.
+//! (at a sentence end, or at a segment's first and last word) are cut to it. Last, the words are
+//! fitted to the speech the VAD heard ([`fit_to_speech`]).
 //!
-//! [`token_times`] is the numeric part (run on the model thread); [`words`] and [`clamp_long_words`]
-//! need the tokenizer and the segments (run by the transcriber).
+//! [`token_times`] is the numeric part (run on the model thread); [`words`], [`clamp_long_words`] and
+//! [`fit_to_speech`] need the tokenizer, the segments and the window (run by the transcriber).
 
-use super::persist::Word;
+use super::pack::Piece;
+use super::persist::{Segment, Word};
 
 /// Encoder positions per second of audio (1500 per 30 s window).
 pub const POSITIONS_PER_S: f32 = 50.0;
@@ -233,22 +235,26 @@ fn merge_punctuation(groups: &mut [(String, std::ops::Range<usize>)]) {
     }
 }
 
-/// Cuts words that the alignment stretched over silence (Whisper's heuristics): with `median` the
-/// median word duration (at most 0.7 s) and `max` twice that, a sentence-ending word or the word after
-/// one keeps at most `max`, and a segment's first and last words keep at most `max` on the side of
-/// the pause. `segments` holds each segment's words; times are on any one clock.
-pub fn clamp_long_words(segments: &mut [Vec<Word>]) {
-    let mut durations: Vec<f64> = segments.iter().flatten().map(|w| w.end_s - w.start_s).filter(|d| *d > 0.0).collect();
+/// The longest a word may last by Whisper's heuristics: twice the median word duration, the median
+/// at most 0.7 s. `None` without a word of positive length.
+fn max_word_s<'a>(words: impl Iterator<Item = &'a Word>) -> Option<f64> {
+    let mut durations: Vec<f64> = words.map(|w| w.end_s - w.start_s).filter(|d| *d > 0.0).collect();
     if durations.is_empty() {
-        return;
+        return None;
     }
     durations.sort_by(f64::total_cmp);
     let mid = durations.len() / 2;
     let median = if durations.len() % 2 == 1 { durations[mid] } else { (durations[mid - 1] + durations[mid]) / 2.0 };
-    let median = median.min(0.7);
-    let max = 2.0 * median;
+    Some(2.0 * median.min(0.7))
+}
+
+/// Cuts words that the alignment stretched over silence (Whisper's heuristics): with `max` from
+/// [`max_word_s`], a sentence-ending word or the word after one keeps at most `max`, and a segment's
+/// first and last words keep at most `max` on the side of the pause. Times are on any one clock.
+pub fn clamp_long_words(segments: &mut [Segment]) {
+    let Some(max) = max_word_s(segments.iter().flat_map(|s| &s.words)) else { return };
     let ends_sentence = |w: &Word| w.text.chars().last().is_some_and(|c| SENTENCE_ENDS.contains(c));
-    for words in segments.iter_mut() {
+    for words in segments.iter_mut().map(|s| &mut s.words) {
         for i in 1..words.len() {
             if words[i].end_s - words[i].start_s > max {
                 if ends_sentence(&words[i]) {
@@ -267,6 +273,48 @@ pub fn clamp_long_words(segments: &mut [Vec<Word>]) {
             && last.end_s - last.start_s > max
         {
             last.end_s = last.start_s + max;
+        }
+    }
+}
+
+/// Fits a window's words to the speech the VAD heard, which the alignment cannot see.
+///
+/// - Packing (see [`super::pack`]) shrinks each pause to its pads, so a word the alignment drew over
+///   the few frames of a pause would span seconds once mapped back to the recording: a clip's first
+///   word starting in the sentence before it. A word across the border of two pieces belongs to the
+///   piece that holds more of it, and there starts where the VAD heard speech start (or ends where it
+///   heard speech end).
+/// - The alignment ends the last word before a pause early: end-of-text takes the last frames of the
+///   speech (0.3–0.6 s on the benchmark's clips, faster-whisper's words alike). Such a word ends where
+///   the VAD heard the speech end, moved by at most [`max_word_s`] (speech that no word holds is not
+///   given to one).
+///
+/// `pieces` map the window to the recording; `speech` holds the VAD's spans, in order; both, and the
+/// words, in window time.
+pub fn fit_to_speech(segments: &mut [Segment], pieces: &[Piece], speech: &[(f64, f64)]) {
+    let Some(max) = max_word_s(segments.iter().flat_map(|s| &s.words)) else { return };
+    let mut words: Vec<&mut Word> = segments.iter_mut().flat_map(|s| s.words.iter_mut()).collect();
+    for w in words.iter_mut() {
+        let overlap = |p: &&Piece| (w.end_s.min(p.window_s + p.len_s) - w.start_s.max(p.window_s)).max(0.0);
+        let Some(home) = pieces.iter().filter(|p| overlap(p) > 0.0).max_by(|a, b| overlap(a).total_cmp(&overlap(b))) else {
+            continue;
+        };
+        let (from, to) = (home.window_s, home.window_s + home.len_s);
+        let mut heard = speech.iter().filter(|(a, b)| *b > from && *a < to);
+        if w.start_s < from {
+            w.start_s = heard.clone().next().map_or(from, |(a, _)| a.max(from)).min(w.end_s);
+        }
+        if w.end_s > to {
+            w.end_s = heard.next_back().map_or(to, |(_, b)| b.min(to)).max(w.start_s);
+        }
+    }
+    for i in 0..words.len() {
+        let next = words.get(i + 1).map_or(f64::INFINITY, |w| w.start_s);
+        let w = &mut words[i];
+        if let Some(&(_, end)) = speech.iter().find(|(a, b)| *a < w.end_s && w.end_s < *b)
+            && next >= end
+        {
+            w.end_s = end.min(w.end_s + max);
         }
     }
 }
@@ -342,9 +390,13 @@ mod tests {
         assert_eq!(w.len(), 2);
     }
 
+    fn segment(words: Vec<Word>) -> Segment {
+        Segment { start_s: 0.0, end_s: 0.0, text: String::new(), confidence: 1.0, embedding: Vec::new(), words }
+    }
+
     #[test]
     fn words_stretched_over_a_pause_are_cut_to_twice_the_median() {
-        let mut segs = vec![vec![
+        let mut segs = vec![segment(vec![
             word("So", 0.0, 3.0),
             word("we", 3.0, 3.3),
             word("begin.", 3.3, 3.6),
@@ -352,12 +404,38 @@ mod tests {
             word("go", 6.0, 6.3),
             word("on", 6.3, 6.6),
             word("now", 6.6, 9.0),
-        ]];
+        ])];
         clamp_long_words(&mut segs);
-        let w = &segs[0];
+        let w = &segs[0].words;
         let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(near(w[0].start_s, 2.4), "the first word starts at most 0.6 s before its end: {w:?}");
         assert!(near(w[3].start_s, 5.4), "the word after a sentence end: {w:?}");
         assert!(near(w[6].end_s, 7.2), "the last word ends at most 0.6 s after its start: {w:?}");
+    }
+
+    /// Two pieces of a packed window: [0, 2) s and [2, 4) s, the pause between them removed; the VAD
+    /// heard speech at 0.2–1.8 s and 2.3–3.5 s.
+    #[test]
+    fn words_keep_to_the_speech_the_vad_heard() {
+        let pieces = [Piece { window_s: 0.0, audio_s: 10.0, len_s: 2.0 }, Piece { window_s: 2.0, audio_s: 20.0, len_s: 2.0 }];
+        let speech = [(0.2, 1.8), (2.3, 3.5)];
+        let mut segs = vec![
+            segment(vec![word("One", 0.2, 0.8), word("two.", 0.8, 1.4)]),
+            // "Go" drawn from the first piece's pad into the second's speech; "meters." ended early.
+            segment(vec![word("Go", 1.9, 2.6), word("forward", 2.6, 3.0), word("meters.", 3.0, 3.2)]),
+        ];
+        fit_to_speech(&mut segs, &pieces, &speech);
+        let at = |s: usize, w: usize| (segs[s].words[w].start_s, segs[s].words[w].end_s);
+        assert_eq!(at(1, 0), (2.3, 2.6), "a word across the border starts where its piece's speech starts");
+        assert_eq!(at(0, 1), (0.8, 1.8), "the last word before a pause ends where the speech ends");
+        assert_eq!(at(1, 2), (3.0, 3.5));
+        assert_eq!(at(1, 1), (2.6, 3.0), "a word followed by another in the same speech keeps its times");
+        assert_eq!(at(0, 0), (0.2, 0.8));
+
+        // The stretch is bounded: "two." moves by twice the median word at most.
+        let mut segs = vec![segment(vec![word("One", 0.2, 0.4), word("two.", 0.4, 0.6)])];
+        let speech = [(0.2, 3.8)];
+        fit_to_speech(&mut segs, &pieces[..1], &speech);
+        assert!((segs[0].words[1].end_s - 1.0).abs() < 1e-9, "{:?}", segs[0].words);
     }
 }

@@ -210,7 +210,9 @@ impl Transcriber {
     pub async fn packed(&self, window: Packed, prompt: Prompt) -> Result<WindowText, InferenceError> {
         let offset_s = window.start_s();
         let Packed { chunk, pieces } = window;
+        let speech = chunk.speech.clone();
         let mut text = self.chunk(chunk, prompt).await?;
+        align::fit_to_speech(&mut text.segments, &pieces, &speech);
         let centi = |t: f64| (t * 100.0).round() / 100.0;
         for s in &mut text.segments {
             s.start_s = audio_time(&pieces, s.start_s, false);
@@ -218,6 +220,11 @@ impl Transcriber {
             for w in &mut s.words {
                 w.start_s = centi(audio_time(&pieces, w.start_s, false));
                 w.end_s = centi(audio_time(&pieces, w.end_s, true)).max(w.start_s);
+            }
+            // The segment's span holds its words, which the fit may have moved past it.
+            if let (Some(first), Some(last)) = (s.words.first(), s.words.last()) {
+                s.start_s = s.start_s.min(first.start_s);
+                s.end_s = s.end_s.max(last.end_s);
             }
         }
         text.offset_s = offset_s;
@@ -250,11 +257,7 @@ impl Transcriber {
                 words,
             });
         }
-        let mut words: Vec<Vec<Word>> = out.iter_mut().map(|s| std::mem::take(&mut s.words)).collect();
-        align::clamp_long_words(&mut words);
-        for (s, w) in out.iter_mut().zip(words) {
-            s.words = w;
-        }
+        align::clamp_long_words(&mut out);
         out
     }
 

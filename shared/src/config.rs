@@ -784,8 +784,10 @@ pub struct IndexSettings {
     pub embed_max_len: usize,
     /// Longest audio accepted, in seconds.
     pub max_duration_s: f64,
-    /// Run the Whisper decoder's MatMuls with int8 weights (rewritten at load time): faster steps and
-    /// 200 MB less memory than the files' weights in fp32, which `false` keeps.
+    /// Run Whisper's MatMuls in int8 (rewritten at load time; see `heimdex_models::quantize`): the
+    /// decoder's with int8 weights in blocks, the encoder's with int8 weights and activations
+    /// quantised per row. Faster and about 250 MB smaller than the files' weights in fp32, which
+    /// `false` keeps.
     pub whisper_int8: bool,
     /// Store each segment's words with their times: the text is run through the decoder once more
     /// and aligned by the cross-attention of Whisper's alignment heads (see `worker::index::align`).

@@ -25,6 +25,8 @@ pub use write::{Attr, Dim, Graph, Model, Node, OperatorSetId, Tensor, TensorData
 pub enum DataType {
     Float = 1,
     Uint8 = 2,
+    Int8 = 3,
+    Int32 = 6,
     Int64 = 7,
     Float16 = 10,
 }
@@ -32,7 +34,7 @@ pub enum DataType {
 impl DataType {
     /// The type a `data_type` or `elem_type` field holds, if it is one of these.
     pub fn from_wire(v: u64) -> Option<Self> {
-        [Self::Float, Self::Uint8, Self::Int64, Self::Float16].into_iter().find(|t| *t as u64 == v)
+        [Self::Float, Self::Uint8, Self::Int8, Self::Int32, Self::Int64, Self::Float16].into_iter().find(|t| *t as u64 == v)
     }
 }
 

@@ -189,7 +189,7 @@ pub struct WarmupReport {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use heimdex_models::quantize::{QuantizeStats, fixtures, quantize_matmuls};
+    use heimdex_models::quantize::{QuantizeStats, Scheme, fixtures, quantize_matmuls};
     use ort::value::Tensor;
 
     use super::*;
@@ -203,27 +203,31 @@ mod tests {
         ["y1", "y2", "y3", "y4"].iter().map(|y| out[*y].try_extract_tensor::<f32>().unwrap().1.to_vec()).collect()
     }
 
-    /// Whisper's int8 decoder rewrite, run: each MatMul form agrees with fp32 within int8 error, the
-    /// fp16 Gather is exact, and the rewritten model rewritten again still loads and agrees.
+    /// Whisper's int8 rewrites, run: each MatMul form agrees with fp32 within int8 error in both
+    /// schemes, the fp16 Gather is exact, and the rewritten model rewritten again still loads and agrees.
     #[test]
     fn int8_matmuls_match_fp32_within_int8_error() {
         let settings = EngineSettings { intra_threads: 1, ..Default::default() };
         let engine = Engine::new(settings, Arc::new(Metrics::new())).unwrap();
         let model = fixtures::matmul_forms();
-        let (int8, stats) = quantize_matmuls(&model).unwrap();
-        assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, gathers: 1 });
-        let (want, got) = (run(&engine, &model), run(&engine, &int8));
-        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-            assert_eq!(w.len(), g.len());
-            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            // Weights and activations each to 1/127 of their block's range.
-            assert!(err <= 0.03 * scale, "y{}: max error {err} against max |y| {scale}: {w:?} vs {g:?}", i + 1);
-            if i == 2 {
-                assert_eq!(w, g, "the fp16 gather is exact");
+        let want = run(&engine, &model);
+        for scheme in [Scheme::Blocks, Scheme::Rows] {
+            let (int8, stats) = quantize_matmuls(&model, scheme).unwrap();
+            assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, gathers: 1 });
+            let got = run(&engine, &int8);
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert_eq!(w.len(), g.len());
+                let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                // Weights and activations each to 1/127 of their block's (column's, row's) range.
+                assert!(err <= 0.03 * scale, "{scheme:?} y{}: max error {err} against max |y| {scale}: {w:?} vs {g:?}", i + 1);
+                assert!(err > 0.0 || i == 2, "{scheme:?} y{}: exactly fp32's, so not computed in int8", i + 1);
+                if i == 2 {
+                    assert_eq!(w, g, "the fp16 gather is exact");
+                }
             }
+            let (again, _) = quantize_matmuls(&int8, scheme).unwrap();
+            assert_eq!(run(&engine, &again), got, "{scheme:?}");
         }
-        let (again, _) = quantize_matmuls(&int8).unwrap();
-        assert_eq!(run(&engine, &again), got);
     }
 }

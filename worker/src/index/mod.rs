@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use heimdex_models::quantize::Scheme;
 use heimdex_shared::config::IndexSettings;
 use heimdex_shared::contract::{SpeechTask, TaskKind};
 use heimdex_shared::jobs::FencedRun;
@@ -89,13 +90,23 @@ impl IndexPipeline {
         let decoder_model = std::fs::read(wfile("decoder_model.onnx")?).context("reading whisper decoder_model.onnx")?;
         let cross = whisper::cross_cache_model(&decoder_model)?;
         drop(decoder_model);
+        // int8 by the scheme that suits the shape (see heimdex_models::quantize). The decoder's steps
+        // (a few rows against every weight) gain 1.3–1.7× from MatMulNBits' int8 weights, its greedy
+        // tokens the fp32 ones on the bundle's clips. The encoder multiplies 1,500 rows a window:
+        // there MatMulNBits is no faster than fp32, and DynamicQuantizeMatMul's one scale per tensor
+        // raised the 600 s recording's WER from 2.6 % to 2.9 %; per-row activations (MatMulInteger)
+        // make it 1.34× faster on an AVX-512 VNNI CPU with the same words. The cross-attention cache
+        // stays fp32: by rows it cost two words of the 600 s recording and no measurable time.
         let cross = ctx.engine.session_from_memory("whisper cross-attention cache", &cross, Memory::Bounded)?;
-        let encoder_path = wfile("encoder_model.onnx")?;
-        let encoder = session("encoder_model.onnx", &encoder_path)?;
-        // int8 for the decoder only: its steps (a few rows against every weight) gain 1.3–1.7× and
-        // its greedy tokens stay the fp32 ones on the bundle's clips. The encoder and the cross-attention
-        // cache (1500 rows a window) stay fp32: MatMulNBits is no faster there, and DynamicQuantizeMatMul,
-        // 1.3× faster on the encoder, raised the WER of the 600 s bench recording from 2.6 % to 2.9 %.
+        let encoder_rel = "encoder_model.onnx";
+        let encoder_path = wfile(encoder_rel)?;
+        let encoder = if s.whisper_int8 {
+            let bytes = std::fs::read(&encoder_path).with_context(|| format!("reading whisper {encoder_rel}"))?;
+            let bytes = whisper::int8(encoder_rel, bytes, Scheme::Rows)?;
+            ctx.engine.session_from_memory(&format!("whisper {encoder_rel}"), &bytes, Memory::Bounded)?
+        } else {
+            session(encoder_rel, &encoder_path)?
+        };
         let with_past_rel = "decoder_with_past_model.onnx";
         // Word timestamps read the alignment heads' cross-attention from the same session: its scores
         // become outputs (an Identity node each; the decoding steps compute them anyway).
@@ -105,7 +116,7 @@ impl IndexPipeline {
                 bytes = whisper::expose_alignment(&cfg, bytes)?;
             }
             if s.whisper_int8 {
-                bytes = whisper::int8(with_past_rel, bytes)?;
+                bytes = whisper::int8(with_past_rel, bytes, Scheme::Blocks)?;
             }
             ctx.engine.session_from_memory(&format!("whisper {with_past_rel}"), &bytes, Memory::Bounded)?
         } else {
@@ -183,7 +194,7 @@ impl IndexPipeline {
             Some(fenced) => Some(Checkpoints::load(fenced.clone(), self.checkpoint_config(prompt)).await?),
             None => None,
         };
-        let transcript = timings.time("asr", t.transcribe(uri, prompt, t.asr.max_batch(), checkpoints.as_mut())).await?;
+        let transcript = timings.time("asr", t.transcribe(uri, prompt, t.in_flight(), checkpoints.as_mut())).await?;
         if transcript.resumed_windows > 0 {
             tracing::info!(
                 resumed = transcript.resumed_windows,
@@ -239,7 +250,7 @@ impl IndexPipeline {
             SpeechTask::Translate => "|translate",
         };
         let t = &self.transcriber;
-        let int8 = if self.settings.whisper_int8 { "|int8" } else { "" };
+        let int8 = if self.settings.whisper_int8 { "|int8:rows,blocks" } else { "" };
         let words = if t.words { "|words" } else { "" };
         format!("{}{int8}|{language}{task}{words}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)
     }

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynValue, Tensor, TensorRef};
 
 use heimdex_models::quantize::Scheme;
 use heimdex_shared::contract::SpeechTask;
@@ -341,6 +341,8 @@ impl WhisperRunner {
             };
             next = rows.iter_mut().zip(&logits).map(|(row, lg)| i64::from(row.step(&self.cfg, lg))).collect();
         }
+        // The self-attention cache is done with; the alignment passes start from an empty one.
+        drop(past);
         let mut token_times = Vec::with_capacity(b);
         for (i, (row, r)) in rows.iter().zip(reqs).enumerate() {
             token_times.push(match r.word_positions {
@@ -389,16 +391,9 @@ impl WhisperRunner {
         ids.extend(text.iter().map(|&t| i64::from(t)));
         ids.push(i64::from(sp.eot));
         let rows = ids.len();
-        let sliced;
-        let row_cross = if b == 1 {
-            cross
-        } else {
-            sliced = row_of(cross, row, b)?;
-            &sliced
-        };
         let mut past = PastValues::new();
         self.empty_past(1, &mut past)?;
-        let inputs = self.decoder_inputs(&ids, 1, row_cross, &past)?;
+        let inputs = self.decoder_inputs(&ids, 1, Cross::Row { batch: cross, row, of: b }, &past)?;
         let out = self.decoder.run(inputs)?;
         let mut heads = Vec::with_capacity(self.alignment_heads.len());
         let mut frames = 0;
@@ -427,7 +422,7 @@ impl WhisperRunner {
     /// One decoder run on `ids` ([b, t] row-major) after the self-attention cache in `past`, which it
     /// replaces with the cache extended by `ids`; returns the last position's logits per row.
     fn step(&mut self, ids: &[i64], b: usize, cross: &PastValues, past: &mut PastValues) -> Result<Vec<Vec<f32>>, InferenceError> {
-        let inputs = self.decoder_inputs(ids, b, cross, past)?;
+        let inputs = self.decoder_inputs(ids, b, Cross::Batch(cross), past)?;
         let mut out = self.decoder.run(inputs)?;
         let logits = last_logits(&out, b)?;
         let names: Vec<String> = out.keys().filter(|k| k.contains(".decoder.")).map(str::to_string).collect();
@@ -438,15 +433,13 @@ impl WhisperRunner {
         }
         Ok(logits)
     }
-}
 
-impl WhisperRunner {
     /// The decoder's inputs for `ids` ([b, t] row-major) after `past`, by the session's own input names.
     fn decoder_inputs<'v>(
         &self,
         ids: &[i64],
         b: usize,
-        cross: &'v PastValues,
+        cross: Cross<'v>,
         past: &'v PastValues,
     ) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>, InferenceError> {
         let t = ids.len() / b;
@@ -454,8 +447,8 @@ impl WhisperRunner {
         for name in &self.past_inputs {
             let value: SessionInputValue<'v> = match name.as_str() {
                 "input_ids" => Tensor::from_array(([b, t], ids.to_vec()))?.into(),
-                other => match cross.get(other).or_else(|| past.get(other)) {
-                    Some(v) => v.into(),
+                other => match cross.get(other)?.or_else(|| past.get(other).map(Into::into)) {
+                    Some(v) => v,
                     None => return Err(model_err(format!("no value for decoder input {other}"))),
                 },
             };
@@ -465,19 +458,30 @@ impl WhisperRunner {
     }
 }
 
-/// Row `row` of each of `b` rows' cached tensors, as a batch of one.
-fn row_of(values: &PastValues, row: usize, b: usize) -> Result<PastValues, InferenceError> {
-    let mut one = PastValues::new();
-    for (name, value) in values {
-        let (shape, data) = value.try_extract_tensor::<f32>()?;
-        let mut dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-        let size = data.len() / b;
-        if let Some(first) = dims.first_mut() {
-            *first = 1;
+/// The cross-attention cache a decoder run reads: a batch's, or one row of it (a view of the batch's
+/// tensors, not a copy: 37 MB a row for whisper-base).
+#[derive(Clone, Copy)]
+enum Cross<'v> {
+    Batch(&'v PastValues),
+    Row { batch: &'v PastValues, row: usize, of: usize },
+}
+
+impl<'v> Cross<'v> {
+    fn get(self, name: &str) -> Result<Option<SessionInputValue<'v>>, InferenceError> {
+        match self {
+            Self::Batch(values) => Ok(values.get(name).map(Into::into)),
+            Self::Row { batch, row, of } => {
+                let Some(value) = batch.get(name) else { return Ok(None) };
+                let (shape, data) = value.try_extract_tensor::<f32>()?;
+                let mut dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                let size = data.len() / of.max(1);
+                if let Some(first) = dims.first_mut() {
+                    *first = 1;
+                }
+                Ok(Some(TensorRef::from_array_view((dims, &data[row * size..(row + 1) * size]))?.into()))
+            }
         }
-        one.insert(name.clone(), Tensor::from_array((dims, data[row * size..(row + 1) * size].to_vec()))?.into_dyn());
     }
-    Ok(one)
 }
 
 fn last_logits(out: &ort::session::SessionOutputs<'_>, b: usize) -> Result<Vec<Vec<f32>>, InferenceError> {

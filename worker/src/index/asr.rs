@@ -230,10 +230,11 @@ impl Transcriber {
                 w.start_s = centi(audio_time(&pieces, w.start_s, false));
                 w.end_s = centi(audio_time(&pieces, w.end_s, true)).max(w.start_s);
             }
-            // The segment's span holds its words, which the fit may have moved past it.
+            // With words, a segment spans them, as faster-whisper's do: their times are the finer
+            // ones (fitted to the speech the VAD heard), and words never overlap, so neither do segments.
             if let (Some(first), Some(last)) = (s.words.first(), s.words.last()) {
-                s.start_s = s.start_s.min(first.start_s);
-                s.end_s = s.end_s.max(last.end_s);
+                s.start_s = first.start_s;
+                s.end_s = last.end_s;
             }
         }
         text.offset_s = offset_s;

@@ -125,6 +125,16 @@ struct Matrix {
     data: Vec<f32>,
 }
 
+impl Matrix {
+    /// The matrix as a MatMul weight [k, n] (itself, or its transpose when `transposed`): k, n and
+    /// the value at (row along k, column along n).
+    fn weight(&self, transposed: bool) -> (usize, usize, impl Fn(usize, usize) -> f32 + '_) {
+        let (k, n) = if transposed { (self.cols, self.rows) } else { (self.rows, self.cols) };
+        let at = move |r: usize, c: usize| if transposed { self.data[c * self.cols + r] } else { self.data[r * self.cols + c] };
+        (k, n, at)
+    }
+}
+
 /// The 2-D fp32 or fp16 tensor in `bytes`, or `None` for other types, ranks and encodings (external
 /// data, unpacked repeated values), which the rewrite leaves alone.
 fn read_matrix(bytes: &[u8]) -> Result<Option<Matrix>, QuantizeError> {
@@ -171,8 +181,7 @@ pub const BLOCK: usize = 128;
 /// (scale max|w|/127) stored as q + 128 (the operator's default zero point for 8 bits), padded with
 /// zeros; and the scales, [n × blocks]. Returns (k, n, blocks, data, scales).
 fn quantize(m: &Matrix, transposed: bool) -> (usize, usize, usize, Vec<u8>, Vec<f32>) {
-    let (k, n) = if transposed { (m.cols, m.rows) } else { (m.rows, m.cols) };
-    let at = |r: usize, c: usize| if transposed { m.data[c * m.cols + r] } else { m.data[r * m.cols + c] };
+    let (k, n, at) = m.weight(transposed);
     let blocks = k.div_ceil(BLOCK);
     let (mut data, mut scales) = (vec![128u8; n * blocks * BLOCK], Vec::with_capacity(n * blocks));
     let mut column = vec![0f32; k];
@@ -197,8 +206,7 @@ fn quantize(m: &Matrix, transposed: bool) -> (usize, usize, usize, Vec<u8>, Vec<
 /// `MatMulInteger`: row-major [k × n] symmetric int8, one scale per output column (max|w|/127).
 /// Returns (k, n, data, scales).
 fn quantize_columns(m: &Matrix, transposed: bool) -> (usize, usize, Vec<u8>, Vec<f32>) {
-    let (k, n) = if transposed { (m.cols, m.rows) } else { (m.rows, m.cols) };
-    let at = |r: usize, c: usize| if transposed { m.data[c * m.cols + r] } else { m.data[r * m.cols + c] };
+    let (k, n, at) = m.weight(transposed);
     let scales: Vec<f32> = (0..n)
         .map(|c| {
             let max = (0..k).fold(0f32, |a, r| a.max(at(r, c).abs()));

@@ -112,7 +112,7 @@ async fn three_hour_file_streams_in_bounded_memory() {
     s.index.language = "en".into();
     let p = load(&s);
     let en = p.transcriber().language_token("en").ok();
-    let t = p.transcriber().transcribe(&long, Prompt::transcribe(en), 4, None).await.unwrap();
+    let t = p.transcriber().transcribe(&long, Prompt::transcribe(en), None).await.unwrap();
     assert!((t.stats.audio_s - 10_802.8).abs() < 1.0, "{:?}", t.stats);
     // The chunker never held more than one chunk (30 s) plus its pre-roll, of 3 hours.
     assert!(t.peak_buffer <= 31 * 16_000, "peak buffer {} samples", t.peak_buffer);

@@ -152,7 +152,7 @@ async fn asr_child(settings: &Settings, engine: &Engine, wav: &str, pack: bool) 
     tr.pack = pack;
     let en = tr.language_token("en").map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = Instant::now();
-    let out = tr.transcribe(wav, Prompt::transcribe(Some(en)), tr.in_flight(), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = tr.transcribe(wav, Prompt::transcribe(Some(en)), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let asr_ms = ms(t);
     let text = out.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ");
     let words: Vec<Value> = out.segments.iter().flat_map(|s| s.words.iter().map(|w| json!([w.start_s, w.end_s, w.text]))).collect();

@@ -70,15 +70,6 @@ pub struct Transcript {
 }
 
 impl Transcriber {
-    /// Windows one recording keeps in flight: two batches' worth. With one batch's worth, the model
-    /// thread alternated a batch of 1 (the first window to arrive, run at once) with a batch of 3
-    /// (those that came meanwhile), and a decoder step costs nearly the same for 1 row as for 4;
-    /// with two, batches are full: the 600 s recording 7 % faster (14 windows: batches 4 4 4 1 1
-    /// instead of 1 3 1 3 1 3 1 1). A waiting window holds its 30 s of samples (1.9 MB).
-    pub fn in_flight(&self) -> usize {
-        2 * self.asr.max_batch()
-    }
-
     /// Language token of an ISO code (`en`).
     ///
     /// # Errors
@@ -224,18 +215,19 @@ impl Transcriber {
         align::fit_to_speech(&mut text.segments, &pieces, &speech);
         let centi = |t: f64| (t * 100.0).round() / 100.0;
         for s in &mut text.segments {
-            s.start_s = audio_time(&pieces, s.start_s, false);
-            s.end_s = audio_time(&pieces, s.end_s, true).max(s.start_s);
             for w in &mut s.words {
                 w.start_s = centi(audio_time(&pieces, w.start_s, false));
                 w.end_s = centi(audio_time(&pieces, w.end_s, true)).max(w.start_s);
             }
             // With words, a segment spans them, as faster-whisper's do: their times are the finer
             // ones (fitted to the speech the VAD heard), and words never overlap, so neither do segments.
-            if let (Some(first), Some(last)) = (s.words.first(), s.words.last()) {
-                s.start_s = first.start_s;
-                s.end_s = last.end_s;
-            }
+            (s.start_s, s.end_s) = match (s.words.first(), s.words.last()) {
+                (Some(first), Some(last)) => (first.start_s, last.end_s),
+                _ => {
+                    let start = audio_time(&pieces, s.start_s, false);
+                    (start, audio_time(&pieces, s.end_s, true).max(start))
+                }
+            };
         }
         text.offset_s = offset_s;
         Ok(text)
@@ -272,18 +264,20 @@ impl Transcriber {
     }
 
     /// Streams `uri` through ffmpeg and the chunker and transcribes the chunks as they come, at most
-    /// `in_flight` windows at once. With `checkpoints`, windows an earlier run stored are taken from
-    /// there and every window decoded now is stored as soon as it and those before it are done.
+    /// two batches' worth of windows at once. With `checkpoints`, windows an earlier run stored are
+    /// taken from there and every window decoded now is stored as soon as it and those before it are
+    /// done.
+    ///
+    /// Why two batches: with one batch's worth in flight, the model thread alternated a batch of 1
+    /// (the first window to arrive, run at once) with a batch of 3 (those that came meanwhile), and a
+    /// decoder step costs nearly the same for 1 row as for 4; with two, batches are full: the 600 s
+    /// recording 7 % faster (14 windows: batches 4 4 4 1 1 instead of 1 3 1 3 1 3 1 1). A waiting
+    /// window holds its 30 s of samples (1.9 MB).
     ///
     /// # Errors
     /// Permanent for undecodable or over-long audio; retryable for inference failures.
-    pub async fn transcribe(
-        &self,
-        uri: &str,
-        prompt: Prompt,
-        in_flight: usize,
-        mut checkpoints: Option<&mut Checkpoints>,
-    ) -> Result<Transcript, TaskError> {
+    pub async fn transcribe(&self, uri: &str, prompt: Prompt, mut checkpoints: Option<&mut Checkpoints>) -> Result<Transcript, TaskError> {
+        let in_flight = 2 * self.asr.max_batch().max(1);
         let stream = PcmStream::open(uri, self.max_duration_s)?;
         let peak = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = mpsc::channel::<SpeechChunk>(2);
@@ -295,7 +289,7 @@ impl Transcriber {
             let mut ready: VecDeque<Packed> = VecDeque::new();
             let mut open = true;
             loop {
-                while pending.len() < in_flight.max(1) {
+                while pending.len() < in_flight {
                     let Some(window) = ready.pop_front() else { break };
                     match checkpoints.as_deref_mut().and_then(|c| c.reuse(&window)) {
                         Some(done) => pending.push_back(Either::Left(std::future::ready(Ok((done, true))))),

@@ -194,7 +194,7 @@ impl IndexPipeline {
             Some(fenced) => Some(Checkpoints::load(fenced.clone(), self.checkpoint_config(prompt)).await?),
             None => None,
         };
-        let transcript = timings.time("asr", t.transcribe(uri, prompt, t.in_flight(), checkpoints.as_mut())).await?;
+        let transcript = timings.time("asr", t.transcribe(uri, prompt, checkpoints.as_mut())).await?;
         if transcript.resumed_windows > 0 {
             tracing::info!(
                 resumed = transcript.resumed_windows,

@@ -42,8 +42,60 @@ use crate::onnx::{self, Attr, DataType, OperatorSetId, Tensor, attr, f16_to_f32,
 pub enum Scheme {
     /// `MatMulNBits`: int8 weights in blocks of [`BLOCK`]; for few rows against large weights.
     Blocks,
-    /// `MatMulInteger`: int8 weights per column, activations per row; for many rows.
-    Rows,
+    /// `MatMulInteger`: weights per column, activations per row; for many rows.
+    Rows(Weights),
+}
+
+/// The range of [`Scheme::Rows`]' weights.
+///
+/// Why two: ONNX Runtime's u8×s8 GEMM on an x86 CPU without VNNI (AVX2, or AVX-512 before Cascade
+/// Lake) multiplies with `vpmaddubsw`, which adds two u8×s8 products into 16 bits with saturation:
+/// 255·127·2 = 64,770 does not fit, and results go wrong (an output 4 % of its range off, in the
+/// engine's test). With weights in ±63 the sum is at most 255·63·2 = 32,130 and is exact. VNNI's
+/// `vpdpbusd` adds into 32 bits and takes the full range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    /// ±127: for CPUs with VNNI (and any CPU that is not x86).
+    Int8,
+    /// ±63: for x86 CPUs without VNNI.
+    Int7,
+}
+
+impl Weights {
+    /// The range this CPU's u8×s8 GEMM computes exactly.
+    #[must_use]
+    pub fn for_this_cpu() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni") {
+                Self::Int8
+            } else {
+                Self::Int7
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Self::Int8
+        }
+    }
+
+    /// The largest weight level.
+    fn max(self) -> f32 {
+        match self {
+            Self::Int8 => 127.0,
+            Self::Int7 => 63.0,
+        }
+    }
+}
+
+/// Which MatMuls the rewrite may touch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Every MatMul with a constant weight.
+    All,
+    /// Only those the named graph output depends on: for an image tower, its encoder
+    /// (`last_hidden_state`), so that the pooling head and projection after it stay fp32.
+    Feeding(&'a str),
 }
 
 /// Why a model could not be rewritten.
@@ -53,6 +105,8 @@ pub enum QuantizeError {
     Malformed(#[from] Malformed),
     #[error("node {0:?} has a subgraph attribute, which the int8 rewrite does not follow")]
     Subgraph(String),
+    #[error("the model has no output {0:?} to scope the int8 rewrite to")]
+    NoOutput(String),
 }
 
 /// What the rewrite did, for the load log.
@@ -62,6 +116,8 @@ pub struct QuantizeStats {
     pub matmuls: usize,
     /// MatMuls left in fp32 (their weight is computed, or stored in a way this rewrite does not read).
     pub skipped: usize,
+    /// MatMuls with a constant weight left in fp32 because they are outside the [`Scope`].
+    pub outside: usize,
     /// `Gather`s that now read an fp16 table directly.
     pub gathers: usize,
 }
@@ -203,20 +259,21 @@ fn quantize(m: &Matrix, transposed: bool) -> (usize, usize, usize, Vec<u8>, Vec<
 }
 
 /// The MatMul weight `b` (`m`, or its transpose when `transposed`), of shape [k, n], for
-/// `MatMulInteger`: row-major [k × n] symmetric int8, one scale per output column (max|w|/127).
-/// Returns (k, n, data, scales).
-fn quantize_columns(m: &Matrix, transposed: bool) -> (usize, usize, Vec<u8>, Vec<f32>) {
+/// `MatMulInteger`: row-major [k × n] symmetric int8 in `weights`' range, one scale per output
+/// column (max|w| / the range's top level). Returns (k, n, data, scales).
+fn quantize_columns(m: &Matrix, transposed: bool, weights: Weights) -> (usize, usize, Vec<u8>, Vec<f32>) {
     let (k, n, at) = m.weight(transposed);
+    let top = weights.max();
     let scales: Vec<f32> = (0..n)
         .map(|c| {
             let max = (0..k).fold(0f32, |a, r| a.max(at(r, c).abs()));
-            if max > 0.0 && max.is_finite() { max / 127.0 } else { 1.0 }
+            if max > 0.0 && max.is_finite() { max / top } else { 1.0 }
         })
         .collect();
     let mut data = Vec::with_capacity(k * n);
     for r in 0..k {
         for (c, scale) in scales.iter().enumerate() {
-            data.push((at(r, c) / scale).round().clamp(-127.0, 127.0) as i8 as u8);
+            data.push((at(r, c) / scale).round().clamp(-top, top) as i8 as u8);
         }
     }
     (k, n, data, scales)
@@ -298,12 +355,12 @@ fn fresh(base: &str, suffix: &str, taken: &mut HashSet<String>) -> String {
     name
 }
 
-/// `model` with every MatMul that has a constant 2-D float weight computed in int8 by `scheme` (see
-/// the module docs), as ONNX bytes for `commit_from_memory`, and what was rewritten.
+/// `model` with every MatMul in `scope` that has a constant 2-D float weight computed in int8 by
+/// `scheme` (see the module docs), as ONNX bytes for `commit_from_memory`, and what was rewritten.
 ///
 /// # Errors
-/// The bytes are not an ONNX model, or its graph has subgraphs.
-pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, QuantizeStats), QuantizeError> {
+/// The bytes are not an ONNX model, its graph has subgraphs, or the scope names no output of it.
+pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Result<(Vec<u8>, QuantizeStats), QuantizeError> {
     let mut graph = None;
     let mut has_ms = false;
     // The default domain's opset (ReduceMax takes its axes as an input from 18).
@@ -332,7 +389,7 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, Quanti
     let graph = graph.ok_or(QuantizeError::Malformed(Malformed("no graph")))?;
     let (mut nodes, mut inits, mut others) = (Vec::new(), HashMap::new(), Vec::new());
     let mut init_order = Vec::new();
-    let mut keep_names: HashSet<String> = HashSet::new();
+    let (mut keep_names, mut outputs): (HashSet<String>, HashSet<String>) = Default::default();
     for f in Fields(graph) {
         match f? {
             (graph::NODE, Field::Bytes(b), raw) => nodes.push(parse_node(raw, b)?),
@@ -350,7 +407,11 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, Quanti
             (n, field, raw) => {
                 // Graph inputs and outputs must keep their values.
                 if let (graph::INPUT | graph::OUTPUT, Field::Bytes(b)) = (n, field) {
-                    keep_names.extend(strings(b, onnx::value_info::NAME)?);
+                    let names = strings(b, onnx::value_info::NAME)?;
+                    if n == graph::OUTPUT {
+                        outputs.extend(names.iter().cloned());
+                    }
+                    keep_names.extend(names);
                 }
                 others.push(raw);
             }
@@ -387,6 +448,11 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, Quanti
         }
     }
 
+    let within = match scope {
+        Scope::All => None,
+        Scope::Feeding(output) if outputs.contains(output) => Some(ancestors(&nodes, output)),
+        Scope::Feeding(output) => return Err(QuantizeError::NoOutput(output.to_string())),
+    };
     let mut stats = QuantizeStats::default();
     let mut new_inits: Vec<Tensor> = Vec::new();
     // Rewritten nodes by node index.
@@ -402,6 +468,10 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, Quanti
         }
         // A direct initializer must be fp32 (MatMul's inputs share a type); a Cast makes it so.
         let Some(src) = sources.get(&n.inputs[1]).cloned() else { continue };
+        if within.as_ref().is_some_and(|w| !w.contains(&i)) {
+            stats.outside += 1;
+            continue;
+        }
         let key = (src.init.clone(), src.transposed);
         if !done.contains_key(&key) {
             // Decoded per use, not kept: the fp32 copies of all weights at once would raise the
@@ -419,8 +489,8 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, Quanti
                     new_inits.push(Tensor::raw(&qname, vec![cols as i64, blocks as i64, BLOCK as i64], DataType::Uint8, q));
                     (k, cols, scale)
                 }
-                Scheme::Rows => {
-                    let (k, cols, q, scale) = quantize_columns(&m, src.transposed);
+                Scheme::Rows(weights) => {
+                    let (k, cols, q, scale) = quantize_columns(&m, src.transposed, weights);
                     new_inits.push(Tensor::raw(&qname, vec![k as i64, cols as i64], DataType::Int8, q));
                     (k, cols, scale)
                 }
@@ -443,7 +513,7 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, Quanti
                     .attr("block_size", Attr::Int(BLOCK as i64))
                     .attr("accuracy_level", Attr::Int(4)),
             ],
-            Scheme::Rows => {
+            Scheme::Rows(_) => {
                 let c = rows.get_or_insert_with(|| RowConstants::new(opset, &mut taken, &mut new_inits));
                 let mut new = Vec::new();
                 let (q, row_scale) = match quantised.get(&n.inputs[0]) {
@@ -561,6 +631,21 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme) -> Result<(Vec<u8>, Quanti
     Ok((out, stats))
 }
 
+/// The indices of the nodes that `output` depends on.
+fn ancestors(nodes: &[Node<'_>], output: &str) -> HashSet<usize> {
+    let producer: HashMap<&str, usize> =
+        nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |y| (y.as_str(), i))).collect();
+    let (mut seen, mut todo) = (HashSet::new(), vec![output]);
+    while let Some(value) = todo.pop() {
+        if let Some(&i) = producer.get(value)
+            && seen.insert(i)
+        {
+            todo.extend(nodes[i].inputs.iter().map(String::as_str));
+        }
+    }
+    seen
+}
+
 /// Whether the initializer `bytes` is fp32 (as opposed to fp16 or anything else).
 fn init_is_float(bytes: &[u8]) -> Result<bool, QuantizeError> {
     for f in Fields(bytes) {
@@ -634,10 +719,10 @@ mod tests {
     #[test]
     fn each_matmul_form_is_rewritten_once() {
         let model = fixtures::matmul_forms();
-        let (int8, stats) = quantize_matmuls(&model, Scheme::Blocks).unwrap();
-        assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, gathers: 1 });
+        let (int8, stats) = quantize_matmuls(&model, Scheme::Blocks, Scope::All).unwrap();
+        assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, outside: 0, gathers: 1 });
         assert_eq!(op_types(&int8), ["MatMulNBits", "MatMulNBits", "Gather", "Cast", "MatMulNBits"]);
-        let (again, stats) = quantize_matmuls(&int8, Scheme::Blocks).unwrap();
+        let (again, stats) = quantize_matmuls(&int8, Scheme::Blocks, Scope::All).unwrap();
         assert_eq!(stats.matmuls, 0);
         assert_eq!(op_types(&again), op_types(&int8));
     }
@@ -646,15 +731,47 @@ mod tests {
     /// MatMulInteger scaled back by row and column.
     #[test]
     fn by_rows_an_input_is_quantised_once() {
-        let (int8, stats) = quantize_matmuls(&fixtures::matmul_forms(), Scheme::Rows).unwrap();
-        assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, gathers: 1 });
+        let (int8, stats) = quantize_matmuls(&fixtures::matmul_forms(), Scheme::Rows(Weights::Int8), Scope::All).unwrap();
+        assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, outside: 0, gathers: 1 });
         let ops = op_types(&int8);
         let quantise = ["Abs", "ReduceMax", "Mul", "Max", "Div", "Round", "Add", "Cast"];
         let matmul = ["MatMulInteger", "Cast", "Mul", "Mul"];
         let want: Vec<&str> = quantise.iter().chain(&matmul).chain(&matmul).chain(&["Gather", "Cast"]).chain(&matmul).copied().collect();
         assert_eq!(ops, want);
-        let (_, stats) = quantize_matmuls(&int8, Scheme::Rows).unwrap();
+        let (_, stats) = quantize_matmuls(&int8, Scheme::Rows(Weights::Int8), Scope::All).unwrap();
         assert_eq!(stats.matmuls, 0, "MatMulInteger is not rewritten again");
+    }
+
+    /// Scoped to y4, only the MatMul that computes it is rewritten; the others stay fp32, and with
+    /// them the Cast and Transpose they read. An output the model lacks is an error.
+    #[test]
+    fn a_scope_keeps_the_matmuls_its_output_does_not_depend_on() {
+        let model = fixtures::matmul_forms();
+        let (int8, stats) = quantize_matmuls(&model, Scheme::Rows(Weights::Int8), Scope::Feeding("y4")).unwrap();
+        assert_eq!(stats, QuantizeStats { matmuls: 1, skipped: 0, outside: 2, gathers: 1 });
+        let quantise = ["Abs", "ReduceMax", "Mul", "Max", "Div", "Round", "Add", "Cast"];
+        let want: Vec<&str> = ["Cast", "MatMul", "Transpose", "MatMul", "Gather", "Cast"]
+            .iter()
+            .chain(&quantise)
+            .chain(&["MatMulInteger", "Cast", "Mul", "Mul"])
+            .copied()
+            .collect();
+        assert_eq!(op_types(&int8), want);
+        assert!(
+            matches!(quantize_matmuls(&model, Scheme::Rows(Weights::Int8), Scope::Feeding("x")), Err(QuantizeError::NoOutput(o)) if o == "x")
+        );
+    }
+
+    /// 7-bit weights use ±63 and keep the same scale per column (max|w| / 63).
+    #[test]
+    fn int7_weights_stay_within_63() {
+        let m = Matrix { rows: 3, cols: 2, data: vec![0.9, -0.4, -2.0, 0.25, 0.5, 1.0] };
+        let (k, n, q, scales) = quantize_columns(&m, false, Weights::Int7);
+        assert_eq!((k, n), (3, 2));
+        assert_eq!(q.iter().map(|&b| b as i8).collect::<Vec<_>>(), [28, -25, -63, 16, 16, 63]);
+        assert_eq!(scales, [2.0 / 63.0, 1.0 / 63.0]);
+        let (_, _, q, _) = quantize_columns(&m, false, Weights::Int8);
+        assert_eq!(q.iter().map(|&b| b as i8).collect::<Vec<_>>(), [57, -51, -127, 32, 32, 127]);
     }
 
     #[test]
@@ -662,7 +779,7 @@ mod tests {
         let branch = onnx::Node::new("If", &["c"], &["y"]).named("if").attr("then_branch", Attr::Graph(Graph::default()));
         let graph = Graph { nodes: vec![branch], ..Graph::default() };
         let m = Model { ir_version: 8, producer_name: "", graph, opset_import: vec![] }.encode();
-        assert!(matches!(quantize_matmuls(&m, Scheme::Blocks), Err(QuantizeError::Subgraph(n)) if n == "if"));
-        assert!(matches!(quantize_matmuls(&[0x3a, 0x05, 0x01], Scheme::Rows), Err(QuantizeError::Malformed(_))));
+        assert!(matches!(quantize_matmuls(&m, Scheme::Blocks, Scope::All), Err(QuantizeError::Subgraph(n)) if n == "if"));
+        assert!(matches!(quantize_matmuls(&[0x3a, 0x05, 0x01], Scheme::Rows(Weights::Int8), Scope::All), Err(QuantizeError::Malformed(_))));
     }
 }

@@ -725,6 +725,11 @@ pub struct VisionSettings {
     pub embed_dim: usize,
     /// Output of the vision model that holds the image embedding.
     pub embed_output: String,
+    /// Run the image tower's encoder MatMuls in int8 (rewritten at load time: weights per column,
+    /// activations per row; see `heimdex_models::quantize`). Only the MatMuls its
+    /// `last_hidden_state` output depends on: the patch embedding (a Conv), the pooling head and any
+    /// projection stay fp32. `false` runs the file as it is.
+    pub embed_int8: bool,
     /// Fixed text length of the text tower (SigLIP pads to 64).
     pub text_max_len: usize,
     pub face_model: String,
@@ -746,6 +751,7 @@ impl Default for VisionSettings {
             embed_std: [0.5, 0.5, 0.5],
             embed_dim: 768,
             embed_output: "image_embeds".into(),
+            embed_int8: true,
             text_max_len: 64,
             face_model: "yunet/face_detection_yunet_2023mar.onnx".into(),
             face_score_threshold: 0.6,

@@ -576,3 +576,44 @@ async fn cover_art_listed_first_is_neither_decoded_nor_a_way_past_max_side() {
     assert_eq!(out.frames.len(), plain.frames.len(), "every frame of the video, not the one picture of the cover");
     assert_eq!(out.faces.len(), plain.faces.len(), "the video's faces (the red cover has none)");
 }
+
+/// `vision.embed_int8` (the default): the image tower's encoder MatMuls run in int8, and its
+/// embeddings of the bundle's real frames (sample.mp4 at 1 fps and the four photos) stay within
+/// int8 error of the file's own fp32 run on the same tensors: the targets bench-vision holds SigLIP
+/// base to (mean cosine ≥ 0.995, each ≥ 0.99). Not exactly fp32's, or nothing was rewritten.
+#[tokio::test]
+async fn the_int8_image_tower_embeds_real_frames_as_fp32_does() {
+    use heimdex_worker::media::frames::{DEFAULT_WORK_SIDE, FrameOptions, FrameStream};
+    use ort::value::TensorRef;
+
+    let s = settings();
+    assert!(s.vision.embed_int8, "int8 is the default");
+    let vision = load();
+    let mut fp32 = engine().session(&models_dir().join(&s.vision.embed_dir).join("vision_model.onnx")).unwrap();
+    let input = task(&media("video/sample.mp4")).await;
+    let options = FrameOptions { rate: Some(1.0), max_side: s.vision.max_side, work_side: DEFAULT_WORK_SIDE };
+    let mut stream = FrameStream::open(&input.media, &input.probe, options, Arc::default()).unwrap();
+    let mut frames = Vec::new();
+    while let Some(frame) = stream.next().await.unwrap() {
+        frames.push(frame);
+    }
+    for photo in ["astronaut", "camera", "coffee", "chelsea"] {
+        frames.push(decode_still(&media(&format!("photos/{photo}.png")), 4096, DEFAULT_WORK_SIDE).await.unwrap());
+    }
+    assert!(frames.len() >= 25, "{} frames", frames.len());
+    let side = s.vision.embed_image_size as usize;
+    let mut cosines = Vec::new();
+    for frame in &frames {
+        let tensor = vision.siglip_tensor(frame).unwrap();
+        let out = fp32.run(ort::inputs![TensorRef::from_array_view(([1usize, 3, side, side], tensor.as_slice())).unwrap()]).unwrap();
+        let mut want = out[s.vision.embed_output.as_str()].try_extract_tensor::<f32>().unwrap().1.to_vec();
+        heimdex_worker::vision::siglip::l2_normalise(&mut want);
+        let got = vision.embed_frame(frame).await.unwrap();
+        assert_unit(&got, 768);
+        cosines.push(cosine(&got, &want));
+    }
+    let mean = cosines.iter().sum::<f32>() / cosines.len() as f32;
+    let min = cosines.iter().copied().fold(f32::INFINITY, f32::min);
+    assert!(mean >= 0.995 && min >= 0.99, "cosine to fp32: mean {mean}, min {min}: {cosines:?}");
+    assert!(cosines.iter().any(|&c| c < 0.999_999), "exactly fp32's, so not computed in int8: {cosines:?}");
+}

@@ -45,8 +45,10 @@ struct Args {
     child: Option<String>,
     #[arg(long, hide = true, default_value_t = 1)]
     concurrency: usize,
-    /// Parts to run, comma-separated: cold, latency, rss, throughput, inference, decode (default: all).
-    /// `throughput` alternates, round by round, with SigLIP alone through onnxruntime's Python API.
+    /// Parts to run, comma-separated: cold, latency, rss, throughput, siglip, inference, decode
+    /// (default: all). `throughput` alternates, round by round, with SigLIP alone through
+    /// onnxruntime's Python API; `siglip` alternates our image tower alone (as the worker loads it,
+    /// a fresh process each round) with the same, and checks its embeddings against fp32's.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     parts: Vec<String>,
     /// Batch sizes at which SigLIP alone is timed; its best images/s is what the pipeline is held to.
@@ -163,6 +165,72 @@ fn spawn_child(mode: &str, concurrency: usize) -> Result<Value> {
     child_json(Command::new(std::env::current_exe()?).args(["--child", mode, "--concurrency", &concurrency.to_string()]))
 }
 
+/// The image tower alone as the worker runs it (its owner thread, `vision.embed_int8` as
+/// configured), in this fresh process: images/s at each of `batches`, timed as ort_vision.py's
+/// sweep times Python's (one warm run, then the median of three).
+async fn siglip_alone_rust(settings: &Settings, batches: &[usize]) -> Result<Value> {
+    let (vision, ..) = load(settings).await?;
+    let photo = settings.models.dir.join("media/photos/astronaut.png");
+    let frame = decode_still(&photo.display().to_string(), settings.vision.max_side, DEFAULT_WORK_SIDE).await?;
+    let pixels = siglip_pixels(&frame.rgb, frame.width, frame.height, settings.vision.embed_image_size)?;
+    let image = vision.image_model();
+    let (mut per_batch, mut cpu_per_image) = (serde_json::Map::new(), serde_json::Map::new());
+    for &b in batches {
+        let cpu = cpu_seconds();
+        let took = time_runs(1, 3, || async { Ok(image.run_exact(vec![pixels.clone(); b]).await.map(drop)?) }).await?;
+        cpu_per_image.insert(b.to_string(), json!((cpu_seconds() - cpu) * 1000.0 / (4 * b) as f64));
+        per_batch.insert(b.to_string(), json!(b as f64 / took * 1000.0));
+    }
+    let (best, rate) = per_batch
+        .iter()
+        .map(|(b, v)| (b.clone(), v.as_f64().unwrap_or(0.0)))
+        .fold((String::new(), 0.0), |a, x| if x.1 > a.1 { x } else { a });
+    Ok(
+        json!({ "images_per_s": per_batch, "cpu_ms_per_image": cpu_per_image, "best_batch": best.parse::<u64>().ok(), "best_images_per_s": rate, "int8": settings.vision.embed_int8 }),
+    )
+}
+
+fn spawn_siglip_child(batches: &[usize]) -> Result<Value> {
+    let sizes: Vec<String> = batches.iter().map(ToString::to_string).collect();
+    child_json(Command::new(std::env::current_exe()?).args(["--child", "siglip", "--alone-batches", &sizes.join(",")]))
+}
+
+/// Our image embeddings against fp32's (the file run as it is, same tensors) on the bundle's real
+/// frames: sample.mp4 at the configured rate and the four photos. With the stand-ins the weights are
+/// random, so this checks the arithmetic, not the meaning; a real export is checked the same way.
+async fn siglip_fidelity(vision: &VisionPipeline, engine: &Engine, settings: &Settings) -> Result<Value> {
+    let v = &settings.vision;
+    let mut frames = Vec::new();
+    let input = input(settings).await?;
+    let options = FrameOptions { rate: Some(v.frame_rate), max_side: v.max_side, work_side: DEFAULT_WORK_SIDE };
+    let mut stream = FrameStream::open(&input.media, &input.probe, options, Arc::default())?;
+    while let Some(frame) = stream.next().await? {
+        frames.push(frame);
+    }
+    for photo in ["astronaut", "camera", "coffee", "chelsea"] {
+        let path = settings.models.dir.join(format!("media/photos/{photo}.png"));
+        frames.push(decode_still(&path.display().to_string(), v.max_side, DEFAULT_WORK_SIDE).await?);
+    }
+    let mut fp32 = engine.session(&settings.models.dir.join(&v.embed_dir).join("vision_model.onnx"))?;
+    let side = v.embed_image_size as usize;
+    let mut cosines = Vec::new();
+    for frame in &frames {
+        let tensor = vision.siglip_tensor(frame)?;
+        let out = fp32.run(ort::inputs![TensorRef::from_array_view(([1usize, 3, side, side], tensor.as_slice()))?])?;
+        let (_, want) = out[v.embed_output.as_str()].try_extract_tensor::<f32>()?;
+        let mut want = want.to_vec();
+        heimdex_worker::vision::siglip::l2_normalise(&mut want);
+        let got = vision.embed_frame(frame).await?;
+        cosines.push(got.iter().zip(&want).map(|(a, b)| f64::from(a * b)).sum::<f64>());
+    }
+    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+    let min = cosines.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(json!({
+        "frames": cosines.len(), "mean_cosine": mean, "min_cosine": min, "targets": { "mean": 0.995, "min": 0.99 },
+        "int8": v.embed_int8, "embed_dir": v.embed_dir,
+    }))
+}
+
 /// Per-batch latency of the raw sessions and of the production path (owner thread + preprocessing in
 /// the runner), with inputs of production shape.
 async fn rust_inference(vision: &VisionPipeline, engine: &Engine, settings: &Settings, batch: usize, iters: usize) -> Result<Value> {
@@ -205,9 +273,9 @@ async fn rust_inference(vision: &VisionPipeline, engine: &Engine, settings: &Set
         Arc::new(Frame::from_rgb(0, 0.0, 640, 360, pillow_bicubic(&frame.rgb, frame.width as usize, frame.height as usize, 640, 360)));
     let pixels = siglip_pixels(&frame.rgb, frame.width, frame.height, settings.vision.embed_image_size)?;
     let image = vision.image_model();
-    let yunet_pipe = time_async(iters, || async { Ok(vision.face_model().run_exact(vec![working.clone()]).await.map(drop)?) }).await?;
-    let siglip_pipe_1 = time_async(iters, || async { Ok(image.run_exact(vec![pixels.clone()]).await.map(drop)?) }).await?;
-    let siglip_pipe_b = time_async(iters, || async { Ok(image.run_exact(vec![pixels.clone(); batch]).await.map(drop)?) }).await?;
+    let yunet_pipe = time_runs(3, iters, || async { Ok(vision.face_model().run_exact(vec![working.clone()]).await.map(drop)?) }).await?;
+    let siglip_pipe_1 = time_runs(3, iters, || async { Ok(image.run_exact(vec![pixels.clone()]).await.map(drop)?) }).await?;
+    let siglip_pipe_b = time_runs(3, iters, || async { Ok(image.run_exact(vec![pixels.clone(); batch]).await.map(drop)?) }).await?;
     Ok(json!({
         "yunet_b1": { "session_ms": yunet_raw, "pipeline_ms": yunet_pipe },
         "siglip_b1": { "session_ms": siglip_raw[0], "pipeline_ms": siglip_pipe_1 },
@@ -215,17 +283,17 @@ async fn rust_inference(vision: &VisionPipeline, engine: &Engine, settings: &Set
     }))
 }
 
-/// Median latency of `f` over `iters` runs after 3 warm runs.
-async fn time_async<F, Fut>(iters: usize, f: F) -> Result<f64>
+/// Median latency of `f` over `iters` runs after `warm` warm runs.
+async fn time_runs<F, Fut>(warm: usize, iters: usize, f: F) -> Result<f64>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<()>>,
 {
     let mut v = Vec::new();
-    for i in 0..iters + 3 {
+    for i in 0..iters + warm {
         let t = Instant::now();
         f().await?;
-        if i >= 3 {
+        if i >= warm {
             v.push(ms(t));
         }
     }
@@ -312,7 +380,11 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let settings = heimdex_shared::config::load(None)?;
     if let Some(mode) = &args.child {
-        println!("{}", child(mode, args.concurrency, &settings).await?);
+        let out = match mode.as_str() {
+            "siglip" => siglip_alone_rust(&settings, &args.alone_batches).await?,
+            _ => child(mode, args.concurrency, &settings).await?,
+        };
+        println!("{out}");
         return Ok(());
     }
     let runs = args.runs.max(1);
@@ -411,6 +483,39 @@ async fn main() -> Result<()> {
         result["throughput_rounds"] = json!(rounds);
     }
 
+    // SigLIP alone, ours against onnxruntime's Python API as shipped (fp32), each in a fresh process,
+    // alternating which runs first; then our embeddings against fp32's.
+    if args.wants("siglip") {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..runs {
+            for step in 0..2 {
+                if (round + step) % 2 == 0 {
+                    ours.push(spawn_siglip_child(&args.alone_batches)?);
+                } else {
+                    theirs.push(siglip_alone(&args.python, &settings, &args.alone_batches)?);
+                }
+            }
+            eprintln!("siglip round {}: ours {} | python fp32 {}", round + 1, ours[round]["images_per_s"], theirs[round]["images_per_s"]);
+        }
+        let best = |v: &Value| v["best_images_per_s"].as_f64().unwrap_or(f64::NAN);
+        let by_batch = |runs: &[Value]| -> Value {
+            args.alone_batches
+                .iter()
+                .map(|b| (b.to_string(), json!(median(runs.iter().filter_map(|r| r["images_per_s"][b.to_string()].as_f64()).collect()))))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        result["siglip"] = json!({
+            "ours": { "images_per_s": by_batch(&ours), "best_images_per_s": field_median(&ours, "best_images_per_s"), "int8": settings.vision.embed_int8, "rounds": ours },
+            "python_fp32": { "images_per_s": by_batch(&theirs), "best_images_per_s": field_median(&theirs, "best_images_per_s"), "onnxruntime": theirs[0]["onnxruntime"], "rounds": theirs },
+            "ratio": median(ours.iter().zip(&theirs).map(|(o, t)| best(o) / best(t)).collect()),
+            "round_ratios": ours.iter().zip(&theirs).map(|(o, t)| best(o) / best(t)).collect::<Vec<_>>(),
+            "target": 1.5,
+            "fidelity": siglip_fidelity(&vision, &engine, &settings).await?,
+            "isa": heimdex_bench::measure::isa_flags(),
+        });
+    }
+
     if args.wants("inference") {
         let iters = 30;
         // Rust and Python alternate run by run, so that both see the same machine load.
@@ -499,6 +604,26 @@ fn print_table(r: &Value) {
             )
         );
         println!("{:<44} {:>12}", "best pipeline / SigLIP alone (target >= 0.9)", format!("{:.2}", v["best"].as_f64().unwrap_or(f64::NAN)));
+    }
+    if r["siglip"].is_object() {
+        let s = &r["siglip"];
+        let sweep = |m: &Value| {
+            m.as_object().map(|m| m.iter().map(|(b, v)| format!("b{b} {}", f(v))).collect::<Vec<_>>().join(" | ")).unwrap_or_default()
+        };
+        println!("{:<44} {:>12}", format!("SigLIP alone, ours (int8 {}) images/s", s["ours"]["int8"]), sweep(&s["ours"]["images_per_s"]));
+        println!("{:<44} {:>12}", "SigLIP alone, Python ORT fp32 images/s", sweep(&s["python_fp32"]["images_per_s"]));
+        println!(
+            "{:<44} {:>12}",
+            "ours / Python fp32, best (target >= 1.5)",
+            format!("{:.2} {}", s["ratio"].as_f64().unwrap_or(f64::NAN), s["round_ratios"])
+        );
+        let fid = &s["fidelity"];
+        println!(
+            "{:<44} {:>12}",
+            format!("cosine to fp32 over {} real frames, mean | min", fid["frames"]),
+            format!("{:.4} | {:.4}", fid["mean_cosine"].as_f64().unwrap_or(f64::NAN), fid["min_cosine"].as_f64().unwrap_or(f64::NAN))
+        );
+        println!("{:<44} {:>12}", "CPU flags", s["isa"].as_str().unwrap_or("-"));
     }
     println!("{:<44} {:>12}", "SigLIP batch histogram (index = size)", r["siglip_batch_histogram"].to_string());
     println!(

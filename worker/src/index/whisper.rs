@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
-use heimdex_models::quantize::Scheme;
 use heimdex_shared::contract::SpeechTask;
 
 use super::decode::{Row, WhisperConfig};
@@ -161,29 +160,6 @@ pub fn cross_cache_model(decoder_model: &[u8]) -> Result<Vec<u8>, InferenceError
         return Err(model_err("decoder_model.onnx has no present.*.encoder.* outputs".into()));
     }
     heimdex_models::carve::carve(decoder_model, &["encoder_hidden_states".to_string()], &outputs).map_err(carve)
-}
-
-/// `model` with its MatMuls in int8 by `scheme` (see [`heimdex_models::quantize`]); `name` names it in
-/// errors and in the log. Takes the bytes so that they are freed as soon as the rewrite is made.
-///
-/// # Errors
-/// The bytes are not an ONNX model the rewrite can read.
-pub fn int8(name: &str, model: Vec<u8>, scheme: Scheme) -> Result<Vec<u8>, InferenceError> {
-    let started = std::time::Instant::now();
-    let (out, stats) = heimdex_models::quantize::quantize_matmuls(&model, scheme)
-        .map_err(|e| model_err(format!("rewriting {name} with int8 weights: {e}")))?;
-    drop(model);
-    tracing::info!(
-        model = name,
-        scheme = ?scheme,
-        matmuls = stats.matmuls,
-        skipped = stats.skipped,
-        gathers = stats.gathers,
-        mb = out.len() / 1_000_000,
-        ms = started.elapsed().as_millis() as u64,
-        "int8 weights"
-    );
-    Ok(out)
 }
 
 impl WhisperRunner {

@@ -24,6 +24,7 @@ pub mod yunet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use heimdex_models::quantize::{Scheme, Scope, Weights};
 use heimdex_shared::config::VisionSettings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::query::Embeddings;
@@ -34,7 +35,7 @@ pub use output::{FaceRow, FrameRow, VisionOutput};
 pub use scenes::Scene;
 pub use yunet::Face;
 
-use crate::engine::{InferenceError, Memory, ModelHandle, WarmupReport};
+use crate::engine::{InferenceError, Memory, ModelHandle, WarmupReport, int8};
 use crate::error::TaskError;
 use crate::media::frames::{DEFAULT_WORK_SIDE, Frame, FrameGauge, FrameOptions, FrameStream};
 use crate::metrics::Metrics;
@@ -86,7 +87,14 @@ impl VisionPipeline {
         let tokenizer_path = ctx.models.file(&format!("{dir}/{}", siglip::TOKENIZER_FILE))?;
         let face_path = ctx.models.file(&settings.face_model)?;
 
-        let image = ImageRunner::new(ctx.engine.session(&vision_path)?, SIGLIP_VISION, &settings).context("SigLIP image tower")?;
+        let image = if settings.embed_int8 {
+            let bytes = std::fs::read(&vision_path).with_context(|| format!("reading {}", vision_path.display()))?;
+            let bytes = int8(SIGLIP_VISION, bytes, Scheme::Rows(Weights::for_this_cpu()), Scope::Feeding(siglip::ENCODER_OUTPUT))?;
+            ctx.engine.session_from_memory(SIGLIP_VISION, &bytes, Memory::Arena)?
+        } else {
+            ctx.engine.session(&vision_path)?
+        };
+        let image = ImageRunner::new(image, SIGLIP_VISION, &settings).context("SigLIP image tower")?;
         let (tokenizer, pad_id) = siglip::load_tokenizer(&tokenizer_path, settings.text_max_len)?;
         let text = TextRunner::new(ctx.engine.session(&text_path)?, SIGLIP_TEXT, pad_id, settings.text_max_len, settings.embed_dim)
             .context("SigLIP text tower")?;

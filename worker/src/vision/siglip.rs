@@ -20,6 +20,9 @@ use crate::engine::{BatchRunner, InferenceError};
 pub const VISION_FILE: &str = "vision_model.onnx";
 pub const TEXT_FILE: &str = "text_model.onnx";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The image tower's output after its encoder and before its pooling head: what the int8 rewrite is
+/// scoped to (`vision.embed_int8`).
+pub const ENCODER_OUTPUT: &str = "last_hidden_state";
 
 /// Scales `v` to unit length (a zero vector stays zero).
 pub fn l2_normalise(v: &mut [f32]) {

@@ -6,9 +6,10 @@
 //!   weights in blocks of [`BLOCK`] along K, one scale per block and output column, at accuracy level
 //!   4 (int8 compute, activations quantised per row in blocks of the same length).
 //! - [`Scheme::Rows`], for an encoder: weights symmetric int8 per output column, activations
-//!   quantised per row (one scale per token, max|x|/127, stored as q + 128), multiplied by the
-//!   standard `MatMulInteger` and scaled back by row × column: what CTranslate2 does. The row
-//!   quantisation of one input is shared by every MatMul that reads it (Q, K and V).
+//!   quantised per row (one scale per token, max|x|/127, stored as q + 128; on x86 without VNNI
+//!   max|x|/63 and q + 64, see [`Activations`]), multiplied by the standard `MatMulInteger` and
+//!   scaled back by row × column: what CTranslate2 does. The row quantisation of one input is
+//!   shared by every MatMul that reads it (Q, K and V).
 //!
 //! Why: on a CPU, Whisper's decoder steps are bound by streaming weights (a handful of rows against
 //! 512×512 to 512×51865 matrices); int8 weights are a quarter of the fp32 bytes that ONNX Runtime
@@ -42,26 +43,30 @@ use crate::onnx::{self, Attr, DataType, OperatorSetId, Tensor, attr, f16_to_f32,
 pub enum Scheme {
     /// `MatMulNBits`: int8 weights in blocks of [`BLOCK`]; for few rows against large weights.
     Blocks,
-    /// `MatMulInteger`: weights per column, activations per row; for many rows.
-    Rows(Weights),
+    /// `MatMulInteger`: int8 weights per column, activations per row in `Activations`' range; for
+    /// many rows.
+    Rows(Activations),
 }
 
-/// The range of [`Scheme::Rows`]' weights.
+/// The range of [`Scheme::Rows`]' activations.
 ///
 /// Why two: ONNX Runtime's u8×s8 GEMM on an x86 CPU without VNNI (AVX2, or AVX-512 before Cascade
 /// Lake) multiplies with `vpmaddubsw`, which adds two u8×s8 products into 16 bits with saturation:
 /// 255·127·2 = 64,770 does not fit, and results go wrong (an output 4 % of its range off, in the
-/// engine's test). With weights in ±63 the sum is at most 255·63·2 = 32,130 and is exact. VNNI's
-/// `vpdpbusd` adds into 32 bits and takes the full range.
+/// engine's test, on an AVX2 machine). Activations stored as q + 64 in [1, 127] keep every pair
+/// within 127·127·2 = 32,258, which fits. Why the activations and not the weights: with the weights
+/// in ±63 instead, the 600 s bench recording's WER rose from 2.56 % to 3.30 %; with the activations
+/// in ±63 it stayed at 2.56 % (AVX2 machine, one run each). VNNI's `vpdpbusd` adds into 32 bits and
+/// takes the full range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Weights {
-    /// ±127: for CPUs with VNNI (and any CPU that is not x86).
+pub enum Activations {
+    /// q + 128 in [1, 255]: for CPUs with VNNI, and any CPU that is not x86.
     Int8,
-    /// ±63: for x86 CPUs without VNNI.
+    /// q + 64 in [1, 127]: for x86 CPUs without VNNI.
     Int7,
 }
 
-impl Weights {
+impl Activations {
     /// The range this CPU's u8×s8 GEMM computes exactly.
     #[must_use]
     pub fn for_this_cpu() -> Self {
@@ -79,11 +84,11 @@ impl Weights {
         }
     }
 
-    /// The largest weight level.
-    fn max(self) -> f32 {
+    /// The largest level of a row's values, and the zero point that makes them u8.
+    fn levels(self) -> (f32, u8) {
         match self {
-            Self::Int8 => 127.0,
-            Self::Int7 => 63.0,
+            Self::Int8 => (127.0, 128),
+            Self::Int7 => (63.0, 64),
         }
     }
 }
@@ -261,21 +266,20 @@ fn quantize(m: &Matrix, transposed: bool) -> (usize, usize, usize, Vec<u8>, Vec<
 }
 
 /// The MatMul weight `b` (`m`, or its transpose when `transposed`), of shape [k, n], for
-/// `MatMulInteger`: row-major [k × n] symmetric int8 in `weights`' range, one scale per output
-/// column (max|w| / the range's top level). Returns (k, n, data, scales).
-fn quantize_columns(m: &Matrix, transposed: bool, weights: Weights) -> (usize, usize, Vec<u8>, Vec<f32>) {
+/// `MatMulInteger`: row-major [k × n] symmetric int8, one scale per output column (max|w|/127).
+/// Returns (k, n, data, scales).
+fn quantize_columns(m: &Matrix, transposed: bool) -> (usize, usize, Vec<u8>, Vec<f32>) {
     let (k, n, at) = m.weight(transposed);
-    let top = weights.max();
     let scales: Vec<f32> = (0..n)
         .map(|c| {
             let max = (0..k).fold(0f32, |a, r| a.max(at(r, c).abs()));
-            if max > 0.0 && max.is_finite() { max / top } else { 1.0 }
+            if max > 0.0 && max.is_finite() { max / 127.0 } else { 1.0 }
         })
         .collect();
     let mut data = Vec::with_capacity(k * n);
     for r in 0..k {
         for (c, scale) in scales.iter().enumerate() {
-            data.push((at(r, c) / scale).round().clamp(-top, top) as i8 as u8);
+            data.push((at(r, c) / scale).round().clamp(-127.0, 127.0) as i8 as u8);
         }
     }
     (k, n, data, scales)
@@ -283,9 +287,9 @@ fn quantize_columns(m: &Matrix, transposed: bool, weights: Weights) -> (usize, u
 
 /// Constants the [`Scheme::Rows`] nodes share.
 struct RowConstants {
-    /// u8 128: the activations' zero point.
+    /// u8: the activations' zero point (128, or 64 for [`Activations::Int7`]).
     zero: String,
-    /// f32 1/127: a row's max|x| to its scale.
+    /// f32 1/127 (1/63): a row's max|x| to its scale.
     per_level: String,
     /// f32 smallest scale (a row of zeros).
     least: String,
@@ -307,14 +311,15 @@ struct RowsOf {
 }
 
 impl RowConstants {
-    fn new(opset: i64, taken: &mut HashSet<String>, inits: &mut Vec<Tensor>) -> Self {
+    fn new(opset: i64, activations: Activations, taken: &mut HashSet<String>, inits: &mut Vec<Tensor>) -> Self {
         let mut scalar = |name: &str, data_type: DataType, raw: Vec<u8>| {
             let name = fresh(name, "", taken);
             inits.push(Tensor::raw(&name, Vec::new(), data_type, raw));
             name
         };
-        let zero = scalar("int8_rows.zero", DataType::Uint8, vec![128]);
-        let per_level = scalar("int8_rows.per_level", DataType::Float, (1.0f32 / 127.0).to_le_bytes().to_vec());
+        let (top, zero) = activations.levels();
+        let zero = scalar("int8_rows.zero", DataType::Uint8, vec![zero]);
+        let per_level = scalar("int8_rows.per_level", DataType::Float, (1.0f32 / top).to_le_bytes().to_vec());
         let least = scalar("int8_rows.least", DataType::Float, 1e-12f32.to_le_bytes().to_vec());
         let mut c = Self { zero, per_level, least, axes: None, ints: HashMap::new() };
         c.axes = (opset >= 18).then(|| c.ints(&[-1], taken, inits));
@@ -334,7 +339,7 @@ impl RowConstants {
             .clone()
     }
 
-    /// Nodes that quantise `x` (last dimension `k`) per row: its rows' scales (max|x|/127) and
+    /// Nodes that quantise `x` (last dimension `k`) per row: its rows' scales (max|x|/127 or /63) and
     /// `QuantizeLinear` along the rows of `x` as a [rows, k] matrix, one pass over `x` that rounds,
     /// shifts and saturates (it replaced Div, Round, Add and Cast: SigLIP base 650 → 595 ms a
     /// batch of 4 on AVX2, those four took 90 ms).
@@ -527,8 +532,8 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Resul
                     new_inits.push(Tensor::raw(&qname, vec![cols as i64, blocks as i64, BLOCK as i64], DataType::Uint8, q));
                     (k, cols, scale)
                 }
-                Scheme::Rows(weights) => {
-                    let (k, cols, q, scale) = quantize_columns(&m, src.transposed, weights);
+                Scheme::Rows(_) => {
+                    let (k, cols, q, scale) = quantize_columns(&m, src.transposed);
                     new_inits.push(Tensor::raw(&qname, vec![k as i64, cols as i64], DataType::Int8, q));
                     (k, cols, scale)
                 }
@@ -551,8 +556,8 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Resul
                     .attr("block_size", Attr::Int(BLOCK as i64))
                     .attr("accuracy_level", Attr::Int(4)),
             ],
-            Scheme::Rows(_) => {
-                let c = rows.get_or_insert_with(|| RowConstants::new(opset, &mut taken, &mut new_inits));
+            Scheme::Rows(activations) => {
+                let c = rows.get_or_insert_with(|| RowConstants::new(opset, activations, &mut taken, &mut new_inits));
                 let x = &n.inputs[0];
                 let mut new = Vec::new();
                 let of = match quantised.get(x) {
@@ -785,7 +790,7 @@ mod tests {
     /// MatMulInteger scaled back by row and column, in x's shape.
     #[test]
     fn by_rows_an_input_is_quantised_once() {
-        let (int8, stats) = quantize_matmuls(&fixtures::matmul_forms(), Scheme::Rows(Weights::Int8), Scope::All).unwrap();
+        let (int8, stats) = quantize_matmuls(&fixtures::matmul_forms(), Scheme::Rows(Activations::Int8), Scope::All).unwrap();
         assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, outside: 0, gathers: 1 });
         let ops = op_types(&int8);
         let matmul = ["MatMulInteger", "Cast", "Mul", "Mul", "Reshape"];
@@ -799,7 +804,7 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(ops, want, "one Concat per product width: y1 and y2 share theirs");
-        let (_, stats) = quantize_matmuls(&int8, Scheme::Rows(Weights::Int8), Scope::All).unwrap();
+        let (_, stats) = quantize_matmuls(&int8, Scheme::Rows(Activations::Int8), Scope::All).unwrap();
         assert_eq!(stats.matmuls, 0, "MatMulInteger is not rewritten again");
     }
 
@@ -808,7 +813,7 @@ mod tests {
     #[test]
     fn a_scope_keeps_the_matmuls_its_output_does_not_depend_on() {
         let model = fixtures::matmul_forms();
-        let (int8, stats) = quantize_matmuls(&model, Scheme::Rows(Weights::Int8), Scope::Feeding("y4")).unwrap();
+        let (int8, stats) = quantize_matmuls(&model, Scheme::Rows(Activations::Int8), Scope::Feeding("y4")).unwrap();
         assert_eq!(stats, QuantizeStats { matmuls: 1, skipped: 0, outside: 2, gathers: 1 });
         let want: Vec<&str> = ["Cast", "MatMul", "Transpose", "MatMul", "Gather", "Cast"]
             .iter()
@@ -818,20 +823,8 @@ mod tests {
             .collect();
         assert_eq!(op_types(&int8), want);
         assert!(
-            matches!(quantize_matmuls(&model, Scheme::Rows(Weights::Int8), Scope::Feeding("x")), Err(QuantizeError::NoOutput(o)) if o == "x")
+            matches!(quantize_matmuls(&model, Scheme::Rows(Activations::Int8), Scope::Feeding("x")), Err(QuantizeError::NoOutput(o)) if o == "x")
         );
-    }
-
-    /// 7-bit weights use ±63 and keep the same scale per column (max|w| / 63).
-    #[test]
-    fn int7_weights_stay_within_63() {
-        let m = Matrix { rows: 3, cols: 2, data: vec![0.9, -0.4, -2.0, 0.25, 0.5, 1.0] };
-        let (k, n, q, scales) = quantize_columns(&m, false, Weights::Int7);
-        assert_eq!((k, n), (3, 2));
-        assert_eq!(q.iter().map(|&b| b as i8).collect::<Vec<_>>(), [28, -25, -63, 16, 16, 63]);
-        assert_eq!(scales, [2.0 / 63.0, 1.0 / 63.0]);
-        let (_, _, q, _) = quantize_columns(&m, false, Weights::Int8);
-        assert_eq!(q.iter().map(|&b| b as i8).collect::<Vec<_>>(), [57, -51, -127, 32, 32, 127]);
     }
 
     /// Subgraphs, bytes that are not a model, and (by rows) an opset without QuantizeLinear along an axis.
@@ -841,13 +834,16 @@ mod tests {
         let graph = Graph { nodes: vec![branch], ..Graph::default() };
         let m = Model { ir_version: 8, producer_name: "", graph, opset_import: vec![] }.encode();
         assert!(matches!(quantize_matmuls(&m, Scheme::Blocks, Scope::All), Err(QuantizeError::Subgraph(n)) if n == "if"));
-        assert!(matches!(quantize_matmuls(&[0x3a, 0x05, 0x01], Scheme::Rows(Weights::Int8), Scope::All), Err(QuantizeError::Malformed(_))));
+        assert!(matches!(
+            quantize_matmuls(&[0x3a, 0x05, 0x01], Scheme::Rows(Activations::Int8), Scope::All),
+            Err(QuantizeError::Malformed(_))
+        ));
         let old = Model {
             ir_version: 7,
             producer_name: "",
             graph: Graph::default(),
             opset_import: vec![OperatorSetId { domain: "", version: 12 }],
         };
-        assert!(matches!(quantize_matmuls(&old.encode(), Scheme::Rows(Weights::Int8), Scope::All), Err(QuantizeError::Opset(12))));
+        assert!(matches!(quantize_matmuls(&old.encode(), Scheme::Rows(Activations::Int8), Scope::All), Err(QuantizeError::Opset(12))));
     }
 }

@@ -215,7 +215,7 @@ pub struct WarmupReport {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use heimdex_models::quantize::{QuantizeStats, Weights, fixtures};
+    use heimdex_models::quantize::{Activations, QuantizeStats, fixtures};
     use ort::value::Tensor;
 
     use super::*;
@@ -230,16 +230,16 @@ mod tests {
     }
 
     /// The int8 rewrites, run: each MatMul form agrees with fp32 within int8 error in both schemes
-    /// (by rows, in the weight range this CPU computes exactly: ±127 on an AVX2 CPU gave an error of
-    /// 4 % of the output's range here), the fp16 Gather is exact, and the rewritten model rewritten
-    /// again still loads and agrees.
+    /// (by rows, in the activation range this CPU computes exactly, and in the 7-bit range, exact
+    /// everywhere: the full range on an AVX2 CPU was 4 % of the output's range off), the fp16
+    /// Gather is exact, and the rewritten model rewritten again still loads and agrees.
     #[test]
     fn int8_matmuls_match_fp32_within_int8_error() {
         let settings = EngineSettings { intra_threads: 1, ..Default::default() };
         let engine = Engine::new(settings, Arc::new(Metrics::new())).unwrap();
         let model = fixtures::matmul_forms();
         let want = run(&engine, &model);
-        for scheme in [Scheme::Blocks, Scheme::Rows(Weights::for_this_cpu())] {
+        for scheme in [Scheme::Blocks, Scheme::Rows(Activations::for_this_cpu()), Scheme::Rows(Activations::Int7)] {
             let (int8, stats) = quantize_matmuls(&model, scheme, Scope::All).unwrap();
             assert_eq!(stats, QuantizeStats { matmuls: 3, skipped: 0, outside: 0, gathers: 1 });
             let got = run(&engine, &int8);
@@ -247,7 +247,7 @@ mod tests {
                 assert_eq!(w.len(), g.len());
                 let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let err = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                // Weights to 1/127 (1/63) and activations to 1/127 of their block's (column's, row's) range.
+                // Weights to 1/127 and activations to 1/127 (1/63) of their block's (column's, row's) range.
                 assert!(err <= 0.03 * scale, "{scheme:?} y{}: max error {err} against max |y| {scale}: {w:?} vs {g:?}", i + 1);
                 assert!(err > 0.0 || i == 2, "{scheme:?} y{}: exactly fp32's, so not computed in int8", i + 1);
                 if i == 2 {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use heimdex_models::quantize::{Scheme, Scope, Weights};
+use heimdex_models::quantize::{Activations, Scheme, Scope};
 use heimdex_shared::config::IndexSettings;
 use heimdex_shared::contract::{SpeechTask, TaskKind};
 use heimdex_shared::jobs::FencedRun;
@@ -95,15 +95,15 @@ impl IndexPipeline {
         // tokens the fp32 ones on the bundle's clips. The encoder multiplies 1,500 rows a window:
         // there MatMulNBits is no faster than fp32, and DynamicQuantizeMatMul's one scale per tensor
         // raised the 600 s recording's WER from 2.6 % to 2.9 %; per-row activations (MatMulInteger)
-        // make it 1.34× faster on an AVX-512 VNNI CPU with the same words (weights in ±63 on a CPU
-        // without VNNI, whose u8×s8 GEMM saturates at ±127: see `Weights`). The cross-attention cache
+        // make it 1.34× faster on an AVX-512 VNNI CPU with the same words (activations in ±63 on a CPU
+        // without VNNI, whose u8×s8 GEMM saturates at ±127: see `Activations`). The cross-attention cache
         // stays fp32: by rows it cost two words of the 600 s recording and no measurable time.
         let cross = ctx.engine.session_from_memory("whisper cross-attention cache", &cross, Memory::Bounded)?;
         let encoder_rel = "encoder_model.onnx";
         let encoder_path = wfile(encoder_rel)?;
         let encoder = if s.whisper_int8 {
             let bytes = std::fs::read(&encoder_path).with_context(|| format!("reading whisper {encoder_rel}"))?;
-            let bytes = int8(&format!("whisper {encoder_rel}"), bytes, Scheme::Rows(Weights::for_this_cpu()), Scope::All)?;
+            let bytes = int8(&format!("whisper {encoder_rel}"), bytes, Scheme::Rows(Activations::for_this_cpu()), Scope::All)?;
             ctx.engine.session_from_memory(&format!("whisper {encoder_rel}"), &bytes, Memory::Bounded)?
         } else {
             session(encoder_rel, &encoder_path)?
@@ -251,11 +251,11 @@ impl IndexPipeline {
             SpeechTask::Translate => "|translate",
         };
         let t = &self.transcriber;
-        // A fleet can mix CPUs: windows decoded with 7-bit encoder weights are not another's.
-        let int8 = match (self.settings.whisper_int8, Weights::for_this_cpu()) {
+        // A fleet can mix CPUs: windows decoded with 7-bit encoder activations are not another's.
+        let int8 = match (self.settings.whisper_int8, Activations::for_this_cpu()) {
             (false, _) => "",
-            (true, Weights::Int8) => "|int8:rows,blocks",
-            (true, Weights::Int7) => "|int8:rows7,blocks",
+            (true, Activations::Int8) => "|int8:rows,blocks",
+            (true, Activations::Int7) => "|int8:rows7,blocks",
         };
         let words = if t.words { "|words" } else { "" };
         format!("{}{int8}|{language}{task}{words}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)

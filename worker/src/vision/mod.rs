@@ -24,7 +24,7 @@ pub mod yunet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use heimdex_models::quantize::{Scheme, Scope, Weights};
+use heimdex_models::quantize::{Activations, Scheme, Scope};
 use heimdex_shared::config::VisionSettings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::query::Embeddings;
@@ -89,7 +89,7 @@ impl VisionPipeline {
 
         let image = if settings.embed_int8 {
             let bytes = std::fs::read(&vision_path).with_context(|| format!("reading {}", vision_path.display()))?;
-            let bytes = int8(SIGLIP_VISION, bytes, Scheme::Rows(Weights::for_this_cpu()), Scope::Feeding(siglip::ENCODER_OUTPUT))?;
+            let bytes = int8(SIGLIP_VISION, bytes, Scheme::Rows(Activations::for_this_cpu()), Scope::Feeding(siglip::ENCODER_OUTPUT))?;
             ctx.engine.session_from_memory(SIGLIP_VISION, &bytes, Memory::Arena)?
         } else {
             ctx.engine.session(&vision_path)?

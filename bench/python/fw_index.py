@@ -97,17 +97,19 @@ def main():
     del warm
 
     # The whole recording from the file: decoding, VAD, encoder and decoder, as a user would call it.
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), os.times()
     segments, info = pipe.transcribe(a.audio, language=a.language, batch_size=a.batch_size,
                                      word_timestamps=a.word_timestamps)
     segments = list(segments)
     texts = [s.text.strip() for s in segments]
     words = [[w.start, w.end, w.word.strip()] for s in segments for w in (s.words or [])]
     ms = (time.perf_counter() - t0) * 1000.0
+    cpu1 = os.times()
+    cpu_s = sum(getattr(cpu1, f) - getattr(cpu0, f) for f in ("user", "system", "children_user", "children_system"))
     print(json.dumps({
         "engine": f"faster-whisper {faster_whisper.__version__} BatchedInferencePipeline",
         "compute_type": a.compute_type, "batch_size": a.batch_size, "threads": a.threads,
-        "load_ms": load_ms, "warmup_ms": warmup_ms, "ms": ms, "audio_s": info.duration,
+        "load_ms": load_ms, "warmup_ms": warmup_ms, "ms": ms, "cpu_s": cpu_s, "audio_s": info.duration,
         "segments": len(texts), "text": " ".join(texts), "vm_hwm_mb": vm_hwm_mb(),
         "word_timestamps": a.word_timestamps, "words": words,
     }))

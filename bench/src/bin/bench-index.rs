@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 use heimdex_bench::chunks::{collect_chunks, transcribe_chunks};
-use heimdex_bench::measure::{child_json, field_median, median, ms, peak_rss_mib, write_report};
+use heimdex_bench::measure::{child_json, cpu_seconds, field_median, median, ms, peak_rss_mib, write_report};
 use heimdex_bench::recording::{Recording, long_recording};
 use heimdex_bench::score;
 use heimdex_models::registry::ModelRegistry;
@@ -151,13 +151,13 @@ async fn asr_child(settings: &Settings, engine: &Engine, wav: &str, pack: bool) 
     let mut tr = p.transcriber().clone();
     tr.pack = pack;
     let en = tr.language_token("en").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_seconds());
     let out = tr.transcribe(wav, Prompt::transcribe(Some(en)), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let asr_ms = ms(t);
+    let (asr_ms, cpu_s) = (ms(t), cpu_seconds() - cpu);
     let text = out.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ");
     let words: Vec<Value> = out.segments.iter().flat_map(|s| s.words.iter().map(|w| json!([w.start_s, w.end_s, w.text]))).collect();
     Ok(
-        json!({"engine": "heimdex", "pack": pack, "word_timestamps": tr.words, "words": words, "load_and_warmup_ms": ready_ms, "ms": asr_ms, "audio_s": out.stats.audio_s,
+        json!({"engine": "heimdex", "pack": pack, "word_timestamps": tr.words, "words": words, "load_and_warmup_ms": ready_ms, "ms": asr_ms, "cpu_s": cpu_s, "audio_s": out.stats.audio_s,
         "chunks": out.stats.chunks, "windows": out.languages.len(), "segments": out.segments.len(), "text": text,
         "asr_batch_histogram": tr.asr.batch_histogram(), "vm_hwm_mb": peak_rss_mib()}),
     )
@@ -398,7 +398,8 @@ fn peer(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value
         let row = |v: &Value| {
             let rtf = v["ms"].as_f64().unwrap_or(f64::NAN) / 1000.0 / rec.duration_s;
             let wer = score::wer(&rec.reference, v["text"].as_str().unwrap_or_default());
-            json!({"rtf": rtf, "wer": wer, "vm_hwm_mb": v["vm_hwm_mb"], "ms": v["ms"], "segments": v["segments"], "windows": v["windows"],
+            let cpu_per_hour = v["cpu_s"].as_f64().map(|c| c * 3600.0 / rec.duration_s);
+            json!({"rtf": rtf, "wer": wer, "vm_hwm_mb": v["vm_hwm_mb"], "ms": v["ms"], "cpu_s_per_audio_hour": cpu_per_hour, "segments": v["segments"], "windows": v["windows"],
                 "ready_ms": v["load_and_warmup_ms"].as_f64().or_else(|| Some(v["load_ms"].as_f64()? + v["warmup_ms"].as_f64()?))})
         };
         eprintln!("peer round {}: heimdex {} | faster-whisper {}", round + 1, row(&h), row(&f));
@@ -406,12 +407,12 @@ fn peer(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value
     }
     let side = |name: &str, key: &str| median(rounds.iter().filter_map(|r| r[name][key].as_f64()).collect());
     let mut summary = serde_json::Map::new();
-    for key in ["rtf", "wer", "vm_hwm_mb", "ready_ms"] {
+    for key in ["rtf", "wer", "vm_hwm_mb", "ready_ms", "cpu_s_per_audio_hour"] {
         summary.insert(key.into(), json!({"heimdex": side("heimdex", key), "faster_whisper": side("faster_whisper", key)}));
     }
     let ratio = median(rounds.iter().filter_map(|r| Some(r["heimdex"]["rtf"].as_f64()? / r["faster_whisper"]["rtf"].as_f64()?)).collect());
     Ok(json!({"audio_s": rec.duration_s, "speech_s": rec.speech_s, "reference_words": score::normalise(&rec.reference).len(),
-        "rounds": args.peer_rounds, "median": summary, "rtf_ratio_heimdex_over_fw": ratio, "target_ratio": 0.8,
+        "rounds": args.peer_rounds, "median": summary, "rtf_ratio_heimdex_over_fw": ratio, "target_ratio": 0.5, "isa": heimdex_bench::measure::isa_flags(),
         "faster_whisper": "BatchedInferencePipeline, int8, batch_size 8, language en", "runs": rounds}))
 }
 
@@ -544,10 +545,17 @@ fn print_peer(p: &Value) {
         p["rounds"]
     );
     println!("{:<22} {:>12} {:>16}", "", "heimdex", "faster-whisper");
-    for (name, key) in [("RTF", "rtf"), ("WER", "wer"), ("peak RSS MB", "vm_hwm_mb"), ("load + warm-up ms", "ready_ms")] {
+    for (name, key) in [
+        ("RTF", "rtf"),
+        ("WER", "wer"),
+        ("peak RSS MB", "vm_hwm_mb"),
+        ("load + warm-up ms", "ready_ms"),
+        ("CPU s per audio hour", "cpu_s_per_audio_hour"),
+    ] {
         println!("{name:<22} {:>12} {:>16}", f(&p["median"][key]["heimdex"]), f(&p["median"][key]["faster_whisper"]));
     }
-    println!("{:<22} {:>12}   (median per-round ratio; target <= 0.8)\n", "RTF heimdex / fw", f(&p["rtf_ratio_heimdex_over_fw"]));
+    println!("{:<22} {:>12}   (median per-round ratio; target <= 0.5)", "RTF heimdex / fw", f(&p["rtf_ratio_heimdex_over_fw"]));
+    println!("{:<22} {:>12}\n", "CPU flags", p["isa"].as_str().unwrap_or("-"));
 }
 
 /// Rust against Python ORT on the same files, threads, batches and inputs. Each side runs in a fresh

@@ -346,7 +346,7 @@ fn siglip_alone_python(python: &Path, settings: &Settings, batches: &[usize]) ->
 async fn decode_breakdown(vision: &VisionPipeline, settings: &Settings, media: &Path, runs: usize) -> Result<Value> {
     let input = input_for(media.display().to_string()).await?;
     let options = FrameOptions { rate: Some(settings.vision.frame_rate), max_side: settings.vision.max_side, work_side: DEFAULT_WORK_SIDE };
-    let (mut decode, mut task, mut waits, mut frames) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut decode, mut task, mut waits, mut cpu, mut frames) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0);
     for round in 0..runs {
         for step in 0..2 {
             if (round + step) % 2 == 0 {
@@ -360,9 +360,10 @@ async fn decode_breakdown(vision: &VisionPipeline, settings: &Settings, media: &
                 frames = n;
             } else {
                 let timings = StageTimings::default();
-                let started = Instant::now();
+                let (started, cpu0) = (Instant::now(), cpu_seconds());
                 vision.process(&input, &timings).await?;
                 task.push(ms(started));
+                cpu.push(cpu_seconds() - cpu0);
                 waits.push(timings.to_json()["decode"].as_f64().unwrap_or(f64::NAN));
             }
         }
@@ -373,6 +374,8 @@ async fn decode_breakdown(vision: &VisionPipeline, settings: &Settings, media: &
         "media": input.media, "duration_s": input.probe.duration_s, "size": [input.probe.width, input.probe.height], "frames": frames,
         "decode_alone_ms": decode_ms, "task_ms": task_ms, "decode_share": median(shares), "task_waiting_for_decode_ms": median(waits),
         "decode_frames_per_s": frames as f64 / decode_ms * 1000.0, "task_frames_per_s": frames as f64 / task_ms * 1000.0, "runs": runs,
+        // The cost of a vision job: CPU-seconds of this process and its ffmpeg per hour of video.
+        "task_cpu_s_per_video_hour": input.probe.duration_s.map_or(f64::NAN, |d| median(cpu) * 3600.0 / d),
     }))
 }
 
@@ -639,20 +642,21 @@ fn print_table(r: &Value) {
     println!("{:<44} {:>12}", "RSS c8 / c1 (target <= 1.15)", format!("{:.3}", r["peak_rss"]["ratio"].as_f64().unwrap_or(f64::NAN)));
     if let Some(rows) = r["decode_vs_task"].as_array() {
         println!(
-            "{:<28} {:>7} {:>12} {:>10} {:>9} {:>12}",
-            "video (concurrency 1)", "frames", "decode ms", "task ms", "decode %", "task wait ms"
+            "{:<28} {:>7} {:>12} {:>10} {:>9} {:>12} {:>14}",
+            "video (concurrency 1)", "frames", "decode ms", "task ms", "decode %", "task wait ms", "CPU s/video h"
         );
         for v in rows {
             let name = v["media"].as_str().and_then(|m| m.rsplit('/').next()).unwrap_or("-");
             let share = v["decode_share"].as_f64().map_or("-".into(), |x| format!("{:.1}", x * 100.0));
             println!(
-                "{:<28} {:>7} {:>12} {:>10} {:>9} {:>12}",
+                "{:<28} {:>7} {:>12} {:>10} {:>9} {:>12} {:>14}",
                 name,
                 v["frames"],
                 f(&v["decode_alone_ms"]),
                 f(&v["task_ms"]),
                 share,
-                f(&v["task_waiting_for_decode_ms"])
+                f(&v["task_waiting_for_decode_ms"]),
+                f(&v["task_cpu_s_per_video_hour"])
             );
         }
     }

@@ -119,7 +119,7 @@ pub enum QuantizeError {
 /// What the rewrite did, for the load log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QuantizeStats {
-    /// MatMuls now `MatMulNBits`.
+    /// MatMuls now computed in int8.
     pub matmuls: usize,
     /// MatMuls left in fp32 (their weight is computed, or stored in a way this rewrite does not read).
     pub skipped: usize,

@@ -4,8 +4,13 @@ use heimdex_shared::contract::TaskKind;
 use heimdex_shared::shutdown::shutdown_signal;
 use heimdex_worker::vision::VisionPipeline;
 
+fn main() {
+    heimdex_worker::cli::limit_malloc_arenas();
+    run();
+}
+
 #[tokio::main]
-async fn main() {
+async fn run() {
     let result = async {
         let settings = heimdex_worker::cli::init()?;
         heimdex_worker::runtime::run(settings, TaskKind::Vision, VisionPipeline::load, shutdown_signal()).await

@@ -14,24 +14,6 @@ pub struct WorkerArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Caps glibc's malloc at two arenas; called first in `main`, before any thread exists.
-///
-/// Why: glibc gives each thread that allocates while another holds the lock an arena of its own, up
-/// to eight per core, and an arena keeps what was freed in it. The index worker's blocking threads
-/// (audio decoding, mel, VAD) and ONNX Runtime's each took one, so the 600 s recording's peak RSS
-/// swung between 622 and 974 MB from run to run; with two arenas it was 659–713 MB, and no slower
-/// (bench-index `--parts peer`, 3 rounds each, AVX2 machine). The same as `MALLOC_ARENA_MAX=2`,
-/// without depending on the environment. Other C libraries keep their own policy. The one `unsafe`
-/// in the workspace: a foreign call with no pointer in it.
-#[allow(unsafe_code)]
-pub fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a parameter of the allocator; M_ARENA_MAX takes any positive value.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 /// Parses arguments, loads settings and installs tracing.
 ///
 /// # Errors

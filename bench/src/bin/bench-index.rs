@@ -186,14 +186,8 @@ async fn cold_child(settings: &Settings, engine: &Engine, sample: &str) -> Resul
         "warmup": reports.iter().map(|r| json!({"model": r.model, "batches": r.batch_sizes, "ms": r.duration.as_secs_f64() * 1000.0})).collect::<Vec<_>>()}))
 }
 
-fn main() -> Result<()> {
-    // As worker-index does, so that its peak RSS is the worker's.
-    heimdex_worker::cli::limit_malloc_arenas();
-    run()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn run() -> Result<()> {
+async fn main() -> Result<()> {
     let args = Args::parse();
     let mut settings = Settings::default();
     if let Some(int8) = args.whisper_int8 {

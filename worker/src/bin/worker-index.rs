@@ -4,13 +4,8 @@ use heimdex_shared::contract::TaskKind;
 use heimdex_shared::shutdown::shutdown_signal;
 use heimdex_worker::index::IndexPipeline;
 
-fn main() {
-    heimdex_worker::cli::limit_malloc_arenas();
-    run();
-}
-
 #[tokio::main]
-async fn run() {
+async fn main() {
     let result = async {
         let settings = heimdex_worker::cli::init()?;
         heimdex_worker::runtime::run(settings, TaskKind::Index, IndexPipeline::load, shutdown_signal()).await

@@ -69,6 +69,12 @@ pub struct IndexPipeline {
     vad_batch: usize,
 }
 
+/// Whether Whisper's encoder runs in int8 by rows: with `index.whisper_int8`, on a CPU whose u8×s8
+/// GEMM takes the full range (see `IndexPipeline::load`).
+fn encoder_int8(settings: &IndexSettings) -> bool {
+    settings.whisper_int8 && Activations::for_this_cpu() == Activations::Int8
+}
+
 impl IndexPipeline {
     /// Loads and verifies every model of the pipeline and starts their owner threads.
     ///
@@ -95,15 +101,17 @@ impl IndexPipeline {
         // tokens the fp32 ones on the bundle's clips. The encoder multiplies 1,500 rows a window:
         // there MatMulNBits is no faster than fp32, and DynamicQuantizeMatMul's one scale per tensor
         // raised the 600 s recording's WER from 2.6 % to 2.9 %; per-row activations (MatMulInteger)
-        // make it 1.34× faster on an AVX-512 VNNI CPU with the same words (activations in ±63 on a CPU
-        // without VNNI, whose u8×s8 GEMM saturates at ±127: see `Activations`). The cross-attention cache
+        // make it 1.34× faster on an AVX-512 VNNI CPU with the same words. Only there: without VNNI the
+        // u8×s8 GEMM saturates at ±127 (see `Activations`), and with 7-bit activations the encoder was
+        // only 1.18× faster and lost a word of the Spanish translate test ("dog"), so it stays fp32.
+        // The cross-attention cache
         // stays fp32: by rows it cost two words of the 600 s recording and no measurable time.
         let cross = ctx.engine.session_from_memory("whisper cross-attention cache", &cross, Memory::Bounded)?;
         let encoder_rel = "encoder_model.onnx";
         let encoder_path = wfile(encoder_rel)?;
-        let encoder = if s.whisper_int8 {
+        let encoder = if encoder_int8(&s) {
             let bytes = std::fs::read(&encoder_path).with_context(|| format!("reading whisper {encoder_rel}"))?;
-            let bytes = int8(&format!("whisper {encoder_rel}"), bytes, Scheme::Rows(Activations::for_this_cpu()), Scope::All)?;
+            let bytes = int8(&format!("whisper {encoder_rel}"), bytes, Scheme::Rows(Activations::Int8), Scope::All)?;
             ctx.engine.session_from_memory(&format!("whisper {encoder_rel}"), &bytes, Memory::Bounded)?
         } else {
             session(encoder_rel, &encoder_path)?
@@ -251,11 +259,11 @@ impl IndexPipeline {
             SpeechTask::Translate => "|translate",
         };
         let t = &self.transcriber;
-        // A fleet can mix CPUs: windows decoded with 7-bit encoder activations are not another's.
-        let int8 = match (self.settings.whisper_int8, Activations::for_this_cpu()) {
+        // A fleet can mix CPUs: windows decoded with an fp32 encoder are not those of an int8 one.
+        let int8 = match (self.settings.whisper_int8, encoder_int8(&self.settings)) {
             (false, _) => "",
-            (true, Activations::Int8) => "|int8:rows,blocks",
-            (true, Activations::Int7) => "|int8:rows7,blocks",
+            (true, true) => "|int8:rows,blocks",
+            (true, false) => "|int8:blocks",
         };
         let words = if t.words { "|words" } else { "" };
         format!("{}{int8}|{language}{task}{words}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)

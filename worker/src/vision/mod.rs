@@ -89,7 +89,8 @@ impl VisionPipeline {
 
         let image = if settings.embed_int8 {
             let bytes = std::fs::read(&vision_path).with_context(|| format!("reading {}", vision_path.display()))?;
-            let bytes = int8(SIGLIP_VISION, bytes, Scheme::Rows(Activations::for_this_cpu()), Scope::Feeding(siglip::ENCODER_OUTPUT))?;
+            let bytes = int8(SIGLIP_VISION, bytes, Scheme::Rows(Activations::for_this_cpu()), Scope::Feeding(siglip::ENCODER_OUTPUT))
+                .context("vision.embed_int8 needs the image tower's last_hidden_state output; set it to false to run the file as it is")?;
             ctx.engine.session_from_memory(SIGLIP_VISION, &bytes, Memory::Arena)?
         } else {
             ctx.engine.session(&vision_path)?

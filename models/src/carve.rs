@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::onnx::wire::{Field, Fields, Malformed, put_bytes, put_int, strings};
-use crate::onnx::{graph, model, node, tensor, value_info};
+use crate::onnx::{graph, graph_of, model, node, tensor, value_info};
 
 /// Why a model could not be carved.
 #[derive(Debug, thiserror::Error)]
@@ -32,14 +32,8 @@ pub enum CarveError {
 /// # Errors
 /// The bytes are not an ONNX model.
 pub fn outputs(model: &[u8]) -> Result<Vec<String>, CarveError> {
-    let mut graph = None;
-    for f in Fields(model) {
-        if let (model::GRAPH, Field::Bytes(b), _) = f? {
-            graph = Some(b);
-        }
-    }
     let mut out = Vec::new();
-    for f in Fields(graph.ok_or(CarveError::Malformed(Malformed("no graph")))?) {
+    for f in Fields(graph_of(model)?) {
         if let (graph::OUTPUT, Field::Bytes(b), _) = f? {
             out.extend(strings(b, value_info::NAME)?);
         }
@@ -151,12 +145,7 @@ mod tests {
         }
         .encode();
         let carved = carve(&model, &["x".into()], &["z".into()]).unwrap();
-        let g = Fields(&carved).find_map(|f| match f.unwrap() {
-            (model::GRAPH, Field::Bytes(b), _) => Some(b.to_vec()),
-            _ => None,
-        });
-        let g = g.unwrap();
-        let names: Vec<String> = Fields(&g)
+        let names: Vec<String> = Fields(graph_of(&carved).unwrap())
             .filter_map(|f| match f.unwrap() {
                 (graph::NODE, Field::Bytes(b), _) => strings(b, node::NAME).unwrap().pop(),
                 _ => None,

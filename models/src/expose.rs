@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use crate::onnx::wire::{Field, Fields, Malformed, put_bytes, strings};
-use crate::onnx::{DataType, Dim, Node, ValueInfo, graph, model, node};
+use crate::onnx::{DataType, Dim, Node, ValueInfo, graph, graph_of, model, node};
 
 /// Why the scores could not be exposed.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +38,7 @@ pub fn scores_output(layer: usize) -> String {
 /// # Errors
 /// The bytes are not an ONNX model, or a layer's cross-attention does not have the converter's shape.
 pub fn cross_attention_scores(model: &[u8], layers: &[usize]) -> Result<Vec<u8>, ExposeError> {
-    let mut graph_bytes = None;
-    for f in Fields(model) {
-        if let (model::GRAPH, Field::Bytes(b), _) = f? {
-            graph_bytes = Some(b);
-        }
-    }
-    let graph_bytes = graph_bytes.ok_or(Malformed("no graph"))?;
+    let graph_bytes = graph_of(model)?;
     // (op type, inputs, outputs) of every node, and which nodes read each value.
     let mut nodes = Vec::new();
     for f in Fields(graph_bytes) {

@@ -757,11 +757,7 @@ mod tests {
     use crate::onnx::{Graph, Model};
 
     fn op_types(model: &[u8]) -> Vec<String> {
-        let graph = Fields(model).find_map(|f| match f.unwrap() {
-            (model::GRAPH, Field::Bytes(b), _) => Some(b),
-            _ => None,
-        });
-        Fields(graph.unwrap())
+        Fields(crate::onnx::graph_of(model).unwrap())
             .filter_map(|f| match f.unwrap() {
                 (graph::NODE, Field::Bytes(b), raw) => Some(parse_node(raw, b).unwrap().op_type),
                 _ => None,

@@ -584,12 +584,10 @@ async fn cover_art_listed_first_is_neither_decoded_nor_a_way_past_max_side() {
 #[tokio::test]
 async fn the_int8_image_tower_embeds_real_frames_as_fp32_does() {
     use heimdex_worker::media::frames::{DEFAULT_WORK_SIDE, FrameOptions, FrameStream};
-    use ort::value::TensorRef;
 
     let s = settings();
     assert!(s.vision.embed_int8, "int8 is the default");
     let vision = load();
-    let mut fp32 = engine().session(&models_dir().join(&s.vision.embed_dir).join("vision_model.onnx")).unwrap();
     let input = task(&media("video/sample.mp4")).await;
     let options = FrameOptions { rate: Some(1.0), max_side: s.vision.max_side, work_side: DEFAULT_WORK_SIDE };
     let mut stream = FrameStream::open(&input.media, &input.probe, options, Arc::default()).unwrap();
@@ -601,17 +599,7 @@ async fn the_int8_image_tower_embeds_real_frames_as_fp32_does() {
         frames.push(decode_still(&media(&format!("photos/{photo}.png")), 4096, DEFAULT_WORK_SIDE).await.unwrap());
     }
     assert!(frames.len() >= 25, "{} frames", frames.len());
-    let side = s.vision.embed_image_size as usize;
-    let mut cosines = Vec::new();
-    for frame in &frames {
-        let tensor = vision.siglip_tensor(frame).unwrap();
-        let out = fp32.run(ort::inputs![TensorRef::from_array_view(([1usize, 3, side, side], tensor.as_slice())).unwrap()]).unwrap();
-        let mut want = out[s.vision.embed_output.as_str()].try_extract_tensor::<f32>().unwrap().1.to_vec();
-        heimdex_worker::vision::siglip::l2_normalise(&mut want);
-        let got = vision.embed_frame(frame).await.unwrap();
-        assert_unit(&got, 768);
-        cosines.push(cosine(&got, &want));
-    }
+    let cosines = vision.cosines_to_fp32(&engine(), &frames).await.unwrap();
     let mean = cosines.iter().sum::<f32>() / cosines.len() as f32;
     let min = cosines.iter().copied().fold(f32::INFINITY, f32::min);
     assert!(mean >= 0.995 && min >= 0.99, "cosine to fp32: mean {mean}, min {min}: {cosines:?}");

@@ -212,18 +212,7 @@ async fn siglip_fidelity(vision: &VisionPipeline, engine: &Engine, settings: &Se
         let path = settings.models.dir.join(format!("media/photos/{photo}.png"));
         frames.push(decode_still(&path.display().to_string(), v.max_side, DEFAULT_WORK_SIDE).await?);
     }
-    let mut fp32 = engine.session(&settings.models.dir.join(&v.embed_dir).join("vision_model.onnx"))?;
-    let side = v.embed_image_size as usize;
-    let mut cosines = Vec::new();
-    for frame in &frames {
-        let tensor = vision.siglip_tensor(frame)?;
-        let out = fp32.run(ort::inputs![TensorRef::from_array_view(([1usize, 3, side, side], tensor.as_slice()))?])?;
-        let (_, want) = out[v.embed_output.as_str()].try_extract_tensor::<f32>()?;
-        let mut want = want.to_vec();
-        heimdex_worker::vision::siglip::l2_normalise(&mut want);
-        let got = vision.embed_frame(frame).await?;
-        cosines.push(got.iter().zip(&want).map(|(a, b)| f64::from(a * b)).sum::<f64>());
-    }
+    let cosines: Vec<f64> = vision.cosines_to_fp32(engine, &frames).await?.into_iter().map(f64::from).collect();
     let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
     let min = cosines.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(json!({

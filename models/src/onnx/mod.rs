@@ -52,6 +52,21 @@ pub mod opset {
     pub const VERSION: u64 = 2;
 }
 
+/// The graph of an ONNX model (its `ModelProto.graph`; the last one, as protobuf reads a field that
+/// comes twice).
+///
+/// # Errors
+/// The bytes are malformed, or they hold no graph.
+pub fn graph_of(model: &[u8]) -> Result<&[u8], Malformed> {
+    let mut graph = None;
+    for f in Fields(model) {
+        if let (model::GRAPH, Field::Bytes(b), _) = f? {
+            graph = Some(b);
+        }
+    }
+    graph.ok_or(Malformed("no graph"))
+}
+
 /// `GraphProto` field numbers.
 pub mod graph {
     pub const NODE: u64 = 1;

@@ -211,6 +211,14 @@ pub struct WarmupReport {
     pub duration: Duration,
 }
 
+/// Scales an embedding to unit length, as every embedder stores it (a zero vector stays zero).
+pub fn l2_normalise(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

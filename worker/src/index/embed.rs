@@ -13,7 +13,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::engine::{BatchRunner, InferenceError, ModelHandle};
+use crate::engine::{BatchRunner, InferenceError, ModelHandle, l2_normalise};
 
 /// One tokenised text.
 #[derive(Clone, Debug)]
@@ -105,14 +105,6 @@ impl BatchRunner for EmbedRunner {
             })
             .collect();
         Ok(vectors)
-    }
-}
-
-/// Scales `v` to unit length (zero vectors stay zero).
-pub fn l2_normalise(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
     }
 }
 

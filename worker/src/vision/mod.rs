@@ -154,6 +154,32 @@ impl VisionPipeline {
         Ok(out)
     }
 
+    /// Cosine between this pipeline's embedding of each frame and the image tower file's own fp32
+    /// run on the same tensor (`testing` feature): how far `vision.embed_int8` moved the embeddings.
+    /// The vision test and bench-vision hold it to the same bars.
+    ///
+    /// # Errors
+    /// The file did not load, or a run failed.
+    #[cfg(feature = "testing")]
+    pub async fn cosines_to_fp32(&self, engine: &crate::engine::Engine, frames: &[Frame]) -> Result<Vec<f32>, TaskError> {
+        use ort::value::TensorRef;
+        let file = self.models.iter().find(|m| m.name == SIGLIP_VISION).expect("the image tower is always loaded");
+        let mut fp32 = engine.session(std::path::Path::new(&file.path))?;
+        let side = self.settings.embed_image_size as usize;
+        let mut cosines = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let tensor = self.siglip_tensor(frame)?;
+            let input = TensorRef::from_array_view(([1usize, 3, side, side], tensor.as_slice())).map_err(InferenceError::from)?;
+            let out = fp32.run(ort::inputs![input]).map_err(InferenceError::from)?;
+            let (_, want) = out[self.settings.embed_output.as_str()].try_extract_tensor::<f32>().map_err(InferenceError::from)?;
+            let mut want = want.to_vec();
+            crate::engine::l2_normalise(&mut want);
+            let got = self.embed_frame(frame).await?;
+            cosines.push(got.iter().zip(&want).map(|(a, b)| a * b).sum());
+        }
+        Ok(cosines)
+    }
+
     /// Embeds one frame (batched with whatever else is waiting).
     ///
     /// # Errors

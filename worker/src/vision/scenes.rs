@@ -10,7 +10,7 @@
 //! embedding sum, so it is O(1) in the length of the video apart from its output.
 
 use super::preprocess::mean_abs_diff;
-use super::siglip::l2_normalise;
+use crate::engine::l2_normalise;
 
 /// One scene: sampled frames `first_frame..first_frame + frame_count`.
 #[derive(Clone, Debug, PartialEq)]

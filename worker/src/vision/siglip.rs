@@ -14,7 +14,7 @@ use ort::value::TensorRef;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::preprocess::siglip_chw;
-use crate::engine::{BatchRunner, InferenceError};
+use crate::engine::{BatchRunner, InferenceError, l2_normalise};
 
 /// File names inside `vision.embed_dir`.
 pub const VISION_FILE: &str = "vision_model.onnx";
@@ -23,14 +23,6 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The image tower's output after its encoder and before its pooling head: what the int8 rewrite is
 /// scoped to (`vision.embed_int8`).
 pub const ENCODER_OUTPUT: &str = "last_hidden_state";
-
-/// Scales `v` to unit length (a zero vector stays zero).
-pub fn l2_normalise(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-}
 
 /// Picks `wanted` among the session's outputs, else the first of `fallbacks` present.
 ///

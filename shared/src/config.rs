@@ -281,7 +281,7 @@ impl Default for DatabaseSettings {
             index_build_memory_mb: 1024,
             index_build_workers: 1,
             hnsw_m: 16,
-            hnsw_ef_construction: 128,
+            hnsw_ef_construction: 256,
         }
     }
 }
@@ -830,7 +830,7 @@ mod tests {
     #[test]
     fn hnsw_build_settings_are_held_to_pgvectors_bounds() {
         let mut s = Settings::default();
-        assert_eq!((s.database.hnsw_m, s.database.hnsw_ef_construction), (16, 128));
+        assert_eq!((s.database.hnsw_m, s.database.hnsw_ef_construction), (16, 256));
         s.database.hnsw_m = 24;
         assert!(s.validate().is_ok());
         for (m, ef) in [(1, 128), (101, 1000), (24, 40), (16, 1001)] {

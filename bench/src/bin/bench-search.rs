@@ -775,7 +775,7 @@ fn recall_summary(recalls: &[f64]) -> (f64, f64, usize) {
 /// fp32 against halfvec on the same frames: the nearest-frames statement of `heimdex_search_frames`
 /// (its HNSW stage, before the joins) on `frames` (halfvec) and on `frames_fp32` (the same rows as
 /// `vector`, its index built with the same `m`, `ef_construction` and build settings), alternating per
-/// query in one session, at `ef_search` 100 (the functions' for k = 10) and above, with recall
+/// query in one session, at `ef_search` 100, 200 and 400 (the functions' for k = 10), with recall
 /// against the exact fp32 top 10 (`exact`, per query).
 async fn compare_fp32(db: &ScratchDb, library: &Library, exact: &[&[(Uuid, i32)]], halfvec_build_s: f64, runs: usize) -> Result<Value> {
     let scratch = &db.settings;
@@ -852,7 +852,7 @@ async fn compare_fp32(db: &ScratchDb, library: &Library, exact: &[&[(Uuid, i32)]
     let mut rows = Vec::new();
     println!(
         "fp32 against halfvec, the same {} frames, the nearest-frames statement alone, alternating per query \
-         (heimdex_search_frames uses ef_search 100 for k = 10):",
+         (heimdex_search_frames uses ef_search 400 for k = 10):",
         library.frame_vectors.len() / dim
     );
     println!(

@@ -5,7 +5,9 @@
 -- none of their neighbours; a wider candidate list finds the way back more often. With 100, recall@10
 -- was 0.9795 for segments and 0.987 for frames; on the same frames the nearest-frames statement
 -- reached 0.992 at 400 for 1.7 ms more at p50 (4.2 ms against 2.5). The rule stays 10·k above that,
--- at most 1000. The bodies are otherwise those of 20261205000002.
+-- at most 1000. The floor is the function's own `SET hnsw.ef_search`, read back in the body, so it is
+-- written once per function and `ALTER FUNCTION … SET hnsw.ef_search = n` retunes it without a new
+-- body. The bodies are otherwise those of 20261205000002.
 
 CREATE OR REPLACE FUNCTION heimdex_search_segments(
     query_vec halfvec,
@@ -38,7 +40,7 @@ BEGIN
     IF k IS NULL OR k < 1 OR k > 1000 THEN
         RAISE EXCEPTION 'k must be between 1 and 1000, not %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM set_config('hnsw.ef_search', least(greatest(10 * k, 400, candidates), 1000)::text, true);
+    PERFORM set_config('hnsw.ef_search', least(greatest(10 * k, current_setting('hnsw.ef_search')::integer, candidates), 1000)::text, true);
     RETURN QUERY EXECUTE format($q$
         WITH semantic AS MATERIALIZED (
             SELECT s.video_id, s.idx, s.start_s, s.end_s, s.text, s.embedding::halfvec(%1$s) <=> $1 AS distance
@@ -107,7 +109,7 @@ BEGIN
     IF k IS NULL OR k < 1 OR k > 1000 THEN
         RAISE EXCEPTION 'k must be between 1 and 1000, not %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM set_config('hnsw.ef_search', least(greatest(10 * k, 400), 1000)::text, true);
+    PERFORM set_config('hnsw.ef_search', least(greatest(10 * k, current_setting('hnsw.ef_search')::integer), 1000)::text, true);
     RETURN QUERY EXECUTE format($q$
         WITH nearest AS MATERIALIZED (
             SELECT f.video_id, f.idx, f.ts_s, f.scene_idx, f.embedding::halfvec(%1$s) <=> $1 AS distance

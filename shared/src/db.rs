@@ -155,8 +155,9 @@ pub fn vector_index_name(table: &str, model: &str, dim: usize) -> String {
 /// `database.hnsw_m` links per node and `database.hnsw_ef_construction` (256 rather than pgvector's
 /// 64: on clustered vectors a thinner graph leaves a query's cluster unreachable from where the
 /// search lands often enough to cost recall: 0.92 at k = 10 with 64 at 100k frames, 0.96 with 128 at
-/// 1M (bench-search); each doubling about doubles the build time). An index that exists is kept as it is: a changed `m` applies to indexes built
-/// after it (drop one to rebuild it).
+/// 1M (bench-search); each doubling about doubles the build time). An index that exists is kept as
+/// it is: a changed `m` or `ef_construction` applies to indexes built after it (drop one to rebuild
+/// it).
 ///
 /// The build gets `database.index_build_memory_mb` of `maintenance_work_mem` (a graph that outgrows
 /// it is built many times slower) and `database.index_build_workers` parallel workers, and no

@@ -599,6 +599,9 @@ async fn the_int8_image_tower_embeds_real_frames_as_fp32_does() {
         frames.push(decode_still(&media(&format!("photos/{photo}.png")), 4096, DEFAULT_WORK_SIDE).await.unwrap());
     }
     assert!(frames.len() >= 25, "{} frames", frames.len());
+    for frame in &frames {
+        assert_unit(&vision.embed_frame(frame).await.unwrap(), 768);
+    }
     let cosines = vision.cosines_to_fp32(&engine(), &frames).await.unwrap();
     let mean = cosines.iter().sum::<f32>() / cosines.len() as f32;
     let min = cosines.iter().copied().fold(f32::INFINITY, f32::min);

@@ -71,6 +71,8 @@ pub struct TestEnv {
     pub fleet: Fleet,
     /// When every wait of this test gives up ([`TEST_BUDGET`] after the start).
     pub deadline: tokio::time::Instant,
+    /// Set by [`TestEnv::cleanup`]; otherwise dropping the world removes it.
+    cleaned: bool,
 }
 
 impl TestEnv {
@@ -125,7 +127,7 @@ impl TestEnv {
         let (connection, channel) = topology::connect(&settings.amqp, "heimdex-tests").await.expect("rabbitmq is running");
         Topology::new(&settings.amqp).declare(&channel, &settings.worker).await.expect("declare");
         let fleet = Fleet::connect(&settings.redis, &settings.amqp.prefix).await.expect("redis is running");
-        Self { name, settings, pool, media, channel, connection, fleet, deadline }
+        Self { name, settings, pool, media, channel, connection, fleet, deadline, cleaned: false }
     }
 
     pub fn topology(&self) -> Topology {
@@ -454,20 +456,49 @@ impl TestEnv {
     }
 
     /// Drops the databases and the queues.
-    pub async fn cleanup(self) {
-        // On a connection of its own (the test's may have died with a broker it restarted), and for
-        // every retry step a worker of this test may have declared with more attempts than ours.
-        let worker = heimdex_shared::config::WorkerSettings { max_attempts: 10, ..self.settings.worker.clone() };
-        if let Ok((connection, channel)) = topology::connect(&self.settings.amqp, "heimdex-tests-cleanup").await {
-            let _ = self.topology().delete(&channel, &worker).await;
-            let _ = connection.close(0, "cleaned up".into()).await;
-        }
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
         self.pool.close().await;
-        if let Ok(admin) = PgPool::connect(ADMIN_DB).await {
-            for name in [format!("heimdex_{}", self.name), format!("heimdex_{}_before", self.name)] {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
-            }
+        remove_world(&self.name, &self.settings).await;
+    }
+}
+
+/// A test that panics never reaches [`TestEnv::cleanup`]: its database and its queues (quorum queues
+/// hold disk on every broker) are removed here instead, on a thread and a runtime of their own, since
+/// the test's runtime is unwinding.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
         }
+        let (name, settings) = (self.name.clone(), self.settings.clone());
+        let cleaner = std::thread::spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(async {
+                if tokio::time::timeout(Duration::from_secs(30), remove_world(&name, &settings)).await.is_err() {
+                    eprintln!("test {name}: its database and queues were not removed within 30 s");
+                }
+            }),
+            Err(e) => eprintln!("test {name}: no runtime to remove its database and queues: {e}"),
+        });
+        let _ = cleaner.join();
+    }
+}
+
+/// Deletes the queues and exchanges of test `name` and drops its databases.
+async fn remove_world(name: &str, settings: &Settings) {
+    // On a connection of its own (the test's may have died with a broker it restarted), and for
+    // every retry step a worker of this test may have declared with more attempts than ours.
+    let worker = heimdex_shared::config::WorkerSettings { max_attempts: 10, ..settings.worker.clone() };
+    if let Ok((connection, channel)) = topology::connect(&settings.amqp, "heimdex-tests-cleanup").await {
+        let _ = Topology::new(&settings.amqp).delete(&channel, &worker).await;
+        let _ = connection.close(0, "cleaned up".into()).await;
+    }
+    if let Ok(admin) = PgPool::connect(ADMIN_DB).await {
+        // FORCE ends the test's own connections, which may still be open.
+        for db in [format!("heimdex_{name}"), format!("heimdex_{name}_before")] {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin).await;
+        }
+        admin.close().await;
     }
 }
 

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::contract::{Metadata, TaskKind};
 use crate::jobs::JobStatus;
+use crate::outbox::OutboxError;
 use crate::topology::{CONFIRM_TIMEOUT, PublishError, Topology};
 
 /// The version of the event body this build writes.
@@ -92,15 +93,6 @@ pub fn json_schema() -> serde_json::Value {
     schema.to_value()
 }
 
-/// Why events could not be relayed; what was not published stays for the next round.
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("publishing an event: {0}")]
-    Publish(#[from] PublishError),
-}
-
 /// Publishes every event in `event_outbox`, oldest first, and deletes what the broker confirmed.
 /// Rows are locked with `SKIP LOCKED`, so the relays of several workers share the work. Returns how
 /// many were published.
@@ -110,7 +102,7 @@ pub enum RelayError {
 ///
 /// # Errors
 /// Database or broker errors; the rows confirmed before the error are deleted, the rest stay.
-pub async fn relay(pool: &PgPool, channel: &Channel, topology: &Topology) -> Result<usize, RelayError> {
+pub async fn relay(pool: &PgPool, channel: &Channel, topology: &Topology) -> Result<usize, OutboxError> {
     let exchange = topology.events_exchange();
     let mut published = 0;
     loop {

@@ -16,7 +16,8 @@ use crate::contract::TaskMessage;
 use crate::error::cap;
 use crate::topology::{self, PublishError, Topology};
 
-/// Why the outbox could not be flushed.
+/// Why an outbox (the tasks' here, the events' in [`crate::events`]) could not be flushed; what was
+/// not published stays for the next round.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("database: {0}")]
@@ -48,7 +49,7 @@ pub async fn store(conn: &mut PgConnection, job_id: Uuid, message: &TaskMessage)
 /// The broker did not confirm (the message stays in the outbox for [`relay`]), or the database failed.
 pub async fn publish(pool: &PgPool, channel: &Channel, topology: &Topology, message: &TaskMessage) -> Result<(), OutboxError> {
     let body = message.to_body();
-    topology::publish_task(channel, topology, message).await?;
+    topology::publish_task(channel, topology, message, &body).await?;
     sqlx::query("DELETE FROM outbox WHERE job_id = $1 AND body = $2").bind(message.job_id).bind(&body).execute(pool).await?;
     Ok(())
 }
@@ -71,7 +72,7 @@ pub async fn relay(pool: &PgPool, channel: &Channel, topology: &Topology, older_
     let mut published = 0;
     for (job_id, body) in rows {
         match TaskMessage::parse(&body) {
-            Ok(message) => match topology::publish_task(channel, topology, &message).await {
+            Ok(message) => match topology::publish_task(channel, topology, &message, &body).await {
                 Ok(()) => published += 1,
                 // Unroutable now (a queue unbound or deleted): the row stays for the next round, and
                 // does not hold back the rows behind it.

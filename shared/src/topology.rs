@@ -313,12 +313,13 @@ pub fn task_properties(message: &TaskMessage, attempt: u32) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// Publishes a task to the exchange and waits for the broker's confirm.
+/// Publishes a task to the exchange and waits for the broker's confirm. `body` is `message` as
+/// stored in the outbox ([`TaskMessage::to_body`]), published as it is, so it is serialised once.
 ///
 /// # Errors
 /// The broker is unreachable, or it nacked or returned the message.
-pub async fn publish_task(channel: &Channel, topology: &Topology, message: &TaskMessage) -> Result<(), PublishError> {
-    publish_confirmed(channel, topology.exchange(), message.kind.as_str(), &message.to_body(), task_properties(message, 1)).await
+pub async fn publish_task(channel: &Channel, topology: &Topology, message: &TaskMessage, body: &[u8]) -> Result<(), PublishError> {
+    publish_confirmed(channel, topology.exchange(), message.kind.as_str(), body, task_properties(message, 1)).await
 }
 
 /// How long a publish may wait for the broker's confirm.

@@ -314,7 +314,7 @@ pub struct ApiError(StatusCode, String);
 impl ApiError {
     /// 503 for a dependency that is down; the cause goes to the log, not to the caller.
     fn unavailable(what: &str, cause: &(dyn std::error::Error + 'static)) -> Self {
-        tracing::warn!(error = %redact_text(&heimdex_shared::telemetry::chain(cause)), "{what} is unavailable");
+        tracing::warn!(error = %remote::redact_text(&heimdex_shared::telemetry::chain(cause)), "{what} is unavailable");
         Self(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is unavailable"))
     }
 }
@@ -329,7 +329,7 @@ pub struct ErrorBody {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // Reasons may quote the caller's input: a URL in it loses its secrets here too.
-        (self.0, Json(ErrorBody { error: redact_text(&self.1) })).into_response()
+        (self.0, Json(ErrorBody { error: remote::redact_text(&self.1) })).into_response()
     }
 }
 
@@ -387,35 +387,10 @@ fn bad_request(reason: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, reason.into())
 }
 
-/// `text` with every URL in it as [`remote::redact`] shows it (http and https) or with its password
-/// masked (other schemes): for reasons that quote a URL, and for stored errors.
-fn redact_text(text: &str) -> String {
-    if !text.contains("://") {
-        return text.to_string();
-    }
-    let delimiter = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | '(' | ')' | '[' | ']' | '{' | '}');
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find("://") {
-        let start = rest[..at].rfind(delimiter).map_or(0, |i| i + rest[i..].chars().next().map_or(1, char::len_utf8));
-        let end = rest[at..].find(delimiter).map_or(rest.len(), |n| at + n);
-        out.push_str(&rest[..start]);
-        let url = &rest[start..end];
-        if remote::is_remote(url) {
-            out.push_str(&remote::redact(url));
-        } else {
-            out.push_str(&heimdex_shared::config::redact_url(url));
-        }
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// A job row as answers show it: its URL redacted, in its URI and in its last error.
 fn shown(mut row: JobRow) -> JobRow {
     row.uri = remote::redact(&row.uri);
-    row.last_error = row.last_error.map(|e| redact_text(&e));
+    row.last_error = row.last_error.map(|e| remote::redact_text(&e));
     row
 }
 
@@ -667,7 +642,7 @@ async fn status_json(State(app): State<Arc<App>>) -> Result<Json<Snapshot>, ApiE
     };
     let mut snapshot = snapshot;
     if let Some(e) = snapshot.workers_error.take() {
-        tracing::warn!(error = %redact_text(&e), "live worker state is unavailable");
+        tracing::warn!(error = %remote::redact_text(&e), "live worker state is unavailable");
         snapshot.workers_error = Some("live worker state is unavailable (Redis)".into());
     }
     snapshot.recent = snapshot.recent.into_iter().map(shown).collect();
@@ -1076,15 +1051,5 @@ mod tests {
         ] {
             assert!(!authorized(&keys, &headers(refused)), "{refused:?}");
         }
-    }
-
-    #[test]
-    fn urls_in_text_lose_their_secrets() {
-        assert_eq!(
-            redact_text("ffprobe cannot read https://bob:pw@cdn.example/a.mp4?sig=1: 403 (\"http://u:p@h/x?y\")"),
-            "ffprobe cannot read https://cdn.example/a.mp4?… 403 (\"http://h/x?…\")"
-        );
-        assert_eq!(redact_text("broker amqp://guest:pw@10.0.0.1:5672/%2f down"), "broker amqp://guest:***@10.0.0.1:5672/%2f down");
-        assert_eq!(redact_text("no url here"), "no url here");
     }
 }

@@ -60,6 +60,31 @@ pub fn redact(uri: &str) -> String {
     shown
 }
 
+/// `text` with every URL in it as [`redact`] shows it (http and https) or with its password
+/// masked (other schemes): for reasons that quote a URL, and for stored errors.
+pub fn redact_text(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_string();
+    }
+    let delimiter = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | '(' | ')' | '[' | ']' | '{' | '}');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let start = rest[..at].rfind(delimiter).map_or(0, |i| i + rest[i..].chars().next().map_or(1, char::len_utf8));
+        let end = rest[at..].find(delimiter).map_or(rest.len(), |n| at + n);
+        out.push_str(&rest[..start]);
+        let url = &rest[start..end];
+        if is_remote(url) {
+            out.push_str(&redact(url));
+        } else {
+            out.push_str(&crate::config::redact_url(url));
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The canonical form of an http(s) URL, as a browser would send it (host lowercased, IPv4 numbers
 /// in any notation written as dotted quads, default port and fragment dropped). This string
 /// identifies a remote video: enqueuing the same canonical URL again is the same video.
@@ -377,5 +402,15 @@ mod tests {
             assert!(matches!(err, MediaError::RemoteRefused { .. }), "{bad}: {err}");
             assert_eq!(err.disposition(), crate::error::Disposition::Permanent, "{bad}");
         }
+    }
+
+    #[test]
+    fn urls_in_text_lose_their_secrets() {
+        assert_eq!(
+            redact_text("ffprobe cannot read https://bob:pw@cdn.example/a.mp4?sig=1: 403 (\"http://u:p@h/x?y\")"),
+            "ffprobe cannot read https://cdn.example/a.mp4?… 403 (\"http://h/x?…\")"
+        );
+        assert_eq!(redact_text("broker amqp://guest:pw@10.0.0.1:5672/%2f down"), "broker amqp://guest:***@10.0.0.1:5672/%2f down");
+        assert_eq!(redact_text("no url here"), "no url here");
     }
 }

@@ -16,12 +16,12 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use heimdex_bench::measure::{child_json, cpu_seconds, field_median, histogram_totals, median, ms, peak_rss_mib, write_report};
+use heimdex_bench::measure::{child_json, cpu_seconds, field_median, histogram_totals, isa_flags, median, ms, peak_rss_mib, write_report};
 use heimdex_models::registry::ModelRegistry;
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_worker::engine::Engine;
-use heimdex_worker::media::frames::{DEFAULT_WORK_SIDE, Frame, FrameOptions, FrameStream, decode_still};
+use heimdex_worker::media::frames::{DEFAULT_WORK_SIDE, Frame, FrameOptions, FrameStream, decode_still, sampling_filter, working_size};
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::{LoadContext, Pipeline, StageTimings, TaskInput};
 use heimdex_worker::vision::VisionPipeline;
@@ -45,7 +45,8 @@ struct Args {
     child: Option<String>,
     #[arg(long, hide = true, default_value_t = 1)]
     concurrency: usize,
-    /// Parts to run, comma-separated: cold, latency, rss, throughput, siglip, inference, decode
+    /// Parts to run, comma-separated: cold, latency, rss, throughput, siglip, inference, decode,
+    /// decode-modes
     /// (default: all). `throughput` alternates, round by round, with our SigLIP image tower alone (as
     /// the worker loads it, in a fresh process); `siglip` alternates that with SigLIP alone through
     /// onnxruntime's Python API as shipped (fp32), and checks our embeddings against fp32's.
@@ -330,6 +331,69 @@ fn siglip_alone_python(python: &Path, settings: &Settings, batches: &[usize]) ->
     )
 }
 
+/// Cheaper ways to decode `media` at the task's rate, against the task's own decode (issue 22): per
+/// way, ffmpeg's CPU per sampled frame (median of `runs`, the ways alternating within each round) and
+/// how many sampled frames are bit-identical to the task's. A way that changes a frame changes the
+/// picture a timestamp shows. Frames are hashed (`framemd5`, about 1 ms a 640×360 frame, in every way).
+fn decode_modes(settings: &Settings, media: &Path, probe: &heimdex_shared::media::Probe, runs: usize) -> Result<Value> {
+    let (Some(stream), Some(width), Some(height)) = (probe.video_stream, probe.width, probe.height) else {
+        bail!("{} has no video stream", media.display());
+    };
+    let rate = Some(settings.vision.frame_rate);
+    let task = sampling_filter(rate, working_size(width, height, DEFAULT_WORK_SIDE));
+    let side = settings.vision.embed_image_size;
+    let ways: [(&str, &[&str], Option<String>); 6] = [
+        ("the task's (exact)", &[], Some(task.clone())),
+        ("-skip_frame noref", &["-skip_frame", "noref"], Some(task.clone())),
+        ("-skip_frame nokey", &["-skip_frame", "nokey"], Some(task.clone())),
+        ("-skip_loop_filter noref", &["-skip_loop_filter", "noref"], Some(task.clone())),
+        ("YUV straight to SigLIP's side", &[], Some(sampling_filter(rate, (side, side)))),
+        ("decoding alone (every frame)", &[], None),
+    ];
+    let run = |pre: &[&str], filter: &Option<String>| -> Result<(f64, Vec<String>)> {
+        let mut cmd = Command::new("ffmpeg");
+        cmd.args(["-nostdin", "-v", "error", "-noautorotate", "-threads", "1"]).args(pre).arg("-i").arg(media);
+        cmd.args(["-map", &format!("0:{stream}"), "-an", "-sn", "-dn"]);
+        match filter {
+            Some(filter) => cmd.args(["-vf", filter, "-pix_fmt", "rgb24", "-f", "framemd5", "-"]),
+            None => cmd.args(["-f", "null", "-"]),
+        };
+        let cpu0 = cpu_seconds();
+        let out = cmd.output()?;
+        let cpu = cpu_seconds() - cpu0;
+        if !out.status.success() {
+            bail!("ffmpeg {pre:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let hashes = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(',').next())
+            .map(|h| h.trim().to_string())
+            .collect();
+        Ok((cpu, hashes))
+    };
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
+    let mut hashes: Vec<Vec<String>> = vec![Vec::new(); ways.len()];
+    for _ in 0..runs {
+        for (i, (_, pre, filter)) in ways.iter().enumerate() {
+            let (seconds, h) = run(pre, filter)?;
+            cpu[i].push(seconds);
+            hashes[i] = h;
+        }
+    }
+    let sampled = hashes[0].len();
+    let rows: Vec<Value> = ways
+        .iter()
+        .zip(cpu)
+        .zip(&hashes)
+        .map(|(((name, _, filter), cpu), h)| {
+            let identical = (filter.as_deref() == Some(task.as_str())).then(|| h.iter().zip(&hashes[0]).filter(|(a, b)| a == b).count());
+            json!({ "way": name, "cpu_ms_per_sampled_frame": median(cpu) * 1000.0 / sampled as f64, "frames": filter.is_some().then_some(h.len()), "identical_to_task": identical })
+        })
+        .collect();
+    Ok(json!({ "media": media.display().to_string(), "sampled_frames": sampled, "runs": runs, "isa": isa_flags(), "ways": rows }))
+}
+
 /// Where a task's time goes on `media`: the task's own ffmpeg frame stream read to the end with no
 /// models, against the whole task (concurrency 1), alternating which runs first.
 async fn decode_breakdown(vision: &VisionPipeline, settings: &Settings, media: &Path, runs: usize) -> Result<Value> {
@@ -547,6 +611,16 @@ async fn main() -> Result<()> {
         }
         result["decode_vs_task"] = json!(rows);
     }
+    if args.wants("decode-modes") {
+        let mut rows = Vec::new();
+        for v in std::iter::once(PathBuf::from(sample_path(&settings))).chain(args.decode_video.iter().cloned()) {
+            let probe = heimdex_shared::media::probe(&v.display().to_string()).await?;
+            let row = decode_modes(&settings, &v, &probe, runs)?;
+            eprintln!("decode modes: {row}");
+            rows.push(row);
+        }
+        result["decode_modes"] = json!(rows);
+    }
     print_table(&result);
     write_report(&args.out, &result)?;
     eprintln!("wrote {}", args.out.display());
@@ -646,6 +720,21 @@ fn print_table(r: &Value) {
                 share,
                 f(&v["task_waiting_for_decode_ms"]),
                 f(&v["task_cpu_s_per_video_hour"])
+            );
+        }
+    }
+    for video in r["decode_modes"].as_array().into_iter().flatten() {
+        let name = video["media"].as_str().and_then(|m| m.rsplit('/').next()).unwrap_or("-");
+        println!("decode {name} at the task's rate, each way's ffmpeg (cpu {})", video["isa"].as_str().unwrap_or("-"));
+        println!("{:<34} {:>14} {:>8} {:>20}", "way", "CPU ms/frame", "frames", "identical to task's");
+        for w in video["ways"].as_array().into_iter().flatten() {
+            let identical = w["identical_to_task"].as_u64().map_or("-".into(), |n| format!("{n} of {}", video["sampled_frames"]));
+            println!(
+                "{:<34} {:>14} {:>8} {:>20}",
+                w["way"].as_str().unwrap_or("-"),
+                f(&w["cpu_ms_per_sampled_frame"]),
+                w["frames"],
+                identical
             );
         }
     }

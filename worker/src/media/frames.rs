@@ -133,6 +133,15 @@ pub fn working_size(width: u32, height: u32, work_side: u32) -> (u32, u32) {
     (w, h)
 }
 
+/// The ffmpeg filter that samples a decoded stream at `rate` (every frame when `None`) and scales it to
+/// `size`.
+pub fn sampling_filter(rate: Option<f32>, (w, h): (u32, u32)) -> String {
+    // `round=up`: frame i is the picture on screen at i / rate (the last one at or before it).
+    let sample = rate.map(|rate| format!("fps={rate}:round=up,")).unwrap_or_default();
+    // `area` averages every source pixel into the smaller frame (no aliasing on downscale).
+    format!("{sample}scale={w}:{h}:flags=area")
+}
+
 /// A running ffmpeg decode, read one frame at a time.
 #[derive(Debug)]
 pub struct FrameStream {
@@ -173,13 +182,7 @@ impl FrameStream {
             return Err(FrameError::Rate(rate));
         }
         let (w, h) = working_size(width, height, options.work_side);
-        let mut filter = String::new();
-        if let Some(rate) = options.rate {
-            // `round=up`: frame i is the picture on screen at i / rate (the last one at or before it).
-            filter.push_str(&format!("fps={rate}:round=up,"));
-        }
-        // `area` averages every source pixel into the smaller frame (no aliasing on downscale).
-        filter.push_str(&format!("scale={w}:{h}:flags=area"));
+        let filter = sampling_filter(options.rate, (w, h));
         let input = format!("file:{media}");
         // The probed stream, not `0:v:0`: a cover-art picture listed first would be decoded
         // instead, unchecked against `max_side`.

@@ -209,24 +209,28 @@ pub enum Memory {
 /// Buffers of at least [`MMAP_THRESHOLD`] bytes are mapped for themselves and unmapped when freed,
 /// process-wide, from the first [`Memory::Bounded`] session on.
 ///
-/// Why: a bounded session hands every run's buffers back to glibc's malloc, whose mmap threshold
-/// rises with the first large buffer freed (up to 32 MiB), after which buffers of a few MiB to 32
-/// MiB (Whisper's per-layer cross-attention K/V, its attention scores) come from the heap arenas of
-/// whichever thread ran, and stay resident there, fragmented, after the run. Measured with one 600 s
-/// recording (`bench-index --parts rss-long --rss-long 1`, AMD EPYC with AVX-512 VNNI): peak RSS
-/// 924 and 926 MB against 570 after warm-up; with a fixed 16 MiB threshold (which also stops its
-/// rise) 665 MB. 4 MiB gave 621 MB and a 1 MiB trim threshold 510 MB, but 6 % and 58 % more time.
+/// Why: a bounded session hands every run's buffers back to glibc's malloc. By default malloc raises
+/// its mmap threshold to the size of the largest mapped buffer freed (up to 32 MiB) and its trim
+/// threshold to twice that, so after Whisper's first large free, buffers up to 32 MiB come from the
+/// heap arenas of the threads that ran them, and each arena keeps up to 64 MiB free at its top
+/// without giving it back. Setting the threshold turns that adjustment off: 16 MiB and more is
+/// mapped, and heaps are trimmed at malloc's default 128 KiB. Measured with one 600 s recording
+/// (`bench-index --parts rss-long --rss-long 1`, AMD EPYC with AVX-512 VNNI): peak RSS 924 and 926
+/// MB (570 after warm-up), with this 669 and 673 MB; 4 MiB (as `MALLOC_MMAP_THRESHOLD_`) gave 621
+/// MB and a 1 MiB trim threshold 510 MB, but their runs took 6 % and 58 % longer than 16 MiB's.
 /// The workspace's one `unsafe`: a call into the C library, which has no safe wrapper.
 #[allow(unsafe_code)]
 fn large_buffers_to_mmap() {
-    static SET: std::sync::Once = std::sync::Once::new();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    SET.call_once(|| {
-        // SAFETY: mallopt only sets a parameter of glibc's allocator; any thread may call it.
-        if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
-            tracing::warn!(threshold = MMAP_THRESHOLD, "could not set malloc's mmap threshold");
-        }
-    });
+    {
+        static SET: std::sync::Once = std::sync::Once::new();
+        SET.call_once(|| {
+            // SAFETY: mallopt only sets a parameter of glibc's allocator; any thread may call it.
+            if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
+                tracing::warn!(threshold = MMAP_THRESHOLD, "could not set malloc's mmap threshold");
+            }
+        });
+    }
 }
 
 /// See [`large_buffers_to_mmap`].

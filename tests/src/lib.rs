@@ -73,6 +73,9 @@ pub struct TestEnv {
     pub deadline: tokio::time::Instant,
     /// Set by [`TestEnv::cleanup`]; otherwise dropping the world removes it.
     cleaned: bool,
+    /// Processes this world started (workers, `heimdex serve`): stopped before its queues are
+    /// deleted, since a worker that outlives the deletion declares them again.
+    children: std::sync::Mutex<Vec<u32>>,
 }
 
 impl TestEnv {
@@ -127,7 +130,7 @@ impl TestEnv {
         let (connection, channel) = topology::connect(&settings.amqp, "heimdex-tests").await.expect("rabbitmq is running");
         Topology::new(&settings.amqp).declare(&channel, &settings.worker).await.expect("declare");
         let fleet = Fleet::connect(&settings.redis, &settings.amqp.prefix).await.expect("redis is running");
-        Self { name, settings, pool, media, channel, connection, fleet, deadline, cleaned: false }
+        Self { name, settings, pool, media, channel, connection, fleet, deadline, cleaned: false, children: Default::default() }
     }
 
     pub fn topology(&self) -> Topology {
@@ -196,6 +199,7 @@ impl TestEnv {
             cmd.env(k, v);
         }
         let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).kill_on_drop(true).spawn().expect("spawn worker");
+        self.children.lock().expect("children").extend(child.id());
         WorkerProcess { id: id.to_string(), child, log }
     }
 
@@ -243,6 +247,7 @@ impl TestEnv {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn heimdex serve");
+        self.children.lock().expect("children").extend(child.id());
         let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.expect("serve started").expect("read");
         let line = line.unwrap_or_else(|| panic!("heimdex serve printed no address; its log:\n{}", self.serve_log()));
@@ -458,6 +463,7 @@ impl TestEnv {
     /// Drops the databases and the queues.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
+        stop_children(&self.children.lock().expect("children"));
         self.pool.close().await;
         remove_world(&self.name, &self.settings).await;
     }
@@ -471,6 +477,7 @@ impl Drop for TestEnv {
         if self.cleaned {
             return;
         }
+        stop_children(&self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let (name, settings) = (self.name.clone(), self.settings.clone());
         let cleaner = std::thread::spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime.block_on(async {
@@ -481,6 +488,30 @@ impl Drop for TestEnv {
             Err(e) => eprintln!("test {name}: no runtime to remove its database and queues: {e}"),
         });
         let _ = cleaner.join();
+    }
+}
+
+/// Kills those of `pids` that are still this process's children and waits, at most 10 s, until each
+/// has exited (a zombie counts: it holds no connection). A pid whose parent is another process was
+/// reaped and reused, and is left alone.
+fn stop_children(pids: &[u32]) {
+    let stat = |pid: u32| -> Option<(String, u32)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+        Some((fields.next()?.to_string(), fields.next()?.parse().ok()?))
+    };
+    let ours = |pid: u32| stat(pid).is_some_and(|(state, parent)| parent == std::process::id() && state != "Z");
+    let alive: Vec<u32> = pids.iter().copied().filter(|&pid| ours(pid)).collect();
+    for &pid in &alive {
+        let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive.iter().any(|&pid| ours(pid)) {
+        if std::time::Instant::now() > deadline {
+            eprintln!("processes {alive:?} still run 10 s after SIGKILL; their queues may be declared again");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -460,7 +460,8 @@ impl TestEnv {
         pool
     }
 
-    /// Drops the databases and the queues.
+    /// Stops the workers and `heimdex serve` this world started, then deletes its queues and drops
+    /// its databases.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
         stop_children(&self.children.lock().expect("children"));
@@ -469,9 +470,9 @@ impl TestEnv {
     }
 }
 
-/// A test that panics never reaches [`TestEnv::cleanup`]: its database and its queues (quorum queues
-/// hold disk on every broker) are removed here instead, on a thread and a runtime of their own, since
-/// the test's runtime is unwinding.
+/// A test that panics never reaches [`TestEnv::cleanup`]: its processes are stopped and its database
+/// and queues (quorum queues hold disk on every broker) removed here instead, on a thread and a
+/// runtime of their own, since the test's runtime is unwinding.
 impl Drop for TestEnv {
     fn drop(&mut self) {
         if self.cleaned {

@@ -496,12 +496,7 @@ impl Drop for TestEnv {
 /// has exited (a zombie counts: it holds no connection). A pid whose parent is another process was
 /// reaped and reused, and is left alone.
 fn stop_children(pids: &[u32]) {
-    let stat = |pid: u32| -> Option<(String, u32)> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-        Some((fields.next()?.to_string(), fields.next()?.parse().ok()?))
-    };
-    let ours = |pid: u32| stat(pid).is_some_and(|(state, parent)| parent == std::process::id() && state != "Z");
+    let ours = |pid: u32| proc_stat(pid).is_some_and(|(state, parent)| parent == std::process::id() && state != "Z");
     let alive: Vec<u32> = pids.iter().copied().filter(|&pid| ours(pid)).collect();
     for &pid in &alive {
         let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
@@ -514,6 +509,14 @@ fn stop_children(pids: &[u32]) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A process's state letter (`Z` for a zombie) and parent pid from `/proc`; `None` once it is gone.
+fn proc_stat(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised name (which may hold spaces): state, then the parent's pid.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    Some((fields.next()?.to_string(), fields.next()?.parse().ok()?))
 }
 
 /// Deletes the queues and exchanges of test `name` and drops its databases.
@@ -556,10 +559,7 @@ impl WorkerProcess {
     /// reaping it, which would need `&mut`.
     pub fn exited(&self) -> bool {
         let Some(pid) = self.child.id() else { return true };
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("Z"),
-            Err(_) => true,
-        }
+        proc_stat(pid).is_none_or(|(state, _)| state == "Z")
     }
 
     /// The worker's log so far (for assertion messages).

@@ -21,7 +21,9 @@ use heimdex_models::registry::ModelRegistry;
 use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_worker::engine::Engine;
-use heimdex_worker::media::frames::{DEFAULT_WORK_SIDE, Frame, FrameOptions, FrameStream, decode_still, sampling_filter, working_size};
+use heimdex_worker::media::frames::{
+    DECODER_ARGS, DEFAULT_WORK_SIDE, Frame, FrameOptions, FrameStream, decode_still, sampling_filter, working_size,
+};
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::{LoadContext, Pipeline, StageTimings, TaskInput};
 use heimdex_worker::vision::VisionPipeline;
@@ -352,7 +354,7 @@ fn decode_modes(settings: &Settings, media: &Path, probe: &heimdex_shared::media
     ];
     let run = |pre: &[&str], filter: &Option<String>| -> Result<(f64, Vec<String>)> {
         let mut cmd = Command::new("ffmpeg");
-        cmd.args(["-nostdin", "-v", "error", "-noautorotate", "-threads", "1"]).args(pre).arg("-i").arg(media);
+        cmd.args(DECODER_ARGS).args(heimdex_shared::media::INPUT_FENCE).args(pre).arg("-i").arg(format!("file:{}", media.display()));
         cmd.args(["-map", &format!("0:{stream}"), "-an", "-sn", "-dn"]);
         match filter {
             Some(filter) => cmd.args(["-vf", filter, "-pix_fmt", "rgb24", "-f", "framemd5", "-"]),
@@ -733,7 +735,7 @@ fn print_table(r: &Value) {
                 "{:<34} {:>14} {:>8} {:>20}",
                 w["way"].as_str().unwrap_or("-"),
                 f(&w["cpu_ms_per_sampled_frame"]),
-                w["frames"],
+                w["frames"].as_u64().map_or("-".into(), |n| n.to_string()),
                 identical
             );
         }

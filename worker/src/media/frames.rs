@@ -133,6 +133,13 @@ pub fn working_size(width: u32, height: u32, work_side: u32) -> (u32, u32) {
     (w, h)
 }
 
+/// How ffmpeg decodes a task's video (before its input fence and `-i`): errors fail the stream
+/// (`-xerror`), the picture is not rotated, and one decoder thread: the models keep every core busy,
+/// and frame threading costs a third more CPU for the same frames (sample.mp4: 1.3 CPU-s
+/// single-threaded, 1.7 with the default three threads), CPU the image model then lacks (measured by
+/// bench-vision).
+pub const DECODER_ARGS: [&str; 8] = ["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate", "-threads", "1"];
+
 /// The ffmpeg filter that samples a decoded stream at `rate` (every frame when `None`) and scales it to
 /// `size`.
 pub fn sampling_filter(rate: Option<f32>, (w, h): (u32, u32)) -> String {
@@ -187,11 +194,8 @@ impl FrameStream {
         // The probed stream, not `0:v:0`: a cover-art picture listed first would be decoded
         // instead, unchecked against `max_side`.
         let map = format!("0:{stream}");
-        // One decoder thread: the models keep every core busy, and frame threading costs a third
-        // more CPU for the same frames (sample.mp4: 1.3 CPU-s single-threaded, 1.7 with the default
-        // three threads), CPU the image model then lacks (measured by bench-vision).
         let mut child = tokio::process::Command::new("ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-v", "error", "-xerror", "-noautorotate", "-threads", "1"])
+            .args(DECODER_ARGS)
             .args(heimdex_shared::media::INPUT_FENCE)
             .args(["-i", &input])
             .args(["-map", &map, "-an", "-sn", "-dn", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])

@@ -268,6 +268,29 @@ pub const DECLARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// answer at all, a node half gone) before the next address is tried.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long the broker may take to answer one method on an open connection (a channel's opening or
+/// closing, `basic.qos`, `basic.consume`, `basic.cancel`) or to take an acknowledgement. A healthy
+/// broker answers in milliseconds. lapin bounds none of these: a method sent as its connection dies
+/// can get neither an answer nor an error, and a quorum queue without a leader answers nothing.
+/// Callers treat a method past this bound as a broken channel (CI of stop 38: a worker waited for
+/// ever, paused, on the `basic.consume` it sent as a broker cut began).
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Awaits `call` (one broker method) for at most [`REPLY_TIMEOUT`].
+///
+/// # Errors
+/// The method's own error, or a timed-out I/O error naming `what`.
+pub async fn answered<T>(what: &str, call: impl Future<Output = Result<T, lapin::Error>>) -> Result<T, lapin::Error> {
+    tokio::time::timeout(REPLY_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(format!("the broker did not answer {what} within {REPLY_TIMEOUT:?}"))))
+}
+
+/// A timed-out I/O error: what lapin reports for a connection that stopped answering.
+fn timed_out(message: String) -> lapin::Error {
+    lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, message))
+}
+
 /// Connects to the first broker of `amqp.urls` that takes the connection, in list order, and opens
 /// a channel with publisher confirms on. A node that went away is skipped, so a caller that
 /// reconnects after losing its node lands on another one of the cluster; the list's order is a
@@ -288,10 +311,7 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<(Connection,
         let error = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
             Ok(Ok(connected)) => return Ok(connected),
             Ok(Err(e)) => e,
-            Err(_) => lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the broker did not take the connection within {CONNECT_TIMEOUT:?}"),
-            )),
+            Err(_) => timed_out(format!("the broker did not take the connection within {CONNECT_TIMEOUT:?}")),
         };
         if settings.urls.len() > 1 {
             tracing::warn!(broker = %url, error = %error, "broker unreachable; trying the next address");

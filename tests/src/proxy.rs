@@ -1,39 +1,70 @@
-//! A TCP proxy the test controls, to cut a worker off from PostgreSQL without disturbing the shared
-//! server or other tests: `cut()` drops every open connection and refuses new ones; `restore()`
-//! lets them through again. [`TcpProxy::holding_queue_declarations`] makes a broker that takes
-//! connections but never answers a queue declaration (what a RabbitMQ out of file handles does).
+//! A TCP proxy the test controls, to cut a worker off from PostgreSQL or RabbitMQ without disturbing
+//! the shared servers or other tests: `cut()` drops every open connection and refuses new ones;
+//! `restore()` lets them through again. [`TcpProxy::amqp`] also reads the client's AMQP frames, to
+//! make a broker that never answers one method: [`TcpProxy::hold_from`] holds back a method and
+//! everything after it (what a RabbitMQ out of file handles does with a queue declaration),
+//! [`TcpProxy::drop_next`] swallows the next such method and lets the rest through (heartbeats
+//! included, so the connection lives on and only that answer never comes).
 
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+/// An AMQP 0-9-1 method: (class id, method id).
+pub type Method = (u16, u16);
+pub const QUEUE_DECLARE: Method = (50, 10);
+pub const BASIC_CONSUME: Method = (60, 20);
 
 pub struct TcpProxy {
     pub addr: std::net::SocketAddr,
     /// Cancelled while the link is cut; replaced on restore.
     link: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
+    /// Set for an AMQP proxy: what it does to the client's frames.
+    rules: Option<Arc<Mutex<Rules>>>,
+}
+
+/// What an AMQP proxy does to the methods a client sends.
+#[derive(Default)]
+struct Rules {
+    /// This method and everything after it on the connection is held back.
+    hold_from: Option<Method>,
+    /// The next frame of this method (on any connection) is swallowed.
+    drop_next: Option<Method>,
 }
 
 impl TcpProxy {
     /// Listens on 127.0.0.1:0 and forwards to `upstream`.
     pub async fn start(upstream: &str) -> Self {
-        Self::listen(upstream, false).await
+        Self::listen(upstream, None).await
     }
 
-    /// Forwards AMQP to the broker at `upstream` up to a client's first `queue.declare`, which is
-    /// held back with everything after it: the broker never sees it, and the client waits for an
-    /// answer that never comes, on a connection that stays open.
-    pub async fn holding_queue_declarations(upstream: &str) -> Self {
-        Self::listen(upstream, true).await
+    /// Forwards AMQP to the broker at `upstream` frame by frame, under [`Self::hold_from`] and
+    /// [`Self::drop_next`].
+    pub async fn amqp(upstream: &str) -> Self {
+        Self::listen(upstream, Some(Arc::default())).await
     }
 
-    async fn listen(upstream: &str, hold_declarations: bool) -> Self {
+    /// From now on, a connection's first `method` is held back with everything after it: the broker
+    /// never sees them, and the client waits for an answer that never comes, on a connection that
+    /// stays open.
+    pub fn hold_from(&self, method: Method) {
+        self.rules.as_ref().expect("an AMQP proxy").lock().expect("proxy lock").hold_from = Some(method);
+    }
+
+    /// The next `method` any client sends is swallowed; everything else goes through.
+    pub fn drop_next(&self, method: Method) {
+        self.rules.as_ref().expect("an AMQP proxy").lock().expect("proxy lock").drop_next = Some(method);
+    }
+
+    async fn listen(upstream: &str, rules: Option<Arc<Mutex<Rules>>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let link = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (upstream, state, stopped) = (upstream.to_string(), link.clone(), stop.clone());
+        let (upstream, state, stopped, connection_rules) = (upstream.to_string(), link.clone(), stop.clone(), rules.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -45,31 +76,30 @@ impl TcpProxy {
                 if token.is_cancelled() {
                     continue; // refused: dropping the socket closes it
                 }
-                let upstream = upstream.clone();
+                let (upstream, rules) = (upstream.clone(), connection_rules.clone());
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
-                    if hold_declarations {
-                        let (mut client_read, mut client_write) = client.split();
-                        let (mut server_read, mut server_write) = server.split();
-                        let upstream = async {
-                            let _ = forward_until_queue_declare(&mut client_read, &mut server_write).await;
-                            std::future::pending::<()>().await;
-                        };
-                        tokio::select! {
-                            () = upstream => {}
-                            _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
-                            () = token.cancelled() => {}
+                    match rules {
+                        None => {
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                () = token.cancelled() => {}
+                            }
                         }
-                        return;
-                    }
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        () = token.cancelled() => {}
+                        Some(rules) => {
+                            let (mut client_read, mut client_write) = client.split();
+                            let (mut server_read, mut server_write) = server.split();
+                            tokio::select! {
+                                _ = forward_frames(&mut client_read, &mut server_write, &rules) => {}
+                                _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
+                                () = token.cancelled() => {}
+                            }
+                        }
                     }
                 });
             }
         });
-        Self { addr, link, stop }
+        Self { addr, link, stop, rules }
     }
 
     pub fn cut(&self) {
@@ -82,13 +112,13 @@ impl TcpProxy {
 }
 
 /// Copies a client's AMQP 0-9-1 stream (the 8-byte protocol header, then frames: type, channel,
-/// payload size, payload, 0xCE) to the broker frame by frame, and returns when the next frame is a
-/// `queue.declare` method (class 50, method 10), without sending it.
-async fn forward_until_queue_declare(
-    client: &mut (impl tokio::io::AsyncRead + Unpin),
-    server: &mut (impl tokio::io::AsyncWrite + Unpin),
+/// payload size, payload, 0xCE) to the broker frame by frame under `rules`. Once a frame is held,
+/// nothing more is sent (the client's stream is left unread until the connection ends).
+async fn forward_frames(
+    client: &mut (impl AsyncRead + Unpin),
+    server: &mut (impl AsyncWrite + Unpin),
+    rules: &Mutex<Rules>,
 ) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut header = [0u8; 8];
     client.read_exact(&mut header).await?;
     server.write_all(&header).await?;
@@ -98,8 +128,22 @@ async fn forward_until_queue_declare(
         let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
         let mut rest = vec![0u8; size + 1];
         client.read_exact(&mut rest).await?;
-        if head[0] == 1 && rest.len() >= 4 && rest[..4] == [0, 50, 0, 10] {
-            return Ok(());
+        // A method frame (type 1) starts its payload with the class and method ids.
+        let method =
+            (head[0] == 1 && rest.len() >= 4).then(|| (u16::from_be_bytes([rest[0], rest[1]]), u16::from_be_bytes([rest[2], rest[3]])));
+        let (hold, swallow) = {
+            let mut rules = rules.lock().expect("proxy lock");
+            let swallow = method.is_some() && method == rules.drop_next;
+            if swallow {
+                rules.drop_next = None;
+            }
+            (method.is_some() && method == rules.hold_from, swallow)
+        };
+        if hold {
+            return std::future::pending().await;
+        }
+        if swallow {
+            continue;
         }
         server.write_all(&head).await?;
         server.write_all(&rest).await?;

@@ -8,7 +8,7 @@ use heimdex_shared::config::QueueType;
 use heimdex_shared::contract::{TaskKind, TaskMessage, TaskOptions};
 use heimdex_shared::error::Disposition;
 use heimdex_shared::fleet::WorkerState;
-use heimdex_tests::proxy::TcpProxy;
+use heimdex_tests::proxy::{self, TcpProxy};
 use heimdex_tests::{TestEnv, http_get, publish_raw};
 use uuid::Uuid;
 
@@ -55,7 +55,8 @@ async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_that_never_answers_a_declaration_stops_the_start_with_the_reason() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::holding_queue_declarations("127.0.0.1:5672").await;
+    let proxy = TcpProxy::amqp("127.0.0.1:5672").await;
+    proxy.hold_from(proxy::QUEUE_DECLARE);
     let via_proxy = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
     let mut worker = env.spawn_worker("vision", "unanswered", &[("HEIMDEX__AMQP__URL", &via_proxy)]);
     let limit = heimdex_shared::topology::DECLARE_TIMEOUT + Duration::from_secs(30);
@@ -248,6 +249,40 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
         load.len(),
         started.elapsed().as_secs_f64()
     );
+    env.cleanup().await;
+}
+
+/// The broker does not answer the `basic.consume` that resumes consuming after a database outage (a
+/// quorum queue without a leader does that; so, to lapin, does a method sent as its connection dies,
+/// which once kept a worker paused for good when a broker cut came as it resumed). The worker gives
+/// that channel up within `topology::REPLY_TIMEOUT`, consumes on a new one, and the job is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_the_broker_never_answers_costs_a_new_channel_not_the_worker() {
+    let env = TestEnv::new().await;
+    let (broker, database) = (TcpProxy::amqp("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await);
+    let amqp_url = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &broker.addr.to_string());
+    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
+    let worker = env.spawn_worker(
+        "vision",
+        "unanswered",
+        &[("HEIMDEX__AMQP__URL", &amqp_url), ("HEIMDEX__DATABASE__URL", &db_url), ("HEIMDEX__DATABASE__ACQUIRE_TIMEOUT_MS", "500")],
+    );
+    env.wait_state(&worker, WorkerState::Warm, WARM).await;
+    // A task that finds the database gone pauses the worker.
+    database.cut();
+    env.add_media("video/silent.mp4", "v.mp4");
+    let (video, job) = env.enqueue("v.mp4", TaskKind::Vision, false).await.unwrap();
+    env.wait_state(&worker, WorkerState::Paused, TASK).await;
+    broker.drop_next(proxy::BASIC_CONSUME);
+    database.restore();
+    let bound = heimdex_shared::topology::REPLY_TIMEOUT + Duration::from_secs(30);
+    env.wait_state(&worker, WorkerState::Disconnected, bound).await;
+    env.wait_state(&worker, WorkerState::Warm, TASK).await;
+    let row = env.wait_job(job, "succeeded", TASK).await;
+    let frames = env.count("SELECT count(*) FROM frames WHERE video_id = $1", video).await;
+    assert_eq!(row.summary.unwrap()["frames"].as_i64(), Some(frames), "one set of results");
+    assert!(worker.log().contains("did not answer"), "the log says why the channel was given up: {}", worker.log());
+    drop(worker);
     env.cleanup().await;
 }
 

@@ -1,6 +1,8 @@
 //! The worker's link to RabbitMQ, kept across broker outages: a lost connection is re-established in
 //! process with backoff (models stay loaded and warm), the topology is declared again, and the
-//! consume loop asks for a fresh channel. Retries, dead letters and the outbox relay publish through
+//! consume loop asks for a fresh channel. Every method waits for the broker's answer at most
+//! `topology::REPLY_TIMEOUT` (the declarations `DECLARE_TIMEOUT`), so that nothing holding the
+//! connection's lock waits for ever. Retries, dead letters and the outbox relay publish through
 //! one confirming channel, reopened whenever the last one was closed (a channel-level error closes an
 //! AMQP channel for good) or its connection was replaced.
 
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use heimdex_shared::config::{AmqpSettings, WorkerSettings};
-use heimdex_shared::topology::{self, PublishError, Topology};
+use heimdex_shared::topology::{self, PublishError, Topology, answered};
 use lapin::options::ConfirmSelectOptions;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Mutex;
@@ -46,7 +48,7 @@ impl Broker {
         if is_precondition_failed(&e) {
             let (connection, _channel) = topology::connect(amqp, name).await?;
             let found = broker.topology.queue_of_other_type(&connection, worker).await;
-            let _ = connection.close(200, "checked".into()).await;
+            let _ = answered("connection.close", connection.close(200, "checked".into())).await;
             if let Some((queue, found)) = found? {
                 anyhow::bail!(
                     "queue {queue} exists as a {found} queue but amqp.queue_type is {configured}: a queue's type cannot change in place. \
@@ -73,7 +75,7 @@ impl Broker {
         }
         let (connection, channel) = topology::connect(&self.amqp, &self.name).await?;
         self.topology.declare(&channel, &self.worker).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        let _ = answered("channel.close", channel.close(200, "declared".into())).await;
         let connection = Arc::new(connection);
         *slot = Some(connection.clone());
         Ok(connection)
@@ -87,7 +89,7 @@ impl Broker {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.connection().await {
-                Ok(connection) => match connection.create_channel().await {
+                Ok(connection) => match answered("channel.open", connection.create_channel()).await {
                     Ok(channel) => match self.topology.declare(&channel, &self.worker).await {
                         Ok(()) => return Some(channel),
                         Err(e) => tracing::warn!(error = %e, ?delay, "cannot declare the queues; retrying"),
@@ -113,8 +115,9 @@ impl Broker {
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(channel.clone());
         }
-        let channel = self.connection().await?.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let connection = self.connection().await?;
+        let channel = answered("channel.open", connection.create_channel()).await?;
+        answered("confirm.select", channel.confirm_select(ConfirmSelectOptions::default())).await?;
         *slot = Some(channel.clone());
         Ok(channel)
     }
@@ -131,7 +134,7 @@ impl Broker {
     /// Closes the connection; every unacked delivery goes back to its queue.
     pub async fn close(&self) {
         if let Some(connection) = self.connection.lock().await.take() {
-            let _ = connection.close(200, "worker stopping".into()).await;
+            let _ = answered("connection.close", connection.close(200, "worker stopping".into())).await;
         }
     }
 }

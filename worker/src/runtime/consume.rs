@@ -1,9 +1,10 @@
 //! The consume loop: take a permit, take a delivery, spawn its task.
 //!
 //! - Database down: pause (basic.cancel), probe, resume.
-//! - Broker connection lost: the worker stays warm in memory, says `disconnected`, reconnects with
-//!   backoff and consumes again; tasks in flight run on, their commits stand, and a redelivery of a
-//!   committed task is acked as already done.
+//! - Broker connection lost, or a method unanswered for `topology::REPLY_TIMEOUT`: the worker stays
+//!   warm in memory, says `disconnected`, reconnects with backoff (or opens a new channel) and
+//!   consumes again; tasks in flight run on, their commits stand, and a redelivery of a committed
+//!   task is acked as already done.
 //! - A model thread died: stop for good (the process exits so that it restarts with fresh models,
 //!   and nothing is dead-lettered for it).
 //! - Shutdown: stop consuming, drain in-flight tasks within the timeout, hand back what is left.
@@ -21,6 +22,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use heimdex_shared::config::QueueType;
 use heimdex_shared::fleet::WorkerState;
+use heimdex_shared::topology::answered;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
@@ -103,7 +105,7 @@ async fn consume<P: Pipeline>(
     let quorum = worker.settings.amqp.queue_type == QueueType::Quorum;
     if !quorum {
         let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
-        if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global: true }).await {
+        if let Err(e) = answered("basic.qos", channel.basic_qos(prefetch, BasicQosOptions { global: true })).await {
             tracing::warn!(error = %e, "cannot set the prefetch");
             return Ended::Disconnected;
         }
@@ -199,13 +201,14 @@ async fn consume<P: Pipeline>(
 async fn start_consumer(channel: &Channel, queue: &str, worker_id: &str, prefetch: Option<usize>) -> Option<(String, Consumer)> {
     if let Some(prefetch) = prefetch {
         let prefetch = u16::try_from(prefetch).unwrap_or(u16::MAX);
-        if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions { global: false }).await {
+        if let Err(e) = answered("basic.qos", channel.basic_qos(prefetch, BasicQosOptions { global: false })).await {
             tracing::warn!(error = %e, "cannot set the prefetch");
             return None;
         }
     }
     let tag = format!("{worker_id}-{}", uuid::Uuid::new_v4().simple());
-    match channel.basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default()).await {
+    let consume = channel.basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default());
+    match answered("basic.consume", consume).await {
         Ok(consumer) => Some((tag, consumer)),
         Err(e) => {
             tracing::warn!(error = %e, "cannot consume");
@@ -225,14 +228,18 @@ async fn stop_all(channel: &Channel, consumers: Vec<(String, Consumer)>) -> bool
 }
 
 /// Cancels the consumer and gives back deliveries it had buffered but not started; false if the
-/// channel broke (then the broker requeues them itself).
+/// channel broke or did not answer in time (then the broker requeues them when the channel closes).
 pub(super) async fn stop_consuming(channel: &Channel, tag: &str, mut consumer: Consumer) -> bool {
-    if let Err(e) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
+    let stopped = answered("basic.cancel", async {
+        channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await?;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?;
+        }
+        Ok(())
+    });
+    if let Err(e) = stopped.await {
         tracing::warn!(error = %e, "cannot cancel the consumer");
         return false;
-    }
-    while let Some(Ok(delivery)) = consumer.next().await {
-        let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
     }
     true
 }
@@ -241,15 +248,25 @@ pub(super) async fn stop_consuming(channel: &Channel, tag: &str, mut consumer: C
 /// back the attempts of runs that the outage cut short, before consuming resumes.
 async fn wait_for_database<P: Pipeline>(worker: &Worker<P>, shutdown: &CancellationToken) -> bool {
     let mut delay = Duration::from_millis(250);
+    let mut failed_probes = 0_u32;
     loop {
-        if sqlx::query("SELECT 1").execute(&worker.pool).await.is_ok() {
-            let runs = std::mem::take(&mut *worker.alarms.unreleased.lock().expect("alarms lock"));
-            for run in runs {
-                if let Err(e) = heimdex_shared::jobs::release_run(&worker.pool, &run).await {
-                    tracing::warn!(error = %e, job = %run.job_id, "could not give the attempt back");
+        match sqlx::query("SELECT 1").execute(&worker.pool).await {
+            Ok(_) => {
+                let runs = std::mem::take(&mut *worker.alarms.unreleased.lock().expect("alarms lock"));
+                for run in runs {
+                    if let Err(e) = heimdex_shared::jobs::release_run(&worker.pool, &run).await {
+                        tracing::warn!(error = %e, job = %run.job_id, "could not give the attempt back");
+                    }
+                }
+                return true;
+            }
+            Err(e) => {
+                failed_probes += 1;
+                // The first failure, then ever more seldom: a long pause says why it lasts.
+                if failed_probes.is_power_of_two() {
+                    tracing::warn!(error = %e, failed_probes, "the database does not answer yet: consumption stays paused");
                 }
             }
-            return true;
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}

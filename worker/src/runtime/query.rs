@@ -21,6 +21,7 @@ use heimdex_shared::error::{Dependency, Disposition};
 use heimdex_shared::fleet::WorkerState;
 use heimdex_shared::query::{EmbedReply, EmbedRequest, Outcome, Refusal, RefusalCode, is_direct_reply_to};
 use heimdex_shared::telemetry::chain;
+use heimdex_shared::topology::answered;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -105,12 +106,12 @@ async fn consume<P: Pipeline>(
     let queue = worker.topology().query_queue(worker.pipeline.kind());
     let tag = format!("{}-query-{}", worker.lifecycle.id, uuid::Uuid::new_v4().simple());
     let prefetch = u16::try_from(QUERY_CONCURRENCY).unwrap_or(u16::MAX);
-    if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions::default()).await {
+    if let Err(e) = answered("basic.qos", channel.basic_qos(prefetch, BasicQosOptions::default())).await {
         tracing::warn!(error = %e, "cannot set the query prefetch");
         return false;
     }
     let consumer = channel.basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default());
-    let mut consumer = match consumer.await {
+    let mut consumer = match answered("basic.consume", consumer).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, queue, "cannot consume queries");
@@ -171,9 +172,9 @@ async fn answer<P: Pipeline>(worker: &Worker<P>, channel: &Channel, share: &Quer
             if let Some(id) = delivery.properties.correlation_id() {
                 properties = properties.with_correlation_id(id.clone());
             }
-            let published = channel
-                .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &reply.to_body(), properties)
-                .await;
+            let body = reply.to_body();
+            let publish = channel.basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, properties);
+            let published = answered("basic.publish", publish).await;
             // A caller that gave up has no reply queue any more; the broker drops the reply.
             if let Err(e) = published {
                 tracing::warn!(error = %e, "cannot send a query reply");
@@ -190,7 +191,7 @@ async fn answer<P: Pipeline>(worker: &Worker<P>, channel: &Channel, share: &Quer
     worker.metrics.query_finished(worker.pipeline.kind().as_str(), outcome);
     // Acked either way: a query is answered once, by whoever took it (the caller's timeout covers
     // a worker that dies first, and the message's expiration a query nobody took in time).
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = answered("basic.ack", delivery.ack(BasicAckOptions::default())).await {
         tracing::warn!(error = %e, "cannot ack a query");
     }
 }

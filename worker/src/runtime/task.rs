@@ -410,19 +410,20 @@ impl<P: Pipeline> Worker<P> {
 }
 
 async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = topology::answered("basic.ack", delivery.ack(BasicAckOptions::default())).await {
         tracing::warn!(error = %e, "ack failed; the broker will redeliver");
     }
 }
 
 async fn nack_requeue(delivery: &Delivery) {
-    if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await {
+    if let Err(e) = topology::answered("basic.nack", delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })).await
+    {
         tracing::warn!(error = %e, "nack failed; the broker will redeliver");
     }
 }
 
 async fn reject(delivery: &Delivery) {
-    if let Err(e) = delivery.reject(BasicRejectOptions { requeue: false }).await {
+    if let Err(e) = topology::answered("basic.reject", delivery.reject(BasicRejectOptions { requeue: false })).await {
         tracing::warn!(error = %e, "reject failed; the broker will redeliver");
     }
 }

@@ -8,7 +8,7 @@ use heimdex_shared::Settings;
 use heimdex_shared::contract::TaskKind;
 use heimdex_shared::fleet::{Fleet, WorkerStatus};
 use heimdex_shared::jobs::{self, JobRow, JobStatus};
-use heimdex_shared::topology::Topology;
+use heimdex_shared::topology::{self, Topology};
 use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -70,7 +70,8 @@ pub async fn snapshot(settings: &Settings, pool: &PgPool, channel: &Channel) -> 
     for kind in TaskKind::ALL {
         for (name, dead_letters) in [(topo.queue(kind), false), (topo.dlq(kind), true)] {
             let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-            let depth = channel.queue_declare(name.as_str().into(), passive, FieldTable::default()).await.ok();
+            let depth =
+                topology::answered("queue.declare", channel.queue_declare(name.as_str().into(), passive, FieldTable::default())).await.ok();
             queues.push(QueueDepth {
                 name,
                 kind,

@@ -110,7 +110,8 @@ impl QueryClient {
         let (connection, channel) = topology::connect(&settings.amqp, "heimdex-query").await?;
         let tag = format!("heimdex-query-{}", Uuid::new_v4().simple());
         let options = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
-        let mut replies = channel.basic_consume(REPLY_TO.into(), tag.as_str().into(), options, FieldTable::default()).await?;
+        let consume = channel.basic_consume(REPLY_TO.into(), tag.as_str().into(), options, FieldTable::default());
+        let mut replies = topology::answered("basic.consume", consume).await?;
         let pending: Pending = Arc::default();
         let waiting = pending.clone();
         let dispatcher = tokio::spawn(async move {

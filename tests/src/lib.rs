@@ -133,6 +133,12 @@ impl TestEnv {
         Self { name, settings, pool, media, channel, connection, fleet, deadline, cleaned: false, children: Default::default() }
     }
 
+    /// The name of the one database role this test may create: removed with its world, so that a
+    /// test that panics leaves no role behind either.
+    pub fn role(&self) -> String {
+        role_of(&self.name)
+    }
+
     pub fn topology(&self) -> Topology {
         Topology::new(&self.settings.amqp)
     }
@@ -520,6 +526,11 @@ fn proc_stat(pid: u32) -> Option<(String, u32)> {
 }
 
 /// Deletes the queues and exchanges of test `name` and drops its databases.
+/// The database role of the world `name` ([`TestEnv::role`]).
+fn role_of(name: &str) -> String {
+    format!("heimdex_{name}_role")
+}
+
 async fn remove_world(name: &str, settings: &Settings) {
     // On a connection of its own (the test's may have died with a broker it restarted), and for
     // every retry step a worker of this test may have declared with more attempts than ours.
@@ -533,6 +544,8 @@ async fn remove_world(name: &str, settings: &Settings) {
         for db in [format!("heimdex_{name}"), format!("heimdex_{name}_before")] {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin).await;
         }
+        // After the databases, which held its grants.
+        let _ = sqlx::query(&format!("DROP ROLE IF EXISTS {}", role_of(name))).execute(&admin).await;
         admin.close().await;
     }
 }

@@ -15,17 +15,24 @@ async fn a_test_that_panics_removes_its_world() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let test = tokio::spawn(async move {
         let env = TestEnv::new().await;
-        let _ = tx.send((format!("heimdex_{}", env.name), env.topology().queue(TaskKind::Index), env.settings.clone()));
+        // A role with a grant in the test's database, as schema.rs makes one.
+        let admin = PgPool::connect(ADMIN_DB).await.expect("postgres");
+        sqlx::query(&format!("CREATE ROLE {} LOGIN", env.role())).execute(&admin).await.unwrap();
+        admin.close().await;
+        sqlx::query(&format!("GRANT SELECT ON jobs TO {}", env.role())).execute(&env.pool).await.unwrap();
+        let _ = tx.send((format!("heimdex_{}", env.name), env.role(), env.topology().queue(TaskKind::Index), env.settings.clone()));
         panic!("this test fails on purpose, holding its world");
     });
     assert!(test.await.unwrap_err().is_panic(), "the test task panicked");
-    let (database, queue, settings) = rx.await.expect("the test made its world before panicking");
+    let (database, role, queue, settings) = rx.await.expect("the test made its world before panicking");
 
     let admin = PgPool::connect(ADMIN_DB).await.expect("postgres");
     let left: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1").bind(&database).fetch_one(&admin).await.unwrap();
-    admin.close().await;
     assert_eq!(left, 0, "database {database} outlived its test");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = $1").bind(&role).fetch_one(&admin).await.unwrap();
+    admin.close().await;
+    assert_eq!(left, 0, "role {role} outlived its test");
 
     let (connection, channel) = heimdex_shared::topology::connect(&settings.amqp, "heimdex-tests-harness").await.expect("rabbitmq");
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };

@@ -6,7 +6,6 @@ use std::time::Duration;
 use heimdex_shared::fleet::WorkerState;
 use heimdex_tests::TestEnv;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 const ADMIN_DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -23,7 +22,7 @@ async fn refused(pool: &PgPool, sql: &str) -> String {
 async fn workers_and_producers_run_as_a_role_that_cannot_change_the_schema() {
     let env = TestEnv::new().await;
     env.add_media("video/sample.mp4", "sample.mp4");
-    let role = format!("heimdex_w_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let role = env.role();
     let admin = PgPool::connect(ADMIN_DB).await.unwrap();
     sqlx::query(&format!("CREATE ROLE {role} LOGIN")).execute(&admin).await.unwrap();
     let url = env.settings.database.url.expose().replace("postgres://postgres@", &format!("postgres://{role}@"));
@@ -58,7 +57,8 @@ async fn workers_and_producers_run_as_a_role_that_cannot_change_the_schema() {
     pool.close().await;
     drop(worker);
     env.cleanup().await;
-    sqlx::query(&format!("DROP ROLE {role}")).execute(&admin).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = $1").bind(&role).fetch_one(&admin).await.unwrap();
+    assert_eq!(left, 0, "the cleanup removes the test's role");
 }
 
 #[tokio::test(flavor = "multi_thread")]

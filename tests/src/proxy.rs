@@ -19,6 +19,8 @@ pub const BASIC_CONSUME: Method = (60, 20);
 
 pub struct TcpProxy {
     pub addr: std::net::SocketAddr,
+    /// The `host:port` it forwards to.
+    upstream: String,
     /// Cancelled while the link is cut; replaced on restore.
     link: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
@@ -59,12 +61,18 @@ impl TcpProxy {
         self.rules.as_ref().expect("an AMQP proxy").lock().expect("proxy lock").drop_next = Some(method);
     }
 
+    /// `url` (of the service this proxy forwards to) pointed at the proxy instead.
+    pub fn route(&self, url: &str) -> String {
+        assert!(url.contains(&self.upstream), "{url:?} does not name the proxy's upstream {}", self.upstream);
+        url.replace(&self.upstream, &self.addr.to_string())
+    }
+
     async fn listen(upstream: &str, rules: Option<Arc<Mutex<Rules>>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let link = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (upstream, state, stopped, connection_rules) = (upstream.to_string(), link.clone(), stop.clone(), rules.clone());
+        let (target, state, stopped, connection_rules) = (upstream.to_string(), link.clone(), stop.clone(), rules.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -76,7 +84,7 @@ impl TcpProxy {
                 if token.is_cancelled() {
                     continue; // refused: dropping the socket closes it
                 }
-                let (upstream, rules) = (upstream.clone(), connection_rules.clone());
+                let (upstream, rules) = (target.clone(), connection_rules.clone());
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
                     match rules {
@@ -99,7 +107,7 @@ impl TcpProxy {
                 });
             }
         });
-        Self { addr, link, stop, rules }
+        Self { addr, upstream: upstream.to_string(), link, stop, rules }
     }
 
     pub fn cut(&self) {

@@ -139,7 +139,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_worker_keeps_ser
 async fn database_outage_pauses_consuming_and_everything_completes_after_recovery() {
     let env = TestEnv::new().await;
     let proxy = TcpProxy::start("127.0.0.1:5432").await;
-    let via_proxy = env.settings.database.url.expose().replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let via_proxy = proxy.route(env.settings.database.url.expose());
     let names: Vec<String> = (0..3).map(|i| format!("v{i}.mp4")).collect();
     for n in &names {
         env.add_media("video/silent.mp4", n);

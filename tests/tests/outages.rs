@@ -21,7 +21,7 @@ async fn a_broker_outage_keeps_the_worker_warm_and_it_reconnects() {
     env.add_long_video("long.mp4");
     env.add_media("video/silent.mp4", "after.mp4");
     let proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let via_proxy = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
+    let via_proxy = proxy.route(env.settings.amqp.urls[0].expose());
     let worker = env.spawn_worker("vision", "blip", &[("HEIMDEX__AMQP__URL", &via_proxy)]);
     let status = env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let (video, job) = env.enqueue("long.mp4", TaskKind::Vision, false).await.unwrap();
@@ -57,7 +57,7 @@ async fn a_broker_that_never_answers_a_declaration_stops_the_start_with_the_reas
     let env = TestEnv::new().await;
     let proxy = TcpProxy::amqp("127.0.0.1:5672").await;
     proxy.hold_from(proxy::QUEUE_DECLARE);
-    let via_proxy = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &proxy.addr.to_string());
+    let via_proxy = proxy.route(env.settings.amqp.urls[0].expose());
     let mut worker = env.spawn_worker("vision", "unanswered", &[("HEIMDEX__AMQP__URL", &via_proxy)]);
     let limit = heimdex_shared::topology::DECLARE_TIMEOUT + Duration::from_secs(30);
     let code = tokio::time::timeout(limit, worker.child.wait()).await;
@@ -77,7 +77,7 @@ async fn without_redis_workers_work_status_shows_queues_and_jobs_and_state_retur
     env.add_media("video/silent.mp4", "a.mp4");
     let proxy = TcpProxy::start("127.0.0.1:6379").await;
     proxy.cut();
-    let redis = format!("redis://{}/", proxy.addr);
+    let redis = proxy.route(env.settings.redis.url.expose());
     // A fixed health port, since without Redis nobody can look it up.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let health = format!("127.0.0.1:{port}");
@@ -201,9 +201,9 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
     env.settings.worker.max_attempts = 6;
     let (broker, database, redis) =
         (TcpProxy::start("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await, TcpProxy::start("127.0.0.1:6379").await);
-    let amqp_url = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &broker.addr.to_string());
-    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
-    let redis_url = format!("redis://{}/", redis.addr);
+    let amqp_url = broker.route(env.settings.amqp.urls[0].expose());
+    let db_url = database.route(env.settings.database.url.expose());
+    let redis_url = redis.route(env.settings.redis.url.expose());
     let via = [
         ("HEIMDEX__AMQP__URL", amqp_url.as_str()),
         ("HEIMDEX__DATABASE__URL", db_url.as_str()),
@@ -260,8 +260,8 @@ async fn sixty_jobs_ride_out_two_broker_cuts_a_database_cut_and_a_redis_stop() {
 async fn a_resume_the_broker_never_answers_costs_a_new_channel_not_the_worker() {
     let env = TestEnv::new().await;
     let (broker, database) = (TcpProxy::amqp("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await);
-    let amqp_url = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &broker.addr.to_string());
-    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
+    let amqp_url = broker.route(env.settings.amqp.urls[0].expose());
+    let db_url = database.route(env.settings.database.url.expose());
     let worker = env.spawn_worker(
         "vision",
         "unanswered",
@@ -316,7 +316,7 @@ async fn after_a_pause_the_tasks_still_running_count_against_the_channel_prefetc
 async fn after_a_pause_the_tasks_still_running_count(queue_type: QueueType) {
     let env = TestEnv::with_queue_type(queue_type).await;
     let database = TcpProxy::start("127.0.0.1:5432").await;
-    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
+    let db_url = database.route(env.settings.database.url.expose());
     let worker = env.spawn_worker("vision", "prefetch", &[("HEIMDEX__DATABASE__URL", &db_url), ("HEIMDEX__WORKER__CONCURRENCY", "3")]);
     env.wait_state(&worker, WorkerState::Warm, WARM).await;
     let mut jobs = Vec::new();
@@ -367,8 +367,8 @@ async fn after_a_pause_the_tasks_still_running_count(queue_type: QueueType) {
 async fn sigterm_stops_a_worker_that_is_reconnecting_or_paused() {
     let env = TestEnv::new().await;
     let (broker, database) = (TcpProxy::start("127.0.0.1:5672").await, TcpProxy::start("127.0.0.1:5432").await);
-    let amqp_url = env.settings.amqp.urls[0].expose().replace("127.0.0.1:5672", &broker.addr.to_string());
-    let db_url = env.settings.database.url.expose().replace("127.0.0.1:5432", &database.addr.to_string());
+    let amqp_url = broker.route(env.settings.amqp.urls[0].expose());
+    let db_url = database.route(env.settings.database.url.expose());
 
     // Reconnecting: the broker is gone and stays gone.
     let mut reconnecting = env.spawn_worker("vision", "reconnecting", &[("HEIMDEX__AMQP__URL", &amqp_url)]);

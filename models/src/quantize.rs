@@ -35,8 +35,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::onnx::nodes::{GraphError, Node, parse_node};
 use crate::onnx::wire::{Field, Fields, Malformed, packed_varints, put_bytes, strings, text};
-use crate::onnx::{self, Attr, DataType, OperatorSetId, Tensor, attr, f16_to_f32, graph, model, node, tensor};
+use crate::onnx::{self, Attr, DataType, OperatorSetId, Tensor, f16_to_f32, graph, model, tensor};
 
 /// How the MatMuls are computed in int8 (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,8 +109,8 @@ pub enum Scope<'a> {
 pub enum QuantizeError {
     #[error(transparent)]
     Malformed(#[from] Malformed),
-    #[error("node {0:?} has a subgraph attribute, which the int8 rewrite does not follow")]
-    Subgraph(String),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
     #[error("the model has no output {0:?} to scope the int8 rewrite to")]
     NoOutput(String),
     #[error("int8 by rows needs opset 13 or later (QuantizeLinear along an axis); the model has opset {0}")]
@@ -129,57 +130,7 @@ pub struct QuantizeStats {
     pub gathers: usize,
 }
 
-const MS_DOMAIN: &str = "com.microsoft";
-
-/// A node of the top-level graph, with what the rewrite looks at.
-struct Node<'a> {
-    raw: &'a [u8],
-    name: String,
-    op_type: String,
-    domain: String,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-    /// Integer and integer-list attributes by name (`to` of Cast, `perm` of Transpose, `axis`).
-    ints: HashMap<String, Vec<i64>>,
-}
-
-fn parse_node<'a>(raw: &'a [u8], body: &[u8]) -> Result<Node<'a>, QuantizeError> {
-    let mut parsed = Node {
-        raw,
-        name: String::new(),
-        op_type: String::new(),
-        domain: String::new(),
-        inputs: Vec::new(),
-        outputs: Vec::new(),
-        ints: HashMap::new(),
-    };
-    let mut attrs = Vec::new();
-    for f in Fields(body) {
-        match f? {
-            (node::INPUT, Field::Bytes(b), _) => parsed.inputs.push(text(b)),
-            (node::OUTPUT, Field::Bytes(b), _) => parsed.outputs.push(text(b)),
-            (node::NAME, Field::Bytes(b), _) => parsed.name = text(b),
-            (node::OP_TYPE, Field::Bytes(b), _) => parsed.op_type = text(b),
-            (node::DOMAIN, Field::Bytes(b), _) => parsed.domain = text(b),
-            (node::ATTRIBUTE, Field::Bytes(b), _) => attrs.push(b),
-            _ => {}
-        }
-    }
-    for attr in attrs {
-        let (mut name, mut values) = (String::new(), Vec::new());
-        for f in Fields(attr) {
-            match f? {
-                (attr::NAME, Field::Bytes(b), _) => name = text(b),
-                (attr::I, Field::Varint(v), _) | (attr::INTS, Field::Varint(v), _) => values.push(v as i64),
-                (attr::INTS, Field::Bytes(packed), _) => values.extend(packed_varints(packed)?.into_iter().map(|v| v as i64)),
-                (attr::G | attr::GRAPHS, _, _) => return Err(QuantizeError::Subgraph(parsed.name.clone())),
-                _ => {}
-            }
-        }
-        parsed.ints.insert(name, values);
-    }
-    Ok(parsed)
-}
+pub(crate) const MS_DOMAIN: &str = "com.microsoft";
 
 /// A constant 2-D float matrix read from an fp32 or fp16 initializer.
 struct Matrix {
@@ -465,11 +416,10 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Resul
     for name in inits.keys() {
         sources.insert(name.clone(), Source { init: name.clone(), transposed: false });
     }
-    let plain = |n: &Node<'_>| n.domain.is_empty() || n.domain == "ai.onnx";
     let mut cast_of: HashMap<String, String> = HashMap::new();
     for n in &nodes {
         let (Some(x), Some(y)) = (n.inputs.first(), n.outputs.first()) else { continue };
-        if !plain(n) {
+        if !n.is_plain() {
             continue;
         }
         match n.op_type.as_str() {
@@ -506,7 +456,7 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Resul
     let mut quantised: HashMap<String, RowsOf> = HashMap::new();
     let mut shapes: HashMap<(String, usize), String> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
-        if !(plain(n) && n.op_type == "MatMul" && n.inputs.len() == 2 && n.outputs.len() == 1) {
+        if !(n.is_plain() && n.op_type == "MatMul" && n.inputs.len() == 2 && n.outputs.len() == 1) {
             continue;
         }
         // A direct initializer must be fp32 (MatMul's inputs share a type); a Cast makes it so.
@@ -615,7 +565,7 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Resul
     // Gathers from a cast fp16 table: gather fp16 rows, then cast them (exact), so the table stays fp16.
     for (i, n) in nodes.iter().enumerate() {
         let Some(table) = n.inputs.first().and_then(|x| cast_of.get(x)) else { continue };
-        if !(plain(n) && n.op_type == "Gather" && n.outputs.len() == 1) || init_is_float(inits[table].0)? {
+        if !(n.is_plain() && n.op_type == "Gather" && n.outputs.len() == 1) || init_is_float(inits[table].0)? {
             continue;
         }
         let half = fresh(&n.outputs[0], ".fp16", &mut taken);
@@ -638,7 +588,7 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Resul
     // Drop the Casts and Transposes that fed only rewritten nodes (last first, so chains go too).
     let mut dropped: HashSet<usize> = HashSet::new();
     for (i, n) in nodes.iter().enumerate().rev() {
-        let dead = plain(n)
+        let dead = n.is_plain()
             && matches!(n.op_type.as_str(), "Cast" | "Transpose")
             && n.outputs.len() == 1
             && sources.contains_key(&n.outputs[0])
@@ -829,7 +779,9 @@ mod tests {
         let branch = onnx::Node::new("If", &["c"], &["y"]).named("if").attr("then_branch", Attr::Graph(Graph::default()));
         let graph = Graph { nodes: vec![branch], ..Graph::default() };
         let m = Model { ir_version: 8, producer_name: "", graph, opset_import: vec![] }.encode();
-        assert!(matches!(quantize_matmuls(&m, Scheme::Blocks, Scope::All), Err(QuantizeError::Subgraph(n)) if n == "if"));
+        assert!(
+            matches!(quantize_matmuls(&m, Scheme::Blocks, Scope::All), Err(QuantizeError::Graph(GraphError::Subgraph(n))) if n == "if")
+        );
         assert!(matches!(
             quantize_matmuls(&[0x3a, 0x05, 0x01], Scheme::Rows(Activations::Int8), Scope::All),
             Err(QuantizeError::Malformed(_))

@@ -795,6 +795,11 @@ pub struct IndexSettings {
     /// quantised per row. Faster and about 250 MB smaller than the files' weights in fp32, which
     /// `false` keeps.
     pub whisper_int8: bool,
+    /// Run each of Whisper's encoder self-attentions as one fused operator (rewritten at load; see
+    /// `heimdex_models::attention`): ONNX Runtime's flash attention, which never writes out the
+    /// [heads, 1500, 1500] scores. The same function up to float rounding; `false` runs the graph's
+    /// attention as written.
+    pub whisper_fused_attention: bool,
     /// Store each segment's words with their times: the text is run through the decoder once more
     /// and aligned by the cross-attention of Whisper's alignment heads (see `worker::index::align`).
     pub word_timestamps: bool,
@@ -818,6 +823,7 @@ impl Default for IndexSettings {
             embed_max_len: 256,
             max_duration_s: 4.0 * 3600.0,
             whisper_int8: true,
+            whisper_fused_attention: true,
             word_timestamps: true,
         }
     }

@@ -1,6 +1,6 @@
 //! Metrics served on `/metrics` in the OpenMetrics text format ([`CONTENT_TYPE`]): tasks by kind and
 //! outcome, query embeddings by kind and outcome, media seconds processed by kind, stage latencies, inference batch sizes and latencies,
-//! warm-up duration, worker state, in-flight tasks, `heimdex_build_info`, and the standard `process_*`
+//! the seconds of a model's batches by phase, warm-up duration, worker state, in-flight tasks, `heimdex_build_info`, and the standard `process_*`
 //! series (resident memory, CPU seconds, open file descriptors, start time), read from `/proc/self`
 //! at each scrape.
 
@@ -39,6 +39,12 @@ pub struct StageLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub model: String,
+    pub phase: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +89,7 @@ pub struct Metrics {
     stage_seconds: Family<StageLabels, Histogram>,
     batch_size: Family<ModelLabels, Histogram>,
     inference_seconds: Family<ModelLabels, Histogram>,
+    phase_seconds: Family<PhaseLabels, Counter<f64, AtomicU64>>,
     warmup_seconds: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     state: Family<StateLabels, Gauge>,
     in_flight: Gauge,
@@ -109,6 +116,7 @@ impl Metrics {
         let inference_seconds = Family::<ModelLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.001, 2.0, 16))) as fn() -> Histogram,
         );
+        let phase_seconds = Family::<PhaseLabels, Counter<f64, AtomicU64>>::default();
         let warmup_seconds = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
         let state = Family::<StateLabels, Gauge>::default();
         let in_flight = Gauge::default();
@@ -125,12 +133,29 @@ impl Metrics {
             heimdex.register("stage_seconds", "Time spent in each task stage", stage_seconds.clone());
             heimdex.register("inference_batch_size", "Requests per inference batch", batch_size.clone());
             heimdex.register("inference_seconds", "Time of one inference batch", inference_seconds.clone());
+            heimdex.register(
+                "inference_phase_seconds",
+                "Seconds a model's batches spent in each phase (Whisper: encode, decode, align)",
+                phase_seconds.clone(),
+            );
             heimdex.register("warmup_seconds", "Warm-up time of each model", warmup_seconds.clone());
             heimdex.register("worker_state", "1 for the worker's current lifecycle state", state.clone());
             heimdex.register("tasks_in_flight", "Tasks being processed now", in_flight.clone());
         }
         registry.register_collector(Box::new(ProcessCollector));
-        Self { registry, tasks, queries, media_seconds, stage_seconds, batch_size, inference_seconds, warmup_seconds, state, in_flight }
+        Self {
+            registry,
+            tasks,
+            queries,
+            media_seconds,
+            stage_seconds,
+            batch_size,
+            inference_seconds,
+            phase_seconds,
+            warmup_seconds,
+            state,
+            in_flight,
+        }
     }
 
     pub fn task_finished(&self, kind: &str, outcome: &str) {
@@ -156,6 +181,16 @@ impl Metrics {
         let labels = ModelLabels { model: model.into() };
         self.batch_size.get_or_create(&labels).observe(size as f64);
         self.inference_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts the time one batch of `model` spent in `phase`.
+    pub fn observe_phase(&self, model: &str, phase: &str, elapsed: Duration) {
+        self.phase_seconds.get_or_create(&PhaseLabels { model: model.into(), phase: phase.into() }).inc_by(elapsed.as_secs_f64());
+    }
+
+    /// Seconds `model`'s batches have spent in `phase` so far.
+    pub fn phase_seconds(&self, model: &str, phase: &str) -> f64 {
+        self.phase_seconds.get_or_create(&PhaseLabels { model: model.into(), phase: phase.into() }).get()
     }
 
     pub fn set_warmup(&self, model: &str, elapsed: Duration) {

@@ -20,8 +20,8 @@ use heimdex_models::registry::ModelRegistry;
 use heimdex_shared::Settings;
 use heimdex_shared::contract::SpeechTask;
 use heimdex_worker::engine::Engine;
-use heimdex_worker::index::IndexPipeline;
 use heimdex_worker::index::Prompt;
+use heimdex_worker::index::{IndexPipeline, WHISPER};
 use heimdex_worker::media::audio::decode_all;
 use heimdex_worker::metrics::Metrics;
 use heimdex_worker::pipeline::{LoadContext, Pipeline, StageTimings};
@@ -82,6 +82,10 @@ struct Args {
     /// through the environment, the fresh processes of every part inherit it.
     #[arg(long, env = "HEIMDEX_WHISPER_INT8")]
     whisper_int8: Option<bool>,
+    /// Whisper's encoder attention fused (`index.whisper_fused_attention`) or as the graph writes it;
+    /// the default is the setting's. Set through the environment, as `HEIMDEX_WHISPER_INT8`.
+    #[arg(long, env = "HEIMDEX_WHISPER_FUSED_ATTENTION")]
+    whisper_fused_attention: Option<bool>,
     /// Concurrent copies of the long recording behind the `rss-long` figure.
     #[arg(long, default_value_t = 4)]
     rss_long: usize,
@@ -151,15 +155,23 @@ async fn asr_child(settings: &Settings, engine: &Engine, wav: &str, pack: bool) 
     let mut tr = p.transcriber().clone();
     tr.pack = pack;
     let en = tr.language_token("en").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (t, cpu) = (Instant::now(), cpu_seconds());
+    let phases = ["encode", "decode", "align"];
+    let phase_s = || phases.map(|phase| engine.metrics().phase_seconds(WHISPER, phase));
+    let (t, cpu, before) = (Instant::now(), cpu_seconds(), phase_s());
     let out = tr.transcribe(wav, Prompt::transcribe(Some(en)), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let (asr_ms, cpu_s) = (ms(t), cpu_seconds() - cpu);
+    // Where the time went: Whisper's batches by phase, and the rest of the wall time, when the model
+    // thread waited for windows (decoding, VAD and mel run beside it on the other core).
+    let mut profile: serde_json::Map<String, Value> =
+        phases.iter().zip(phase_s().iter().zip(before)).map(|(p, (after, before))| (format!("{p}_s"), json!(after - before))).collect();
+    let busy: f64 = profile.values().filter_map(Value::as_f64).sum();
+    profile.insert("waiting_s".into(), json!(asr_ms / 1000.0 - busy));
     let text = out.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ");
     let words: Vec<Value> = out.segments.iter().flat_map(|s| s.words.iter().map(|w| json!([w.start_s, w.end_s, w.text]))).collect();
     Ok(
         json!({"engine": "heimdex", "pack": pack, "word_timestamps": tr.words, "words": words, "load_and_warmup_ms": ready_ms, "ms": asr_ms, "cpu_s": cpu_s, "audio_s": out.stats.audio_s,
         "chunks": out.stats.chunks, "windows": out.languages.len(), "segments": out.segments.len(), "text": text,
-        "asr_batch_histogram": tr.asr.batch_histogram(), "vm_hwm_mb": peak_rss_mib()}),
+        "asr_batch_histogram": tr.asr.batch_histogram(), "vm_hwm_mb": peak_rss_mib(), "profile": profile}),
     )
 }
 
@@ -193,6 +205,9 @@ async fn main() -> Result<()> {
     if let Some(int8) = args.whisper_int8 {
         settings.index.whisper_int8 = int8;
     }
+    if let Some(fused) = args.whisper_fused_attention {
+        settings.index.whisper_fused_attention = fused;
+    }
     if let Some(words) = args.word_timestamps {
         settings.index.word_timestamps = words;
     }
@@ -223,10 +238,10 @@ async fn main() -> Result<()> {
     let mut results = serde_json::Map::new();
     let threads = settings.engine.threads();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let whisper_int8 = settings.index.whisper_int8;
+    let (whisper_int8, fused_attention) = (settings.index.whisper_int8, settings.index.whisper_fused_attention);
     results.insert(
         "machine".into(),
-        json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch, "whisper_int8": whisper_int8}),
+        json!({"cores": cores, "intra_threads": threads, "max_batch": settings.engine.max_batch, "whisper_int8": whisper_int8, "whisper_fused_attention": fused_attention}),
     );
     let exe = std::env::current_exe()?;
     let dir = TempDir::new()?;
@@ -308,13 +323,14 @@ async fn main() -> Result<()> {
                 let mut times = Vec::new();
                 let mut tokens = 0;
                 for _ in 0..args.runs.min(3) {
+                    let before = engine.metrics().phase_seconds(WHISPER, "decode");
                     let res = if cache {
                         tr.decode_window(clip.clone(), Prompt::transcribe(en), false).await?
                     } else {
                         tr.decode_window_without_cache(clip.clone(), Prompt::transcribe(en), false).await?
                     };
                     tokens = res.tokens.len();
-                    times.push(f64::from(res.decode_s) * 1000.0);
+                    times.push((engine.metrics().phase_seconds(WHISPER, "decode") - before) * 1000.0);
                 }
                 let m = median(times);
                 kv.push(json!({"kv_cache": cache, "tokens": tokens, "decode_median_ms": m, "tokens_per_s": tokens as f64 / (m / 1000.0)}));
@@ -399,7 +415,7 @@ fn peer(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value
             let rtf = v["ms"].as_f64().unwrap_or(f64::NAN) / 1000.0 / rec.duration_s;
             let wer = score::wer(&rec.reference, v["text"].as_str().unwrap_or_default());
             let cpu_per_hour = v["cpu_s"].as_f64().map(|c| c * 3600.0 / rec.duration_s);
-            json!({"rtf": rtf, "wer": wer, "vm_hwm_mb": v["vm_hwm_mb"], "ms": v["ms"], "cpu_s_per_audio_hour": cpu_per_hour, "segments": v["segments"], "windows": v["windows"],
+            json!({"rtf": rtf, "wer": wer, "vm_hwm_mb": v["vm_hwm_mb"], "ms": v["ms"], "cpu_s_per_audio_hour": cpu_per_hour, "segments": v["segments"], "windows": v["windows"], "profile": v["profile"],
                 "ready_ms": v["load_and_warmup_ms"].as_f64().or_else(|| Some(v["load_ms"].as_f64()? + v["warmup_ms"].as_f64()?))})
         };
         eprintln!("peer round {}: heimdex {} | faster-whisper {}", round + 1, row(&h), row(&f));
@@ -411,6 +427,11 @@ fn peer(args: &Args, exe: &Path, rec: &Recording, bundle: &Path) -> Result<Value
         summary.insert(key.into(), json!({"heimdex": side("heimdex", key), "faster_whisper": side("faster_whisper", key)}));
     }
     let ratio = median(rounds.iter().filter_map(|r| Some(r["heimdex"]["rtf"].as_f64()? / r["faster_whisper"]["rtf"].as_f64()?)).collect());
+    let profile: serde_json::Map<String, Value> = ["encode_s", "decode_s", "align_s", "waiting_s"]
+        .iter()
+        .map(|k| (k.to_string(), json!(median(rounds.iter().filter_map(|r| r["heimdex"]["profile"][k].as_f64()).collect()))))
+        .collect();
+    summary.insert("heimdex_profile".into(), Value::Object(profile));
     Ok(json!({"audio_s": rec.duration_s, "speech_s": rec.speech_s, "reference_words": score::normalise(&rec.reference).len(),
         "rounds": args.peer_rounds, "median": summary, "rtf_ratio_heimdex_over_fw": ratio, "target_ratio": 0.5, "isa": heimdex_bench::measure::isa_flags(),
         "faster_whisper": "BatchedInferencePipeline, int8, batch_size 8, language en", "runs": rounds}))
@@ -555,6 +576,15 @@ fn print_peer(p: &Value) {
         println!("{name:<22} {:>12} {:>16}", f(&p["median"][key]["heimdex"]), f(&p["median"][key]["faster_whisper"]));
     }
     println!("{:<22} {:>12}   (median per-round ratio; target <= 0.5)", "RTF heimdex / fw", f(&p["rtf_ratio_heimdex_over_fw"]));
+    let profile = &p["median"]["heimdex_profile"];
+    println!(
+        "{:<22} encode {} s, decode {} s, align {} s, waiting {} s (Whisper's thread, medians)",
+        "where Heimdex's went",
+        f(&profile["encode_s"]),
+        f(&profile["decode_s"]),
+        f(&profile["align_s"]),
+        f(&profile["waiting_s"])
+    );
     println!("{:<22} {:>12}\n", "CPU flags", p["isa"].as_str().unwrap_or("-"));
 }
 

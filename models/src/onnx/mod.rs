@@ -1,8 +1,8 @@
 //! The ONNX file format, as far as Heimdex reads and writes it: the one place that knows its field
 //! numbers ([`model`], [`graph`], [`node`], ... one module per message of `onnx.proto`), its element
 //! types ([`DataType`]), the protobuf wire format ([`wire`]: one reader, the writer's primitives), the
-//! typed messages the converters, the int8 rewrite and the tests write ([`mod@write`]), and IEEE half
-//! floats ([`half`]).
+//! typed messages the converters, the int8 rewrite and the tests write ([`mod@write`]), the rewrites'
+//! reader of a graph's nodes ([`nodes`]), and IEEE half floats ([`half`]).
 //!
 //! Why hand-written rather than generated: the writer must produce exactly the bytes Python's `onnx`
 //! package does (the catalog pins the converted files' sha256, and the offline bundle was built in
@@ -12,6 +12,7 @@
 //! generator joins the build. Only the messages and fields those uses need are named here.
 
 pub mod half;
+pub mod nodes;
 pub mod wire;
 pub mod write;
 

@@ -194,6 +194,19 @@ pub fn int8(name: &str, model: Vec<u8>, scheme: Scheme, scope: Scope<'_>) -> Res
     Ok(out)
 }
 
+/// `model` with each self-attention of the converter's unmasked shape as ONNX Runtime's fused
+/// `MultiHeadAttention` (see [`heimdex_models::attention`]); `name` names it in errors and in the log.
+///
+/// # Errors
+/// The bytes are not an ONNX model the rewrite can read.
+pub fn fused_attention(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
+    let started = std::time::Instant::now();
+    let (out, fused) = heimdex_models::attention::fuse_attention(&model)
+        .map_err(|e| InferenceError::Model { model: name.into(), message: format!("fusing attention: {e}") })?;
+    tracing::info!(model = name, fused, ms = started.elapsed().as_millis() as u64, "fused attention");
+    Ok(out)
+}
+
 /// How a session holds its working memory (activations between and within runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Memory {
@@ -298,5 +311,31 @@ mod tests {
             let (again, _) = quantize_matmuls(&int8, scheme, Scope::All).unwrap();
             assert_eq!(run(&engine, &again), got, "{scheme:?}");
         }
+    }
+
+    /// The fused attention, run: ONNX Runtime's MultiHeadAttention computes what the converter's
+    /// nodes do (to float rounding), alone and under the int8 rewrite by rows that follows it at load.
+    #[test]
+    fn fused_attention_computes_the_graphs_attention() {
+        use heimdex_models::attention::fixtures::{self, HIDDEN, TOKENS};
+        let settings = EngineSettings { intra_threads: 1, ..Default::default() };
+        let engine = Engine::new(settings, Arc::new(Metrics::new())).unwrap();
+        let run = |model: &[u8]| {
+            let mut s = engine.session_from_memory("test", model, Memory::Bounded).unwrap();
+            let x: Vec<f32> = (0..TOKENS * HIDDEN).map(|i| ((i * 7 % 23) as f32 - 11.0) / 6.0).collect();
+            let out = s.run(ort::inputs!["x" => Tensor::from_array(([1usize, TOKENS, HIDDEN], x)).unwrap()]).unwrap();
+            out["y"].try_extract_tensor::<f32>().unwrap().1.to_vec()
+        };
+        let model = fixtures::self_attention(false);
+        let fused = fused_attention("test", model.clone()).unwrap();
+        assert_ne!(fused, model, "nothing was fused");
+        let (want, got) = (run(&model), run(&fused));
+        let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-5, "max error {err}: {want:?} vs {got:?}");
+        let rows = Scheme::Rows(Activations::for_this_cpu());
+        let (want, got) =
+            (run(&quantize_matmuls(&model, rows, Scope::All).unwrap().0), run(&quantize_matmuls(&fused, rows, Scope::All).unwrap().0));
+        let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-5, "under int8 by rows, max error {err}: {want:?} vs {got:?}");
     }
 }

@@ -39,7 +39,7 @@ pub use asr::{Transcriber, Transcript};
 pub use persist::{IndexOutput, Segment, Word};
 pub use whisper::Prompt;
 
-use crate::engine::{InferenceError, Memory, WarmupReport, int8};
+use crate::engine::{InferenceError, Memory, WarmupReport, fused_attention, int8};
 use crate::error::TaskError;
 use crate::media::audio::AudioError;
 use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
@@ -109,9 +109,14 @@ impl IndexPipeline {
         let cross = ctx.engine.session_from_memory("whisper cross-attention cache", &cross, Memory::Bounded)?;
         let encoder_rel = "encoder_model.onnx";
         let encoder_path = wfile(encoder_rel)?;
-        let encoder = if encoder_int8(&s) {
-            let bytes = std::fs::read(&encoder_path).with_context(|| format!("reading whisper {encoder_rel}"))?;
-            let bytes = int8(&format!("whisper {encoder_rel}"), bytes, Scheme::Rows(Activations::Int8), Scope::All)?;
+        let encoder = if encoder_int8(&s) || s.whisper_fused_attention {
+            let mut bytes = std::fs::read(&encoder_path).with_context(|| format!("reading whisper {encoder_rel}"))?;
+            if s.whisper_fused_attention {
+                bytes = fused_attention(&format!("whisper {encoder_rel}"), bytes)?;
+            }
+            if encoder_int8(&s) {
+                bytes = int8(&format!("whisper {encoder_rel}"), bytes, Scheme::Rows(Activations::Int8), Scope::All)?;
+            }
             ctx.engine.session_from_memory(&format!("whisper {encoder_rel}"), &bytes, Memory::Bounded)?
         } else {
             session(encoder_rel, &encoder_path)?
@@ -144,7 +149,11 @@ impl IndexPipeline {
 
         let asr_batch = max_batch.min(MAX_ASR_BATCH);
         let cfg = Arc::new(cfg);
-        let asr = ctx.engine.spawn(WHISPER, WhisperRunner::new((*cfg).clone(), encoder, cross, with_past)?, asr_batch);
+        let asr = ctx.engine.spawn(
+            WHISPER,
+            WhisperRunner::new((*cfg).clone(), encoder, cross, with_past, ctx.engine.metrics().clone())?,
+            asr_batch,
+        );
         let vad = ctx.engine.spawn(SILERO_VAD, VadRunner::new(vad_session), max_batch);
         let runner = EmbedRunner::new(embed_session, s.embed_pooling, s.embed_dim)?;
         let embedder = TextEmbedder::new(&embed_tok, s.embed_max_len, ctx.engine.spawn_eager(TEXT_EMBED, runner, max_batch))?;

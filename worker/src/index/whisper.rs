@@ -13,6 +13,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
@@ -22,6 +23,7 @@ use heimdex_shared::contract::SpeechTask;
 use super::decode::{Row, WhisperConfig};
 use super::mel::{N_FRAMES, N_MELS};
 use crate::engine::{BatchRunner, InferenceError};
+use crate::metrics::Metrics;
 
 /// Cached key/value tensors by the `past_key_values.*` input name they feed.
 type PastValues = HashMap<String, DynValue>;
@@ -97,14 +99,10 @@ pub struct AsrResult {
     /// Language token id used in the prompt.
     pub language: u32,
     pub looped: bool,
-    /// Wall time of the batch this row ran in: encoder (with language detection), and the token loop
-    /// (with the alignment passes of word timestamps).
-    pub encode_s: f32,
-    pub decode_s: f32,
 }
 
-/// Rows per encoder run. The encoder's working memory grows with its batch (attention scores alone
-/// are 72 MB a row) while on a 2-core CPU its GEMMs are already large at one row: measured on the
+/// Rows per encoder run. The encoder's working memory grows with its batch (unfused, the attention
+/// scores alone are 72 MB a row) while on a 2-core CPU its GEMMs are already large at one row: measured on the
 /// issue's 600 s recording, one row per run gives the same speed as four and a lower peak RSS.
 pub const ENCODER_ROWS: usize = 1;
 
@@ -123,6 +121,8 @@ pub struct WhisperRunner {
     /// The alignment heads, when the decoder outputs their layers' cross-attention scores
     /// ([`heimdex_models::expose`]); without them words are not timed.
     alignment_heads: Vec<[usize; 2]>,
+    /// Where each batch's time goes (`heimdex_inference_phase_seconds`).
+    metrics: Arc<Metrics>,
 }
 
 /// The with-past decoder's bytes with the cross-attention scores of the layers of `cfg`'s alignment
@@ -166,7 +166,13 @@ impl WhisperRunner {
     /// # Errors
     /// `decoder` does not look like a with-past decoder (no `past_key_values.*.decoder.key` input
     /// of shape [batch, heads, past, head size]).
-    pub fn new(cfg: WhisperConfig, encoder: Session, cross: Session, decoder: Session) -> Result<Self, InferenceError> {
+    pub fn new(
+        cfg: WhisperConfig,
+        encoder: Session,
+        cross: Session,
+        decoder: Session,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, InferenceError> {
         let past_inputs: Vec<String> = decoder.inputs().iter().map(|i| i.name().to_string()).collect();
         let dims = decoder
             .inputs()
@@ -191,7 +197,7 @@ impl WhisperRunner {
         } else {
             Vec::new()
         };
-        Ok(Self { cfg, encoder, cross, decoder, past_inputs, heads, alignment_heads })
+        Ok(Self { cfg, encoder, cross, decoder, past_inputs, heads, alignment_heads, metrics })
     }
 
     /// Encoder output of every row, [b, frames, width], [`ENCODER_ROWS`] rows per run. A row whose
@@ -295,7 +301,7 @@ impl WhisperRunner {
             }
             ids.push(p.into_iter().map(i64::from).collect());
         }
-        let encode_s = started.elapsed().as_secs_f32();
+        self.metrics.observe_phase(super::WHISPER, "encode", started.elapsed());
         let started = std::time::Instant::now();
         let max_text = self.cfg.max_decode_tokens.max(1);
         let mut rows: Vec<Row> = reqs.iter().map(|r| Row::new(r.timestamps, r.max_tokens.min(max_text))).collect();
@@ -319,6 +325,8 @@ impl WhisperRunner {
         }
         // The self-attention cache is done with; the alignment passes start from an empty one.
         drop(past);
+        self.metrics.observe_phase(super::WHISPER, "decode", started.elapsed());
+        let started = std::time::Instant::now();
         let mut token_times = Vec::with_capacity(b);
         for (i, (row, r)) in rows.iter().zip(reqs).enumerate() {
             token_times.push(match r.word_positions {
@@ -326,7 +334,7 @@ impl WhisperRunner {
                 None => Vec::new(),
             });
         }
-        let decode_s = started.elapsed().as_secs_f32();
+        self.metrics.observe_phase(super::WHISPER, "align", started.elapsed());
         Ok(rows
             .into_iter()
             .zip(langs)
@@ -337,8 +345,6 @@ impl WhisperRunner {
                 token_times,
                 language,
                 looped: row.looped,
-                encode_s,
-                decode_s,
             })
             .collect())
     }

@@ -87,7 +87,7 @@ pub fn fuse_attention(model: &[u8]) -> Result<(Vec<u8>, usize), GraphError> {
         replaced.insert(*last, m);
         dropped.extend(rest);
     }
-    // Initializers still read by a node that stays (or by a fused one: none) are kept.
+    // The chains' shape and scale constants go; an initializer a kept node reads, or no chain read, stays.
     let mut read: HashSet<&str> = HashSet::new();
     for (i, n) in nodes.iter().enumerate() {
         if !dropped.contains(&i) && !replaced.contains_key(&i) {

@@ -258,8 +258,8 @@ impl IndexPipeline {
         Ok((output, transcript))
     }
 
-    /// What a stored window depends on besides the audio: the model and its weights (fp32 or int8), the
-    /// prompt (language, and the task when it translates), the chunking, the packing and the decoding
+    /// What a stored window depends on besides the audio: the model and its weights (fp32 or int8), its
+    /// attention (fused or not), the prompt (language, and the task when it translates), the chunking, the packing and the decoding
     /// limit. Checkpoints made under another key are not reused.
     fn checkpoint_config(&self, prompt: Prompt) -> String {
         let language = prompt.language.map_or_else(|| "detect".into(), |l| self.transcriber.language_code(l));
@@ -274,8 +274,16 @@ impl IndexPipeline {
             (true, true) => "|int8:rows,blocks",
             (true, false) => "|int8:blocks",
         };
+        // Fused attention is the same function up to rounding, which can still flip a near tie.
+        let fused = if self.settings.whisper_fused_attention { "|fused" } else { "" };
         let words = if t.words { "|words" } else { "" };
-        format!("{}{int8}|{language}{task}{words}|{:?}|pack={}|max_tokens={}", self.settings.whisper_dir, t.params, t.packs(), t.max_tokens)
+        format!(
+            "{}{int8}{fused}|{language}{task}{words}|{:?}|pack={}|max_tokens={}",
+            self.settings.whisper_dir,
+            t.params,
+            t.packs(),
+            t.max_tokens
+        )
     }
 
     async fn warm_asr(&self) -> Result<WarmupReport, InferenceError> {

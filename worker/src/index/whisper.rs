@@ -102,8 +102,9 @@ pub struct AsrResult {
 }
 
 /// Rows per encoder run. The encoder's working memory grows with its batch (unfused, the attention
-/// scores alone are 72 MB a row) while on a 2-core CPU its GEMMs are already large at one row: measured on the
-/// issue's 600 s recording, one row per run gives the same speed as four and a lower peak RSS.
+/// scores alone are 72 MB a row) while on a 2-core CPU its GEMMs are already large at one row:
+/// measured on the 600 s recording, one row per run gives the same speed as four and a lower
+/// peak RSS.
 pub const ENCODER_ROWS: usize = 1;
 
 /// Owns the Whisper sessions: the encoder, the cross-attention cache model carved out of

@@ -96,8 +96,15 @@ async fn speech_clips_and_sample_video_transcribe_within_wer_bounds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_model_has_one_name_and_a_timed_warm_up() {
-    let p = load(&settings());
+    let s = settings();
+    let p = load(&s);
     let reports = p.warm_up().await.unwrap();
+    // Whisper's batches count their time by phase (heimdex_inference_phase_seconds_total); warm-up
+    // runs each phase, the alignment pass of word timestamps included.
+    for phase in ["encode", "decode", "align"] {
+        let seconds = engine(&s).metrics().phase_seconds(heimdex_worker::index::WHISPER, phase);
+        assert!(seconds > 0.0, "whisper's {phase} phase counted {seconds} s over warm-up");
+    }
     let mut models: Vec<String> = p.models().into_iter().map(|m| m.name).collect();
     let mut warmed: Vec<String> = reports.iter().map(|r| r.model.clone()).collect();
     models.sort();

@@ -122,7 +122,7 @@ pub struct WhisperRunner {
     /// The alignment heads, when the decoder outputs their layers' cross-attention scores
     /// ([`heimdex_models::expose`]); without them words are not timed.
     alignment_heads: Vec<[usize; 2]>,
-    /// Where each batch's time goes (`heimdex_inference_phase_seconds`).
+    /// Where each batch's time goes (`heimdex_inference_phase_seconds_total`).
     metrics: Arc<Metrics>,
 }
 

@@ -31,13 +31,17 @@ pub fn settings() -> Settings {
     s
 }
 
+/// The process's engine. ONNX Runtime allows one environment per process: tests of one binary
+/// share one engine, made with the first caller's settings.
+pub fn engine(settings: &Settings) -> &'static Engine {
+    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+    ENGINE.get_or_init(|| Engine::new(settings.engine.clone(), Arc::new(Metrics::new())).expect("onnx runtime"))
+}
+
 #[track_caller]
 pub fn load(settings: &Settings) -> IndexPipeline {
-    // ONNX Runtime allows one environment per process: tests of one binary share one engine.
-    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
-    let engine = ENGINE.get_or_init(|| Engine::new(settings.engine.clone(), Arc::new(Metrics::new())).expect("onnx runtime"));
     let models = ModelRegistry::open(&settings.models.dir).expect("model directory");
-    IndexPipeline::load(&LoadContext { settings, engine, models: &models }).expect("loading the index pipeline")
+    IndexPipeline::load(&LoadContext { settings, engine: engine(settings), models: &models }).expect("loading the index pipeline")
 }
 
 /// The normalisation and word edit distance of the benchmarks, so that tests and benchmarks score alike.

@@ -207,6 +207,18 @@ pub fn fused_attention(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceE
     Ok(out)
 }
 
+/// `model` with each attention's scale moved from its scores onto its queries (see
+/// [`heimdex_models::attention::scale_queries`]); `name` names it in errors and in the log.
+///
+/// # Errors
+/// The bytes are not an ONNX model the rewrite can read.
+pub fn scaled_queries(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
+    let (out, moved) = heimdex_models::attention::scale_queries(&model)
+        .map_err(|e| InferenceError::Model { model: name.into(), message: format!("moving the attention scale: {e}") })?;
+    tracing::info!(model = name, moved, "attention scale on the queries");
+    Ok(out)
+}
+
 /// How a session holds its working memory (activations between and within runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Memory {
@@ -313,10 +325,11 @@ mod tests {
         }
     }
 
-    /// The fused attention, run: ONNX Runtime's MultiHeadAttention computes what the converter's
-    /// nodes do (to float rounding), alone and under the int8 rewrite by rows that follows it at load.
+    /// The attention rewrites, run: ONNX Runtime's MultiHeadAttention computes what the converter's
+    /// nodes do (to float rounding), alone and under the int8 rewrite by rows that follows it at load;
+    /// the scale moved onto the queries gives the same numbers.
     #[test]
-    fn fused_attention_computes_the_graphs_attention() {
+    fn the_attention_rewrites_compute_the_graphs_attention() {
         use heimdex_models::attention::fixtures::{self, HIDDEN, TOKENS};
         let settings = EngineSettings { intra_threads: 1, ..Default::default() };
         let engine = Engine::new(settings, Arc::new(Metrics::new())).unwrap();
@@ -337,5 +350,13 @@ mod tests {
             (run(&quantize_matmuls(&model, rows, Scope::All).unwrap().0), run(&quantize_matmuls(&fused, rows, Scope::All).unwrap().0));
         let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err < 1e-5, "under int8 by rows, max error {err}: {want:?} vs {got:?}");
+        // The scale on the queries, with and without a mask: the same numbers (the fixture's scale
+        // is 1/2, a power of two).
+        for mask in [false, true] {
+            let model = fixtures::self_attention(mask);
+            let moved = scaled_queries("test", model.clone()).unwrap();
+            assert_ne!(moved, model, "nothing was moved");
+            assert_eq!(run(&model), run(&moved), "mask {mask}");
+        }
     }
 }

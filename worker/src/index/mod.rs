@@ -39,7 +39,7 @@ pub use asr::{Transcriber, Transcript};
 pub use persist::{IndexOutput, Segment, Word};
 pub use whisper::Prompt;
 
-use crate::engine::{InferenceError, Memory, WarmupReport, fused_attention, int8};
+use crate::engine::{InferenceError, Memory, WarmupReport, fused_attention, int8, scaled_queries};
 use crate::error::TaskError;
 use crate::media::audio::AudioError;
 use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
@@ -122,19 +122,19 @@ impl IndexPipeline {
             session(encoder_rel, &encoder_path)?
         };
         let with_past_rel = "decoder_with_past_model.onnx";
-        // Word timestamps read the alignment heads' cross-attention from the same session: its scores
-        // become outputs (an Identity node each; the decoding steps compute them anyway).
-        let with_past = if s.whisper_int8 || s.word_timestamps {
-            let mut bytes = std::fs::read(wfile(with_past_rel)?).with_context(|| format!("reading whisper {with_past_rel}"))?;
+        let with_past = {
+            let name = format!("whisper {with_past_rel}");
+            let mut bytes = std::fs::read(wfile(with_past_rel)?).with_context(|| format!("reading {name}"))?;
+            // Word timestamps read the alignment heads' cross-attention from the same session: its
+            // scores become outputs (an Identity node each; the decoding steps compute them anyway).
             if s.word_timestamps {
                 bytes = whisper::expose_alignment(&cfg, bytes)?;
             }
+            bytes = scaled_queries(&name, bytes)?;
             if s.whisper_int8 {
-                bytes = int8(&format!("whisper {with_past_rel}"), bytes, Scheme::Blocks, Scope::All)?;
+                bytes = int8(&name, bytes, Scheme::Blocks, Scope::All)?;
             }
-            ctx.engine.session_from_memory(&format!("whisper {with_past_rel}"), &bytes, Memory::Bounded)?
-        } else {
-            session(with_past_rel, &wfile(with_past_rel)?)?
+            ctx.engine.session_from_memory(&name, &bytes, Memory::Bounded)?
         };
         let vad_path = ctx.models.file(&s.vad_model)?;
         let vad_session = session(&s.vad_model, &vad_path)?;
@@ -274,8 +274,9 @@ impl IndexPipeline {
             (true, true) => "|int8:rows,blocks",
             (true, false) => "|int8:blocks",
         };
-        // Fused attention is the same function up to rounding, which can still flip a near tie.
-        let fused = if self.settings.whisper_fused_attention { "|fused" } else { "" };
+        // Fused attention is the same function up to rounding, which can still flip a near tie; so is
+        // the decoder's scale on the queries (always, since this version: `|qscale`).
+        let fused = if self.settings.whisper_fused_attention { "|fused|qscale" } else { "|qscale" };
         let words = if t.words { "|words" } else { "" };
         format!(
             "{}{int8}{fused}|{language}{task}{words}|{:?}|pack={}|max_tokens={}",

@@ -525,12 +525,12 @@ fn proc_stat(pid: u32) -> Option<(String, u32)> {
     Some((fields.next()?.to_string(), fields.next()?.parse().ok()?))
 }
 
-/// Deletes the queues and exchanges of test `name` and drops its databases.
 /// The database role of the world `name` ([`TestEnv::role`]).
 fn role_of(name: &str) -> String {
     format!("heimdex_{name}_role")
 }
 
+/// Deletes the queues and exchanges of test `name` and drops its databases and its role.
 async fn remove_world(name: &str, settings: &Settings) {
     // On a connection of its own (the test's may have died with a broker it restarted), and for
     // every retry step a worker of this test may have declared with more attempts than ours.

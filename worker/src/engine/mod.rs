@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use heimdex_models::onnx::nodes::GraphError;
 use heimdex_models::quantize::{Scheme, Scope, quantize_matmuls};
 use heimdex_shared::config::EngineSettings;
 use ort::session::Session;
@@ -200,11 +201,7 @@ pub fn int8(name: &str, model: Vec<u8>, scheme: Scheme, scope: Scope<'_>) -> Res
 /// # Errors
 /// The bytes are not an ONNX model the rewrite can read.
 pub fn fused_attention(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
-    let started = std::time::Instant::now();
-    let (out, fused) = heimdex_models::attention::fuse_attention(&model)
-        .map_err(|e| InferenceError::Model { model: name.into(), message: format!("fusing attention: {e}") })?;
-    tracing::info!(model = name, fused, ms = started.elapsed().as_millis() as u64, "fused attention");
-    Ok(out)
+    attention_rewrite(name, model, "fusing attention", heimdex_models::attention::fuse_attention)
 }
 
 /// `model` with each attention's scale moved from its scores onto its queries (see
@@ -213,9 +210,18 @@ pub fn fused_attention(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceE
 /// # Errors
 /// The bytes are not an ONNX model the rewrite can read.
 pub fn scaled_queries(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
-    let (out, moved) = heimdex_models::attention::scale_queries(&model)
-        .map_err(|e| InferenceError::Model { model: name.into(), message: format!("moving the attention scale: {e}") })?;
-    tracing::info!(model = name, moved, "attention scale on the queries");
+    attention_rewrite(name, model, "moving the attention scale onto the queries", heimdex_models::attention::scale_queries)
+}
+
+/// Runs one of [`heimdex_models::attention`]'s rewrites, `what`, and logs how many attentions it
+/// changed and how long it took.
+fn attention_rewrite<R>(name: &str, model: Vec<u8>, what: &str, rewrite: R) -> Result<Vec<u8>, InferenceError>
+where
+    R: FnOnce(&[u8]) -> Result<(Vec<u8>, usize), GraphError>,
+{
+    let started = std::time::Instant::now();
+    let (out, attentions) = rewrite(&model).map_err(|e| InferenceError::Model { model: name.into(), message: format!("{what}: {e}") })?;
+    tracing::info!(model = name, attentions, ms = started.elapsed().as_millis() as u64, "{what}");
     Ok(out)
 }
 

@@ -10,10 +10,11 @@
 //!   MiniLM's ONNX encoder (from safetensors), byte-identical to the offline bundle's.
 //! - [`onnx`]: the ONNX file format, once: field numbers per message, element types, the one reader,
 //!   the one writer with typed messages (byte-identical to Python's `onnx`), and IEEE half floats.
-//! - [`attention`], [`carve`], [`expose`], [`quantize`], [`shapes`]: in-memory rewrites a worker
-//!   applies at load (an encoder's self-attention as one fused operator; the with-past decoder's
-//!   missing cross-attention part; its cross-attention scores as outputs, for word timestamps; 8-bit
-//!   weights; YuNet at each frame's own size).
+//! - [`attention`], [`carve`], [`expose`], [`logits`], [`quantize`], [`shapes`]: in-memory rewrites a
+//!   worker applies at load (an encoder's self-attention as one fused operator; the with-past
+//!   decoder's missing cross-attention part; its cross-attention scores as outputs, for word
+//!   timestamps; its logits for the last position only; 8-bit weights; YuNet at each frame's own
+//!   size).
 //!
 //! The `testing` feature adds fixtures other crates' tests use (a model with each weight form the
 //! int8 rewrite handles, which the worker runs in ONNX Runtime).
@@ -25,6 +26,7 @@ pub mod convert;
 pub mod download;
 pub mod expose;
 pub mod install;
+pub mod logits;
 pub mod onnx;
 pub mod quantize;
 pub mod registry;

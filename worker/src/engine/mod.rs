@@ -201,7 +201,7 @@ pub fn int8(name: &str, model: Vec<u8>, scheme: Scheme, scope: Scope<'_>) -> Res
 /// # Errors
 /// The bytes are not an ONNX model the rewrite can read.
 pub fn fused_attention(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
-    attention_rewrite(name, model, "fusing attention", heimdex_models::attention::fuse_attention)
+    rewrite(name, model, "fusing attention", heimdex_models::attention::fuse_attention)
 }
 
 /// `model` with each attention's scale moved from its scores onto its queries (see
@@ -210,18 +210,29 @@ pub fn fused_attention(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceE
 /// # Errors
 /// The bytes are not an ONNX model the rewrite can read.
 pub fn scaled_queries(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
-    attention_rewrite(name, model, "moving the attention scale onto the queries", heimdex_models::attention::scale_queries)
+    rewrite(name, model, "moving the attention scale onto the queries", heimdex_models::attention::scale_queries)
 }
 
-/// Runs one of [`heimdex_models::attention`]'s rewrites, `what`, and logs how many attentions it
-/// changed and how long it took.
-fn attention_rewrite<R>(name: &str, model: Vec<u8>, what: &str, rewrite: R) -> Result<Vec<u8>, InferenceError>
+/// `model` with its logits computed for the last position only (see [`heimdex_models::logits`]);
+/// `name` names it in errors and in the log.
+///
+/// # Errors
+/// The bytes are not an ONNX model the rewrite can read.
+pub fn last_position_logits(name: &str, model: Vec<u8>) -> Result<Vec<u8>, InferenceError> {
+    rewrite(name, model, "computing the logits for the last position only", |m| {
+        heimdex_models::logits::last_position_logits(m).map(|(out, changed)| (out, usize::from(changed)))
+    })
+}
+
+/// Runs one of the graph rewrites at load, `what`, and logs how many places it changed and how long
+/// it took.
+fn rewrite<R>(name: &str, model: Vec<u8>, what: &str, rewrite: R) -> Result<Vec<u8>, InferenceError>
 where
     R: FnOnce(&[u8]) -> Result<(Vec<u8>, usize), GraphError>,
 {
     let started = std::time::Instant::now();
-    let (out, attentions) = rewrite(&model).map_err(|e| InferenceError::Model { model: name.into(), message: format!("{what}: {e}") })?;
-    tracing::info!(model = name, attentions, ms = started.elapsed().as_millis() as u64, "{what}");
+    let (out, changed) = rewrite(&model).map_err(|e| InferenceError::Model { model: name.into(), message: format!("{what}: {e}") })?;
+    tracing::info!(model = name, changed, ms = started.elapsed().as_millis() as u64, "{what}");
     Ok(out)
 }
 
@@ -363,6 +374,34 @@ mod tests {
             let moved = scaled_queries("test", model.clone()).unwrap();
             assert_ne!(moved, model, "nothing was moved");
             assert_eq!(run(&model), run(&moved), "mask {mask}");
+        }
+    }
+
+    /// The logits rewrite, run: ONNX Runtime gives [batch, 1, vocabulary], each row's last position's
+    /// logits as the whole graph computes them.
+    #[test]
+    fn the_last_position_logits_are_the_graphs() {
+        use heimdex_models::logits::fixtures::{self, HIDDEN, VOCAB};
+        let settings = EngineSettings { intra_threads: 1, ..Default::default() };
+        let engine = Engine::new(settings, Arc::new(Metrics::new())).unwrap();
+        let (batch, positions) = (2, 5);
+        let run = |model: &[u8]| {
+            let mut s = engine.session_from_memory("test", model, Memory::Bounded).unwrap();
+            let h: Vec<f32> = (0..batch * positions * HIDDEN).map(|i| ((i * 5 % 13) as f32 - 6.0) / 3.0).collect();
+            let out = s.run(ort::inputs!["h" => Tensor::from_array(([batch, positions, HIDDEN], h)).unwrap()]).unwrap();
+            let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
+            (shape.to_vec(), logits.to_vec())
+        };
+        let model = fixtures::head();
+        let (all_shape, all) = run(&model);
+        let (shape, last) = run(&last_position_logits("test", model).unwrap());
+        assert_eq!(all_shape, [batch as i64, positions as i64, VOCAB as i64]);
+        assert_eq!(shape, [batch as i64, 1, VOCAB as i64]);
+        for b in 0..batch {
+            let want = &all[(b * positions + positions - 1) * VOCAB..][..VOCAB];
+            let got = &last[b * VOCAB..][..VOCAB];
+            let err = want.iter().zip(got).fold(0f32, |m, (a, c)| m.max((a - c).abs()));
+            assert!(err < 1e-6, "row {b}: max error {err}: {want:?} vs {got:?}");
         }
     }
 }

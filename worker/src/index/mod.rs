@@ -39,7 +39,7 @@ pub use asr::{Transcriber, Transcript};
 pub use persist::{IndexOutput, Segment, Word};
 pub use whisper::Prompt;
 
-use crate::engine::{InferenceError, Memory, WarmupReport, fused_attention, int8, scaled_queries};
+use crate::engine::{InferenceError, Memory, WarmupReport, fused_attention, int8, last_position_logits, scaled_queries};
 use crate::error::TaskError;
 use crate::media::audio::AudioError;
 use crate::pipeline::{LoadContext, ModelInfo, Pipeline, StageTimings, TaskInput};
@@ -131,6 +131,8 @@ impl IndexPipeline {
                 bytes = whisper::expose_alignment(&cfg, bytes)?;
             }
             bytes = scaled_queries(&name, bytes)?;
+            // Every use reads one position's logits (see heimdex_models::logits).
+            bytes = last_position_logits(&name, bytes)?;
             if s.whisper_int8 {
                 bytes = int8(&name, bytes, Scheme::Blocks, Scope::All)?;
             }
@@ -274,9 +276,10 @@ impl IndexPipeline {
             (true, true) => "|int8:rows,blocks",
             (true, false) => "|int8:blocks",
         };
-        // Fused attention is the same function up to rounding, which can still flip a near tie; so is
-        // the decoder's scale on the queries (always, since this version: `|qscale`).
-        let fused = if self.settings.whisper_fused_attention { "|fused|qscale" } else { "|qscale" };
+        // Fused attention is the same function up to rounding, which can still flip a near tie; so are
+        // the decoder's scale on the queries and its logits for the last position only (the prompt
+        // step's product is one row, not the prompt's; always, since this version: `|qscale|last`).
+        let fused = if self.settings.whisper_fused_attention { "|fused|qscale|last" } else { "|qscale|last" };
         let words = if t.words { "|words" } else { "" };
         format!(
             "{}{int8}{fused}|{language}{task}{words}|{:?}|pack={}|max_tokens={}",

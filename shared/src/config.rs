@@ -653,13 +653,16 @@ pub struct EngineSettings {
     pub max_wait_ms: u64,
     /// Bound of each model's request channel (backpressure on tasks).
     pub queue_capacity: usize,
-    /// Let ORT worker threads spin between runs (faster on dedicated cores).
-    pub allow_spinning: bool,
+    /// Let ONNX Runtime's intra-op threads spin while they wait for work, rather than sleep. Unset,
+    /// each pipeline's measured default: the vision worker's spin (SigLIP runs back to back on its
+    /// cores), the index worker's do not (its models take turns and run beside each other on the
+    /// same cores, and a pool that spins after its run takes a core from the model that runs next).
+    pub allow_spinning: Option<bool>,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { intra_threads: 0, max_batch: 8, max_wait_ms: 5, queue_capacity: 256, allow_spinning: true }
+        Self { intra_threads: 0, max_batch: 8, max_wait_ms: 5, queue_capacity: 256, allow_spinning: None }
     }
 }
 
@@ -667,6 +670,11 @@ impl EngineSettings {
     /// Effective intra-op thread count.
     pub fn threads(&self) -> usize {
         if self.intra_threads > 0 { self.intra_threads } else { std::thread::available_parallelism().map_or(1, usize::from) }
+    }
+    /// Whether intra-op threads spin: `allow_spinning`, or ONNX Runtime's default (they spin) where
+    /// neither the file nor the pipeline set it.
+    pub fn spinning(&self) -> bool {
+        self.allow_spinning.unwrap_or(true)
     }
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)

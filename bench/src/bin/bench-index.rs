@@ -86,6 +86,10 @@ struct Args {
     /// the default is the setting's. Set through the environment, as `HEIMDEX_WHISPER_INT8`.
     #[arg(long, env = "HEIMDEX_WHISPER_FUSED_ATTENTION")]
     whisper_fused_attention: Option<bool>,
+    /// ONNX Runtime's intra-op threads spin while they wait for work (`engine.allow_spinning`) or
+    /// sleep; the default is the setting's. Set through the environment, as `HEIMDEX_WHISPER_INT8`.
+    #[arg(long, env = "HEIMDEX_ALLOW_SPINNING")]
+    allow_spinning: Option<bool>,
     /// Concurrent copies of the long recording behind the `rss-long` figure.
     #[arg(long, default_value_t = 4)]
     rss_long: usize,
@@ -210,6 +214,9 @@ async fn main() -> Result<()> {
     }
     if let Some(words) = args.word_timestamps {
         settings.index.word_timestamps = words;
+    }
+    if let Some(spinning) = args.allow_spinning {
+        settings.engine.allow_spinning = Some(spinning);
     }
     let bundle = settings.models.dir.clone();
     let sample = bundle.join("media/video/sample.mp4").display().to_string();
@@ -601,7 +608,7 @@ async fn rust_vs_python(settings: &Settings, args: &Args, sample: &str, embed_id
     std::fs::write(&mel_file, features.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
     let spec = OrtSpec {
         threads: settings.engine.threads(),
-        spinning: settings.engine.allow_spinning,
+        spinning: settings.engine.spinning(),
         runs: args.runs,
         encoder: wdir.join("encoder_model.onnx"),
         embed: settings.models.dir.join(&s.embed_dir).join(&s.embed_file),

@@ -302,12 +302,7 @@ fn python_inference(python: &Path, settings: &Settings, batch: usize, iters: usi
                 .arg(&script)
                 .args(["--yunet", &settings.models.dir.join(&settings.vision.face_model).display().to_string()])
                 .args(["--siglip", &settings.models.dir.join(&settings.vision.embed_dir).join("vision_model.onnx").display().to_string()])
-                .args([
-                    "--threads",
-                    &settings.engine.threads().to_string(),
-                    "--spin",
-                    if settings.engine.allow_spinning { "1" } else { "0" },
-                ])
+                .args(["--threads", &settings.engine.threads().to_string(), "--spin", if settings.engine.spinning() { "1" } else { "0" }])
                 .args(["--batch", &batch.to_string(), "--iters", &iters.to_string()]),
         )?);
     }
@@ -328,7 +323,7 @@ fn siglip_alone_python(python: &Path, settings: &Settings, batches: &[usize]) ->
         Command::new(python)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/ort_vision.py"))
             .args(["--siglip", &settings.models.dir.join(&settings.vision.embed_dir).join("vision_model.onnx").display().to_string()])
-            .args(["--threads", &settings.engine.threads().to_string(), "--spin", if settings.engine.allow_spinning { "1" } else { "0" }])
+            .args(["--threads", &settings.engine.threads().to_string(), "--spin", if settings.engine.spinning() { "1" } else { "0" }])
             .args(["--sweep", &sizes.join(","), "--iters", "3"]),
     )
 }

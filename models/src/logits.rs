@@ -15,7 +15,7 @@
 
 use crate::onnx::nodes::{GraphError, parse_node};
 use crate::onnx::wire::{Field, Fields, put_bytes};
-use crate::onnx::{self, DataType, Node, Tensor, graph, model};
+use crate::onnx::{self, DataType, Node, Tensor, graph};
 
 /// The graph output this rewrite shortens.
 pub const LOGITS: &str = "logits";
@@ -58,14 +58,7 @@ pub fn last_position_logits(model: &[u8]) -> Result<(Vec<u8>, bool), GraphError>
     for (name, value) in [("last_position.starts", -1), ("last_position.ends", i64::MAX), ("last_position.axes", 1)] {
         Tensor::raw(name, vec![1], DataType::Int64, value.to_le_bytes().to_vec()).put(&mut g, graph::INITIALIZER);
     }
-    let mut out = Vec::with_capacity(model.len() + 256);
-    for f in Fields(model) {
-        match f? {
-            (model::GRAPH, _, _) => put_bytes(&mut out, model::GRAPH, &g),
-            (_, _, raw) => out.extend_from_slice(raw),
-        }
-    }
-    Ok((out, true))
+    Ok((onnx::with_graph(model, &g)?, true))
 }
 
 /// A decoder's head as the converter writes it, for tests here and in the worker (which runs it in

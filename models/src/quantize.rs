@@ -623,13 +623,7 @@ pub fn quantize_matmuls(model: &[u8], scheme: Scheme, scope: Scope<'_>) -> Resul
         t.put(&mut g, graph::INITIALIZER);
     }
 
-    let mut out = Vec::with_capacity(g.len() + 64);
-    for f in Fields(model) {
-        match f? {
-            (model::GRAPH, _, _) => put_bytes(&mut out, model::GRAPH, &g),
-            (_, _, raw) => out.extend_from_slice(raw),
-        }
-    }
+    let mut out = onnx::with_graph(model, &g)?;
     if !has_ms && scheme == Scheme::Blocks && stats.matmuls > 0 {
         put_bytes(&mut out, model::OPSET_IMPORT, &OperatorSetId { domain: MS_DOMAIN, version: 1 }.encode());
     }

@@ -68,6 +68,22 @@ pub fn graph_of(model: &[u8]) -> Result<&[u8], Malformed> {
     graph.ok_or(Malformed("no graph"))
 }
 
+/// `model` with `graph` as its graph: every other field copied byte for byte, in its place. The one
+/// way the load-time rewrites write their graph back into the model.
+///
+/// # Errors
+/// The model's bytes are malformed.
+pub fn with_graph(model: &[u8], graph: &[u8]) -> Result<Vec<u8>, Malformed> {
+    let mut out = Vec::with_capacity(model.len().max(graph.len()) + 64);
+    for f in Fields(model) {
+        match f? {
+            (model::GRAPH, _, _) => wire::put_bytes(&mut out, model::GRAPH, graph),
+            (_, _, raw) => out.extend_from_slice(raw),
+        }
+    }
+    Ok(out)
+}
+
 /// `GraphProto` field numbers.
 pub mod graph {
     pub const NODE: u64 = 1;

@@ -265,9 +265,10 @@ impl IndexPipeline {
         Ok((output, transcript))
     }
 
-    /// What a stored window depends on besides the audio: the model and its weights (fp32 or int8), its
-    /// attention (fused or not), the prompt (language, and the task when it translates), the chunking, the packing and the decoding
-    /// limit. Checkpoints made under another key are not reused.
+    /// What a stored window depends on besides the audio: the model and its weights (fp32 or int8), the
+    /// load-time rewrites that round differently (fused attention, the decoder's scale, last-position
+    /// logits), the prompt (language, and the task when it translates), the chunking, the packing and
+    /// the decoding limit. Checkpoints made under another key are not reused.
     fn checkpoint_config(&self, prompt: Prompt) -> String {
         let language = prompt.language.map_or_else(|| "detect".into(), |l| self.transcriber.language_code(l));
         let task = match prompt.task {
